@@ -1,0 +1,32 @@
+# `make demo` and `make test` create (or reuse) .venv from the exact pins, then do their job.
+PYTHON ?= python3
+LOCK := requirements/cpu.lock
+VENV := .venv
+STAMP := $(VENV)/.installed-$(shell sha256sum $(LOCK) setup.py | sha256sum | cut -c1-16)
+PY := $(VENV)/bin/python
+PYTEST_ARGS ?=
+
+.PHONY: venv demo test test-all clean-venv
+
+venv: $(STAMP)
+
+$(STAMP): $(LOCK) setup.py
+	rm -rf $(VENV)
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip==24.3.1
+	$(PY) -m pip install --quiet -r $(LOCK)
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
+	touch $@
+
+demo: venv
+	$(VENV)/bin/megajepa demo configs/demo.yaml
+
+test: venv
+	$(PY) -m pytest -q $(PYTEST_ARGS) tests
+
+# Heavier checks (slow, GPU) that `make test` leaves out.
+test-all: venv
+	$(PY) -m pytest -q -m "slow or gpu or not slow" $(PYTEST_ARGS) tests
+
+clean-venv:
+	rm -rf $(VENV)

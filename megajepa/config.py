@@ -1,0 +1,332 @@
+"""Typed configuration: dataclass schema, YAML files + dotted overrides merged by OmegaConf.
+
+    cfg = load_config("configs/demo.yaml", ["jepa.lambda_=2", "train.steps=50"])
+
+Every error names the offending key and where its value came from (a file or the command line),
+and is raised before any work starts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import yaml
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run. The message names the key and its source."""
+
+
+@dataclass
+class ModelConfig:
+    # An HF config JSON (architecture only, random init) or a local pretrained directory.
+    config: Optional[str] = "configs/models/tiny-llama.json"
+    pretrained: Optional[str] = None
+    attention: str = "auto"  # sdpa | flex | auto (flex on CUDA, sdpa elsewhere)
+    trust_remote_code: bool = False
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class DataConfig:
+    shards: str = MISSING  # MDS directory (the local cache when `remote` is set)
+    remote: Optional[str] = None
+    eval_shards: Optional[str] = None
+    tokenizer: str = MISSING  # HF tokenizer directory
+    # "embedded": generate the NL-regex pairs, train the tokenizer and prepare shards when missing.
+    embedded: bool = False
+    row_length: int = 512
+    pairs_per_batch: int = 32  # pairs per micro-batch per rank
+    max_pair_tokens: int = 256  # longest view A + view B accepted by prepare and the loader
+    labels: str = "response"  # response: CE on view B only | all: CE on view A and view B
+    shuffle: bool = True
+    seed: int = 1234
+    num_workers: int = 0
+
+
+@dataclass
+class EmaConfig:
+    schedule: str = "linear"  # constant | linear | cosine
+    momentum_start: float = 0.996
+    momentum_end: float = 1.0
+
+
+@dataclass
+class JepaConfig:
+    lambda_: float = 1.0  # weight of the latent term
+    gamma: float = 1.0  # weight of the next-token CE term
+    k: int = 1  # [PRED] tokens appended after view A (predictor: tokens)
+    predictor: str = "tokens"  # tokens | mlp | linear | identity
+    distance: str = "cosine"  # cosine | mse | l2
+    target: str = "online"  # online | ema
+    stop_grad: bool = False  # online target only; the EMA target never has a gradient
+    dropout: float = 0.0  # fraction of pairs whose latent term is left out
+    lambda_warmup_steps: int = 0
+    embedding_layer: int = -1  # hidden_states index the embeddings are read from
+    pooling: str = "last"  # last | mean
+    ema: EmaConfig = field(default_factory=EmaConfig)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 10
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    grad_accum: int = 1
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100
+    output_dir: str = "runs/demo"
+    resume: str = "none"  # none | auto | path to a checkpoint directory
+    save_every: int = 0  # 0: only at the end
+    eval_every: int = 0
+    eval_batches: int = 4
+    seed: int = 0
+
+
+@dataclass
+class DeepSpeedConfig:
+    config_file: Optional[str] = None  # the user's own DeepSpeed JSON, used instead of the derived one
+    zero_stage: int = 3
+    precision: str = "auto"  # auto (bf16 where supported) | bf16 | fp16 | fp32
+    offload_optimizer: bool = False
+    offload_param: bool = False
+    param_persistence_threshold: int = 100_000
+
+
+@dataclass
+class LoggingConfig:
+    log_every: int = 1
+    tensorboard: bool = True
+    csv: bool = True
+    progress: bool = True
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    jepa: JepaConfig = field(default_factory=JepaConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+CHOICES = {
+    "model.attention": ("sdpa", "flex", "auto"),
+    "data.labels": ("response", "all"),
+    "jepa.predictor": ("tokens", "mlp", "linear", "identity"),
+    "jepa.distance": ("cosine", "mse", "l2"),
+    "jepa.target": ("online", "ema"),
+    "jepa.pooling": ("last", "mean"),
+    "jepa.ema.schedule": ("constant", "linear", "cosine"),
+    "deepspeed.precision": ("auto", "bf16", "fp16", "fp32"),
+    "deepspeed.zero_stage": (0, 1, 2, 3),
+}
+
+
+def _source_of(key: str, sources: list[tuple[str, DictConfig]]) -> str:
+    """The last source (file or command line) that set `key`, for error messages."""
+    for name, cfg in reversed(sources):
+        if OmegaConf.select(cfg, key, default=MISSING) is not MISSING:
+            return name
+    return "defaults"
+
+
+def _fail(key: str, message: str, sources: list[tuple[str, DictConfig]]) -> None:
+    raise ConfigError(f"{_source_of(key, sources)}: {key}: {message}")
+
+
+def _validate(cfg: Config, sources: list[tuple[str, DictConfig]]) -> None:
+    for key, allowed in CHOICES.items():
+        value = OmegaConf.select(OmegaConf.structured(cfg), key)
+        if value not in allowed:
+            _fail(key, f"{value!r} is not one of {', '.join(map(str, allowed))}", sources)
+    non_negative = {
+        "jepa.k": cfg.jepa.k,
+        "jepa.lambda_": cfg.jepa.lambda_,
+        "jepa.gamma": cfg.jepa.gamma,
+        "jepa.lambda_warmup_steps": cfg.jepa.lambda_warmup_steps,
+        "optim.lr": cfg.optim.lr,
+        "optim.warmup_steps": cfg.optim.warmup_steps,
+        "optim.weight_decay": cfg.optim.weight_decay,
+        "optim.grad_clip": cfg.optim.grad_clip,
+        "train.save_every": cfg.train.save_every,
+        "train.eval_every": cfg.train.eval_every,
+        "data.num_workers": cfg.data.num_workers,
+        "deepspeed.param_persistence_threshold": cfg.deepspeed.param_persistence_threshold,
+    }
+    for key, value in non_negative.items():
+        if value < 0:
+            _fail(key, f"must be >= 0, got {value}", sources)
+    positive = {
+        "train.steps": cfg.train.steps,
+        "optim.grad_accum": cfg.optim.grad_accum,
+        "data.row_length": cfg.data.row_length,
+        "data.pairs_per_batch": cfg.data.pairs_per_batch,
+        "data.max_pair_tokens": cfg.data.max_pair_tokens,
+        "train.eval_batches": cfg.train.eval_batches,
+        "logging.log_every": cfg.logging.log_every,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            _fail(key, f"must be > 0, got {value}", sources)
+    for key in ("jepa.dropout", "optim.min_lr_ratio"):
+        value = OmegaConf.select(OmegaConf.structured(cfg), key)
+        if not 0.0 <= value <= 1.0:
+            _fail(key, f"must be in [0, 1], got {value}", sources)
+    for key in ("jepa.ema.momentum_start", "jepa.ema.momentum_end"):
+        value = OmegaConf.select(OmegaConf.structured(cfg), key)
+        if not 0.0 <= value <= 1.0:
+            _fail(key, f"must be in [0, 1], got {value}", sources)
+    # The T, C and P segments of one pair share a row (C and P attend to T); C' may go elsewhere.
+    pred_tokens = cfg.jepa.k if cfg.jepa.predictor == "tokens" else 0
+    if cfg.data.row_length < cfg.data.max_pair_tokens + pred_tokens:
+        _fail(
+            "data.row_length",
+            f"{cfg.data.row_length} is shorter than the longest allowed pair "
+            f"(data.max_pair_tokens={cfg.data.max_pair_tokens} + jepa.k={pred_tokens} [PRED] tokens)",
+            sources,
+        )
+    if cfg.model.config is None and cfg.model.pretrained is None:
+        _fail("model.config", "set model.config (an HF config JSON) or model.pretrained (a local directory)", sources)
+    if cfg.deepspeed.config_file is not None and not os.path.isfile(cfg.deepspeed.config_file):
+        _fail("deepspeed.config_file", f"no such file: {cfg.deepspeed.config_file}", sources)
+
+
+def _read_yaml(path: str) -> DictConfig:
+    if not os.path.isfile(path):
+        raise ConfigError(f"{path}: no such config file")
+    try:
+        with open(path) as f:
+            raw = yaml.safe_load(f)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}")
+    return OmegaConf.create(raw)
+
+
+def _describe(err: OmegaConfBaseException) -> str:
+    key = getattr(err, "full_key", None) or "?"
+    msg = str(err).splitlines()[0]
+    return f"{key}: {msg}"
+
+
+def load_config(path: Optional[str], overrides: list[str] = ()) -> Config:
+    """Merge the schema defaults, the YAML file at `path` and dotted `overrides`; validate."""
+    merged = OmegaConf.structured(Config)
+    sources: list[tuple[str, DictConfig]] = []
+    if path is not None:
+        sources.append((path, _read_yaml(path)))
+    if overrides:
+        for item in overrides:
+            if "=" not in item:
+                raise ConfigError(f"command line: {item!r} is not a dotted key=value override")
+        try:
+            sources.append(("command line", OmegaConf.from_dotlist(list(overrides))))
+        except OmegaConfBaseException as err:
+            raise ConfigError(f"command line: {err}") from None
+    for name, source in sources:
+        try:
+            merged = OmegaConf.merge(merged, source)
+        except OmegaConfBaseException as err:
+            raise ConfigError(f"{name}: {_describe(err)}") from None
+    try:
+        missing = sorted(OmegaConf.missing_keys(merged))
+        if missing:
+            raise ConfigError(f"{path or 'defaults'}: required key(s) not set: {', '.join(missing)}")
+        cfg: Config = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"{path or 'defaults'}: {_describe(err)}") from None
+    _validate(cfg, sources)
+    return cfg
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    return OmegaConf.to_container(OmegaConf.structured(cfg))
+
+
+def from_dict(data: dict[str, Any]) -> Config:
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), data))
+
+
+def precision(cfg: Config) -> str:
+    """The resolved training precision: bf16 where the hardware supports it unless set."""
+    if cfg.deepspeed.precision != "auto":
+        return cfg.deepspeed.precision
+    import torch
+
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
+
+
+def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
+    """The DeepSpeed JSON: the user's file when given, else derived from this config.
+
+    The batch unit DeepSpeed sees is one view pair: micro-batch = data.pairs_per_batch.
+    """
+    if cfg.deepspeed.config_file is not None:
+        with open(cfg.deepspeed.config_file) as f:
+            try:
+                user = json.load(f)
+            except json.JSONDecodeError as err:
+                raise ConfigError(f"{cfg.deepspeed.config_file}: not valid JSON: {err}") from None
+        user.setdefault("train_micro_batch_size_per_gpu", cfg.data.pairs_per_batch)
+        user.setdefault("gradient_accumulation_steps", cfg.optim.grad_accum)
+        return user
+    prec = precision(cfg)
+    zero: dict[str, Any] = {
+        "stage": cfg.deepspeed.zero_stage,
+        "contiguous_gradients": True,
+        "overlap_comm": False,
+    }
+    if cfg.deepspeed.zero_stage == 3:
+        zero["stage3_param_persistence_threshold"] = cfg.deepspeed.param_persistence_threshold
+        zero["stage3_gather_16bit_weights_on_model_save"] = False
+    if cfg.deepspeed.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+    if cfg.deepspeed.offload_param:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": True}
+    import torch
+
+    return {
+        "train_micro_batch_size_per_gpu": cfg.data.pairs_per_batch,
+        "gradient_accumulation_steps": cfg.optim.grad_accum,
+        "train_batch_size": cfg.data.pairs_per_batch * cfg.optim.grad_accum * world_size,
+        "gradient_clipping": cfg.optim.grad_clip,
+        "optimizer": {
+            "type": "AdamW",
+            "params": {
+                "lr": cfg.optim.lr,
+                "betas": [cfg.optim.beta1, cfg.optim.beta2],
+                "eps": cfg.optim.eps,
+                "weight_decay": cfg.optim.weight_decay,
+                # DeepSpeed's fused CPU Adam needs a C++ build; torch's AdamW needs none.
+                "torch_adam": not torch.cuda.is_available(),
+            },
+        },
+        "bf16": {"enabled": prec == "bf16"},
+        "fp16": {"enabled": prec == "fp16"},
+        "zero_optimization": zero,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }

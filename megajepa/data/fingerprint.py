@@ -1,0 +1,53 @@
+"""Shard fingerprints: which tokenizer and sources a dataset was prepared with.
+
+prepare writes `fingerprint.json` beside the shards; the loader refuses shards whose tokenizer
+hash differs from the tokenizer the model uses.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Any
+
+FINGERPRINT_FILE = "fingerprint.json"
+
+
+class FingerprintMismatch(RuntimeError):
+    pass
+
+
+def tokenizer_hash(tokenizer) -> str:
+    """sha256 of the fast tokenizer's canonical JSON (vocabulary, merges, special tokens)."""
+    return hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest()
+
+
+def file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def read_fingerprint(shard_dir: str) -> dict[str, Any]:
+    path = os.path.join(shard_dir, FINGERPRINT_FILE)
+    if not os.path.isfile(path):
+        raise FingerprintMismatch(f"{path}: missing; prepare the data with `megajepa prepare`")
+    with open(path) as f:
+        return json.load(f)
+
+
+def check_fingerprint(shard_dir: str, tokenizer) -> dict[str, Any]:
+    """Raise FingerprintMismatch unless the shards were tokenized by `tokenizer`."""
+    fingerprint = read_fingerprint(shard_dir)
+    expected = tokenizer_hash(tokenizer)
+    if fingerprint.get("tokenizer_hash") != expected:
+        raise FingerprintMismatch(
+            f"{os.path.join(shard_dir, FINGERPRINT_FILE)}: shards were tokenized with tokenizer "
+            f"{str(fingerprint.get('tokenizer_hash'))[:12]} (vocab {fingerprint.get('vocab_size')}), "
+            f"but the model uses {expected[:12]} (vocab {len(tokenizer)}); re-run `megajepa prepare` "
+            f"with this tokenizer"
+        )
+    return fingerprint

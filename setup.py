@@ -1,0 +1,30 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="megajepa",
+    version="0.1.0",
+    description="Distributed LLM-JEPA pretraining: DeepSpeed ZeRO-3, streaming view pairs, Triton kernels",
+    python_requires=">=3.10",
+    packages=find_packages(include=["megajepa", "megajepa.*", "kernels", "kernels.*"]),
+    package_data={"megajepa": ["assets/*"]},
+    # Exact versions live in requirements/*.lock; these are the direct dependencies.
+    install_requires=[
+        "torch",
+        "torchvision",
+        "transformers>=4.57,<5",
+        "datasets>=4,<5",
+        "huggingface-hub<1",
+        "mosaicml-streaming==0.13.0",
+        "deepspeed>=0.19,<0.20",
+        "triton",
+        "tokenizers",
+        "omegaconf",
+        "pyyaml",
+        "tqdm",
+        "tensorboard",
+        "matplotlib",
+        "psutil",
+    ],
+    extras_require={"test": ["pytest"]},
+    entry_points={"console_scripts": ["megajepa=megajepa.cli:main"]},
+)

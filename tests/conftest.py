@@ -1,0 +1,36 @@
+"""Test-wide setup: Triton's interpreter without a GPU, a private TMPDIR per test, markers."""
+
+import os
+import tempfile
+
+# Must happen before anything imports a Triton kernel: @triton.jit reads it at decoration time.
+if not os.path.exists("/dev/nvidia0") and "TRITON_INTERPRET" not in os.environ:
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped without one)")
+    config.addinivalue_line("markers", "slow: longer than ~30 s; run with `make test-all`")
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    run_slow = "slow" in (config.getoption("-m") or "")
+    for item in items:
+        if "gpu" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA device"))
+        if "slow" in item.keywords and not run_slow:
+            item.add_marker(pytest.mark.skip(reason="slow: run with `make test-all`"))
+
+
+@pytest.fixture(autouse=True)
+def private_tmpdir(tmp_path, monkeypatch):
+    """StreamingDataset keeps locks and shared-memory names under TMPDIR: one per test."""
+    path = tmp_path / "tmpdir"
+    path.mkdir()
+    monkeypatch.setenv("TMPDIR", str(path))
+    monkeypatch.setattr(tempfile, "tempdir", str(path))
+    yield path
