@@ -179,7 +179,7 @@ def pack_pairs(
         "useful_tokens": torch.tensor(useful),
     }
     computed = ids.numel()
-    if cfg.target == "ema" and teacher_units:
+    if cfg.target == "ema":  # teacher rows even when empty: every rank runs the teacher each step
         t_rows = _first_fit_decreasing(teacher_units, cfg.row_length)
         t_ids, t_pos, t_pair, t_seg, _, t_last = _fill_rows(t_rows, cfg.row_length, cfg.pad_token_id, None)
         batch.update(

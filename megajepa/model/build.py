@@ -1,0 +1,82 @@
+"""Build any Hugging Face causal LM, sharded from birth under ZeRO-3.
+
+From an architecture config (random init) or a local pretrained directory. With a live
+HfDeepSpeedConfig at ZeRO stage 3, transformers creates the model inside deepspeed.zero.Init and
+loads pretrained weights shard by shard, so no rank ever holds the full model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from typing import Any, Optional
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from megajepa.config import ModelConfig
+
+
+def attention_implementation(cfg: ModelConfig) -> str:
+    """The transformers attn_implementation: FlexAttention on CUDA by default, SDPA elsewhere."""
+    if cfg.attention == "auto":
+        return "flex_attention" if torch.cuda.is_available() else "sdpa"
+    return {"sdpa": "sdpa", "flex": "flex_attention"}[cfg.attention]
+
+
+def load_architecture(cfg: ModelConfig, vocab_size: int):
+    """The HF config of the model to train, with its vocabulary sized for the tokenizer."""
+    if cfg.pretrained is not None:
+        if not os.path.isdir(cfg.pretrained):
+            raise FileNotFoundError(f"model.pretrained: no such directory: {cfg.pretrained}")
+        return AutoConfig.from_pretrained(cfg.pretrained, trust_remote_code=cfg.trust_remote_code)
+    if not os.path.isfile(cfg.config):
+        raise FileNotFoundError(f"model.config: no such file: {cfg.config}")
+    with open(cfg.config) as f:
+        try:
+            spec: dict[str, Any] = json.load(f)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{cfg.config}: not valid JSON: {err}") from None
+    model_type = spec.pop("model_type", None)
+    if model_type is None:
+        raise ValueError(f"{cfg.config}: missing 'model_type' (e.g. \"llama\")")
+    spec["vocab_size"] = vocab_size
+    return AutoConfig.for_model(model_type, **spec)
+
+
+def build_model(
+    cfg: ModelConfig,
+    tokenizer,
+    *,
+    dtype: torch.dtype = torch.float32,
+    ds_config: Optional[dict] = None,
+    seed: int = 0,
+):
+    """The causal LM for `tokenizer` (whose [PRED] tokens must already be added).
+
+    `ds_config` at ZeRO stage 3 makes construction and loading partitioned. New embedding rows
+    (tokens added to a pretrained tokenizer) start at the mean of the existing ones plus a little
+    of their covariance (transformers' mean_resizing), not at zero.
+    """
+    from transformers.integrations import HfDeepSpeedConfig
+
+    zero3 = ds_config is not None and ds_config.get("zero_optimization", {}).get("stage") == 3
+    # transformers consults this (weakly referenced) object while it lives.
+    hf_ds_config = HfDeepSpeedConfig(ds_config) if zero3 else None
+    impl = attention_implementation(cfg)
+    torch.manual_seed(seed)  # every rank initialises identically
+    common = dict(torch_dtype=dtype, attn_implementation=impl, trust_remote_code=cfg.trust_remote_code)
+    if cfg.pretrained is not None:
+        model = AutoModelForCausalLM.from_pretrained(cfg.pretrained, **common)
+    else:
+        model = AutoModelForCausalLM.from_config(load_architecture(cfg, len(tokenizer)), **common)
+    if model.get_input_embeddings().num_embeddings < len(tokenizer):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the mean-resizing notice
+            model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    model.config.use_cache = False
+    del hf_ds_config
+    return model
