@@ -38,8 +38,9 @@ class DataConfig:
     remote: Optional[str] = None
     eval_shards: Optional[str] = None
     tokenizer: str = MISSING  # HF tokenizer directory
-    # "embedded": generate the NL-regex pairs, train the tokenizer and prepare shards when missing.
-    embedded: bool = False
+    # Root of the embedded default data: when set, the NL-regex pairs are generated, the tokenizer
+    # trained and the shards prepared there first if missing (shards/tokenizer point inside it).
+    embedded: Optional[str] = None
     row_length: int = 512
     pairs_per_batch: int = 32  # pairs per micro-batch per rank
     max_pair_tokens: int = 256  # longest view A + view B accepted by prepare and the loader

@@ -1,0 +1,136 @@
+"""The `megajepa` command.
+
+    megajepa config  CONFIG [key=value ...]        print the resolved config
+    megajepa prepare INPUT... --out DIR [...]      JSONL / HF dataset -> MDS shards
+    megajepa train   CONFIG [key=value ...]        train (single process, torchrun or deepspeed)
+    megajepa demo    CONFIG [--nproc N] [...]      embedded data -> N CPU ranks -> summary table
+    megajepa bench   kernels [...]                 kernel benchmark (Triton vs torch reference)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+from megajepa.config import ConfigError, load_config, to_yaml
+
+
+def _load(args) -> object:
+    try:
+        return load_config(args.config, args.overrides)
+    except ConfigError as err:
+        print(f"megajepa: config error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+def cmd_config(args) -> int:
+    print(to_yaml(_load(args)), end="")
+    return 0
+
+
+def cmd_train(args) -> int:
+    cfg = _load(args)
+    from megajepa.train.trainer import train
+
+    train(cfg)
+    return 0
+
+
+def summary_table(summary: dict) -> str:
+    """The demo's closing table: losses at the start and the end, throughput, where things are."""
+    first, last = summary.get("first", {}), summary.get("last", {})
+    rows = [
+        ("train loss (total)", first.get("loss"), last.get("loss")),
+        ("train CE", first.get("ce"), last.get("ce")),
+        ("train JEPA", first.get("jepa"), last.get("jepa")),
+        ("held-out CE", summary.get("start_eval_ce"), summary.get("eval_ce")),
+        ("held-out JEPA", summary.get("start_eval_jepa"), summary.get("eval_jepa")),
+    ]
+    lines = ["| metric | start | end |", "|---|---:|---:|"]
+    for name, start, end in rows:
+        fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
+        lines.append(f"| {name} | {fmt(start)} | {fmt(end)} |")
+    lines.append("")
+    lines.append(f"steps: {summary.get('steps')} on {summary.get('world_size')} rank(s)")
+    if last:
+        lines.append(
+            f"throughput: {last.get('computed_tokens_per_s', 0):,.0f} computed tokens/s, "
+            f"{last.get('useful_tokens_per_s', 0):,.0f} useful tokens/s, {last.get('pairs_per_s', 0):,.1f} pairs/s, "
+            f"{1.0 / max(last.get('step_seconds', 1e-9), 1e-9):.2f} steps/s"
+        )
+    lines.append(f"checkpoint: {summary.get('checkpoint')}")
+    lines.append(f"tensorboard / csv logs: {summary.get('logs')}")
+    return "\n".join(lines)
+
+
+def cmd_demo(args) -> int:
+    cfg = _load(args)
+    if cfg.data.embedded is not None:
+        from megajepa.data.embedded import ensure_embedded
+
+        ensure_embedded(cfg.data.embedded, max_pair_tokens=cfg.data.max_pair_tokens)
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    command = [
+        torchrun,
+        "--standalone",
+        f"--nproc_per_node={args.nproc}",
+        "-m",
+        "megajepa.cli",
+        "train",
+        args.config,
+        *args.overrides,
+    ]
+    print("+ " + " ".join(command), flush=True)
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    result = subprocess.run(command, env=env)
+    if result.returncode != 0:
+        return result.returncode
+    with open(os.path.join(cfg.train.output_dir, "summary.json")) as f:
+        print("\n" + summary_table(json.load(f)))
+    return 0
+
+
+def cmd_bench(args) -> int:
+    if args.target == "kernels":
+        from kernels.bench import main as kernel_bench
+
+        return kernel_bench(args.rest)
+    print(f"megajepa bench: unknown target {args.target!r}", file=sys.stderr)
+    return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog="megajepa", description="LLM-JEPA pretraining on DeepSpeed ZeRO-3")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def with_config(name: str, help: str):
+        p = sub.add_parser(name, help=help)
+        p.add_argument("config", help="YAML config, e.g. configs/demo.yaml")
+        p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=50 jepa.k=2")
+        return p
+
+    with_config("config", "print the fully resolved config").set_defaults(func=cmd_config)
+    with_config("train", "train a model").set_defaults(func=cmd_train)
+    demo = with_config("demo", "embedded data, training on N CPU ranks, summary")
+    demo.add_argument("--nproc", type=int, default=2)
+    demo.set_defaults(func=cmd_demo)
+    sub.add_parser("prepare", help="JSONL / HF dataset -> MDS shards", add_help=False)
+    bench = sub.add_parser("bench", help="benchmarks")
+    bench.add_argument("target", help="'kernels'")
+    bench.add_argument("rest", nargs=argparse.REMAINDER)
+    bench.set_defaults(func=cmd_bench)
+
+    if argv and argv[0] == "prepare":
+        from megajepa.data.prepare import main as prepare_main
+
+        return prepare_main(argv[1:])
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

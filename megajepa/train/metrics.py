@@ -1,0 +1,82 @@
+"""Per-step metrics: reduced across ranks, written through DeepSpeed's monitor (tensorboard, csv),
+to metrics.jsonl (for summaries and tests) and onto a tqdm bar on rank 0."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+# summed across ranks; the rest are averaged
+SUMMED = ("computed_tokens", "useful_tokens", "pairs")
+
+
+class MetricsLogger:
+    def __init__(self, engine, output_dir: str, total_steps: int, start_step: int, log_every: int, progress: bool):
+        self.engine = engine
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self.world = dist.get_world_size() if dist.is_initialized() else 1
+        self.log_every = log_every
+        self.path = os.path.join(output_dir, "metrics.jsonl")
+        self.history: list[dict] = []
+        self.bar: Optional[tqdm] = None
+        if self.rank == 0:
+            os.makedirs(output_dir, exist_ok=True)
+            if progress:
+                self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
+        self._window_start = time.perf_counter()
+        self._window: dict[str, float] = {}
+        self._window_steps = 0
+
+    def step(self, step: int, values: dict[str, float], always: bool = False) -> Optional[dict]:
+        """Accumulate one optimizer step; every log_every steps reduce, write and return the row."""
+        for key, value in values.items():
+            self._window[key] = self._window.get(key, 0.0) + float(value)
+        self._window_steps += 1
+        if self.bar is not None:
+            self.bar.update(1)
+        if not always and step % self.log_every != 0:
+            return None
+        return self.flush(step)
+
+    def flush(self, step: int) -> Optional[dict]:
+        if self._window_steps == 0:
+            return None
+        keys = sorted(self._window)
+        local = torch.tensor([self._window[k] for k in keys], dtype=torch.float64)
+        if self.world > 1:
+            dist.all_reduce(local)
+        elapsed = time.perf_counter() - self._window_start
+        row = {"step": step}
+        for key, total in zip(keys, local.tolist()):
+            row[key] = total / self._window_steps if key in SUMMED else total / (self._window_steps * self.world)
+        for key in SUMMED:
+            if key in row:
+                row[f"{key}_per_s"] = row[key] * self._window_steps / elapsed
+        row["step_seconds"] = elapsed / self._window_steps
+        self._window, self._window_steps = {}, 0
+        self._window_start = time.perf_counter()
+        if self.rank == 0:
+            self.history.append(row)
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            monitor = getattr(self.engine, "monitor", None)
+            if monitor is not None and monitor.enabled:
+                monitor.write_events([(f"train/{k}", v, step) for k, v in row.items() if k != "step"])
+            if self.bar is not None:
+                self.bar.set_postfix(
+                    loss=f"{row.get('loss', 0):.3f}",
+                    ce=f"{row.get('ce', 0):.3f}",
+                    jepa=f"{row.get('jepa', 0):.3f}",
+                    tok_s=f"{row.get('computed_tokens_per_s', 0):.0f}",
+                )
+        return row
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

@@ -1,0 +1,280 @@
+"""`megajepa train`: the LLM-JEPA objective trained by a DeepSpeed ZeRO-3 engine.
+
+Works as a single process, under torchrun and under the `deepspeed` launcher. Reads top to bottom:
+distributed set-up -> data and tokenizer -> model -> engine -> (teacher) -> resume -> loop -> eval.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+import deepspeed
+import torch
+import torch.distributed as dist
+from transformers import AutoTokenizer
+
+from megajepa.config import Config, deepspeed_config, precision, to_dict
+from megajepa.data.fingerprint import check_fingerprint, tokenizer_hash
+from megajepa.data.layout import LayoutConfig
+from megajepa.data.loader import build_loader, set_stream_env
+from megajepa.data.tokenizer import add_pred_tokens, pred_token_ids
+from megajepa.jepa.objective import JepaModel, collapse_std
+from megajepa.model.build import build_model
+from megajepa.model.predictor import uses_pred_tokens
+from megajepa.train import checkpoint
+from megajepa.train.metrics import MetricsLogger
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+class TrainingDiverged(RuntimeError):
+    pass
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed() -> tuple[int, int, int]:
+    """(rank, world size, local rank), starting a 1-process group when no launcher did."""
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    set_stream_env()
+    if not dist.is_initialized():
+        deepspeed.init_distributed(verbose=False)
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+    return dist.get_rank(), dist.get_world_size(), local_rank
+
+
+def prepare_embedded(cfg: Config, rank: int) -> None:
+    """Generate and prepare the embedded default data once (rank 0 builds, the others wait)."""
+    if cfg.data.embedded is None:
+        return
+    if rank == 0:
+        from megajepa.data.embedded import ensure_embedded
+
+        ensure_embedded(cfg.data.embedded, max_pair_tokens=cfg.data.max_pair_tokens)
+    dist.barrier()
+
+
+def load_tokenizer(cfg: Config):
+    """The tokenizer as the shards were prepared with it, then with the [PRED] tokens added."""
+    if not os.path.isdir(cfg.data.tokenizer):
+        raise FileNotFoundError(f"data.tokenizer: no such directory: {cfg.data.tokenizer}")
+    tokenizer = AutoTokenizer.from_pretrained(cfg.data.tokenizer)
+    check_fingerprint(cfg.data.shards, tokenizer)
+    fingerprint = tokenizer_hash(tokenizer)
+    k = cfg.jepa.k if uses_pred_tokens(cfg.jepa.predictor, cfg.jepa.k) else 0
+    add_pred_tokens(tokenizer, k)
+    return tokenizer, fingerprint, pred_token_ids(tokenizer, k)
+
+
+def layout_config(cfg: Config, pred_ids: list[int], pad_id: int) -> LayoutConfig:
+    target = "none" if cfg.jepa.lambda_ == 0 else cfg.jepa.target
+    return LayoutConfig(
+        row_length=cfg.data.row_length,
+        pred_token_ids=pred_ids,
+        labels=cfg.data.labels,
+        target=target,
+        dropout=cfg.jepa.dropout,
+        seed=cfg.data.seed,
+        pad_token_id=pad_id,
+    )
+
+
+def run_config(cfg: Config, world: int, output_dir: str) -> dict:
+    """The DeepSpeed JSON for this run: derived (or the user's), with our monitor and scheduler."""
+    ds = deepspeed_config(cfg, world)
+    logs = os.path.join(output_dir, "logs")
+    ds.setdefault("tensorboard", {"enabled": cfg.logging.tensorboard, "output_path": logs, "job_name": "tb"})
+    ds.setdefault("csv_monitor", {"enabled": cfg.logging.csv, "output_path": logs, "job_name": "csv"})
+    ds.setdefault(
+        "scheduler",
+        {
+            "type": "WarmupCosineLR",
+            "params": {
+                "total_num_steps": cfg.train.steps,
+                "warmup_num_steps": max(1, cfg.optim.warmup_steps),
+                "warmup_type": "linear",
+                "cos_min_ratio": cfg.optim.min_lr_ratio,
+            },
+        },
+    )
+    return ds
+
+
+def _ndim(param: torch.nn.Parameter) -> int:
+    """Dimensions of the full parameter (ZeRO-3 leaves an empty local tensor and ds_shape)."""
+    return len(getattr(param, "ds_shape", param.shape))
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """No weight decay on norms, biases and other 1-D parameters."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [
+        {"params": [p for p in params if _ndim(p) >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if _ndim(p) < 2], "weight_decay": 0.0},
+    ]
+
+
+def to_device(batch: dict, device) -> dict:
+    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+
+def _all_finite(value: torch.Tensor) -> bool:
+    flag = torch.tensor([1.0 if bool(torch.isfinite(value)) else 0.0])
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item() == 1.0)
+
+
+@torch.no_grad()
+def evaluate(engine, teacher, loader, batches: int, device) -> dict:
+    """Held-out CE and JEPA loss, averaged over `batches` batches per rank and across ranks."""
+    engine.eval()
+    totals = torch.zeros(3, dtype=torch.float64)
+    for i, batch in enumerate(loader.iter_epoch()):
+        if i >= batches:
+            break
+        batch = to_device(batch, device)
+        target = teacher.encode(batch) if teacher is not None else None
+        out = engine(batch, step=10**9, target_embeddings=target)
+        totals += torch.tensor([out.ce.item(), out.jepa.item(), 1.0], dtype=torch.float64)
+    if dist.is_initialized():
+        dist.all_reduce(totals)
+    engine.train()
+    n = max(totals[2].item(), 1.0)
+    return {"eval_ce": totals[0].item() / n, "eval_jepa": totals[1].item() / n, "eval_batches": int(totals[2].item())}
+
+
+def train(cfg: Config) -> dict:
+    rank, world, _ = init_distributed()
+    output_dir = cfg.train.output_dir
+    os.makedirs(output_dir, exist_ok=True)
+    prepare_embedded(cfg, rank)
+
+    tokenizer, tok_hash, pred_ids = load_tokenizer(cfg)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id or 0
+    layout = layout_config(cfg, pred_ids, pad_id)
+    loader = build_loader(
+        cfg.data.shards,
+        batch_pairs=cfg.data.pairs_per_batch,
+        layout=layout,
+        remote=cfg.data.remote,
+        shuffle=cfg.data.shuffle,
+        seed=cfg.data.seed,
+        num_workers=cfg.data.num_workers,
+        max_pair_tokens=cfg.data.max_pair_tokens,
+    )
+
+    ds_config = run_config(cfg, world, output_dir)
+    dtype = DTYPES[precision(cfg)]
+    torch.manual_seed(cfg.train.seed)
+    model = JepaModel(build_model(cfg.model, tokenizer, dtype=dtype, ds_config=ds_config, seed=cfg.train.seed), cfg.jepa)
+    groups = param_groups(model, cfg.optim.weight_decay)
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_config)
+    device = engine.device
+
+    teacher = None
+    if cfg.jepa.target == "ema" and cfg.jepa.lambda_ > 0:
+        from megajepa.jepa.ema_target import EmaTeacher
+
+        twin = JepaModel(build_model(cfg.model, tokenizer, dtype=dtype, ds_config=ds_config, seed=cfg.train.seed), cfg.jepa)
+        teacher = EmaTeacher(engine, twin, cfg.jepa.ema, cfg.train.steps, ds_config)
+
+    meta = {
+        "model": to_dict(cfg)["model"],
+        "tokenizer_hash": tok_hash,
+        "vocab_size": len(tokenizer),
+        "world_size": world,
+        "predictor": cfg.jepa.predictor,
+        "k": cfg.jepa.k,
+        "target": cfg.jepa.target,
+        "precision": precision(cfg),
+    }
+    start_step, last_good = 0, None
+    resume = checkpoint.resolve_resume(cfg.train.resume, output_dir)
+    if resume is not None:
+        client_state, last_good = checkpoint.load(engine, *resume, current_meta=meta, rank=rank)
+        start_step = int(client_state["step"])
+        loader.load_state_dict(client_state["loader"])
+        if teacher is not None:
+            teacher.load(last_good, rank)
+        if rank == 0:
+            print(f"resumed from {last_good} at step {start_step}", flush=True)
+
+    def save(step: int) -> str:
+        client_state = {"step": step, "loader": loader.state_dict(), "config": to_dict(cfg)}
+        extra = (lambda tag_dir: teacher.save(tag_dir, rank)) if teacher is not None else None
+        return checkpoint.save(engine, output_dir, step, meta, client_state, rank, extra)
+
+    eval_loader = None
+    summary: dict = {}
+    if cfg.data.eval_shards:
+        eval_loader = build_loader(
+            cfg.data.eval_shards,
+            batch_pairs=cfg.data.pairs_per_batch,
+            layout=layout,
+            shuffle=False,
+            seed=cfg.data.seed,
+            max_pair_tokens=cfg.data.max_pair_tokens,
+        )
+        if start_step == 0:
+            start = evaluate(engine, teacher, eval_loader, cfg.train.eval_batches, device)
+            summary.update({f"start_{k}": v for k, v in start.items() if k != "eval_batches"})
+
+    logger = MetricsLogger(engine, output_dir, cfg.train.steps, start_step, cfg.logging.log_every, cfg.logging.progress)
+    batches = iter(loader)
+    step = start_step
+    try:
+        while step < cfg.train.steps:
+            step_start = time.perf_counter()
+            values = {"loss": 0.0, "ce": 0.0, "jepa": 0.0, "computed_tokens": 0.0, "useful_tokens": 0.0, "pairs": 0.0}
+            for _ in range(cfg.optim.grad_accum):
+                batch = to_device(next(batches), device)
+                target = teacher.encode(batch) if teacher is not None else None
+                out = engine(batch, step=step, target_embeddings=target)
+                if not _all_finite(out.loss):
+                    raise TrainingDiverged(
+                        f"step {step + 1}: loss is {out.loss.item()} (ce {out.ce.item()}, jepa {out.jepa.item()}); "
+                        f"stopped before the update. Last good checkpoint: {last_good or 'none saved yet'}"
+                    )
+                engine.backward(out.loss)
+                engine.step()
+                for key, value in (("loss", out.loss), ("ce", out.ce), ("jepa", out.jepa)):
+                    values[key] += value.item() / cfg.optim.grad_accum
+                values["computed_tokens"] += batch["computed_tokens"].item()
+                values["useful_tokens"] += batch["useful_tokens"].item()
+                values["pairs"] += batch["num_pairs"].item()
+            step += 1
+            if teacher is not None:
+                values["ema_seconds"] = teacher.update(step)["seconds"]
+            values["lr"] = engine.get_lr()[0]
+            values["grad_norm"] = float(engine.get_global_grad_norm() or 0.0)
+            values["lambda"] = out.lambda_
+            values["z_a_std"] = collapse_std(out.z_a).item()
+            values["z_b_std"] = collapse_std(out.z_b).item()
+            values["compute_seconds"] = time.perf_counter() - step_start
+            logger.step(step, values, always=step == cfg.train.steps)
+            if cfg.train.save_every and step % cfg.train.save_every == 0 and step < cfg.train.steps:
+                last_good = save(step)
+        last_good = save(step) if step > start_step or last_good is None else last_good
+    finally:
+        logger.close()
+
+    summary.update(steps=step, world_size=world, checkpoint=last_good, logs=os.path.join(output_dir, "logs"))
+    if logger.history:
+        summary["first"] = logger.history[0]
+        summary["last"] = logger.history[-1]
+    if eval_loader is not None:
+        summary.update(evaluate(engine, teacher, eval_loader, cfg.train.eval_batches, device))
+    if rank == 0:
+        checkpoint.atomic_write_json(os.path.join(output_dir, "summary.json"), summary)
+    return summary

@@ -1,0 +1,92 @@
+import json
+
+import pytest
+
+from megajepa.cli import main
+from megajepa.config import ConfigError, deepspeed_config, load_config, to_yaml
+
+DEMO = "configs/demo.yaml"
+
+
+def write(tmp_path, text: str, name: str = "c.yaml") -> str:
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+def test_demo_config_loads_with_overrides():
+    cfg = load_config(DEMO, ["jepa.lambda_=2", "train.steps=50", "jepa.target=ema", "jepa.k=3", "data.row_length=1024"])
+    assert cfg.jepa.lambda_ == 2.0 and cfg.train.steps == 50 and cfg.jepa.target == "ema"
+    assert cfg.jepa.k == 3 and cfg.data.row_length == 1024
+    assert cfg.train.output_dir == "runs/demo" and cfg.train.resume == "none"
+    assert "lambda_: 2.0" in to_yaml(cfg)
+
+
+BASE = "data:\n  shards: s\n  tokenizer: t\n"
+
+
+@pytest.mark.parametrize(
+    "text, fragment",
+    [
+        (BASE + "jepa:\n  k: -1\n", "jepa.k: must be >= 0"),
+        (BASE + "jepa:\n  lambda_: -0.5\n", "jepa.lambda_: must be >= 0"),
+        (BASE + "jepa:\n  predictor: transformer\n", "jepa.predictor: 'transformer' is not one of"),
+        (BASE + "jepa:\n  distance: kl\n", "jepa.distance"),
+        (BASE + "jepa:\n  dropout: 1.5\n", "jepa.dropout: must be in [0, 1]"),
+        (BASE + "  row_length: 64\n  max_pair_tokens: 128\n", "data.row_length: 64 is shorter than the longest allowed pair"),
+        (BASE + "train:\n  steps: 0\n", "train.steps: must be > 0"),
+        (BASE + "train:\n  stepz: 3\n", "stepz"),
+        (BASE + "optim:\n  lr: fast\n", "optim.lr"),
+    ],
+)
+def test_bad_value_names_key_and_file(tmp_path, text, fragment):
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(err.value).startswith(path + ": ")
+    assert fragment in str(err.value)
+
+
+@pytest.mark.parametrize("text, fragment", [("- a list\n", "top level must be a mapping"), ("jepa: [x\n", "not valid YAML")])
+def test_malformed_file_is_named(tmp_path, text, fragment):
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError, match=fragment) as err:
+        load_config(path)
+    assert path in str(err.value)
+
+
+def test_override_error_names_command_line():
+    with pytest.raises(ConfigError, match=r"^command line: jepa.k: must be >= 0"):
+        load_config(DEMO, ["jepa.k=-2"])
+    with pytest.raises(ConfigError, match="command line.*not a dotted key=value"):
+        load_config(DEMO, ["jepa.k"])
+
+
+def test_missing_required_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="required key"):
+        load_config(write(tmp_path, "train:\n  steps: 3\n"))
+    with pytest.raises(ConfigError, match="no such config file"):
+        load_config(str(tmp_path / "nope.yaml"))
+
+
+def test_deepspeed_json_is_derived_or_the_users(tmp_path):
+    cfg = load_config(DEMO, ["optim.grad_accum=4", "data.pairs_per_batch=8"])
+    ds = deepspeed_config(cfg, world_size=2)
+    assert ds["zero_optimization"]["stage"] == 3
+    assert ds["train_batch_size"] == 8 * 4 * 2
+    assert ds["optimizer"]["type"] == "AdamW"
+    user = tmp_path / "ds.json"
+    user.write_text(json.dumps({"zero_optimization": {"stage": 2}, "train_micro_batch_size_per_gpu": 8}))
+    cfg = load_config(DEMO, [f"deepspeed.config_file={user}"])
+    assert deepspeed_config(cfg, world_size=1)["zero_optimization"]["stage"] == 2
+    with pytest.raises(ConfigError, match="deepspeed.config_file: no such file"):
+        load_config(DEMO, [f"deepspeed.config_file={tmp_path}/missing.json"])
+
+
+def test_cli_config_prints_resolved_and_fails_cleanly(capsys):
+    assert main(["config", DEMO, "jepa.k=2"]) == 0
+    assert "k: 2" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_info:
+        main(["config", DEMO, "jepa.distance=dot"])
+    assert exit_info.value.code == 2
+    assert "jepa.distance" in capsys.readouterr().err
