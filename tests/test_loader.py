@@ -1,0 +1,239 @@
+"""The view-pair loader on real MDS shards: coverage, order, resumption, errors, two ranks."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from itertools import islice
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from megajepa.data.fingerprint import FINGERPRINT_FILE, FingerprintMismatch, tokenizer_hash
+from megajepa.data.layout import SEG_C, SEG_T, LayoutConfig
+from megajepa.data.loader import build_loader, check_pair, loader_throughput, set_stream_env
+from _shards import random_pairs, tiny_tokenizer, write_pair_shards
+
+NUM_PAIRS = 203  # 25 batches of 8 and a dropped tail of 3 on one rank
+BATCH = 8
+LAYOUT = LayoutConfig(row_length=64, pred_token_ids=(1,))
+WORKER = Path(__file__).with_name("_loader_worker.py")
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def pairs():
+    return random_pairs(NUM_PAIRS, seed=0)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory, pairs, tokenizer):
+    return write_pair_shards(str(tmp_path_factory.mktemp("shards") / "train"), pairs, tokenizer)
+
+
+def loader_for(shards, **kwargs):
+    return build_loader(shards, batch_pairs=BATCH, layout=LAYOUT, record_ids=True, **kwargs)
+
+
+def flat(batches):
+    return [sid for batch in batches for sid in batch]
+
+
+def views(batch, j):
+    """Pair j's view A and view B as packed (T and C tokens in column order)."""
+    of_pair = batch["pair_index"] == j
+    return [batch["input_ids"][of_pair & (batch["segment"] == kind)].tolist() for kind in (SEG_T, SEG_C)]
+
+
+def test_one_epoch_yields_every_sample_once(shards, pairs, tokenizer):
+    loader = loader_for(shards, tokenizer=tokenizer, seed=1)
+    batches = list(loader.iter_epoch())
+    ids = flat(loader.recorded_ids)
+    assert len(batches) == loader.batches_per_epoch == NUM_PAIRS // BATCH
+    assert len(ids) == len(set(ids)) == loader.pairs_per_epoch
+    assert set(ids) <= set(range(NUM_PAIRS))  # the NUM_PAIRS % BATCH left out are the dropped tail
+    for batch in batches[:3]:
+        for j, sid in enumerate(batch["sample_ids"].tolist()):
+            assert views(batch, j) == [pairs[sid][0].tolist(), pairs[sid][1].tolist()]
+
+
+def test_iterating_goes_on_into_the_next_epoch_in_a_new_order(shards):
+    loader = loader_for(shards, seed=1)
+    per_epoch = loader.batches_per_epoch
+    epochs = []
+    for _ in islice(loader, per_epoch + 4):
+        epochs.append(loader.epoch)
+    assert epochs == [0] * per_epoch + [1] * 4
+    first, second = loader.recorded_ids[:4], loader.recorded_ids[per_epoch:]
+    assert first != second and len(set(flat(second))) == 4 * BATCH
+
+
+def test_order_follows_the_seed(shards):
+    orders = []
+    for seed in (1, 1, 2):
+        loader = loader_for(shards, seed=seed)
+        for _ in loader.iter_epoch():
+            pass
+        orders.append(loader.recorded_ids)
+    assert orders[0] == orders[1]
+    assert orders[0] != orders[2] and sorted(flat(orders[0])) != flat(orders[0])
+
+
+# (batches taken before the checkpoint, its epoch, its sample_in_epoch): mid-epoch, at the very end
+# of the first epoch, and into the second
+@pytest.mark.parametrize("stop,epoch,sample_in_epoch", [(10, 0, 80), (25, 0, 200), (30, 1, 40)])
+def test_resume_yields_exactly_the_unseen_batches(shards, stop, epoch, sample_in_epoch):
+    total = NUM_PAIRS // BATCH + 8  # into the second epoch
+    reference = list(islice(loader_for(shards), total))
+
+    interrupted = loader_for(shards)
+    for _ in islice(interrupted, stop):
+        pass
+    state = json.loads(json.dumps(interrupted.state_dict()))  # as a checkpoint stores it
+    assert (state["epoch"], state["sample_in_epoch"]) == (epoch, sample_in_epoch)
+
+    resumed = loader_for(shards)
+    resumed.load_state_dict(state)
+    rest = list(islice(resumed, total - stop))
+    assert [b["sample_ids"].tolist() for b in rest] == [b["sample_ids"].tolist() for b in reference[stop:]]
+    for got, want in zip(rest, reference[stop:]):
+        assert torch.equal(got["input_ids"], want["input_ids"]) and torch.equal(got["labels"], want["labels"])
+    assert resumed.epoch == 1
+
+
+def test_workers_deliver_the_same_batches(shards):
+    alone, with_workers = loader_for(shards, seed=3), loader_for(shards, seed=3, num_workers=2)
+    for loader in (alone, with_workers):
+        for _ in loader.iter_epoch():
+            pass
+    assert with_workers.recorded_ids == alone.recorded_ids
+
+
+def test_fingerprint_mismatch_refused(shards):
+    other = tiny_tokenizer(vocab_size=65)
+    with pytest.raises(FingerprintMismatch) as error:
+        loader_for(shards, tokenizer=other)
+    with open(os.path.join(shards, FINGERPRINT_FILE)) as f:
+        stored = json.load(f)["tokenizer_hash"]
+    message = str(error.value)
+    assert os.path.join(shards, FINGERPRINT_FILE) in message
+    assert stored[:12] in message and tokenizer_hash(other)[:12] in message
+
+
+def test_remote_directory_through_a_local_cache(shards, tokenizer, tmp_path):
+    cache = str(tmp_path / "cache")
+    loader = loader_for(cache, remote=shards, tokenizer=tokenizer)
+    for _ in loader.iter_epoch():
+        pass
+    assert len(set(flat(loader.recorded_ids))) == loader.pairs_per_epoch
+    with pytest.raises(FingerprintMismatch, match=os.path.join(shards, FINGERPRINT_FILE)):
+        loader_for(str(tmp_path / "cache2"), remote=shards, tokenizer=tiny_tokenizer(vocab_size=65))
+
+
+def test_missing_shards_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        loader_for(str(tmp_path / "nowhere"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"empty/index\.json: missing"):
+        loader_for(str(tmp_path / "empty"))
+
+
+def test_bad_pairs_named_by_shard_and_sample(tmp_path, tokenizer):
+    long_pairs = random_pairs(16, seed=1, max_view=10)
+    long_pairs[5] = (np.arange(2, 32, dtype=np.int32), np.arange(2, 32, dtype=np.int32))
+    shards = write_pair_shards(str(tmp_path / "long"), long_pairs, tokenizer)
+    loader = loader_for(shards, max_pair_tokens=40)
+    with pytest.raises(ValueError, match=r"shard\.\d{5}\.mds: sample 5: view A \+ view B = 30 \+ 30 tokens"):
+        list(loader.iter_epoch())
+    with pytest.raises(ValueError, match="empty view"):
+        check_pair(np.arange(0), np.arange(3), 40, "somewhere")
+    with pytest.raises(ValueError, match="does not fit row_length=64"):
+        loader_for(shards, max_pair_tokens=64)
+
+
+def test_stream_env_from_deepspeed_local_size(monkeypatch):
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "LOCAL_SIZE"):
+        monkeypatch.setenv(name, "0")  # so that teardown also removes what set_stream_env adds
+        monkeypatch.delenv(name)
+    assert set_stream_env() == {"RANK": 0, "WORLD_SIZE": 1, "LOCAL_RANK": 0, "LOCAL_WORLD_SIZE": 1}
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("LOCAL_SIZE", "2")
+    assert set_stream_env() == {"RANK": 3, "WORLD_SIZE": 4, "LOCAL_RANK": 1, "LOCAL_WORLD_SIZE": 2}
+    assert os.environ["LOCAL_WORLD_SIZE"] == "2"
+    monkeypatch.setenv("LOCAL_SIZE", "4")  # an explicit LOCAL_WORLD_SIZE wins
+    assert set_stream_env()["LOCAL_WORLD_SIZE"] == 2
+
+
+def test_throughput_reports_rates_and_padding(shards):
+    stats = loader_throughput(shards, batch_pairs=BATCH, layout=LAYOUT, batches=30)
+    assert stats["batches"] == 30 and stats["last_epoch"] == 1
+    assert stats["pairs_per_s"] > 0 and stats["tokens_per_s"] > stats["pairs_per_s"]
+    assert 0 <= stats["padding_fraction"] < 1 - stats["view_token_fraction"]
+
+
+# --- two ranks, each its own process -----------------------------------------------------------
+
+RANK_PAIRS = 191  # padded with one repeat to 192 = 2 ranks x 12 batches of 8
+HEAD = 5
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_ranks(tmp_path, name, shards, *extra, world=2, timeout=120):
+    """Run the worker as `world` ranks of one node; return each rank's JSON result."""
+    lock_dir = tmp_path / f"{name}-tmp"  # the ranks of one node share their TMPDIR
+    lock_dir.mkdir()
+    port = str(free_port())
+    procs, outs = [], []
+    try:
+        for rank in range(world):
+            out = tmp_path / f"{name}-rank{rank}.json"
+            env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+            env.update(LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=port, TMPDIR=str(lock_dir))
+            log = open(tmp_path / f"{name}-rank{rank}.log", "w")
+            cmd = [sys.executable, str(WORKER), "--shards", shards, "--out", str(out), "--batch-pairs", str(BATCH)]
+            procs.append(subprocess.Popen(cmd + ["--head", str(HEAD), *extra], env=env, stdout=log, stderr=log))
+            outs.append(out)
+        for proc in procs:
+            proc.wait(timeout=timeout)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    for rank, proc in enumerate(procs):
+        assert proc.returncode == 0, (tmp_path / f"{name}-rank{rank}.log").read_text()[-3000:]
+    return [json.loads(out.read_text()) for out in outs]
+
+
+def test_two_ranks_partition_rerun_and_resume(tmp_path, tokenizer):
+    shards = write_pair_shards(str(tmp_path / "shards"), random_pairs(RANK_PAIRS, seed=2), tokenizer)
+    first = run_ranks(tmp_path, "first", shards)
+    state_file = tmp_path / "state.json"
+    assert first[0]["state"] == first[1]["state"]
+    assert first[0]["state"]["sample_in_epoch"] == HEAD * BATCH * 2
+    state_file.write_text(json.dumps(first[0]["state"]))
+    rerun = run_ranks(tmp_path, "rerun", shards, "--resume-from", str(state_file))
+
+    epoch = [flat(result["epoch"]) for result in first]
+    both = epoch[0] + epoch[1]
+    assert len(epoch[0]) == len(epoch[1]) == 12 * BATCH
+    assert set(both) == set(range(RANK_PAIRS))
+    assert len(both) - len(set(both)) == 2 * 12 * BATCH - RANK_PAIRS  # the padding repeat, on either rank
+    for rank in range(2):
+        assert rerun[rank]["epoch"] == first[rank]["epoch"]
+        assert first[rank]["head"] == first[rank]["epoch"][:HEAD]
+        assert rerun[rank]["resumed"] == first[rank]["epoch"][HEAD:]
