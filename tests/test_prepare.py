@@ -1,0 +1,279 @@
+import json
+import os
+import threading
+import time
+
+import datasets
+import numpy as np
+import pytest
+from streaming import StreamingDataset
+from transformers import AutoTokenizer
+
+from megajepa.data import embedded, prepare as prepare_module
+from megajepa.data.embedded import ensure_embedded, ensure_tokenizer
+from megajepa.data.fingerprint import FINGERPRINT_FILE, check_fingerprint, file_sha256, tokenizer_hash
+from megajepa.data.prepare import BadInput, BadRecord, main, prepare, split_text
+from megajepa.data.synthetic import generate
+from megajepa.data.tokenizer import split_conversation, train_tokenizer
+
+TEXT = "The first sentence is here. A second one follows! Is this the third? Yes, the fourth ends it."
+
+
+@pytest.fixture(scope="module")
+def chat_jsonl(tmp_path_factory):
+    return generate(str(tmp_path_factory.mktemp("jsonl")), seed=2, n_train=60, n_eval=10)["train"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory, chat_jsonl):
+    with open(chat_jsonl) as f:
+        texts = [m["content"] for line in f for m in json.loads(line)["messages"]]
+    out = str(tmp_path_factory.mktemp("tokenizer"))
+    train_tokenizer(texts + [TEXT], out, vocab_size=400)
+    return out
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tokenizer_dir):
+    return AutoTokenizer.from_pretrained(tokenizer_dir)
+
+
+def write_lines(path, lines):
+    with open(path, "w") as f:
+        for line in lines:
+            f.write((line if isinstance(line, str) else json.dumps(line)) + "\n")
+    return str(path)
+
+
+def read_back(shard_dir):
+    dataset = StreamingDataset(local=shard_dir, batch_size=1, shuffle=False)
+    return [dataset[i] for i in range(len(dataset))]
+
+
+def run(inputs, out, tokenizer_dir, **kwargs):
+    return prepare(inputs, str(out), tokenizer_dir, progress=False, **kwargs)
+
+
+def encode(tokenizer, text):
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def test_chat_jsonl_round_trip_and_fingerprint(tmp_path, chat_jsonl, tokenizer_dir, tokenizer):
+    summary = run([chat_jsonl], tmp_path / "out", tokenizer_dir)
+    samples = read_back(str(tmp_path / "out"))
+    with open(chat_jsonl) as f:
+        records = [json.loads(line) for line in f]
+    assert len(samples) == len(records) == summary["counts"]["written"] == summary["counts"]["read"]
+    for i, (sample, record) in enumerate(zip(samples, records)):
+        view_a, view_b = split_conversation(tokenizer, record["messages"])
+        assert sample["sample_id"] == i
+        assert sample["source"] == f"{chat_jsonl}:{i + 1}"
+        assert sample["view_a"].dtype == np.int32
+        assert sample["view_a"].tolist() == view_a and sample["view_b"].tolist() == view_b
+
+    with open(tmp_path / "out" / FINGERPRINT_FILE) as f:
+        fingerprint = json.load(f)
+    assert check_fingerprint(str(tmp_path / "out"), tokenizer)["tokenizer_hash"] == tokenizer_hash(tokenizer)
+    assert fingerprint["format_version"] == 1
+    assert fingerprint["vocab_size"] == len(tokenizer)
+    assert fingerprint["chat_template"] == tokenizer.chat_template
+    assert fingerprint["sources"] == {chat_jsonl: file_sha256(chat_jsonl)}
+    assert fingerprint["max_pair_tokens"] == 256
+    assert fingerprint["counts"] == {"read": len(records), "written": len(records), "skipped": {}}
+    pair_lengths = [len(s["view_a"]) + len(s["view_b"]) for s in samples]
+    assert fingerprint["token_lengths"]["pair"]["max"] == max(pair_lengths)
+    assert fingerprint["token_lengths"]["pair"]["p50"] == sorted(pair_lengths)[(len(pair_lengths) + 1) // 2 - 1]
+    assert fingerprint["token_lengths"]["view_b"]["max"] == max(len(s["view_b"]) for s in samples)
+
+
+def test_pair_and_text_records(tmp_path, tokenizer_dir, tokenizer):
+    path = write_lines(
+        tmp_path / "mixed.jsonl",
+        [
+            {"view_a": "lines with a digit", "view_b": ".*[0-9].*", "extra": 1},
+            {"text": TEXT},
+        ],
+    )
+    samples = read_back(run([path], tmp_path / "out", tokenizer_dir)["out"])
+    eos = tokenizer.eos_token_id
+    assert samples[0]["view_a"].tolist() == encode(tokenizer, "lines with a digit")
+    assert samples[0]["view_b"].tolist() == encode(tokenizer, ".*[0-9].*") + [eos]
+    prefix, continuation = split_text(TEXT, 0.5)
+    assert samples[1]["view_a"].tolist() == encode(tokenizer, prefix)
+    assert samples[1]["view_b"].tolist() == encode(tokenizer, continuation) + [eos]
+
+
+def test_split_text_at_the_boundary_nearest_the_fraction():
+    first_two = "The first sentence is here. A second one follows!"
+    assert split_text(TEXT, 0.5) == (first_two, " Is this the third? Yes, the fourth ends it.")
+    assert split_text(TEXT, 0.1) == ("The first sentence is here.", TEXT[len("The first sentence is here."):])
+    assert split_text("one paragraph\n\nanother paragraph", 0.5) == ("one paragraph", "\n\nanother paragraph")
+    assert split_text("no sentence end at all", 0.5) == ("no sentence", " end at all")
+    assert split_text("Trailing end.  ", 0.9) == ("Trailing", " end.  ")
+    with pytest.raises(BadRecord, match="no sentence or word boundary"):
+        split_text("  single  ", 0.5)
+
+
+def test_hf_dataset_directories_with_field_map(tmp_path, tokenizer_dir, tokenizer, monkeypatch):
+    saved = str(tmp_path / "saved")
+    datasets.Dataset.from_dict({"question": ["q one", "q two"], "answer": ["a one", "a two"]}).save_to_disk(saved)
+    field_map = {"view_a": "question", "view_b": "answer"}
+    samples = read_back(run([saved], tmp_path / "out", tokenizer_dir, field_map=field_map)["out"])
+    assert [s["source"] for s in samples] == [f"{saved}:0", f"{saved}:1"]
+    assert samples[1]["view_a"].tolist() == encode(tokenizer, "q two")
+    assert samples[1]["view_b"].tolist() == encode(tokenizer, "a two") + [tokenizer.eos_token_id]
+
+    # A directory of data files goes through load_dataset (its cache kept out of $HOME).
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
+    files = tmp_path / "files"
+    files.mkdir()
+    write_lines(files / "part.jsonl", [{"body": "one doc. It has two sentences."}])
+    samples = read_back(run([str(files)], tmp_path / "out2", tokenizer_dir, field_map={"text": "body"})["out"])
+    assert samples[0]["view_a"].tolist() == encode(tokenizer, "one doc.")
+
+
+NO_ROLE = {"messages": [{"content": "x"}, {"role": "assistant", "content": "y"}]}
+NO_ANSWER = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": ""}]}
+BAD_LINES = [  # (line, reason counted, message)
+    ("not json", "not_json", "not valid JSON"),
+    (NO_ROLE, "missing_field", "messages[0]: missing 'role'"),
+    ({"view_a": "only one view"}, "missing_field", "missing field 'view_b'"),
+    ({"view_a": "a", "view_b": "   "}, "empty_view", "empty view: 'view_b' is empty"),
+    (NO_ANSWER, "empty_view", "empty view B"),
+    ({"view_a": "word " * 300, "view_b": "b"}, "too_long", "longer than max_pair_tokens=256"),
+    ({"messages": [{"role": "user", "content": "q"}]}, "invalid", "must be the assistant's"),
+    ({"unrelated": 1}, "missing_field", "no 'messages', 'view_a'/'view_b' or 'text' field"),
+]
+
+
+def test_bad_records_are_reported_and_skipped(tmp_path, tokenizer_dir, capsys):
+    good = {"view_a": "good", "view_b": "pair"}
+    lines = [good] + [line for line, _, _ in BAD_LINES] + ["   ", good]  # a blank line is no record
+    path = write_lines(tmp_path / "bad.jsonl", lines)
+    summary = run([path], tmp_path / "out", tokenizer_dir)
+    stderr = capsys.readouterr().err
+    for number, (_, _, message) in enumerate(BAD_LINES, start=2):
+        assert f"{path}:{number}: " in stderr and message in stderr
+    reasons = {}
+    for _, reason, _ in BAD_LINES:
+        reasons[reason] = reasons.get(reason, 0) + 1
+    assert summary["counts"] == {"read": len(BAD_LINES) + 2, "written": 2, "skipped": dict(sorted(reasons.items()))}
+    assert [s["source"] for s in read_back(summary["out"])] == [f"{path}:1", f"{path}:{len(lines)}"]
+
+
+def test_reports_are_capped(tmp_path, tokenizer_dir, capsys):
+    path = write_lines(tmp_path / "bad.jsonl", ["{"] * 25 + [{"view_a": "a", "view_b": "b"}])
+    run([path], tmp_path / "out", tokenizer_dir)
+    reported = capsys.readouterr().err.strip().splitlines()
+    assert len(reported) == 21
+    assert reported[-1] == "... and 5 more skipped records"
+
+
+def leftovers(parent, name):
+    return sorted(p for p in os.listdir(parent) if p.startswith(name))
+
+
+def test_strict_stops_at_the_first_bad_record_leaving_nothing(tmp_path, tokenizer_dir, capsys):
+    path = write_lines(tmp_path / "in.jsonl", [{"view_a": "a", "view_b": "b"}, "oops", "{"])
+    code = main([path, "--out", str(tmp_path / "out"), "--tokenizer", tokenizer_dir, "--strict", "--no-progress"])
+    assert code == 2
+    assert capsys.readouterr().err.strip().startswith(f"{path}:2: not valid JSON")
+    assert leftovers(tmp_path, "out") == []
+
+
+def test_no_usable_record_is_an_error(tmp_path, tokenizer_dir):
+    path = write_lines(tmp_path / "in.jsonl", ["nope"])
+    with pytest.raises(BadInput, match="no usable pairs"):
+        run([path], tmp_path / "out", tokenizer_dir)
+    assert leftovers(tmp_path, "out") == []
+
+
+def test_cli_errors(tmp_path, tokenizer_dir, capsys):
+    assert main([str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "out"), "--tokenizer", tokenizer_dir]) == 2
+    assert "no such input file or directory" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["in.jsonl", "--out", "x", "--field", "prompt=question"])
+    assert "expected NAME=COLUMN" in capsys.readouterr().err
+
+
+def test_existing_output_needs_overwrite(tmp_path, tokenizer_dir):
+    path = write_lines(tmp_path / "in.jsonl", [{"view_a": "a", "view_b": "b"}])
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        run([path], out, tokenizer_dir)
+    assert (out / "keep.txt").exists()
+    run([path], out, tokenizer_dir, overwrite=True)
+    assert not (out / "keep.txt").exists() and (out / "index.json").exists()
+    assert leftovers(tmp_path, "out") == ["out"]
+
+
+def test_reruns_are_byte_identical(tmp_path, chat_jsonl, tokenizer_dir):
+    first = run([chat_jsonl], tmp_path / "one", tokenizer_dir, shard_size_limit=2000)["out"]
+    second = run([chat_jsonl], tmp_path / "two", tokenizer_dir, shard_size_limit=2000)["out"]
+    names = sorted(os.listdir(first))
+    assert len([n for n in names if n.endswith(".mds.zstd")]) > 1  # the size limit took effect
+    assert names == sorted(os.listdir(second))
+    for name in names:
+        with open(os.path.join(first, name), "rb") as a, open(os.path.join(second, name), "rb") as b:
+            assert a.read() == b.read(), name
+
+
+@pytest.mark.parametrize("error", [KeyboardInterrupt, RuntimeError])
+def test_an_interrupted_run_leaves_no_dataset(tmp_path, chat_jsonl, tokenizer_dir, monkeypatch, error):
+    class FailingWriter(prepare_module.MDSWriter):
+        writes = 0
+
+        def write(self, sample):
+            FailingWriter.writes += 1
+            if FailingWriter.writes == 5:
+                raise error("interrupted")
+            super().write(sample)
+
+    monkeypatch.setattr(prepare_module, "MDSWriter", FailingWriter)
+    with pytest.raises(error):
+        run([chat_jsonl], tmp_path / "out", tokenizer_dir, shard_size_limit=500)  # shards already flushed
+    assert leftovers(tmp_path, "out") == []
+
+
+def test_embedded_data_is_built_once_and_reused(tmp_path, monkeypatch):
+    root = str(tmp_path / "demo")
+    calls = []
+    monkeypatch.setattr(embedded, "generate", lambda *a, **k: calls.append(1) or generate(*a, **k))
+    small = dict(n_train=120, n_eval=12, progress=False)
+    builders = [threading.Thread(target=ensure_embedded, args=(root,), kwargs=small) for _ in range(2)]
+    for thread in builders:
+        thread.start()
+    for thread in builders:
+        thread.join()
+    paths = ensure_embedded(root, **small)
+    assert calls == [1]
+    for key in ("train_jsonl", "eval_jsonl", "paraphrases_jsonl"):
+        assert os.path.isfile(paths[key])
+    tokenizer = AutoTokenizer.from_pretrained(paths["tokenizer"])
+    assert len(read_back(paths["train_shards"])) == 120
+    assert len(read_back(paths["eval_shards"])) == 12
+    check_fingerprint(paths["eval_shards"], tokenizer)
+    assert sorted(os.listdir(root)) == [".lock", "jsonl", "shards", "tokenizer"]
+
+
+def test_builders_wait_for_the_lock_holder(tmp_path):
+    root = str(tmp_path / "demo")
+    holder = embedded._lock(root)
+    holder.acquire()
+    waiter = threading.Thread(target=ensure_tokenizer, args=(root,), kwargs=dict(n_train=50, n_eval=5))
+    waiter.start()
+    time.sleep(0.5)
+    assert waiter.is_alive() and not os.path.exists(os.path.join(root, "tokenizer"))
+    holder.release()
+    waiter.join()
+    assert os.path.isdir(os.path.join(root, "tokenizer"))
+
+
+def test_default_tokenizer_is_the_embedded_one(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = write_lines(tmp_path / "in.jsonl", [{"view_a": "a", "view_b": "b"}])
+    run([path], tmp_path / "out", None)
+    tokenizer = AutoTokenizer.from_pretrained(os.path.join("data", "demo", "tokenizer"))
+    check_fingerprint(str(tmp_path / "out"), tokenizer)
