@@ -17,6 +17,7 @@ setup(
         "mosaicml-streaming==0.13.0",
         "deepspeed>=0.19,<0.20",
         "triton",
+        "accelerate",  # transformers needs it for ZeRO-3 aware construction and loading
         "tokenizers",
         "omegaconf",
         "pyyaml",

@@ -45,6 +45,23 @@ def load_architecture(cfg: ModelConfig, vocab_size: int):
     return AutoConfig.for_model(model_type, **spec)
 
 
+def _initialize_partitioned(model) -> None:
+    """Re-run the model's own weight init on a ZeRO-3 model, one module at a time.
+
+    Under zero.Init every module is partitioned as soon as it is built, so the model's post_init
+    ran on empty shards and left PyTorch's defaults (N(0, 1) embeddings: a CE of ~100 at step 0).
+    Gathering one module at a time keeps the full model off every rank; rank 0 initialises and
+    DeepSpeed scatters the result."""
+    import deepspeed
+
+    for module in model.modules():
+        params = list(module.parameters(recurse=False))
+        if not params:
+            continue
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
+            model._init_weights(module)
+
+
 def build_model(
     cfg: ModelConfig,
     tokenizer,
@@ -66,11 +83,13 @@ def build_model(
     hf_ds_config = HfDeepSpeedConfig(ds_config) if zero3 else None
     impl = attention_implementation(cfg)
     torch.manual_seed(seed)  # every rank initialises identically
-    common = dict(torch_dtype=dtype, attn_implementation=impl, trust_remote_code=cfg.trust_remote_code)
+    common = dict(dtype=dtype, attn_implementation=impl, trust_remote_code=cfg.trust_remote_code)
     if cfg.pretrained is not None:
         model = AutoModelForCausalLM.from_pretrained(cfg.pretrained, **common)
     else:
         model = AutoModelForCausalLM.from_config(load_architecture(cfg, len(tokenizer)), **common)
+        if zero3:
+            _initialize_partitioned(model)
     if model.get_input_embeddings().num_embeddings < len(tokenizer):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the mean-resizing notice
