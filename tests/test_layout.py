@@ -21,9 +21,13 @@ PRED_IDS = (90, 91)
 
 def make_pairs(n, seed, max_view=20):
     rng = np.random.default_rng(seed)
-    pairs = [(rng.integers(2, 80, rng.integers(1, max_view + 1)), rng.integers(2, 80, rng.integers(1, max_view + 1))) for _ in range(n)]
+
+    def view(length):
+        return rng.integers(2, 80, length)
+
+    pairs = [(view(rng.integers(1, max_view + 1)), view(rng.integers(1, max_view + 1))) for _ in range(n)]
     # one pair that fills a row exactly with its [PRED] tokens (a + b + k = ROW)
-    pairs.append((rng.integers(2, 80, ROW - 30 - len(PRED_IDS)), rng.integers(2, 80, 30)))
+    pairs.append((view(ROW - 30 - len(PRED_IDS)), view(30)))
     return pairs
 
 
@@ -230,4 +234,5 @@ def test_dense_mask_matches_segment_table(target):
     batch = pack(pairs, cfg)
     views = [("pair_index", "segment")] + ([("teacher_pair_index", "teacher_segment")] if target == "ema" else [])
     for pair_name, seg_name in views:
-        assert torch.equal(dense_mask(batch[pair_name], batch[seg_name]), reference_mask(batch[pair_name], batch[seg_name]))
+        pair_index, segment = batch[pair_name], batch[seg_name]
+        assert torch.equal(dense_mask(pair_index, segment), reference_mask(pair_index, segment))
