@@ -24,7 +24,6 @@ from triton.compiler import ASTSource
 from kernels import ema, latent_loss
 
 
-
 def _triton_type(dtype) -> str:
     return {"torch.float32": "fp32", "torch.bfloat16": "bf16", "torch.float16": "fp16"}[str(dtype)]
 
@@ -56,7 +55,9 @@ def _specialize(signature: Dict[str, str], constexprs: Dict[str, object], ones: 
     return signature, {**constexprs, **{name: 1 for name in ones}}
 
 
-def _ema_variant(teacher, index_type: str, ones: Tuple[str, ...] = ()) -> KernelVariant:
+def _ema_variant(teacher, n_elements: str) -> KernelVariant:
+    """n_elements: "i32/16" (a multiple of 16: vector loads), "i32", "i64" (over 2**31) or "1"."""
+    index_type = "i32" if n_elements == "1" else n_elements.split("/")[0]
     signature = {
         "master_ptr": "*fp32",
         "ema_ptr": "*fp32",
@@ -68,24 +69,23 @@ def _ema_variant(teacher, index_type: str, ones: Tuple[str, ...] = ()) -> Kernel
         "BLOCK_SIZE": "constexpr",
     }
     constexprs = {"WRITE_TEACHER": teacher is not None, "BLOCK_SIZE": ema.EMA_BLOCK_SIZE}
-    signature, constexprs = _specialize(signature, constexprs, ones)
+    signature, constexprs = _specialize(signature, constexprs, ("n_elements",) if n_elements == "1" else ())
+    pointers = ("master_ptr", "ema_ptr", "teacher_ptr")
     return KernelVariant(
-        name=f"ema_update[teacher={teacher or 'none'},n={'1' if ones else index_type}]",
+        name=f"ema_update[teacher={teacher or 'none'},n={n_elements}]",
         fn=ema._ema_update_kernel,
         signature=signature,
         constexprs=constexprs,
         num_warps=ema.EMA_NUM_WARPS,
-        aligned=("master_ptr", "ema_ptr", "teacher_ptr"),
+        aligned=pointers + (("n_elements",) if n_elements.endswith("/16") else ()),
     )
 
 
 def _ema_variants() -> List[KernelVariant]:
     teachers = [_triton_type(dtype) for dtype in ema.TEACHER_DTYPES] + [None]
-    return (
-        [_ema_variant(teacher, "i32") for teacher in teachers]
-        + [_ema_variant("bf16", "i64")]  # a shard of more than 2**31 elements
-        + [_ema_variant("bf16", "i32", ones=("n_elements",))]
-    )
+    return [_ema_variant(teacher, "i32/16") for teacher in teachers] + [
+        _ema_variant("bf16", n_elements) for n_elements in ("i32", "i64", "1")
+    ]
 
 
 def _latent_loss_variant(input_type: str, distance: str, target_grad: bool, single_column: bool) -> KernelVariant:
@@ -169,7 +169,7 @@ def compile_all(capabilities=(80, 90)) -> List[Tuple[str, int, bool, str]]:
 
 
 def _markdown_table(results: List[CompileResult]) -> str:
-    lines = ["| kernel variant | sm | result | binary | seconds |", "|---|---|---|---|---|"]
+    lines = ["| kernel variant | sm | result | binary | seconds (~0: Triton's cache) |", "|---|---|---|---|---|"]
     for r in results:
         status = "ok" if r.ok else "FAILED"
         lines.append(f"| {r.variant} | {r.cc} | {status} | {r.binary or '-'} | {r.seconds:.2f} |")
