@@ -9,6 +9,7 @@ and is raised before any work starts.
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -42,6 +43,7 @@ class DataConfig:
     # trained and the shards prepared there first if missing (shards/tokenizer point inside it).
     embedded: Optional[str] = None
     row_length: int = 512
+    row_multiple: int = 16  # rows trimmed to a multiple of this (0: always row_length)
     pairs_per_batch: int = 32  # pairs per micro-batch per rank
     max_pair_tokens: int = 256  # longest view A + view B accepted by prepare and the loader
     labels: str = "response"  # response: CE on view B only | all: CE on view A and view B
@@ -168,9 +170,12 @@ def _validate(cfg: Config, sources: list[tuple[str, DictConfig]]) -> None:
         "train.save_every": cfg.train.save_every,
         "train.eval_every": cfg.train.eval_every,
         "data.num_workers": cfg.data.num_workers,
+        "data.row_multiple": cfg.data.row_multiple,
         "deepspeed.param_persistence_threshold": cfg.deepspeed.param_persistence_threshold,
     }
     for key, value in non_negative.items():
+        if not math.isfinite(value):
+            _fail(key, f"must be finite, got {value}", sources)
         if value < 0:
             _fail(key, f"must be >= 0, got {value}", sources)
     positive = {

@@ -34,3 +34,13 @@ def private_tmpdir(tmp_path, monkeypatch):
     monkeypatch.setenv("TMPDIR", str(path))
     monkeypatch.setattr(tempfile, "tempdir", str(path))
     yield path
+
+
+@pytest.fixture(scope="session")
+def demo_data(tmp_path_factory):
+    """A small embedded dataset (2,000 training pairs), built once per test session."""
+    from megajepa.data.embedded import ensure_embedded
+
+    root = tmp_path_factory.mktemp("demo-data")
+    return ensure_embedded(str(root), n_train=2000, n_eval=200, progress=False)
+

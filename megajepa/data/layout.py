@@ -20,6 +20,8 @@ A batch is a dict of tensors:
     sample_ids                                               [N]      one per pair, pair order
     num_pairs, useful_tokens, computed_tokens                 0-d
 
+Rows are at most L = row_length long: the width shrinks to the smallest multiple of
+row_multiple that packs the same number of rows, so the last, partly filled row wastes little.
 pair_index is the pair's position in the batch (0..N-1), -1 on padding. `labels` is already
 shifted: labels[r, t] is the token predicted from position t (-100 where there is no loss), so
 CE = cross_entropy(logits.flatten(0, 1), labels.flatten()). za_index and zb_index are flat indices
@@ -51,6 +53,9 @@ class LayoutConfig:
     dropout: float = 0.0  # fraction of pairs without P and C'
     seed: int = 0
     pad_token_id: int = 0
+    # Rows are trimmed to the shortest multiple of this that packs the same number of rows
+    # (0: always row_length). Bigger multiples mean fewer distinct shapes to compile on GPU.
+    row_multiple: int = 16
 
 
 @dataclass
@@ -71,55 +76,76 @@ def _keeps_jepa(sample_id: int, cfg: LayoutConfig) -> bool:
     return int.from_bytes(digest, "little") / 2**64 >= cfg.dropout
 
 
-def _first_fit_decreasing(units: list[list[_Segment]], row_length: int) -> list[list[list[_Segment]]]:
-    sizes = [sum(len(s.tokens) for s in unit) for unit in units]
-    order = sorted(range(len(units)), key=lambda i: (-sizes[i], i))
-    rows: list[list[list[_Segment]]] = []
+def _first_fit_decreasing(sizes: list[int], width: int) -> list[list[int]]:
+    """Unit indices per row: each unit, longest first, into the first row with room."""
+    rows: list[list[int]] = []
     free: list[int] = []
-    for i in order:
-        if sizes[i] > row_length:
-            raise ValueError(f"a packed unit of {sizes[i]} tokens does not fit data.row_length={row_length}")
+    for i in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
+        if sizes[i] > width:
+            raise ValueError(f"a packed unit of {sizes[i]} tokens does not fit data.row_length={width}")
         for r, space in enumerate(free):
             if sizes[i] <= space:
-                rows[r].append(units[i])
+                rows[r].append(i)
                 free[r] -= sizes[i]
                 break
         else:
-            rows.append([units[i]])
-            free.append(row_length - sizes[i])
-    # Within a row keep pair order so the layout reads naturally.
-    for row in rows:
-        row.sort(key=lambda unit: (unit[0].pair, unit[0].kind))
+            rows.append([i])
+            free.append(width - sizes[i])
     return rows
 
 
-def _fill_rows(rows, row_length: int, pad_token_id: int, labels_mode: str | None):
+def _pack_rows(units: list[list[_Segment]], row_length: int, multiple: int):
+    """Rows of units and their common width.
+
+    First-fit-decreasing at row_length fixes the number of rows; then the width shrinks to the
+    smallest multiple of `multiple` that still packs into that many rows, so the last, partly
+    filled row does not leave a row's worth of padding (multiple 0 keeps row_length)."""
+    sizes = [sum(len(s.tokens) for s in unit) for unit in units]
+    rows = _first_fit_decreasing(sizes, row_length)
+    width = row_length
+    if multiple > 0 and rows:
+        n_rows = len(rows)
+        candidate = max(max(sizes), -(-sum(sizes) // n_rows))
+        candidate = -(-candidate // multiple) * multiple
+        while candidate < row_length:
+            trial = _first_fit_decreasing(sizes, candidate)
+            if len(trial) <= n_rows:
+                rows, width = trial, candidate
+                break
+            candidate += multiple
+    # Within a row keep pair order so the layout reads naturally.
+    packed = [sorted((units[i] for i in row), key=lambda unit: (unit[0].pair, unit[0].kind)) for row in rows]
+    return packed, width
+
+
+def _fill_rows(rows, width: int, pad_token_id: int, labels_mode: str | None):
     n = max(len(rows), 1)
-    ids = torch.full((n, row_length), pad_token_id, dtype=torch.long)
-    pos = torch.zeros((n, row_length), dtype=torch.long)
-    pair = torch.full((n, row_length), -1, dtype=torch.long)
-    seg = torch.full((n, row_length), SEG_PAD, dtype=torch.long)
-    labels = torch.full((n, row_length), IGNORE_INDEX, dtype=torch.long)
+    ids = np.full((n, width), pad_token_id, dtype=np.int64)
+    pos = np.zeros((n, width), dtype=np.int64)
+    pair = np.full((n, width), -1, dtype=np.int64)
+    seg = np.full((n, width), SEG_PAD, dtype=np.int64)
+    labels = np.full((n, width), IGNORE_INDEX, dtype=np.int64)
     last_index: dict[tuple[int, int], int] = {}  # (pair, kind) -> flat index of the last token
     for r, row in enumerate(rows):
         col = 0
         for unit in row:
             for s in unit:
-                n_tok = len(s.tokens)
-                span = slice(col, col + n_tok)
-                ids[r, span] = torch.as_tensor(s.tokens, dtype=torch.long)
-                pos[r, span] = torch.arange(s.first_position, s.first_position + n_tok)
-                pair[r, span] = s.pair
-                seg[r, span] = s.kind
-                last_index[(s.pair, s.kind)] = r * row_length + col + n_tok - 1
-                col += n_tok
+                end = col + len(s.tokens)
+                ids[r, col:end] = s.tokens
+                pos[r, col:end] = np.arange(s.first_position, s.first_position + len(s.tokens))
+                pair[r, col:end] = s.pair
+                seg[r, col:end] = s.kind
+                last_index[(s.pair, s.kind)] = r * width + end - 1
+                col = end
     if labels_mode is not None:
         _set_labels(rows, labels, labels_mode)
-    return ids, pos, pair, seg, labels, last_index
+    tensors = tuple(torch.from_numpy(a) for a in (ids, pos, pair, seg, labels))
+    return (*tensors, last_index)
 
 
-def _set_labels(rows, labels: torch.Tensor, mode: str) -> None:
-    """Shifted next-token labels: T (when mode is 'all') and C form one sequence A ++ B."""
+def _set_labels(rows, labels: np.ndarray, mode: str) -> None:
+    """Shifted next-token labels: T and C form one sequence A ++ B; position j predicts j + 1.
+    Only B's tokens carry loss ('response': from A's last token on) or all of them ('all')."""
     for r, row in enumerate(rows):
         col = 0
         for unit in row:
@@ -131,12 +157,10 @@ def _set_labels(rows, labels: torch.Tensor, mode: str) -> None:
                 continue
             t_col, a = starts[SEG_T]
             c_col, b = starts[SEG_C]
-            full = np.concatenate([a, b])
-            # position j of A ++ B predicts full[j + 1]; only B's tokens (or all) carry loss
-            first = 0 if mode == "all" else len(a) - 1
-            for j in range(first, len(full) - 1):
-                column = t_col + j if j < len(a) else c_col + (j - len(a))
-                labels[r, column] = int(full[j + 1])
+            if mode == "all":
+                labels[r, t_col : t_col + len(a) - 1] = a[1:]
+            labels[r, t_col + len(a) - 1] = b[0]
+            labels[r, c_col : c_col + len(b) - 1] = b[1:]
 
 
 def pack_pairs(
@@ -163,8 +187,8 @@ def pack_pairs(
             (teacher_units if cfg.target == "ema" else online_units).append(target_unit)
         online_units.append(unit)
 
-    rows = _first_fit_decreasing(online_units, cfg.row_length)
-    ids, pos, pair, seg, labels, last = _fill_rows(rows, cfg.row_length, cfg.pad_token_id, cfg.labels)
+    rows, width = _pack_rows(online_units, cfg.row_length, cfg.row_multiple)
+    ids, pos, pair, seg, labels, last = _fill_rows(rows, width, cfg.pad_token_id, cfg.labels)
     za_kind = SEG_P if len(pred) else SEG_T
     batch = {
         "input_ids": ids,
@@ -180,8 +204,8 @@ def pack_pairs(
     }
     computed = ids.numel()
     if cfg.target == "ema":  # teacher rows even when empty: every rank runs the teacher each step
-        t_rows = _first_fit_decreasing(teacher_units, cfg.row_length)
-        t_ids, t_pos, t_pair, t_seg, _, t_last = _fill_rows(t_rows, cfg.row_length, cfg.pad_token_id, None)
+        t_rows, t_width = _pack_rows(teacher_units, cfg.row_length, cfg.row_multiple)
+        t_ids, t_pos, t_pair, t_seg, _, t_last = _fill_rows(t_rows, t_width, cfg.pad_token_id, None)
         batch.update(
             teacher_input_ids=t_ids,
             teacher_position_ids=t_pos,

@@ -62,6 +62,20 @@ def _initialize_partitioned(model) -> None:
             model._init_weights(module)
 
 
+def architecture_spec(cfg: ModelConfig) -> dict[str, Any]:
+    """What identifies the architecture (not the path it was read from), for checkpoint checks."""
+    source = cfg.pretrained if cfg.pretrained is not None else cfg.config
+    if cfg.pretrained is not None:
+        path = os.path.join(cfg.pretrained, "config.json")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"model.pretrained: {source} has no config.json")
+    else:
+        path = cfg.config
+    with open(path) as f:
+        spec = json.load(f)
+    return {k: v for k, v in spec.items() if k not in ("_name_or_path", "transformers_version", "torch_dtype", "dtype")}
+
+
 def build_model(
     cfg: ModelConfig,
     tokenizer,

@@ -113,8 +113,8 @@ def save(engine, output_dir: str, step: int, meta: dict, client_state: dict, ran
     return tag_dir
 
 
-def load(engine, load_dir: str, tag: str, current_meta: dict, rank: int) -> tuple[dict, str]:
-    """Validate, then load DeepSpeed's state; returns (client_state, tag_dir)."""
+def validate(load_dir: str, tag: str, current_meta: dict) -> None:
+    """Refuse, before anything is built, a checkpoint this run cannot continue."""
     tag_dir = os.path.join(load_dir, tag)
     meta_path = os.path.join(tag_dir, "meta.json")
     if not os.path.isfile(meta_path):
@@ -122,6 +122,11 @@ def load(engine, load_dir: str, tag: str, current_meta: dict, rank: int) -> tupl
     with open(meta_path) as f:
         saved = json.load(f)
     check_compatible(saved, current_meta, meta_path)
+
+
+def load(engine, load_dir: str, tag: str, rank: int) -> tuple[dict, str]:
+    """Load DeepSpeed's state and this rank's RNG; returns (client_state, tag_dir)."""
+    tag_dir = os.path.join(load_dir, tag)
     path, client_state = engine.load_checkpoint(load_dir, tag=tag)
     if path is None:
         raise CheckpointMismatch(f"{tag_dir}: DeepSpeed could not load this checkpoint")

@@ -6,6 +6,7 @@ distributed set-up -> data and tokenizer -> model -> engine -> (teacher) -> resu
 
 from __future__ import annotations
 
+import copy
 import os
 import socket
 import time
@@ -15,12 +16,12 @@ import torch.distributed as dist
 from transformers import AutoTokenizer
 
 from megajepa.config import Config, deepspeed_config, precision, to_dict
-from megajepa.data.fingerprint import check_fingerprint, tokenizer_hash
+from megajepa.data.fingerprint import tokenizer_hash
 from megajepa.data.layout import LayoutConfig
 from megajepa.data.loader import build_loader, set_stream_env
 from megajepa.data.tokenizer import add_pred_tokens, pred_token_ids
 from megajepa.jepa.objective import JepaModel, collapse_std
-from megajepa.model.build import build_model
+from megajepa.model.build import architecture_spec, build_model
 from megajepa.model.predictor import uses_pred_tokens
 from megajepa.train import checkpoint
 from megajepa.train.metrics import MetricsLogger
@@ -65,15 +66,15 @@ def prepare_embedded(cfg: Config, rank: int) -> None:
 
 
 def load_tokenizer(cfg: Config):
-    """The tokenizer as the shards were prepared with it, then with the [PRED] tokens added."""
+    """(the tokenizer as the shards were prepared with it, a copy with the [PRED] tokens added,
+    their ids). The loader checks the shards' fingerprint against the first."""
     if not os.path.isdir(cfg.data.tokenizer):
         raise FileNotFoundError(f"data.tokenizer: no such directory: {cfg.data.tokenizer}")
-    tokenizer = AutoTokenizer.from_pretrained(cfg.data.tokenizer)
-    check_fingerprint(cfg.data.shards, tokenizer)
-    fingerprint = tokenizer_hash(tokenizer)
+    prepared = AutoTokenizer.from_pretrained(cfg.data.tokenizer)
+    tokenizer = copy.deepcopy(prepared)
     k = cfg.jepa.k if uses_pred_tokens(cfg.jepa.predictor, cfg.jepa.k) else 0
     add_pred_tokens(tokenizer, k)
-    return tokenizer, fingerprint, pred_token_ids(tokenizer, k)
+    return prepared, tokenizer, pred_token_ids(tokenizer, k)
 
 
 def layout_config(cfg: Config, pred_ids: list[int], pad_id: int) -> LayoutConfig:
@@ -86,6 +87,7 @@ def layout_config(cfg: Config, pred_ids: list[int], pad_id: int) -> LayoutConfig
         dropout=cfg.jepa.dropout,
         seed=cfg.data.seed,
         pad_token_id=pad_id,
+        row_multiple=cfg.data.row_multiple,
     )
 
 
@@ -160,19 +162,34 @@ def train(cfg: Config) -> dict:
     os.makedirs(output_dir, exist_ok=True)
     prepare_embedded(cfg, rank)
 
-    tokenizer, tok_hash, pred_ids = load_tokenizer(cfg)
+    prepared_tokenizer, tokenizer, pred_ids = load_tokenizer(cfg)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id or 0
     layout = layout_config(cfg, pred_ids, pad_id)
     loader = build_loader(
         cfg.data.shards,
         batch_pairs=cfg.data.pairs_per_batch,
         layout=layout,
+        tokenizer=prepared_tokenizer,
         remote=cfg.data.remote,
         shuffle=cfg.data.shuffle,
         seed=cfg.data.seed,
         num_workers=cfg.data.num_workers,
         max_pair_tokens=cfg.data.max_pair_tokens,
     )
+
+    meta = {
+        "architecture": architecture_spec(cfg.model),
+        "tokenizer_hash": tokenizer_hash(prepared_tokenizer),
+        "vocab_size": len(tokenizer),
+        "world_size": world,
+        "predictor": cfg.jepa.predictor,
+        "k": cfg.jepa.k,
+        "target": cfg.jepa.target,
+        "precision": precision(cfg),
+    }
+    resume = checkpoint.resolve_resume(cfg.train.resume, output_dir)
+    if resume is not None:
+        checkpoint.validate(*resume, current_meta=meta)
 
     ds_config = run_config(cfg, world, output_dir)
     dtype = DTYPES[precision(cfg)]
@@ -189,20 +206,9 @@ def train(cfg: Config) -> dict:
         twin = JepaModel(build_model(cfg.model, tokenizer, dtype=dtype, ds_config=ds_config, seed=cfg.train.seed), cfg.jepa)
         teacher = EmaTeacher(engine, twin, cfg.jepa.ema, cfg.train.steps, ds_config)
 
-    meta = {
-        "model": to_dict(cfg)["model"],
-        "tokenizer_hash": tok_hash,
-        "vocab_size": len(tokenizer),
-        "world_size": world,
-        "predictor": cfg.jepa.predictor,
-        "k": cfg.jepa.k,
-        "target": cfg.jepa.target,
-        "precision": precision(cfg),
-    }
     start_step, last_good = 0, None
-    resume = checkpoint.resolve_resume(cfg.train.resume, output_dir)
     if resume is not None:
-        client_state, last_good = checkpoint.load(engine, *resume, current_meta=meta, rank=rank)
+        client_state, last_good = checkpoint.load(engine, *resume, rank=rank)
         start_step = int(client_state["step"])
         loader.load_state_dict(client_state["loader"])
         if teacher is not None:
@@ -222,6 +228,7 @@ def train(cfg: Config) -> dict:
             cfg.data.eval_shards,
             batch_pairs=cfg.data.pairs_per_batch,
             layout=layout,
+            tokenizer=prepared_tokenizer,
             shuffle=False,
             seed=cfg.data.seed,
             max_pair_tokens=cfg.data.max_pair_tokens,

@@ -1,0 +1,63 @@
+"""Running `megajepa train` in real processes for the trainer tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+
+def demo_overrides(paths: dict, output_dir, **extra) -> list[str]:
+    """Overrides that point configs/demo.yaml at `paths` (the demo_data fixture), kept small."""
+    values = {
+        "data.embedded": paths["root"],
+        "data.shards": paths["train_shards"],
+        "data.eval_shards": paths["eval_shards"],
+        "data.tokenizer": paths["tokenizer"],
+        "data.pairs_per_batch": 8,
+        "train.output_dir": str(output_dir),
+        "train.eval_batches": 2,
+        "logging.progress": "false",
+        "logging.log_every": 1,
+        "logging.tensorboard": "false",
+    }
+    values.update(extra)
+    return [f"{k}={v}" for k, v in values.items()]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_train(overrides: list[str], tmpdir, nproc: int = 1, timeout: int = 300) -> subprocess.CompletedProcess:
+    """`megajepa train configs/demo.yaml ...`, under torchrun when nproc > 1."""
+    env = dict(os.environ, TMPDIR=str(tmpdir), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env.pop("RANK", None)
+    if nproc == 1:
+        command = [str(BIN / "megajepa"), "train", "configs/demo.yaml", *overrides]
+    else:
+        command = [
+            str(BIN / "torchrun"),
+            f"--nproc_per_node={nproc}",
+            "--master_addr=127.0.0.1",
+            f"--master_port={free_port()}",
+            "-m",
+            "megajepa.cli",
+            "train",
+            "configs/demo.yaml",
+            *overrides,
+        ]
+    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def metrics(output_dir) -> list[dict]:
+    with open(Path(output_dir) / "metrics.jsonl") as f:
+        return [json.loads(line) for line in f]
