@@ -56,7 +56,8 @@ def test_nan_guard_stops_with_step_and_last_checkpoint(single_run, demo_data, tm
     shutil.copytree(single_run / "checkpoints", out / "checkpoints")
     optim_file = out / "checkpoints" / "step00000030" / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
     state = torch.load(optim_file, weights_only=False)
-    state["fp32_flat_groups"][0].fill_(float("nan"))
+    with torch.no_grad():
+        state["optimizer_state_dict"]["fp32_flat_groups"][0].fill_(float("nan"))
     torch.save(state, optim_file)
     overrides = demo_overrides(
         demo_data, out, **{"train.steps": 31, "train.resume": "auto", "optim.warmup_steps": 3, "data.pairs_per_batch": 16}
