@@ -1,0 +1,385 @@
+"""The EMA target encoder (teacher), sharded exactly like the online model's optimizer state.
+
+Under ZeRO-3 each rank owns a slice of every parameter. The optimizer keeps its fp32 master slices
+in one flat buffer per sub-group (`fp32_partitioned_groups_flat[i]`, the partitions of
+`fp16_groups[i]` back to back). The EMA is one fp32 buffer per sub-group with that same layout, and
+the teacher's low-precision partitions (`param.ds_tensor`) are made views into one flat buffer per
+sub-group, again with that layout. After each optimizer step, one fused kernel per sub-group reads
+the master, updates the EMA and writes the teacher: purely elementwise, zero bytes communicated.
+The teacher is a second ZeRO-3 engine without an optimizer, so DeepSpeed's hooks gather its
+parameters for its forward pass like the online model's.
+
+Where DeepSpeed keeps no such flat buffers (optimizer or parameter offload, NVMe swapping, ZeRO
+stage < 3), the same update runs per parameter instead, with a warning naming the reason: under
+ZeRO-3 on each parameter's local fp32 slice (DeepSpeed's safe_get_local_fp32_param), below it on
+the whole replicated parameters (in bf16/fp16 training, the rounded masters; no communication).
+
+Trainer call order, per optimizer step (every rank):
+
+    z_b = teacher.encode(batch)                        # no_grad, before the online forward
+    loss = engine(batch, step, target_embeddings=z_b); engine.backward(loss); engine.step()
+    step += 1; teacher.update(step)                    # acts only if engine.step() stepped
+    ...
+    teacher.save(dir, rank); engine.save_checkpoint(dir)          # so `latest` marks both
+    engine.load_checkpoint(dir); teacher.load(dir, rank)          # on resume
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import os
+import time
+import warnings
+from functools import partial
+from typing import Callable, NamedTuple, Optional
+
+import deepspeed
+import torch
+from deepspeed.accelerator import get_accelerator
+from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
+from deepspeed.utils import safe_get_local_fp32_param
+from torch import nn
+
+from kernels.ema import ema_update
+from megajepa.config import EmaConfig
+
+STATE_FILE = "ema_rank{rank}.pt"  # the name megajepa.train.checkpoint documents
+# DeepSpeed config sections that make no sense for an engine that never steps.
+_TRAINING_ONLY_SECTIONS = ("optimizer", "scheduler", "tensorboard", "csv_monitor", "wandb", "comet")
+
+
+def momentum_at(cfg: EmaConfig, step: int, total_steps: int) -> float:
+    """The EMA momentum for the update after optimizer step `step` (0-based) of `total_steps`.
+
+    constant: momentum_start throughout; linear and cosine: from momentum_start at step 0 to
+    momentum_end at total_steps (held there after), cosine flat at both ends.
+    """
+    if total_steps <= 0:
+        raise ValueError(f"EMA schedule: total_steps must be > 0, got {total_steps}")
+    m0, m1 = cfg.momentum_start, cfg.momentum_end
+    progress = min(max(step, 0) / total_steps, 1.0)
+    if cfg.schedule == "constant":
+        return m0
+    if cfg.schedule == "linear":
+        return m0 + (m1 - m0) * progress
+    if cfg.schedule == "cosine":
+        return m1 - (m1 - m0) * (1.0 + math.cos(math.pi * progress)) / 2.0
+    raise ValueError(f"jepa.ema.schedule: unknown schedule {cfg.schedule!r} (constant, linear or cosine)")
+
+
+def teacher_deepspeed_config(ds_config: dict) -> dict:
+    """The online DeepSpeed config made fit for the teacher: no optimizer, scheduler or monitors,
+    and no persistent parameters (a persistent parameter keeps a full copy that only an optimizer
+    step refreshes; the teacher has none, so it would keep reading stale weights)."""
+    cfg = copy.deepcopy(ds_config)
+    for section in _TRAINING_ONLY_SECTIONS:
+        cfg.pop(section, None)
+    zero = cfg.setdefault("zero_optimization", {})
+    if zero.get("stage", 0) == 3:
+        zero.pop("param_persistence_threshold", None)  # the same field as the stage3_ alias
+        zero["stage3_param_persistence_threshold"] = 0
+        zero.pop("offload_optimizer", None)
+    else:
+        # Stages 1 and 2 shard optimizer state, which the teacher has none of: it runs replicated.
+        cfg["zero_optimization"] = {"stage": 0}
+    return cfg
+
+
+class _TargetEncoder(nn.Module):
+    """Makes `encode_targets` the forward of the teacher engine's root module: DeepSpeed resets its
+    parameter-fetch trace in a hook on the root's forward, which a bare method call would skip."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        return self.model.encode_targets(batch)
+
+
+class _Slot(NamedTuple):
+    """One `ema_update` call: a sub-group (flat path) or one parameter (fallback paths)."""
+
+    name: str
+    master: Callable[[], torch.Tensor]  # this rank's fp32 master slice, read fresh every update
+    ema: torch.Tensor  # fp32, same numel
+    teacher: Callable[[], torch.Tensor]  # the teacher's slice, written from the EMA
+
+
+def _describe(schedule: dict, total_steps: int) -> str:
+    return f"{schedule['schedule']} {schedule['momentum_start']} -> {schedule['momentum_end']} over {total_steps} steps"
+
+
+def _whole_fp32(param: nn.Parameter) -> torch.Tensor:
+    return param.detach().reshape(-1).float()
+
+
+def _whole(param: nn.Parameter) -> torch.Tensor:
+    return param.data.view(-1)
+
+
+def _flat_layout_unavailable(engine) -> Optional[str]:
+    """Why the online optimizer's flat fp32 buffers cannot be mirrored, or None when they can."""
+    optimizer = engine.optimizer
+    if engine.zero_optimization_stage() != 3:
+        return f"ZeRO stage {engine.zero_optimization_stage()} keeps whole parameters on every rank"
+    if not isinstance(optimizer, DeepSpeedZeroOptimizer_Stage3):
+        return f"the engine's optimizer is {type(optimizer).__name__}, not ZeRO stage 3's"
+    if optimizer.offload_optimizer:
+        return "optimizer offload keeps the fp32 master weights off the teacher's device"
+    if optimizer.offload_param:
+        return "parameter offload keeps the low-precision partitions outside DeepSpeed's flat buffers"
+    for i, master in enumerate(optimizer.fp32_partitioned_groups_flat):
+        if master.dtype != torch.float32:
+            return f"the master weights are {master.dtype}, not float32"
+        if master.numel() != optimizer.fp16_partitioned_groups_flat_numel[i]:
+            return f"sub-group {i}'s fp32 master buffer is not resident (swapped out to NVMe)"
+    return None
+
+
+class EmaTeacher:
+    """The EMA copy of the online model, run as its own ZeRO-3 engine (see the module docstring).
+
+    `teacher_module` must be built exactly like the online module (same architecture, dtype,
+    DeepSpeed config and data-parallel group, under deepspeed.zero.Init at stage 3). It starts as
+    a copy of the online model's fp32 master weights. `layout` is "auto" (flat where DeepSpeed
+    allows it), or forces "flat" or "per_parameter".
+    """
+
+    def __init__(
+        self,
+        online_engine,
+        teacher_module: nn.Module,
+        ema_cfg: EmaConfig,
+        total_steps: int,
+        ds_config: dict,
+        layout: str = "auto",
+    ):
+        if layout not in ("auto", "flat", "per_parameter"):
+            raise ValueError(f"EmaTeacher: layout must be auto, flat or per_parameter, got {layout!r}")
+        momentum_at(ema_cfg, 0, total_steps)  # validates the schedule and total_steps now
+        self.cfg = ema_cfg
+        self.total_steps = total_steps
+        self.online = online_engine
+        self.step = 0  # optimizer steps whose update has been applied
+        self._last_global_step = online_engine.global_steps
+
+        teacher_module.requires_grad_(False)
+        teacher_module.eval()
+        self.engine, *_ = deepspeed.initialize(
+            model=_TargetEncoder(teacher_module), config=teacher_deepspeed_config(ds_config)
+        )
+        self.engine.eval()
+        self.teacher_params = dict(teacher_module.named_parameters())
+        self.online_params = dict(online_engine.module.named_parameters())
+        missing = sorted(set(self.online_params) ^ set(self.teacher_params))
+        if missing:
+            raise ValueError(
+                f"EmaTeacher: the teacher and the online model differ in parameters {missing[:5]}: "
+                "build the teacher exactly like the online model"
+            )
+
+        self.zero3 = online_engine.zero_optimization_stage() == 3
+        reason = _flat_layout_unavailable(online_engine)
+        if layout == "flat" and reason is not None:
+            raise ValueError(f"EmaTeacher: the flat layout is unavailable: {reason}")
+        if layout == "auto" and reason is not None:
+            warnings.warn(f"EMA teacher: updating per parameter, not per flat sub-group: {reason}", stacklevel=2)
+        self.layout = "flat" if layout != "per_parameter" and reason is None else "per_parameter"
+        if self.zero3:
+            for name in self.teacher_params:
+                self._check_same_partition(name)
+        with torch.no_grad():
+            self.slots = self._flat_slots() if self.layout == "flat" else self._per_parameter_slots()
+            self._copy_frozen()
+            self._write_teacher()
+
+    # ----------------------------------------------------------------------------------- layout
+
+    def _check_same_partition(self, name: str) -> None:
+        online, teacher = self.online_params[name], self.teacher_params[name]
+        if not hasattr(teacher, "ds_tensor"):
+            raise ValueError(f"EmaTeacher: teacher parameter {name} is not ZeRO-3 partitioned: build it in zero.Init")
+        if teacher.ds_persist:
+            raise ValueError(
+                f"EmaTeacher: teacher parameter {name} is persistent (a full copy kept between forwards that "
+                "nothing would refresh after an update): build the teacher engine with teacher_deepspeed_config"
+            )
+        if teacher.ds_tensor.numel() != online.ds_tensor.numel() or teacher.ds_shape != online.ds_shape:
+            raise ValueError(
+                f"EmaTeacher: teacher parameter {name} is partitioned differently from the online one "
+                f"({tuple(teacher.ds_shape)}, {teacher.ds_tensor.numel()} local elements vs "
+                f"{tuple(online.ds_shape)}, {online.ds_tensor.numel()}): same config and world size needed"
+            )
+
+    def _flat_slots(self) -> list[_Slot]:
+        """One slot per optimizer sub-group; the teacher's partitions become views of one buffer."""
+        optimizer = self.online.optimizer
+        name_of = {id(p): name for name, p in self.online_params.items()}
+        slots = []
+        for i, (group, master) in enumerate(zip(optimizer.fp16_groups, optimizer.fp32_partitioned_groups_flat)):
+            twins = [self.teacher_params[name_of[id(p)]] for p in group]
+            dtypes = {t.ds_tensor.dtype for t in twins}
+            if len(dtypes) != 1:
+                raise ValueError(f"EmaTeacher: sub-group {i} mixes teacher dtypes {sorted(map(str, dtypes))}")
+            flat = torch.empty(master.numel(), dtype=dtypes.pop(), device=master.device)
+            offset = 0
+            for twin in twins:
+                n = twin.ds_tensor.numel()
+                twin.ds_tensor.data = flat.narrow(0, offset, n)
+                offset += n
+            assert offset == master.numel(), f"sub-group {i}: {offset} teacher elements, {master.numel()} master"
+            slots.append(_Slot(f"sub-group {i}", lambda m=master: m, master.detach().clone(), lambda f=flat: f))
+        return slots
+
+    def _per_parameter_slots(self) -> list[_Slot]:
+        """One slot per trainable parameter: its local slice under ZeRO-3, the whole of it below."""
+        slots = []
+        for name, online in self.online_params.items():
+            numel = online.ds_numel if self.zero3 else online.numel()
+            if not online.requires_grad or numel == 0:
+                continue
+            teacher = self.teacher_params[name]
+            if self.zero3:
+                master, target = partial(safe_get_local_fp32_param, online), partial(getattr, teacher, "ds_tensor")
+            else:  # replicated: every rank holds whole parameters (in bf16/fp16, the rounded masters)
+                master, target = partial(_whole_fp32, online), partial(_whole, teacher)
+            ema = master().detach().to(target().device, torch.float32, copy=True)
+            slots.append(_Slot(name, master, ema, target))
+        return slots
+
+    def _copy_frozen(self) -> None:
+        """Parameters the optimizer does not own never change: the teacher copies them once."""
+        if self.layout == "flat":
+            owned = {id(p) for group in self.online.optimizer.fp16_groups for p in group}
+        else:
+            owned = {id(self.online_params[slot.name]) for slot in self.slots}
+        for name, online in self.online_params.items():
+            if id(online) in owned:
+                continue
+            teacher = self.teacher_params[name]
+            if self.zero3:
+                teacher.ds_tensor.copy_(online.ds_tensor)
+            else:
+                teacher.data.copy_(online.data)
+
+    def _write_teacher(self) -> None:
+        """teacher <- EMA for every slot, with no averaging (after init and load)."""
+        for slot in self.slots:
+            slot.teacher().view(-1).copy_(slot.ema)
+        self._invalidate_gathered_copies()
+
+    def _invalidate_gathered_copies(self) -> None:
+        # hpZ keeps a secondary copy of each partition that only an optimizer step invalidates.
+        for param in self.teacher_params.values():
+            if getattr(param, "ds_secondary_tensor", None) is not None:
+                param.ds_secondary_tensor = None
+
+    # ----------------------------------------------------------------------------------- update
+
+    @torch.no_grad()
+    def update(self, step: int) -> dict:
+        """EMA <- m * EMA + (1 - m) * master and teacher <- EMA, for the optimizer step just taken.
+
+        `step` counts the optimizer steps done, this one included (1 at the first update); the
+        momentum is momentum_at(step - 1), so the first update uses momentum_start. It does
+        nothing (`updated`: False) unless the engine applied a step since the last update, so a
+        call after a micro-batch's engine.step() that only accumulated is harmless."""
+        momentum = momentum_at(self.cfg, step - 1, self.total_steps)
+        if self.online.global_steps == self._last_global_step:
+            return {"momentum": momentum, "seconds": 0.0, "updated": False}
+        self._last_global_step = self.online.global_steps
+        start = time.perf_counter()
+        for slot in self.slots:
+            master, teacher = slot.master(), slot.teacher()
+            if master.device != slot.ema.device:
+                master = master.to(slot.ema.device)
+            if teacher.device == slot.ema.device:
+                ema_update(master, slot.ema, teacher, momentum)
+            else:
+                ema_update(master, slot.ema, None, momentum)
+                teacher.copy_(slot.ema)
+        self._invalidate_gathered_copies()
+        # The teacher's all-gathers may run on DeepSpeed's own stream: finish the writes first
+        # (which also makes `seconds` the update's time, not its launch's).
+        get_accelerator().synchronize()
+        self.step = step
+        return {"momentum": momentum, "seconds": time.perf_counter() - start, "updated": True}
+
+    @torch.no_grad()
+    def encode(self, batch: dict) -> torch.Tensor:
+        """z_b from the teacher rows of `batch`. Every rank must call it every step: the forward
+        all-gathers the teacher's parameters."""
+        return self.engine(batch)
+
+    # ------------------------------------------------------------------------------- checkpoint
+
+    def state_dict(self) -> dict:
+        return {
+            "step": self.step,
+            "schedule": dataclasses.asdict(self.cfg),
+            "total_steps": self.total_steps,
+            "layout": self.layout,
+            "names": [slot.name for slot in self.slots],
+            "ema": [slot.ema.detach().to("cpu", copy=True) for slot in self.slots],
+        }
+
+    def load_state_dict(self, state: dict, source: str = "state_dict") -> None:
+        """Restore the step and this rank's EMA shards, and rewrite the teacher from them. Call
+        after engine.load_checkpoint: frozen parameters are re-copied from the online model."""
+        names = [slot.name for slot in self.slots]
+        if state.get("layout") != self.layout or state.get("names") != names:
+            raise ValueError(
+                f"{source}: EMA state laid out {state.get('layout')!r} over {len(state.get('names', []))} "
+                f"slots, this teacher {self.layout!r} over {len(names)}: same config and world size needed"
+            )
+        for slot, saved in zip(self.slots, state["ema"]):
+            if saved.numel() != slot.ema.numel():
+                raise ValueError(
+                    f"{source}: EMA shard {slot.name} has {saved.numel()} elements, expected {slot.ema.numel()}"
+                )
+        saved_schedule = (state["schedule"], state["total_steps"])
+        if saved_schedule != (dataclasses.asdict(self.cfg), self.total_steps):
+            warnings.warn(
+                f"{source}: the EMA momentum schedule changed since the save (saved {_describe(*saved_schedule)}, "
+                f"now {_describe(dataclasses.asdict(self.cfg), self.total_steps)}): continuing with the new one",
+                stacklevel=2,
+            )
+        with torch.no_grad():
+            for slot, saved in zip(self.slots, state["ema"]):
+                slot.ema.copy_(saved.view(-1))
+            self._copy_frozen()
+            self._write_teacher()
+        self.step = int(state["step"])
+        self._last_global_step = self.online.global_steps
+
+    def save(self, directory: str, rank: int) -> str:
+        """Write this rank's state to `directory` atomically (a temporary name, then a rename)."""
+        os.makedirs(directory, exist_ok=True)
+        path = os.path.join(directory, STATE_FILE.format(rank=rank))
+        tmp = f"{path}.tmp"
+        torch.save(self.state_dict(), tmp)
+        os.replace(tmp, path)
+        return path
+
+    def load(self, directory: str, rank: int) -> None:
+        path = os.path.join(directory, STATE_FILE.format(rank=rank))
+        if not os.path.isfile(path):
+            raise FileNotFoundError(
+                f"{path}: no EMA teacher state for rank {rank} (saved without target: ema, or with another world size?)"
+            )
+        self.load_state_dict(torch.load(path, map_location="cpu", weights_only=True), source=path)
+
+    # ----------------------------------------------------------------------------------- report
+
+    def memory_bytes(self) -> dict:
+        """Bytes this rank holds for the EMA buffers and the teacher's parameter partitions."""
+        ema = sum(slot.ema.numel() * slot.ema.element_size() for slot in self.slots)
+        if self.zero3:
+            tensors = [p.ds_tensor for p in self.teacher_params.values()]
+        else:
+            tensors = list(self.teacher_params.values())
+        teacher = sum(t.numel() * t.element_size() for t in tensors)
+        return {"ema": ema, "teacher": teacher}

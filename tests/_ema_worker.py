@@ -1,0 +1,216 @@
+"""One rank of the EMA teacher tests (run by tests/test_ema_target.py with RANK, WORLD_SIZE, ...).
+
+Trains a tiny Llama JepaModel with DeepSpeed on CPU (gloo) for --steps steps, with two teachers:
+layout "auto" and layout "per_parameter". It records, per rank, into --out/rank{r}.pt: the full fp32
+master weights after every step (rank 0), both teachers' gathered weights and z_b, the batches,
+collective calls counted during update() and during encode(), the save/load round trip, and what
+the teachers report. The test process compares these with a plain single-process reference.
+"""
+
+import argparse
+import json
+import os
+import warnings
+from contextlib import contextmanager
+
+import deepspeed
+import torch
+import torch.distributed as dist
+from torch.distributed import distributed_c10d as c10d
+from deepspeed.utils import safe_get_full_fp32_param
+
+from megajepa.config import Config, EmaConfig, JepaConfig, ModelConfig, deepspeed_config
+from megajepa.data.layout import LayoutConfig, pack_pairs
+from megajepa.jepa.ema_target import EmaTeacher
+from megajepa.jepa.objective import JepaModel
+from megajepa.model.build import build_model
+
+VOCAB = 101
+PRED_ID = VOCAB - 1
+MODEL = {
+    "model_type": "llama",
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 128,
+    "tie_word_embeddings": True,
+}
+JEPA = JepaConfig(k=1, predictor="tokens", target="ema")
+EMA = EmaConfig(schedule="cosine", momentum_start=0.5, momentum_end=0.9)
+HOOK_ID = 1234
+FROZEN = "lm.model.layers.1.mlp.down_proj.weight"  # not trained: the teacher copies it once
+
+
+@contextmanager
+def count_collectives():
+    """Names of the collectives issued meanwhile, on any process group, seen through torch's
+    ProcessGroup pre-hooks: below DeepSpeed's comm layer, which holds its own references to
+    torch.distributed's functions."""
+    calls = []
+    groups = list(c10d._world.pg_map)
+    for group in groups:
+        group.register_pre_hook(HOOK_ID, lambda args: calls.append(args.name.name))
+    try:
+        yield calls
+    finally:
+        for group in groups:
+            group.unregister_pre_hook(HOOK_ID)
+
+
+def make_batch(step: int, rank: int) -> dict:
+    g = torch.Generator().manual_seed(1000 * step + rank)
+    view_a, view_b = [], []
+    for _ in range(4):
+        view_a.append(torch.randint(0, PRED_ID, (int(torch.randint(3, 12, (1,), generator=g)),), generator=g))
+        view_b.append(torch.randint(0, PRED_ID, (int(torch.randint(2, 10, (1,), generator=g)),), generator=g))
+    layout = LayoutConfig(row_length=48, pred_token_ids=[PRED_ID], target="ema")
+    return pack_pairs([a.numpy() for a in view_a], [b.numpy() for b in view_b], list(range(4)), layout)
+
+
+def build(model_json: str, ds_config: dict, dtype: torch.dtype, seed: int) -> JepaModel:
+    model_cfg = ModelConfig(config=model_json, attention="sdpa")
+    return JepaModel(build_model(model_cfg, range(VOCAB), dtype=dtype, ds_config=ds_config, seed=seed), JEPA)
+
+
+def full_ndim(param) -> int:
+    return len(getattr(param, "ds_shape", param.shape))  # ZeRO-3 leaves param.data empty
+
+
+def gathered(module) -> dict:
+    params = dict(module.named_parameters())
+    with deepspeed.zero.GatheredParameters(list(params.values())):
+        return {name: p.detach().float().clone() for name, p in params.items()}
+
+
+def masters(engine) -> dict:
+    """The full fp32 master weights (the parameter itself where the optimizer has none)."""
+    weights = gathered(engine.module)
+    for name, param in engine.module.named_parameters():
+        if param.requires_grad:
+            weights[name] = safe_get_full_fp32_param(param).detach().clone()
+    return weights
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--steps", type=int, required=True)
+    parser.add_argument("--stage", type=int, default=3)
+    parser.add_argument("--precision", default="fp32")
+    parser.add_argument("--persistence-threshold", type=int, default=100)
+    parser.add_argument("--sub-group-size", type=int, default=10_000)
+    args = parser.parse_args()
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    model_json = os.path.join(args.out, "model.json")
+    if rank == 0:
+        with open(model_json, "w") as f:
+            json.dump(MODEL, f)
+    dist.barrier()
+
+    cfg = Config()
+    cfg.data.pairs_per_batch = 4
+    cfg.optim.lr = 1e-2
+    cfg.deepspeed.zero_stage = args.stage
+    cfg.deepspeed.precision = args.precision
+    cfg.deepspeed.param_persistence_threshold = args.persistence_threshold
+    ds_config = deepspeed_config(cfg, world)
+    ds_config["zero_optimization"]["sub_group_size"] = args.sub_group_size
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.precision]
+
+    online = build(model_json, ds_config, dtype, seed=0)
+    online.get_parameter(FROZEN).requires_grad_(False)
+    # Two parameter groups, as the trainer makes (decay for matrices, none for vectors).
+    matrices = [p for p in online.parameters() if full_ndim(p) >= 2 and p.requires_grad]
+    vectors = [p for p in online.parameters() if full_ndim(p) < 2]
+    groups = [{"params": matrices}, {"params": vectors, "weight_decay": 0.0}]
+    engine, *_ = deepspeed.initialize(model=online, model_parameters=groups, config=ds_config)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        teachers = {
+            # seeded apart from the online model: the teacher must start as its copy all the same
+            layout: EmaTeacher(engine, build(model_json, ds_config, dtype, seed=1), EMA, args.steps, ds_config, layout)
+            for layout in ("auto", "per_parameter")
+        }
+    record = {
+        "warnings": [str(w.message) for w in caught if "EMA teacher" in str(w.message)],
+        "layouts": {k: t.layout for k, t in teachers.items()},
+        "sub_groups": len(getattr(engine.optimizer, "fp16_groups", [])),
+        "online_persistent": sorted(n for n, p in engine.module.named_parameters() if getattr(p, "ds_persist", False)),
+        "teacher_persistent": sorted(
+            n for t in teachers.values() for n, p in t.teacher_params.items() if getattr(p, "ds_persist", False)
+        ),
+        "memory": teachers["auto"].memory_bytes(),
+        "masters": [masters(engine)],
+        "teacher": {k: [gathered(t.engine.module.model)] for k, t in teachers.items()},
+        "z_b": {k: [] for k in teachers},
+        "batches": [],
+        "updates": {k: [] for k in teachers},
+        "update_calls": [],
+        "encode_calls": [],
+    }
+
+    for step in range(args.steps):
+        batch = make_batch(step, rank)
+        record["batches"].append(batch)
+        with count_collectives() as calls:
+            z_b = teachers["auto"].encode(batch)
+        record["encode_calls"].append(list(calls))
+        record["z_b"]["auto"].append(z_b.float())
+        record["z_b"]["per_parameter"].append(teachers["per_parameter"].encode(batch).float())
+        out = engine(batch, step=step, target_embeddings=z_b)
+        engine.backward(out.loss)
+        engine.step()
+        with count_collectives() as calls:
+            for layout, teacher in teachers.items():
+                record["updates"][layout].append(teacher.update(step + 1))
+        record["update_calls"].append(list(calls))
+        record["masters"].append(masters(engine))
+        for layout, teacher in teachers.items():
+            record["teacher"][layout].append(gathered(teacher.engine.module.model))
+
+    # A second update without an optimizer step in between must change nothing.
+    record["repeat_update"] = teachers["auto"].update(args.steps)
+
+    # Save, train on (the EMA moves), load: the saved EMA and step come back exactly.
+    teacher = teachers["auto"]
+    checkpoint = os.path.join(args.out, "checkpoint")
+    teacher.save(checkpoint, rank)
+    saved = teacher.state_dict()
+    batch = make_batch(args.steps, rank)
+    out = engine(batch, step=args.steps, target_embeddings=teacher.encode(batch))
+    engine.backward(out.loss)
+    engine.step()
+    record["moved_update"] = teacher.update(args.steps + 1)
+    record["moved_differs"] = any(not torch.equal(a, b) for a, b in zip(saved["ema"], teacher.state_dict()["ema"]))
+    teacher.load(checkpoint, rank)
+    loaded = teacher.state_dict()
+    record["saved_step"], record["loaded_step"] = saved["step"], loaded["step"]
+    record["loaded_equal"] = all(torch.equal(a, b) for a, b in zip(saved["ema"], loaded["ema"]))
+    record["loaded_teacher"] = gathered(teacher.engine.module.model)
+    record["checkpoint_files"] = sorted(os.listdir(checkpoint))
+    if record["layouts"]["auto"] != record["layouts"]["per_parameter"]:
+        try:
+            teachers["per_parameter"].load(checkpoint, rank)
+        except ValueError as err:
+            record["layout_mismatch_error"] = str(err)
+    try:
+        teacher.load(os.path.join(args.out, "no-checkpoint"), rank)
+    except FileNotFoundError as err:
+        record["missing_error"] = str(err)
+    teacher.total_steps += 1  # as when a run is resumed with more train.steps
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        teacher.load(checkpoint, rank)
+    record["schedule_warnings"] = [str(w.message) for w in caught]
+
+    torch.save(record, os.path.join(args.out, f"rank{rank}.pt"))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
