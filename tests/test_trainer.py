@@ -86,3 +86,16 @@ def test_two_ranks_resume_exactly(demo_data, tmp_path):
     for row in resumed_rows:
         for key in ("loss", "ce", "jepa", "pairs", "useful_tokens"):
             assert row[key] == full_rows[row["step"]][key], (row["step"], key)
+
+
+def test_ema_target_trains_checkpoints_and_resumes(demo_data, tmp_path):
+    out = tmp_path / "ema"
+    common = {"jepa.target": "ema", "deepspeed.precision": "bf16", "train.save_every": 2}
+    _ok(run_train(demo_overrides(demo_data, out, **{"train.steps": 2, **common}), tmp_path))
+    assert (out / "checkpoints" / "step00000002" / "ema_rank0.pt").is_file()
+    result = run_train(demo_overrides(demo_data, out, **{"train.steps": 3, "train.resume": "auto", **common}), tmp_path)
+    _ok(result)
+    rows = metrics(out)
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert all(r["ema_seconds"] > 0 for r in rows)
+    assert all(0 < r["jepa"] < 2 for r in rows)  # 1 - cos between the online prediction and the teacher

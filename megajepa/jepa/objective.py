@@ -16,6 +16,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.utils import ModelOutput
 
 from kernels.latent_loss import latent_loss
 from megajepa.config import JepaConfig
@@ -25,13 +26,15 @@ from megajepa.model.predictor import build_predictor, uses_pred_tokens
 
 
 @dataclass
-class JepaOutput:
-    loss: torch.Tensor
-    ce: torch.Tensor
-    jepa: torch.Tensor
-    lambda_: float
-    z_a: torch.Tensor  # pred(z_a), [J, d]
-    z_b: torch.Tensor  # the target, [J, d]
+class JepaOutput(ModelOutput):
+    """A ModelOutput (a dict) so that DeepSpeed's ZeRO-3 hooks can see the tensors inside."""
+
+    loss: Optional[torch.Tensor] = None
+    ce: Optional[torch.Tensor] = None
+    jepa: Optional[torch.Tensor] = None
+    lambda_: Optional[float] = None
+    z_a: Optional[torch.Tensor] = None  # pred(z_a), [J, d]
+    z_b: Optional[torch.Tensor] = None  # the target, [J, d]
 
 
 def lambda_at(cfg: JepaConfig, step: int) -> float:
@@ -59,7 +62,7 @@ class JepaModel(nn.Module):
         super().__init__()
         self.lm = lm
         self.cfg = cfg
-        self.predictor = build_predictor(cfg.predictor, lm.config.hidden_size)
+        self.predictor = build_predictor(cfg.predictor, lm.config.hidden_size).to(lm.dtype)
         self.za_kind = SEG_P if uses_pred_tokens(cfg.predictor, cfg.k) else SEG_T
 
     def hidden_states(self, input_ids, position_ids, pair_index, segment):
