@@ -5,6 +5,8 @@ VENV := .venv
 STAMP := $(VENV)/.installed-$(shell sha256sum $(LOCK) setup.py | sha256sum | cut -c1-16)
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
+# DeepSpeed JIT-builds its CPU comm op once per venv; a shared cache is rebuilt by every checkout.
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/$(VENV)/torch_extensions
 
 .PHONY: venv demo test test-all clean-venv
 
@@ -13,9 +15,9 @@ venv: $(STAMP)
 $(STAMP): $(LOCK) setup.py
 	rm -rf $(VENV)
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip==24.3.1
-	$(PY) -m pip install --quiet -r $(LOCK)
-	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
+	$(PY) -m pip install --quiet --quiet --upgrade pip==24.3.1
+	$(PY) -m pip install --quiet --quiet -r $(LOCK)
+	$(PY) -m pip install --quiet --quiet --no-deps --no-build-isolation -e .
 	touch $@
 
 demo: venv

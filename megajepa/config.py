@@ -50,6 +50,8 @@ class DataConfig:
     shuffle: bool = True
     seed: int = 1234
     num_workers: int = 0
+    # Debug: each rank appends {step, sample_ids, loss} per step to rank{RANK}.jsonl here.
+    record_ids_dir: Optional[str] = None
 
 
 @dataclass

@@ -7,6 +7,7 @@ distributed set-up -> data and tokenizer -> model -> engine -> (teacher) -> resu
 from __future__ import annotations
 
 import copy
+import json
 import os
 import socket
 import time
@@ -41,6 +42,15 @@ def _free_port() -> int:
 
 def init_distributed() -> tuple[int, int, int]:
     """(rank, world size, local rank), starting a 1-process group when no launcher did."""
+    if "RANK" not in os.environ and "OMPI_COMM_WORLD_RANK" in os.environ:  # plain mpirun
+        os.environ.update(
+            RANK=os.environ["OMPI_COMM_WORLD_RANK"],
+            WORLD_SIZE=os.environ["OMPI_COMM_WORLD_SIZE"],
+            LOCAL_RANK=os.environ["OMPI_COMM_WORLD_LOCAL_RANK"],
+            LOCAL_WORLD_SIZE=os.environ["OMPI_COMM_WORLD_LOCAL_SIZE"],
+        )
+        if "MASTER_ADDR" not in os.environ:
+            raise RuntimeError("under mpirun set MASTER_ADDR and MASTER_PORT (or use launch/deepspeed.sh)")
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
@@ -130,11 +140,38 @@ def to_device(batch: dict, device) -> dict:
     return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
 
 
+def build_engine(cfg: Config, tokenizer, ds_config: dict):
+    """(the online DeepSpeed engine, its EMA teacher or None): the teacher exists with target: ema
+    and lambda > 0. Both are built from the same seed, so every call gives the same model."""
+    dtype = DTYPES[precision(cfg)]
+    torch.manual_seed(cfg.train.seed)
+    model = JepaModel(build_model(cfg.model, tokenizer, dtype=dtype, ds_config=ds_config, seed=cfg.train.seed), cfg.jepa)
+    groups = param_groups(model, cfg.optim.weight_decay)
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_config)
+    teacher = None
+    if cfg.jepa.target == "ema" and cfg.jepa.lambda_ > 0:
+        from megajepa.jepa.ema_target import EmaTeacher
+
+        twin = JepaModel(build_model(cfg.model, tokenizer, dtype=dtype, ds_config=ds_config, seed=cfg.train.seed), cfg.jepa)
+        teacher = EmaTeacher(engine, twin, cfg.jepa.ema, cfg.train.steps, ds_config)
+    return engine, teacher
+
+
 def _all_finite(value: torch.Tensor) -> bool:
     flag = torch.tensor([1.0 if bool(torch.isfinite(value)) else 0.0])
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(flag, op=dist.ReduceOp.MIN)
     return bool(flag.item() == 1.0)
+
+
+def record_step(directory: str, rank: int, step: int, loader, row: Optional[dict]) -> None:
+    """Debug record (data.record_ids_dir): the sample ids this rank consumed in `step`."""
+    os.makedirs(directory, exist_ok=True)
+    ids = [i for batch_ids in loader.recorded_ids for i in batch_ids]
+    loader.recorded_ids.clear()
+    line = {"step": step, "sample_ids": ids, "loss": row["loss"] if row else None}
+    with open(os.path.join(directory, f"rank{rank}.jsonl"), "a") as f:
+        f.write(json.dumps(line) + "\n")
 
 
 @torch.no_grad()
@@ -175,6 +212,7 @@ def train(cfg: Config) -> dict:
         seed=cfg.data.seed,
         num_workers=cfg.data.num_workers,
         max_pair_tokens=cfg.data.max_pair_tokens,
+        record_ids=cfg.data.record_ids_dir is not None,
     )
 
     meta = {
@@ -192,19 +230,8 @@ def train(cfg: Config) -> dict:
         checkpoint.validate(*resume, current_meta=meta)
 
     ds_config = run_config(cfg, world, output_dir)
-    dtype = DTYPES[precision(cfg)]
-    torch.manual_seed(cfg.train.seed)
-    model = JepaModel(build_model(cfg.model, tokenizer, dtype=dtype, ds_config=ds_config, seed=cfg.train.seed), cfg.jepa)
-    groups = param_groups(model, cfg.optim.weight_decay)
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_config)
+    engine, teacher = build_engine(cfg, tokenizer, ds_config)
     device = engine.device
-
-    teacher = None
-    if cfg.jepa.target == "ema" and cfg.jepa.lambda_ > 0:
-        from megajepa.jepa.ema_target import EmaTeacher
-
-        twin = JepaModel(build_model(cfg.model, tokenizer, dtype=dtype, ds_config=ds_config, seed=cfg.train.seed), cfg.jepa)
-        teacher = EmaTeacher(engine, twin, cfg.jepa.ema, cfg.train.steps, ds_config)
 
     start_step, last_good = 0, None
     if resume is not None:
@@ -269,7 +296,9 @@ def train(cfg: Config) -> dict:
             values["z_a_std"] = collapse_std(out.z_a).item()
             values["z_b_std"] = collapse_std(out.z_b).item()
             values["compute_seconds"] = time.perf_counter() - step_start
-            logger.step(step, values, always=step == cfg.train.steps)
+            row = logger.step(step, values, always=step == cfg.train.steps)
+            if cfg.data.record_ids_dir is not None:
+                record_step(cfg.data.record_ids_dir, rank, step, loader, row)
             if cfg.train.save_every and step % cfg.train.save_every == 0 and step < cfg.train.steps:
                 last_good = save(step)
         last_good = save(step) if step > start_step or last_good is None else last_good
