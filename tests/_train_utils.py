@@ -37,8 +37,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_train(overrides: list[str], tmpdir, nproc: int = 1, timeout: int = 300) -> subprocess.CompletedProcess:
-    """`megajepa train configs/demo.yaml ...`, under torchrun when nproc > 1."""
+def _train_command(overrides: list[str], tmpdir, nproc: int) -> tuple[list[str], dict]:
     env = dict(os.environ, TMPDIR=str(tmpdir), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     env.pop("RANK", None)
     if nproc == 1:
@@ -55,7 +54,21 @@ def run_train(overrides: list[str], tmpdir, nproc: int = 1, timeout: int = 300) 
             "configs/demo.yaml",
             *overrides,
         ]
+    return command, env
+
+
+def run_train(overrides: list[str], tmpdir, nproc: int = 1, timeout: int = 300) -> subprocess.CompletedProcess:
+    """`megajepa train configs/demo.yaml ...`, under torchrun when nproc > 1."""
+    command, env = _train_command(overrides, tmpdir, nproc)
     return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def start_train(overrides: list[str], tmpdir) -> subprocess.Popen:
+    """A single-process `megajepa train` in the background (for signal tests); its output goes
+    to tmpdir/train.out and tmpdir/train.err (a pipe nobody reads would fill and block it)."""
+    command, env = _train_command(overrides, tmpdir, 1)
+    with open(Path(tmpdir) / "train.out", "w") as out, open(Path(tmpdir) / "train.err", "w") as err:
+        return subprocess.Popen(command, cwd=REPO, env=env, stdout=out, stderr=err, text=True)
 
 
 def metrics(output_dir) -> list[dict]:

@@ -2,11 +2,13 @@
 
 import json
 import shutil
+import signal
+import time
 
 import pytest
 import torch
 
-from _train_utils import demo_overrides, metrics, run_train
+from _train_utils import demo_overrides, metrics, run_train, start_train
 
 
 def _ok(result):
@@ -99,3 +101,28 @@ def test_ema_target_trains_checkpoints_and_resumes(demo_data, tmp_path):
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert all(r["ema_seconds"] > 0 for r in rows)
     assert all(0 < r["jepa"] < 2 for r in rows)  # 1 - cos between the online prediction and the teacher
+
+
+def test_sigterm_checkpoints_and_exits_cleanly(demo_data, tmp_path):
+    """Preemption: SIGTERM mid-run saves the current step; train.resume=auto continues after it."""
+    out = tmp_path / "run"
+    overrides = demo_overrides(demo_data, out, **{"train.steps": 500})
+    proc = start_train(overrides, tmp_path)
+    try:
+        deadline = time.time() + 240
+        while not (out / "metrics.jsonl").exists() or len(metrics(out)) < 2:
+            assert proc.poll() is None and time.time() < deadline, (tmp_path / "train.err").read_text()[-3000:]
+            time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=120)
+    finally:
+        proc.kill()
+    stdout, stderr = (tmp_path / "train.out").read_text(), (tmp_path / "train.err").read_text()
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "stop requested (signal 15)" in stdout
+    stopped_at = metrics(out)[-1]["step"]
+    assert 2 <= stopped_at < 500
+    assert (out / "checkpoints" / "latest").read_text().strip() == f"step{stopped_at:08d}"
+    result = run_train(demo_overrides(demo_data, out, **{"train.steps": stopped_at + 1, "train.resume": "auto"}), tmp_path)
+    _ok(result)
+    assert metrics(out)[-1]["step"] == stopped_at + 1

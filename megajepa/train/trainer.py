@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import signal
 import socket
 import time
 import deepspeed
@@ -157,6 +158,25 @@ def build_engine(cfg: Config, tokenizer, ds_config: dict):
     return engine, teacher
 
 
+class StopSignal:
+    """SIGTERM / SIGUSR1 (preemption, a Slurm requeue) ask for a checkpoint and a clean exit at
+    the end of the current step; ranks agree on it so that they all save together."""
+
+    def __init__(self):
+        self.received: Optional[int] = None
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.received = signum
+
+    def agreed(self) -> bool:
+        flag = torch.tensor([1.0 if self.received is not None else 0.0])
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item() > 0)
+
+
 def _all_finite(value: torch.Tensor) -> bool:
     flag = torch.tensor([1.0 if bool(torch.isfinite(value)) else 0.0])
     if dist.is_initialized() and dist.get_world_size() > 1:
@@ -243,7 +263,11 @@ def train(cfg: Config) -> dict:
         if rank == 0:
             print(f"resumed from {last_good} at step {start_step}", flush=True)
 
+    saved_step = start_step if resume is not None else -1
+
     def save(step: int) -> str:
+        nonlocal saved_step
+        saved_step = step
         client_state = {"step": step, "loader": loader.state_dict(), "config": to_dict(cfg)}
         extra = (lambda tag_dir: teacher.save(tag_dir, rank)) if teacher is not None else None
         return checkpoint.save(engine, output_dir, step, meta, client_state, rank, extra)
@@ -266,6 +290,7 @@ def train(cfg: Config) -> dict:
 
     logger = MetricsLogger(engine, output_dir, cfg.train.steps, start_step, cfg.logging.log_every, cfg.logging.progress)
     batches = iter(loader)
+    stop = StopSignal()
     step = start_step
     try:
         while step < cfg.train.steps:
@@ -301,7 +326,12 @@ def train(cfg: Config) -> dict:
                 record_step(cfg.data.record_ids_dir, rank, step, loader, row)
             if cfg.train.save_every and step % cfg.train.save_every == 0 and step < cfg.train.steps:
                 last_good = save(step)
-        last_good = save(step) if step > start_step or last_good is None else last_good
+            if stop.agreed():
+                if rank == 0:
+                    print(f"stop requested (signal {stop.received}): checkpointing step {step} and exiting", flush=True)
+                break
+        if saved_step != step:
+            last_good = save(step)
     finally:
         logger.close()
 
@@ -309,7 +339,8 @@ def train(cfg: Config) -> dict:
     if logger.history:
         summary["first"] = logger.history[0]
         summary["last"] = logger.history[-1]
-    if eval_loader is not None:
+    summary["stopped_by_signal"] = stop.received
+    if eval_loader is not None and stop.received is None:
         summary.update(evaluate(engine, teacher, eval_loader, cfg.train.eval_batches, device))
     if rank == 0:
         checkpoint.atomic_write_json(os.path.join(output_dir, "summary.json"), summary)
