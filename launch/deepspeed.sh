@@ -33,28 +33,9 @@
 #   HOSTFILE=launch/hostfile.example launch/deepspeed.sh configs/demo.yaml train.resume=auto
 set -euo pipefail
 
-die() {
-    echo "launch/deepspeed.sh: $*" >&2
-    exit 2
-}
-
-# GPUs this process may use: those nvidia-smi lists, capped by CUDA_VISIBLE_DEVICES when set
-# (set but empty means none).
-visible_gpus() {
-    local count=0 ids
-    if command -v nvidia-smi >/dev/null 2>&1; then
-        count=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
-    fi
-    if [[ -v CUDA_VISIBLE_DEVICES ]]; then
-        IFS=',' read -r -a ids <<<"$CUDA_VISIBLE_DEVICES"
-        count=$((${#ids[@]} < count ? ${#ids[@]} : count))
-    fi
-    echo "$count"
-}
-
-is_positive_int() {
-    [[ "$1" =~ ^[1-9][0-9]*$ ]]
-}
+SCRIPT_NAME=launch/deepspeed.sh
+# shellcheck source=launch/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 # Reads HOSTFILE into `hosts` and `slots`, naming the line of any entry DeepSpeed would refuse.
 read_hostfile() {
@@ -97,12 +78,7 @@ write_env_file() {
     echo "MASTER_PORT=$port"
 }
 
-[[ $# -ge 1 ]] || die "usage: launch/deepspeed.sh CONFIG [key=value ...]"
-config=$1
-[[ -f "$config" && -r "$config" ]] || die "config file not found or unreadable: $config"
-
-megajepa=$(command -v megajepa) ||
-    die "megajepa is not on PATH: activate its environment (source .venv/bin/activate) or pip install -e ."
+check_config_and_megajepa "$@"
 deepspeed=$(command -v deepspeed) || die "deepspeed is not on PATH (pip install deepspeed)"
 
 gpus=$(visible_gpus)

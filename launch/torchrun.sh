@@ -29,35 +29,11 @@
 #   NNODES=2 MASTER_ADDR=node0 RDZV_ID=run7 launch/torchrun.sh configs/demo.yaml train.resume=auto
 set -euo pipefail
 
-die() {
-    echo "launch/torchrun.sh: $*" >&2
-    exit 2
-}
+SCRIPT_NAME=launch/torchrun.sh
+# shellcheck source=launch/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
-# GPUs this process may use: those nvidia-smi lists, capped by CUDA_VISIBLE_DEVICES when set
-# (set but empty means none).
-visible_gpus() {
-    local count=0 ids
-    if command -v nvidia-smi >/dev/null 2>&1; then
-        count=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
-    fi
-    if [[ -v CUDA_VISIBLE_DEVICES ]]; then
-        IFS=',' read -r -a ids <<<"$CUDA_VISIBLE_DEVICES"
-        count=$((${#ids[@]} < count ? ${#ids[@]} : count))
-    fi
-    echo "$count"
-}
-
-is_positive_int() {
-    [[ "$1" =~ ^[1-9][0-9]*$ ]]
-}
-
-[[ $# -ge 1 ]] || die "usage: launch/torchrun.sh CONFIG [key=value ...]"
-config=$1
-[[ -f "$config" && -r "$config" ]] || die "config file not found or unreadable: $config"
-
-megajepa=$(command -v megajepa) ||
-    die "megajepa is not on PATH: activate its environment (source .venv/bin/activate) or pip install -e ."
+check_config_and_megajepa "$@"
 torchrun=$(command -v torchrun) || die "torchrun is not on PATH (it comes with torch)"
 
 nnodes=${NNODES:-1}

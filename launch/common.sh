@@ -1,0 +1,35 @@
+# shellcheck shell=bash
+# Helpers shared by the launch scripts (sourced, not run). The sourcing script sets SCRIPT_NAME.
+
+die() {
+    echo "$SCRIPT_NAME: $*" >&2
+    exit 2
+}
+
+# GPUs this process may use: those nvidia-smi lists, capped by CUDA_VISIBLE_DEVICES when set
+# (set but empty means none).
+visible_gpus() {
+    local count=0 ids
+    if command -v nvidia-smi >/dev/null 2>&1; then
+        count=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
+    fi
+    if [[ -v CUDA_VISIBLE_DEVICES ]]; then
+        IFS=',' read -r -a ids <<<"$CUDA_VISIBLE_DEVICES"
+        count=$((${#ids[@]} < count ? ${#ids[@]} : count))
+    fi
+    echo "$count"
+}
+
+is_positive_int() {
+    [[ "$1" =~ ^[1-9][0-9]*$ ]]
+}
+
+# Checks the CONFIG argument and that megajepa is installed; sets `config` and `megajepa` for the caller.
+# shellcheck disable=SC2034
+check_config_and_megajepa() {
+    [[ $# -ge 1 ]] || die "usage: $SCRIPT_NAME CONFIG [key=value ...]"
+    config=$1
+    [[ -f "$config" && -r "$config" ]] || die "config file not found or unreadable: $config"
+    megajepa=$(command -v megajepa) ||
+        die "megajepa is not on PATH: activate its environment (source .venv/bin/activate) or pip install -e ."
+}
