@@ -143,6 +143,31 @@ CHOICES = {
 }
 
 
+# key -> (lowest, highest or None, whether the lowest itself is allowed)
+BOUNDS = {
+    **{
+        key: (0, None, True)
+        for key in (
+            "jepa.k", "jepa.lambda_", "jepa.gamma", "jepa.lambda_warmup_steps", "optim.lr",
+            "optim.warmup_steps", "optim.weight_decay", "optim.grad_clip", "train.save_every",
+            "train.eval_every", "data.num_workers", "data.row_multiple",
+            "deepspeed.param_persistence_threshold",
+        )
+    },
+    **{
+        key: (0, None, False)
+        for key in (
+            "train.steps", "optim.grad_accum", "data.row_length", "data.pairs_per_batch",
+            "data.max_pair_tokens", "train.eval_batches", "logging.log_every",
+        )
+    },
+    **{
+        key: (0.0, 1.0, True)
+        for key in ("jepa.dropout", "optim.min_lr_ratio", "jepa.ema.momentum_start", "jepa.ema.momentum_end")
+    },
+}
+
+
 def _source_of(key: str, sources: list[tuple[str, DictConfig]]) -> str:
     """The last source (file or command line) that set `key`, for error messages."""
     for name, cfg in reversed(sources):
@@ -156,50 +181,19 @@ def _fail(key: str, message: str, sources: list[tuple[str, DictConfig]]) -> None
 
 
 def _validate(cfg: Config, sources: list[tuple[str, DictConfig]]) -> None:
+    resolved = OmegaConf.structured(cfg)
     for key, allowed in CHOICES.items():
-        value = OmegaConf.select(OmegaConf.structured(cfg), key)
+        value = OmegaConf.select(resolved, key)
         if value not in allowed:
             _fail(key, f"{value!r} is not one of {', '.join(map(str, allowed))}", sources)
-    non_negative = {
-        "jepa.k": cfg.jepa.k,
-        "jepa.lambda_": cfg.jepa.lambda_,
-        "jepa.gamma": cfg.jepa.gamma,
-        "jepa.lambda_warmup_steps": cfg.jepa.lambda_warmup_steps,
-        "optim.lr": cfg.optim.lr,
-        "optim.warmup_steps": cfg.optim.warmup_steps,
-        "optim.weight_decay": cfg.optim.weight_decay,
-        "optim.grad_clip": cfg.optim.grad_clip,
-        "train.save_every": cfg.train.save_every,
-        "train.eval_every": cfg.train.eval_every,
-        "data.num_workers": cfg.data.num_workers,
-        "data.row_multiple": cfg.data.row_multiple,
-        "deepspeed.param_persistence_threshold": cfg.deepspeed.param_persistence_threshold,
-    }
-    for key, value in non_negative.items():
+    for key, (low, high, low_allowed) in BOUNDS.items():
+        value = OmegaConf.select(resolved, key)
         if not math.isfinite(value):
             _fail(key, f"must be finite, got {value}", sources)
-        if value < 0:
-            _fail(key, f"must be >= 0, got {value}", sources)
-    positive = {
-        "train.steps": cfg.train.steps,
-        "optim.grad_accum": cfg.optim.grad_accum,
-        "data.row_length": cfg.data.row_length,
-        "data.pairs_per_batch": cfg.data.pairs_per_batch,
-        "data.max_pair_tokens": cfg.data.max_pair_tokens,
-        "train.eval_batches": cfg.train.eval_batches,
-        "logging.log_every": cfg.logging.log_every,
-    }
-    for key, value in positive.items():
-        if value <= 0:
-            _fail(key, f"must be > 0, got {value}", sources)
-    for key in ("jepa.dropout", "optim.min_lr_ratio"):
-        value = OmegaConf.select(OmegaConf.structured(cfg), key)
-        if not 0.0 <= value <= 1.0:
-            _fail(key, f"must be in [0, 1], got {value}", sources)
-    for key in ("jepa.ema.momentum_start", "jepa.ema.momentum_end"):
-        value = OmegaConf.select(OmegaConf.structured(cfg), key)
-        if not 0.0 <= value <= 1.0:
-            _fail(key, f"must be in [0, 1], got {value}", sources)
+        if high is not None and not low <= value <= high:
+            _fail(key, f"must be in [{low:g}, {high:g}], got {value}", sources)
+        if value < low or (value == low and not low_allowed):
+            _fail(key, f"must be {'>=' if low_allowed else '>'} {low}, got {value}", sources)
     # The T, C and P segments of one pair share a row (C and P attend to T); C' may go elsewhere.
     pred_tokens = cfg.jepa.k if cfg.jepa.predictor == "tokens" else 0
     if cfg.data.row_length < cfg.data.max_pair_tokens + pred_tokens:

@@ -20,7 +20,9 @@ def single_run(demo_data, tmp_path_factory):
     """One 1-rank run of 30 steps, shared by the tests that only read its outputs."""
     out = tmp_path_factory.mktemp("single")
     result = run_train(
-        demo_overrides(demo_data, out, **{"train.steps": 30, "optim.warmup_steps": 3, "data.pairs_per_batch": 16}),
+        demo_overrides(
+            demo_data, out, **{"train.steps": 30, "optim.warmup_steps": 3, "data.pairs_per_batch": 16, "train.eval_every": 15}
+        ),
         tmpdir=tmp_path_factory.mktemp("tmp"),
     )
     _ok(result)
@@ -36,6 +38,9 @@ def test_losses_fall_on_demo_data(single_run):
     assert mean(last, "jepa") < mean(first, "jepa")  # and the latent term falls with it
     summary = json.loads((single_run / "summary.json").read_text())
     assert summary["eval_ce"] < summary["start_eval_ce"]
+    periodic = [json.loads(line) for line in (single_run / "eval.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in periodic] == [15, 30]
+    assert periodic[-1]["eval_ce"] == summary["eval_ce"]  # the same batches, the same weights
     assert summary["checkpoint"].endswith("step00000030")
     assert (single_run / "checkpoints" / "latest").read_text().strip() == "step00000030"
 

@@ -77,6 +77,16 @@ class MetricsLogger:
                 )
         return row
 
+    def write_eval(self, step: int, results: dict) -> None:
+        """Held-out figures (already reduced across ranks) to eval.jsonl and the monitor."""
+        if self.rank != 0:
+            return
+        with open(os.path.join(os.path.dirname(self.path), "eval.jsonl"), "a") as f:
+            f.write(json.dumps({"step": step, **results}) + "\n")
+        monitor = getattr(self.engine, "monitor", None)
+        if monitor is not None and monitor.enabled:
+            monitor.write_events([(f"eval/{k}", v, step) for k, v in results.items()])
+
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()

@@ -324,6 +324,8 @@ def train(cfg: Config) -> dict:
             row = logger.step(step, values, always=step == cfg.train.steps)
             if cfg.data.record_ids_dir is not None:
                 record_step(cfg.data.record_ids_dir, rank, step, loader, row)
+            if eval_loader is not None and cfg.train.eval_every and step % cfg.train.eval_every == 0:
+                logger.write_eval(step, evaluate(engine, teacher, eval_loader, cfg.train.eval_batches, device))
             if cfg.train.save_every and step % cfg.train.save_every == 0 and step < cfg.train.steps:
                 last_good = save(step)
             if stop.agreed():
