@@ -98,8 +98,9 @@ def cmd_bench(args) -> int:
         from kernels.bench import main as kernel_bench
 
         return kernel_bench(args.rest)
-    print(f"megajepa bench: unknown target {args.target!r}", file=sys.stderr)
-    return 2
+    from megajepa.bench.command import main as training_bench
+
+    return training_bench([args.target, *args.rest])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -119,8 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--nproc", type=int, default=2)
     demo.set_defaults(func=cmd_demo)
     sub.add_parser("prepare", help="JSONL / HF dataset -> MDS shards", add_help=False)
-    bench = sub.add_parser("bench", help="benchmarks")
-    bench.add_argument("target", help="'kernels'")
+    bench = sub.add_parser("bench", help="benchmarks: the training modes side by side, or the kernels")
+    bench.add_argument("target", help="a CONFIG (see `megajepa bench CONFIG --help`), or 'kernels'")
     bench.add_argument("rest", nargs=argparse.REMAINDER)
     bench.set_defaults(func=cmd_bench)
 

@@ -1,0 +1,2 @@
+"""`megajepa bench CONFIG`: the training modes side by side (command), what a mode is (modes),
+the run on every rank (run), FLOPs and MFU (flops), memory (memory), the outputs (report)."""

@@ -1,0 +1,162 @@
+"""`megajepa bench CONFIG [key=value ...] [options]`: the training modes side by side.
+
+Two ways to run it:
+
+  - as a plain command (no RANK in the environment), it launches itself: one torchrun job of
+    --nproc ranks runs every mode, then one short job per other world size in --scaling (and
+    at --nproc too when jepa-ema is not among the modes) measures the model state per rank; the
+    report then goes to --out. On CPU the ranks are gloo processes on this machine.
+  - under a launcher (torchrun, deepspeed, slurm: RANK is set), it runs the modes at that world
+    size and rank 0 writes the report; the scaling table then has that world size only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+from megajepa.bench.modes import MODES, BenchSettings, validate
+from megajepa.config import ConfigError, load_config, to_dict
+
+RESULT_FILE = "result.json"
+
+
+class BenchJobFailed(RuntimeError):
+    pass
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    defaults = BenchSettings()
+    parser = argparse.ArgumentParser(
+        prog="megajepa bench",
+        description="Time per pair, tokens/s, FLOPs/MFU and memory of the training modes, side by side.",
+    )
+    parser.add_argument("config", help="YAML config, e.g. configs/demo.yaml")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.pairs_per_batch=16")
+    parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, from {','.join(MODES)}")
+    parser.add_argument("--steps", type=int, default=defaults.steps, help="timed optimizer steps per mode")
+    parser.add_argument("--warmup", type=int, default=defaults.warmup, help="untimed steps before them")
+    parser.add_argument("--out", default="runs/bench", help="directory for bench.md, bench.json, time_per_pair.png")
+    parser.add_argument("--nproc", type=int, default=2, help="ranks for the modes when launching itself")
+    parser.add_argument(
+        "--scaling", default="1,2,4", help="world sizes for the model-state table ('none': skip) when launching itself"
+    )
+    parser.add_argument(
+        "--max-length", type=int, default=defaults.max_length, help="ref3/ref2: length every sequence is padded to"
+    )
+    parser.add_argument(
+        "--loader-batches", type=int, default=defaults.loader_batches, help="batches for the loader benchmark (0: skip)"
+    )
+    # Set by the self-launch for its jobs: write only the raw result, the parent reports.
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_intermixed_args(argv)
+    args.modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
+    try:
+        args.scaling = () if args.scaling == "none" else tuple(sorted({int(w) for w in args.scaling.split(",")}))
+    except ValueError:
+        parser.error(f"--scaling: expected world sizes like 1,2,4 or 'none', got {args.scaling!r}")
+    if args.nproc < 1 or any(w < 1 for w in args.scaling):
+        parser.error("--nproc and --scaling need world sizes >= 1")
+    return args
+
+
+def _settings(args):
+    return BenchSettings(
+        modes=args.modes,
+        steps=args.steps,
+        warmup=args.warmup,
+        max_length=args.max_length,
+        loader_batches=args.loader_batches,
+    )
+
+
+def _write_json(path: str, data: dict) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    partial = f"{path}.partial"
+    with open(partial, "w") as f:
+        json.dump(data, f, indent=2)
+    os.replace(partial, path)
+
+
+def _report(result: dict, scaling: dict[int, dict], cfg, args, argv: list[str]) -> None:
+    from megajepa.bench.report import build_report, markdown, write_outputs
+
+    report = build_report(result, scaling, to_dict(cfg), ["megajepa", "bench", *argv])
+    paths = write_outputs(report, args.out)
+    print("\n" + markdown(report))
+    print(f"\nwritten: {', '.join(paths.values())}", flush=True)
+
+
+def _state_of(result: dict) -> dict | None:
+    mode = result["modes"].get("jepa-ema")
+    return mode["model_state_bytes"] if mode else None
+
+
+def run_ranks(cfg, args, argv: list[str]) -> int:
+    """Under a launcher: this process is one rank."""
+    from megajepa.bench.run import run
+
+    result = run(cfg, _settings(args))
+    if result is None:
+        return 0
+    if args.worker:
+        _write_json(os.path.join(args.out, RESULT_FILE), result)
+        return 0
+    state = _state_of(result)
+    _report(result, {result["world_size"]: state} if state else {}, cfg, args, argv)
+    return 0
+
+
+def _torchrun(args, nproc: int, out: str, modes: tuple[str, ...], steps: int, warmup: int, loader: int) -> dict:
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    command = [
+        torchrun, "--standalone", f"--nproc_per_node={nproc}", "-m", "megajepa.cli", "bench",
+        args.config, *args.overrides,
+        "--modes", ",".join(modes), "--steps", str(steps), "--warmup", str(warmup),
+        "--max-length", str(args.max_length), "--loader-batches", str(loader), "--out", out, "--worker",
+    ]  # fmt: skip
+    print("+ " + " ".join(command), flush=True)
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    if subprocess.run(command, env=env).returncode != 0:
+        raise BenchJobFailed(f"the {nproc}-rank job failed (its output is above)")
+    with open(os.path.join(out, RESULT_FILE)) as f:
+        return json.load(f)
+
+
+def launch(cfg, args, argv: list[str]) -> int:
+    """Without a launcher: torchrun jobs for the modes and the scaling table, then the report."""
+    if cfg.data.embedded is not None:
+        from megajepa.data.embedded import ensure_embedded
+
+        ensure_embedded(cfg.data.embedded, max_pair_tokens=cfg.data.max_pair_tokens)
+    main = _torchrun(
+        args, args.nproc, os.path.join(args.out, f"world{args.nproc}"),
+        args.modes, args.steps, args.warmup, args.loader_batches,
+    )  # fmt: skip
+    scaling = {}
+    for world in args.scaling:
+        state = _state_of(main) if world == args.nproc else None
+        if state is None:  # one optimizer step of jepa-ema, so that the Adam moments exist
+            job = _torchrun(args, world, os.path.join(args.out, f"state-world{world}"), ("jepa-ema",), 1, 0, 0)
+            state = _state_of(job)
+        scaling[world] = state
+    _report(main, scaling, cfg, args, argv)
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        validate(cfg, _settings(args))
+    except (ConfigError, ValueError) as err:
+        print(f"megajepa bench: {err}", file=sys.stderr)
+        return 2
+    try:
+        return run_ranks(cfg, args, argv) if "RANK" in os.environ else launch(cfg, args, argv)
+    except (BenchJobFailed, FileNotFoundError) as err:
+        print(f"megajepa bench: {err}", file=sys.stderr)
+        return 1

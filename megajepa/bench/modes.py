@@ -1,0 +1,54 @@
+"""What a benchmark mode is: the config it trains with and the layout it packs (megajepa.bench.run).
+
+    ce        next-token only: the same pairs packed the same way, no [PRED] and no view B alone
+    jepa      the packed single pass, online target
+    jepa-ema  the packed pass, view B alone in teacher rows through the EMA teacher
+    ref3      the reference's three padded sequences per pair (megajepa.data.reference_layout)
+    ref2      its additive-mask layout, two padded sequences per pair
+
+Light on imports, so that the command line parses without loading torch.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+from megajepa.config import Config
+
+MODES = ("ce", "jepa", "jepa-ema", "ref3", "ref2")
+
+
+@dataclass
+class BenchSettings:
+    modes: tuple[str, ...] = MODES
+    steps: int = 5
+    warmup: int = 2
+    max_length: int = 512  # the reference layouts' padded sequence length
+    loader_batches: int = 20  # 0: no loader benchmark
+
+
+def mode_config(cfg: Config, mode: str, total_steps: int) -> Config:
+    """`cfg` for one mode: only the JEPA target (or no JEPA term, for ce) changes."""
+    if mode not in MODES:
+        raise ValueError(f"bench: unknown mode {mode!r} (one of {', '.join(MODES)})")
+    cfg = copy.deepcopy(cfg)
+    if mode == "ce":
+        cfg.jepa.lambda_ = 0.0
+    else:
+        cfg.jepa.target = "ema" if mode == "jepa-ema" else "online"
+    cfg.train.steps = total_steps
+    cfg.logging.tensorboard = cfg.logging.csv = False
+    return cfg
+
+
+def validate(cfg: Config, settings: BenchSettings) -> None:
+    if settings.steps < 1 or settings.warmup < 0:
+        raise ValueError(f"--steps must be >= 1 and --warmup >= 0, got {settings.steps} and {settings.warmup}")
+    unknown = [m for m in settings.modes if m not in MODES]
+    if unknown or not settings.modes:
+        raise ValueError(f"--modes: unknown or no mode(s) {', '.join(unknown)} (choose from {', '.join(MODES)})")
+    if cfg.jepa.lambda_ == 0 and any(m != "ce" for m in settings.modes):
+        raise ValueError("jepa.lambda_: the JEPA modes need a latent term, the config sets 0")
+    if settings.max_length < 1:
+        raise ValueError(f"--max-length must be >= 1, got {settings.max_length}")

@@ -1,0 +1,169 @@
+"""The benchmark's outputs: a Markdown table, a JSON file with every figure, a PNG bar chart.
+
+    report = build_report(result, scaling, config, command)    # result: megajepa.bench.run.run's
+    write_outputs(report, out_dir)                             # bench.md, bench.json, time_per_pair.png
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Optional
+
+from megajepa.bench import flops
+
+MIB = 1024**2
+STATE_KINDS = ("parameters", "persistent", "optimizer", "ema", "teacher")
+
+
+def build_report(result: dict, scaling: dict[int, dict], config: dict, command: list[str]) -> dict:
+    """The run's results plus what is derived from them: each mode's time per pair over ce's,
+    the ideal jepa/ce token ratio, the loader's headroom and the model-state scaling table."""
+    modes = result["modes"]
+    report = {"command": command, "config": config, **result, "flops_formula": flops.__doc__.strip()}
+    if "ce" in modes:
+        for entry in modes.values():
+            entry["time_per_pair_vs_ce"] = entry["seconds_per_pair"] / modes["ce"]["seconds_per_pair"]
+        if "jepa" in modes:
+            # (a + 2b + k) / (a + b): the tokens jepa computes per pair over ce's, padding aside
+            ideal = modes["jepa"]["segment_tokens_per_step"] / modes["ce"]["segment_tokens_per_step"]
+            report["jepa_vs_ce"] = {
+                "ideal_token_ratio": ideal,
+                "measured_time_ratio": modes["jepa"]["time_per_pair_vs_ce"],
+                "measured_over_ideal": modes["jepa"]["time_per_pair_vs_ce"] / ideal,
+            }
+    if result.get("loader"):
+        consumed = {name: entry["pairs_per_s_per_rank"] for name, entry in modes.items()}
+        report["loader"] = {**result["loader"], "step_consumes_pairs_per_s_per_rank": consumed}
+    base = scaling.get(min(scaling)) if scaling else None
+    report["scaling"] = {
+        str(world): {
+            **state,
+            "total_times_world": state["total"] * world,
+            "total_vs_smallest_world": state["total"] / base["total"] if base else None,
+        }
+        for world, state in sorted(scaling.items())
+    }
+    return report
+
+
+def _fmt(value: Optional[float], spec: str, missing: str = "n/a") -> str:
+    return missing if value is None else format(value, spec)
+
+
+def _mode_table(report: dict) -> list[str]:
+    lines = [
+        "| mode | step time s, median (min-max) | ms per pair | vs ce | computed tok/s | useful tok/s "
+        "| pairs/s | padding | peak memory MiB | EMA update ms | TFLOP/s per rank | MFU |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, m in report["modes"].items():
+        step = m["step_seconds"]
+        ema = m["ema_update_seconds"]
+        lines.append(
+            f"| {name} | {step['median']:.3f} ({step['min']:.3f}-{step['max']:.3f}) "
+            f"| {1e3 * m['seconds_per_pair']:.2f} | {_fmt(m.get('time_per_pair_vs_ce'), '.2f')}x "
+            f"| {m['computed_tokens_per_s']:,.0f} | {m['useful_tokens_per_s']:,.0f} | {m['pairs_per_s']:,.1f} "
+            f"| {100 * m['padding_fraction']:.1f}% | {m['peak_memory_bytes'] / MIB:,.0f} "
+            f"| {_fmt(None if ema is None else 1e3 * ema, '.2f', '-')} | {m['tflops_per_rank']:.4f} "
+            f"| {_fmt(None if m['mfu'] is None else 100 * m['mfu'], '.1f')}{'%' if m['mfu'] is not None else ''} |"
+        )
+    return lines
+
+
+def _scaling_table(report: dict) -> list[str]:
+    lines = [
+        "| world size | parameters | persistent copies | optimizer | EMA | teacher | total per rank "
+        "| total x world size | per rank vs smallest world |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for world, s in report["scaling"].items():
+        cells = " | ".join(f"{s[k] / MIB:.2f}" for k in STATE_KINDS)
+        lines.append(
+            f"| {world} | {cells} | {s['total'] / MIB:.2f} | {s['total_times_world'] / MIB:.2f} "
+            f"| {_fmt(s['total_vs_smallest_world'], '.2f')}x |"
+        )
+    return lines
+
+
+def markdown(report: dict) -> str:
+    first = next(iter(report["modes"].values()))
+    pairs = first["pairs_per_step"]
+    lines = [
+        f"Training modes on {report['world_size']} rank(s), {report['device']}, {report['precision']}: "
+        f"{report['steps']} timed steps after {report['warmup']} warm-up, {pairs:.0f} pairs per step "
+        f"({report['pairs_per_batch']} per rank x {report['grad_accum']} micro-batches); "
+        f"reference rows padded to {report['max_length']}.",
+        "",
+        *_mode_table(report),
+        "",
+        "Rates use the median step time. Useful tokens: view A + view B of each pair (no padding, [PRED] or "
+        "repeated views). Peak memory: " + report["peak_memory_kind"] + ", max over ranks. FLOPs per "
+        "segment (megajepa/bench/flops.py); MFU only on a GPU with a known bf16 peak.",
+    ]
+    if "jepa_vs_ce" in report:
+        r = report["jepa_vs_ce"]
+        lines.append(
+            f"jepa / ce time per pair: {r['measured_time_ratio']:.2f}x measured, "
+            f"{r['ideal_token_ratio']:.2f}x ideal token ratio (a + 2b + k) / (a + b): "
+            f"{r['measured_over_ideal']:.2f} of ideal."
+        )
+    loader = report.get("loader")
+    if loader:
+        consumed = loader["step_consumes_pairs_per_s_per_rank"]
+        steps = ", ".join(f"{name} {value:,.1f}" for name, value in consumed.items())
+        lines.append(
+            f"Loader from local shards ({loader['num_workers']} workers): "
+            f"{min(loader['pairs_per_s_per_rank']):,.0f} pairs/s per rank (slowest rank); "
+            f"the training step consumes per rank: {steps} pairs/s."
+        )
+    if report["scaling"]:
+        lines += ["", "Model state per rank, MiB (target: ema, after one optimizer step):", "", *_scaling_table(report)]
+    load = report["load_average"]
+    lines += ["", f"Load average (1 min) before / after: {load['before'][0]:.2f} / {load['after'][0]:.2f}."]
+    return "\n".join(lines)
+
+
+def _write_text(path: str, content: str) -> None:
+    partial = f"{path}.partial"
+    with open(partial, "w") as f:
+        f.write(content)
+    os.replace(partial, path)
+
+
+def bar_chart(report: dict, path: str) -> None:
+    """Time per pair by mode (median step), with the min-max step range as the error bar."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(report["modes"])
+    modes = [report["modes"][n] for n in names]
+    per_pair = [1e3 * m["seconds_per_pair"] for m in modes]
+    low = [1e3 * (m["step_seconds"]["median"] - m["step_seconds"]["min"]) / m["pairs_per_step"] for m in modes]
+    high = [1e3 * (m["step_seconds"]["max"] - m["step_seconds"]["median"]) / m["pairs_per_step"] for m in modes]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    bars = ax.bar(names, per_pair, yerr=[low, high], capsize=4, color="#4c72b0")
+    for bar, m in zip(bars, modes):
+        ratio = m.get("time_per_pair_vs_ce")
+        if ratio is not None:
+            ax.annotate(f"{ratio:.2f}x", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                        ha="center", va="bottom", xytext=(0, 3), textcoords="offset points")
+    ax.set_ylabel("ms per pair (median step)")
+    ax.set_title(f"Time per pair by mode: {report['world_size']} rank(s), {report['device']}", fontsize=9)
+    fig.tight_layout()
+    partial = f"{path}.partial"
+    fig.savefig(partial, format="png", dpi=120)
+    plt.close(fig)
+    os.replace(partial, path)
+
+
+def write_outputs(report: dict, out_dir: str) -> dict[str, str]:
+    """bench.md, bench.json and time_per_pair.png under out_dir, each written whole then renamed."""
+    os.makedirs(out_dir, exist_ok=True)
+    paths = {name: os.path.join(out_dir, name) for name in ("bench.md", "bench.json", "time_per_pair.png")}
+    _write_text(paths["bench.md"], markdown(report) + "\n")
+    _write_text(paths["bench.json"], json.dumps(report, indent=2) + "\n")
+    bar_chart(report, paths["time_per_pair.png"])
+    return paths

@@ -1,0 +1,274 @@
+"""The training-mode benchmark as every rank runs it.
+
+Every rank draws the same number of micro-batches of raw view pairs once, then for each mode in
+turn packs them with that mode's layout, builds a fresh engine from the same seed (the same model),
+runs `warmup` untimed and `steps` timed optimizer steps, and tears the engine down. Modes
+(megajepa.bench.modes) differ only in the layout and the JEPA target: all run
+megajepa.train.trainer's engine and the one objective.
+
+A step is timed from a device synchronisation before the first micro-batch to one after the EMA
+update; per step the slowest rank's time counts. Packing is not timed: the loader benchmark
+measures what the loader delivers.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import platform
+import statistics
+import subprocess
+import time
+import warnings
+
+import torch
+import torch.distributed as dist
+from deepspeed.accelerator import get_accelerator
+from tqdm import tqdm
+
+from megajepa.bench.flops import FlopModel, batch_flops, peak_flops
+from megajepa.bench.memory import PeakMemory, model_state_bytes
+from megajepa.bench.modes import BenchSettings, mode_config, validate
+from megajepa.config import Config, precision
+from megajepa.data.layout import SEG_PAD, LayoutConfig, pack_pairs
+from megajepa.data.loader import build_loader, loader_throughput
+from megajepa.data.reference_layout import REFERENCE_LAYOUTS, pack_reference
+from megajepa.train.trainer import (
+    build_engine,
+    init_distributed,
+    layout_config,
+    load_tokenizer,
+    prepare_embedded,
+    run_config,
+    to_device,
+)
+
+def pack(mode: str, pairs: list[dict], layout: LayoutConfig, max_length: int) -> dict:
+    views = ([p["view_a"] for p in pairs], [p["view_b"] for p in pairs], [int(p["sample_id"]) for p in pairs])
+    if mode in REFERENCE_LAYOUTS:
+        return pack_reference(*views, layout, mode, max_length)
+    return pack_pairs(*views, layout)
+
+
+def draw_pairs(cfg: Config, layout: LayoutConfig, tokenizer, count: int) -> list[list[dict]]:
+    """`count` micro-batches of raw pairs for this rank, read once and shared by every mode."""
+    loader = build_loader(
+        cfg.data.shards,
+        batch_pairs=cfg.data.pairs_per_batch,
+        layout=layout,
+        tokenizer=tokenizer,
+        remote=cfg.data.remote,
+        shuffle=cfg.data.shuffle,
+        seed=cfg.data.seed,
+        max_pair_tokens=cfg.data.max_pair_tokens,
+    )
+    batches: list[list[dict]] = []
+    current: list[dict] = []
+    while len(batches) < count:
+        for sample in loader.dataset:  # this rank's share of one epoch
+            current.append(sample)
+            if len(current) == cfg.data.pairs_per_batch:
+                batches.append(current)
+                current = []
+                if len(batches) == count:
+                    break
+    return batches
+
+
+def _reduce(values: list[float], op, device) -> list[float]:
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.get_world_size() > 1:
+        dist.all_reduce(tensor, op=op)
+    return tensor.tolist()
+
+
+def _batch_counts(batch: dict, flop_model: FlopModel) -> list[float]:
+    """pairs, useful tokens, computed slots, segment (non-padding) tokens, trained and teacher FLOPs."""
+    segments = int((batch["segment"] != SEG_PAD).sum())
+    if "teacher_segment" in batch:
+        segments += int((batch["teacher_segment"] != SEG_PAD).sum())
+    flops = batch_flops(batch, flop_model)
+    return [
+        int(batch["num_pairs"]),
+        int(batch["useful_tokens"]),
+        int(batch["computed_tokens"]),
+        segments,
+        flops["trained"],
+        flops["teacher"],
+    ]
+
+
+def run_mode(mode: str, cfg: Config, settings: BenchSettings, tokenizer, pred_ids, pad_id, pairs, peak, bar) -> dict:
+    """One mode on this rank; every figure reduced over the ranks (see the module docstring)."""
+    total_steps = settings.warmup + settings.steps
+    accum = cfg.optim.grad_accum
+    mcfg = mode_config(cfg, mode, total_steps)
+    batches = [pack(mode, p, layout_config(mcfg, pred_ids, pad_id), settings.max_length) for p in pairs]
+    world = dist.get_world_size()
+
+    peak.reset()
+    engine, teacher = build_engine(mcfg, tokenizer, run_config(mcfg, world, mcfg.train.output_dir))
+    device, accelerator = engine.device, get_accelerator()
+    flop_model = FlopModel.of(engine.module)
+    step_seconds, ema_seconds, first_step = [], [], [0.0, 0.0]
+    bar.set_description(f"bench {mode}")
+    for step in range(total_steps):
+        accelerator.synchronize()
+        start = time.perf_counter()
+        for batch in batches[step * accum : (step + 1) * accum]:
+            batch = to_device(batch, device)
+            target = teacher.encode(batch) if teacher is not None else None
+            out = engine(batch, step=step, target_embeddings=target)
+            engine.backward(out.loss)
+            engine.step()
+        ema = teacher.update(step + 1)["seconds"] if teacher is not None else 0.0
+        accelerator.synchronize()
+        elapsed = time.perf_counter() - start
+        if step == 0:
+            first_step = [out.ce.item(), out.jepa.item()]
+        if step >= settings.warmup:
+            step_seconds.append(elapsed)
+            ema_seconds.append(ema)
+        bar.update()
+    state = model_state_bytes(engine, teacher)
+    peak_bytes = peak.peak()
+    for e in (engine, teacher.engine if teacher is not None else None):
+        if e is not None:
+            e.destroy()
+    del engine, teacher, out
+    gc.collect()
+    accelerator.empty_cache()
+
+    timed = batches[settings.warmup * accum :]
+    counts = [sum(column) for column in zip(*(_batch_counts(b, flop_model) for b in timed))]
+    pairs_n, useful, computed, segments, trained, teacher_flops = _reduce(counts, dist.ReduceOp.SUM, device)
+    step_seconds = _reduce(step_seconds, dist.ReduceOp.MAX, device)
+    ema_seconds = _reduce(ema_seconds, dist.ReduceOp.MAX, device)
+    state_keys = sorted(state)
+    state_max = _reduce([state[k] for k in state_keys] + [peak_bytes], dist.ReduceOp.MAX, device)
+    first_step = [v / world for v in _reduce(first_step, dist.ReduceOp.SUM, device)]
+
+    median = statistics.median(step_seconds)
+    steps = len(step_seconds)
+    per_step = lambda total: total / steps  # noqa: E731
+    flops_per_step = per_step(trained + teacher_flops)
+    peak_device = peak_flops(_device_name(device), precision(cfg))
+    tflops = flops_per_step / median / world / 1e12
+    return {
+        "step_seconds": {"median": median, "min": min(step_seconds), "max": max(step_seconds), "all": step_seconds},
+        "pairs_per_step": per_step(pairs_n),
+        "useful_tokens_per_step": per_step(useful),
+        "computed_tokens_per_step": per_step(computed),
+        "segment_tokens_per_step": per_step(segments),
+        "padding_fraction": 1.0 - segments / computed,
+        "seconds_per_pair": median / per_step(pairs_n),
+        "pairs_per_s": per_step(pairs_n) / median,
+        "pairs_per_s_per_rank": per_step(pairs_n) / median / world,
+        "computed_tokens_per_s": per_step(computed) / median,
+        "useful_tokens_per_s": per_step(useful) / median,
+        "ema_update_seconds": statistics.median(ema_seconds) if mode == "jepa-ema" else None,
+        "flops_per_step": {"trained": per_step(trained), "teacher": per_step(teacher_flops)},
+        "tflops_per_rank": tflops,
+        "mfu": tflops * 1e12 / peak_device if peak_device else None,
+        "peak_memory_bytes": int(state_max[-1]),
+        "model_state_bytes": {k: int(v) for k, v in zip(state_keys, state_max)},
+        "first_step": {"ce": first_step[0], "jepa": first_step[1]},
+    }
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({os.cpu_count()} cores: {platform.processor() or platform.machine()})"
+
+
+def _versions() -> dict:
+    import deepspeed
+    import numpy
+    import streaming
+    import transformers
+    import triton
+
+    import megajepa
+
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, timeout=10
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "deepspeed": deepspeed.__version__,
+        "transformers": transformers.__version__,
+        "triton": triton.__version__,
+        "mosaicml-streaming": streaming.__version__,
+        "numpy": numpy.__version__,
+        "megajepa": getattr(megajepa, "__version__", None),
+        "git_commit": commit,
+    }
+
+
+def _loader_benchmark(cfg: Config, layout: LayoutConfig, tokenizer, batches: int, device) -> dict:
+    stats = loader_throughput(
+        cfg.data.shards,
+        batch_pairs=cfg.data.pairs_per_batch,
+        layout=layout,
+        batches=batches,
+        tokenizer=tokenizer,
+        num_workers=cfg.data.num_workers,
+        seed=cfg.data.seed,
+    )
+    per_rank = [0.0] * dist.get_world_size()
+    per_rank[dist.get_rank()] = stats["pairs_per_s"]
+    per_rank = _reduce(per_rank, dist.ReduceOp.SUM, device)
+    return {
+        "batches": stats["batches"],
+        "num_workers": cfg.data.num_workers,
+        "pairs_per_s_per_rank": per_rank,
+        "padding_fraction": stats["padding_fraction"],
+    }
+
+
+def run(cfg: Config, settings: BenchSettings) -> dict | None:
+    """The benchmark on this rank; the results on rank 0, None elsewhere."""
+    validate(cfg, settings)
+    # DeepSpeed's collectives call deprecated torch.distributed names every step: keep the bar readable.
+    warnings.filterwarnings("ignore", r"`torch\.distributed\.\w+` is deprecated", FutureWarning)
+    rank, world, local_rank = init_distributed()
+    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    prepare_embedded(cfg, rank)
+    prepared, tokenizer, pred_ids = load_tokenizer(cfg)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id or 0
+    jepa_layout = layout_config(mode_config(cfg, "jepa", 1), pred_ids, pad_id)
+
+    load_before = os.getloadavg()
+    loader = None
+    if settings.loader_batches > 0:
+        loader = _loader_benchmark(cfg, jepa_layout, prepared, settings.loader_batches, device)
+    pairs = draw_pairs(cfg, jepa_layout, prepared, (settings.warmup + settings.steps) * cfg.optim.grad_accum)
+    peak = PeakMemory(device)
+    total = len(settings.modes) * (settings.warmup + settings.steps)
+    with tqdm(total=total, desc="bench", unit="step", disable=rank != 0, dynamic_ncols=True) as bar:
+        modes = {
+            mode: run_mode(mode, cfg, settings, tokenizer, pred_ids, pad_id, pairs, peak, bar)
+            for mode in settings.modes
+        }
+    if rank != 0:
+        return None
+    return {
+        "world_size": world,
+        "device": _device_name(device),
+        "precision": precision(cfg),
+        "peak_memory_kind": peak.kind,
+        "pairs_per_batch": cfg.data.pairs_per_batch,
+        "grad_accum": cfg.optim.grad_accum,
+        "steps": settings.steps,
+        "warmup": settings.warmup,
+        "max_length": settings.max_length,
+        "load_average": {"before": list(load_before), "after": list(os.getloadavg())},
+        "versions": _versions(),
+        "loader": loader,
+        "modes": modes,
+    }

@@ -1,0 +1,202 @@
+"""`megajepa bench`: the reference layouts, the FLOPs count, and a tiny end-to-end run (about 60 s)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from megajepa.bench.flops import FlopModel, attended_keys, batch_flops, peak_flops
+from megajepa.config import JepaConfig
+from megajepa.data.layout import IGNORE_INDEX, SEG_PAD, LayoutConfig, pack_pairs
+from megajepa.data.reference_layout import pack_reference
+from megajepa.jepa.objective import JepaModel
+from megajepa.model.attention import dense_mask
+
+REPO = Path(__file__).resolve().parent.parent
+VOCAB, K, HIDDEN, INTERMEDIATE, LAYERS, HEADS, KV_HEADS = 101, 2, 64, 96, 2, 4, 2
+PRED_IDS = [VOCAB - 2, VOCAB - 1]
+
+
+def tiny_lm(seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=HIDDEN,
+        intermediate_size=INTERMEDIATE,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        num_key_value_heads=KV_HEADS,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        attn_implementation="sdpa",
+    )
+    return LlamaForCausalLM(config).float()
+
+
+def random_pairs(n: int, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    sizes = [(int(torch.randint(3, 30, (1,), generator=g)), int(torch.randint(2, 20, (1,), generator=g))) for _ in range(n)]
+    return [(torch.randint(0, VOCAB - 2, (a,), generator=g), torch.randint(0, VOCAB - 2, (b,), generator=g)) for a, b in sizes]
+
+
+def both_views(pairs):
+    return [a for a, _ in pairs], [b for _, b in pairs], list(range(len(pairs)))
+
+
+ONLINE = LayoutConfig(row_length=128, pred_token_ids=PRED_IDS, target="online")
+
+
+@pytest.mark.parametrize("kind,rows_per_pair", [("ref3", 3), ("ref2", 2)])
+def test_reference_rows_are_padded_sequences_per_pair(kind, rows_per_pair):
+    pairs = random_pairs(6)
+    packed = pack_pairs(*both_views(pairs), ONLINE)
+    ref = pack_reference(*both_views(pairs), ONLINE, kind, max_length=64)
+    assert ref["input_ids"].shape == (rows_per_pair * len(pairs), 64)
+    assert int(ref["computed_tokens"]) == rows_per_pair * len(pairs) * 64
+    for key in ("useful_tokens", "num_pairs", "jepa_pairs", "sample_ids"):
+        assert torch.equal(ref[key], packed[key]), key
+    # the same labels (CE over view B only), once per pair, and the same tokens in the segments
+    assert sorted(ref["labels"][ref["labels"] != IGNORE_INDEX].tolist()) == sorted(
+        packed["labels"][packed["labels"] != IGNORE_INDEX].tolist()
+    )
+    # block by block: the full conversation, view A + [PRED] (+ view B for ref2), view B alone
+    pred = torch.tensor(PRED_IDS)
+    expected = [[torch.cat([a, b]) for a, b in pairs]]
+    expected += [[torch.cat([a, pred]) for a, _ in pairs], [b for _, b in pairs]] if kind == "ref3" else []
+    expected += [[torch.cat([a, pred, b]) for a, b in pairs]] if kind == "ref2" else []
+    rows = [ids[seg != SEG_PAD] for ids, seg in zip(ref["input_ids"], ref["segment"])]
+    for row, want in zip(rows, [w for block in expected for w in block]):
+        assert torch.equal(row, want)
+    for i, row in enumerate(ref["pair_index"]):
+        assert set(row[row >= 0].tolist()) == {i % len(pairs)}
+
+
+@pytest.mark.parametrize("kind", ["ref3", "ref2"])
+def test_reference_layouts_give_the_packed_ce_and_embeddings(kind):
+    pairs = random_pairs(5, seed=4)
+    model = JepaModel(tiny_lm(), JepaConfig(k=K, predictor="tokens", distance="cosine", target="online"))
+    with torch.no_grad():
+        packed = model(pack_pairs(*both_views(pairs), ONLINE))
+        ref = model(pack_reference(*both_views(pairs), ONLINE, kind, max_length=64))
+    for name in ("ce", "z_a", "z_b", "jepa"):
+        torch.testing.assert_close(getattr(ref, name), getattr(packed, name), atol=1e-5, rtol=1e-5, msg=name)
+
+
+def test_reference_layout_keeps_dropout_and_refuses_what_it_cannot_lay_out():
+    pairs = random_pairs(20, seed=5)
+    dropout = LayoutConfig(row_length=128, pred_token_ids=PRED_IDS, target="online", dropout=0.5, seed=3)
+    packed = pack_pairs(*both_views(pairs), dropout)
+    ref = pack_reference(*both_views(pairs), dropout, "ref3", max_length=64)
+    kept = packed["jepa_pairs"]
+    assert 0 < kept.numel() < len(pairs)
+    assert torch.equal(ref["jepa_pairs"], kept)
+    assert ref["input_ids"].shape[0] == len(pairs) + 2 * kept.numel()
+    with pytest.raises(ValueError, match="exceeds max_length=16"):
+        pack_reference(*both_views(pairs), ONLINE, "ref2", max_length=16)
+    ema = LayoutConfig(row_length=128, pred_token_ids=PRED_IDS, target="ema")
+    with pytest.raises(ValueError, match="target 'ema'"):
+        pack_reference(*both_views(pairs), ema, "ref3")
+
+
+def test_attended_keys_by_hand_and_against_the_mask():
+    a, b = torch.tensor([5, 6, 7]), torch.tensor([8, 9])
+    layout = LayoutConfig(row_length=16, pred_token_ids=[VOCAB - 1], target="online", row_multiple=0)
+    batch = pack_pairs([a], [b], [0], layout)
+    # T: 3 tokens causal = 6; C: 2 x 3 (T) + 3 = 9; P: 1 x 3 + 1 = 4; C': 3. Padding: none counted.
+    assert attended_keys(batch["pair_index"], batch["segment"]) == 22
+
+    pairs = random_pairs(9, seed=6)
+    for batch in (pack_pairs(*both_views(pairs), ONLINE), pack_reference(*both_views(pairs), ONLINE, "ref2", 64)):
+        mask = dense_mask(batch["pair_index"], batch["segment"])[:, 0]
+        queries = (batch["segment"] != SEG_PAD)[:, :, None]
+        assert attended_keys(batch["pair_index"], batch["segment"]) == int((mask & queries).sum())
+
+
+def test_flops_formula_on_a_hand_computed_case():
+    model = FlopModel(body_params=10, head_params=7, predictor_params=5, layers=2, attention_width=4)
+    a, b = torch.tensor([5, 6, 7]), torch.tensor([8, 9])
+    online = pack_pairs([a], [b], [0], LayoutConfig(row_length=16, pred_token_ids=[VOCAB - 1], row_multiple=0))
+    # 8 tokens (T3 C2 P1 C'2), 2 labelled (B's two tokens), 1 JEPA pair, 22 attended keys
+    assert batch_flops(online, model) == {
+        "trained": 6 * 10 * 8 + 6 * 7 * 2 + 6 * 5 * 1 + 12 * 2 * 4 * 22,
+        "teacher": 0,
+        "total": 2676 + 30,
+    }
+    ema = pack_pairs([a], [b], [0], LayoutConfig(row_length=16, pred_token_ids=[VOCAB - 1], target="ema", row_multiple=0))
+    # online: T3 C2 P1 = 6 tokens, 19 keys; teacher: C'2, forward only, 3 keys
+    flops = batch_flops(ema, model)
+    assert flops["trained"] == 6 * 10 * 6 + 6 * 7 * 2 + 6 * 5 + 12 * 2 * 4 * 19
+    assert flops["teacher"] == 2 * 10 * 2 + 4 * 2 * 4 * 3
+
+
+def test_flop_model_counts_the_transformer_body():
+    model = FlopModel.of(JepaModel(tiny_lm(), JepaConfig(k=K, predictor="mlp")))
+    kv = HIDDEN // HEADS * KV_HEADS
+    per_layer = 2 * HIDDEN * HIDDEN + 2 * HIDDEN * kv + 3 * HIDDEN * INTERMEDIATE + 2 * HIDDEN
+    assert model.body_params == LAYERS * per_layer + HIDDEN  # + the final norm; tied embedding excluded
+    assert model.head_params == VOCAB * HIDDEN
+    assert model.predictor_params == 2 * (HIDDEN * 4 * HIDDEN) + 4 * HIDDEN + HIDDEN
+    assert (model.layers, model.attention_width) == (LAYERS, HIDDEN)
+
+
+@pytest.mark.parametrize(
+    "name,precision,peak",
+    [
+        ("NVIDIA H100 80GB HBM3", "bf16", 989e12),
+        ("NVIDIA H100 PCIe", "bf16", 756e12),
+        ("NVIDIA H200", "bf16", 989e12),
+        ("NVIDIA A100-SXM4-80GB", "fp16", 312e12),
+        ("NVIDIA H100 NVL", "bf16", None),
+        ("NVIDIA H100 80GB HBM3", "fp32", None),
+        ("cpu (2 cores)", "bf16", None),
+    ],
+)
+def test_peak_flops_table(name, precision, peak):
+    assert peak_flops(name, precision) == peak
+
+
+def test_bench_end_to_end_one_rank(demo_data, tmp_path):
+    out = tmp_path / "bench"
+    overrides = [
+        f"data.embedded={demo_data['root']}",
+        f"data.shards={demo_data['train_shards']}",
+        f"data.eval_shards={demo_data['eval_shards']}",
+        f"data.tokenizer={demo_data['tokenizer']}",
+        "data.pairs_per_batch=4",
+    ]
+    command = [
+        str(Path(sys.executable).parent / "megajepa"), "bench", "configs/demo.yaml", *overrides,
+        "--nproc", "1", "--scaling", "1", "--steps", "2", "--warmup", "0", "--loader-batches", "2", "--out", str(out),
+    ]  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("RANK", None)
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+
+    assert "| mode | step time s" in result.stdout
+    assert (out / "time_per_pair.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "bench.md").read_text().strip() in result.stdout
+    report = json.loads((out / "bench.json").read_text())
+    modes = report["modes"]
+    assert list(modes) == ["ce", "jepa", "jepa-ema", "ref3", "ref2"]
+    assert report["config"]["data"]["pairs_per_batch"] == 4 and report["versions"]["torch"] == torch.__version__
+    # same init, same pairs: every layout computes the same CE and JEPA loss at the first step
+    for name in ("jepa-ema", "ref3", "ref2"):
+        assert modes[name]["first_step"]["ce"] == pytest.approx(modes["ce"]["first_step"]["ce"], rel=1e-4)
+        assert modes[name]["first_step"]["jepa"] == pytest.approx(modes["jepa"]["first_step"]["jepa"], rel=1e-3)
+    for name, mode in modes.items():
+        assert mode["pairs_per_step"] == 4 and len(mode["step_seconds"]["all"]) == 2
+        assert mode["time_per_pair_vs_ce"] == pytest.approx(mode["seconds_per_pair"] / modes["ce"]["seconds_per_pair"])
+        assert mode["useful_tokens_per_step"] == modes["ce"]["useful_tokens_per_step"]
+    assert modes["ref3"]["computed_tokens_per_step"] == 3 * 4 * 512
+    assert modes["ref3"]["padding_fraction"] > 0.5 > modes["jepa"]["padding_fraction"]
+    assert modes["jepa-ema"]["ema_update_seconds"] is not None and modes["jepa"]["ema_update_seconds"] is None
+    assert modes["jepa-ema"]["flops_per_step"]["teacher"] > 0 == modes["jepa"]["flops_per_step"]["teacher"]
+    state = report["scaling"]["1"]
+    assert state["ema"] > 0 and state["teacher"] > 0 and state["optimizer"] >= 2 * state["parameters"]
+    assert report["loader"]["batches"] == 2 and len(report["loader"]["pairs_per_s_per_rank"]) == 1
