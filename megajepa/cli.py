@@ -103,6 +103,30 @@ def cmd_bench(args) -> int:
     return training_bench([args.target, *args.rest])
 
 
+def cmd_export(args) -> int:
+    from megajepa.export import ExportError, export
+
+    try:
+        export(args.checkpoint, args.out, args.weights, args.dtype, args.tokenizer, args.overwrite)
+    except (ExportError, FileExistsError, FileNotFoundError) as err:
+        print(f"megajepa export: {err}", file=sys.stderr)
+        return 2
+    print(f"exported {args.checkpoint} ({args.weights} weights) to {args.out}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from megajepa.eval.run import main as eval_main
+
+    return eval_main(args)
+
+
+def cmd_compare(args) -> int:
+    from megajepa.compare import main as compare_main
+
+    return compare_main([args.config, *args.rest])
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="megajepa", description="LLM-JEPA pretraining on DeepSpeed ZeRO-3")
@@ -124,6 +148,34 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("target", help="a CONFIG (see `megajepa bench CONFIG --help`), or 'kernels'")
     bench.add_argument("rest", nargs=argparse.REMAINDER)
     bench.set_defaults(func=cmd_bench)
+    export = sub.add_parser("export", help="ZeRO checkpoint -> Hugging Face model directory")
+    export.add_argument("checkpoint", help="checkpoint dir (.../checkpoints/stepNNNNNNNN) or a run's output_dir")
+    export.add_argument("--out", required=True, help="the Hugging Face directory to write")
+    export.add_argument("--weights", choices=("online", "ema"), default="online")
+    export.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default=None, help="default: training precision")
+    export.add_argument("--tokenizer", default=None, help="the tokenizer dir, if it moved since training")
+    export.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    export.set_defaults(func=cmd_export)
+    evaluate = sub.add_parser("eval", help="held-out generation, CE and JEPA metrics")
+    evaluate.add_argument("model", help="a checkpoint (or a run's output_dir) or an exported HF directory")
+    evaluate.add_argument("--data", required=True, help="MDS shard directory or chat JSONL of held-out pairs")
+    evaluate.add_argument("--weights", choices=("online", "ema"), default="online")
+    evaluate.add_argument("--limit", type=int, default=None, help="evaluate the first N pairs only")
+    evaluate.add_argument("--batch-pairs", type=int, default=32, help="pairs per batch (retrieval candidates)")
+    evaluate.add_argument("--max-new-tokens", type=int, default=None, help="default: 2x the longest reference")
+    evaluate.add_argument("--task", choices=("auto", "regex", "none"), default="auto", help="task checker")
+    evaluate.add_argument("--json", default=None, help="write the metrics and settings here")
+    evaluate.add_argument("--generations", default=None, help="write one JSON line per pair here")
+    evaluate.add_argument("--no-progress", dest="progress", action="store_false")
+    evaluate.set_defaults(func=cmd_eval)
+    compare = sub.add_parser(
+        "compare",
+        help="train with and without the JEPA term over seeds, evaluate, t-test",
+        usage="megajepa compare CONFIG [--seeds N] [--jobs N] [--out DIR] [key=value ...]  (CONFIG --help: all options)",
+    )
+    compare.add_argument("config", help="YAML config, e.g. configs/demo.yaml")
+    compare.add_argument("rest", nargs=argparse.REMAINDER, help="options and overrides, in any order")
+    compare.set_defaults(func=cmd_compare)
 
     if argv and argv[0] == "prepare":
         from megajepa.data.prepare import main as prepare_main

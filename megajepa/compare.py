@@ -1,0 +1,262 @@
+"""`megajepa compare`: does the JEPA term help? The same config trained with and without it.
+
+    megajepa compare configs/demo.yaml --seeds 3 [--jobs 2] [--out DIR] [key=value ...]
+
+For each seed s (train.seed = data.seed = s) two single-process runs of `megajepa train`:
+next-token only (jepa.lambda_=0) and with the JEPA term (the config's jepa.lambda_). All runs are
+evaluated the same way (megajepa.eval on --data, default the config's data.eval_shards) and the
+table gives, per metric, mean ± std over seeds for both arms, the difference (JEPA - next-token)
+and the one-sided paired t-test p-value for "JEPA is better" (seeds are the pairs).
+
+Written under --out (default runs/compare): one directory per run (its train.output_dir, train.log,
+eval.json), compare.md (the table), compare.json (everything) and curves.png (training CE and JEPA
+loss). A run directory whose run.json records the same resolved config is reused, not retrained.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
+
+from tqdm import tqdm
+
+from megajepa.config import ConfigError, load_config, to_dict
+from megajepa.eval.run import METRICS, atomic_write
+from megajepa.eval.stats import mean_std, paired_t_test
+
+ARMS = ("next-token", "jepa")
+
+
+@dataclass
+class Run:
+    arm: str
+    seed: int
+    output_dir: str
+    overrides: list[str]  # the user's, then this run's
+
+    @property
+    def name(self) -> str:
+        return f"{self.arm}-seed{self.seed}"
+
+
+def plan_runs(config: str, overrides: list[str], seeds: int, out: str) -> list[Run]:
+    """The 2 x seeds runs; refuses a config whose JEPA weight is 0 (nothing to compare)."""
+    cfg = load_config(config, overrides)
+    if cfg.jepa.lambda_ <= 0:
+        raise ConfigError(f"{config}: jepa.lambda_ is {cfg.jepa.lambda_}; the JEPA arm needs a positive weight")
+    runs = []
+    for seed in range(seeds):
+        for arm, lam in zip(ARMS, (0.0, cfg.jepa.lambda_)):
+            output_dir = os.path.join(out, f"{arm}-seed{seed}")
+            extra = [f"jepa.lambda_={lam}", f"train.seed={seed}", f"data.seed={seed}", f"train.output_dir={output_dir}"]
+            runs.append(Run(arm, seed, output_dir, [*overrides, *extra]))
+    return runs
+
+
+def _resolved(config: str, run: Run) -> dict:
+    return to_dict(load_config(config, run.overrides))
+
+
+def _is_done(config: str, run: Run) -> bool:
+    """True for a finished run of the same config; raises for a directory holding anything else."""
+    marker = os.path.join(run.output_dir, "run.json")
+    if os.path.isfile(marker):
+        with open(marker) as f:
+            if json.load(f)["config"] == _resolved(config, run):
+                return True
+        raise FileExistsError(f"{run.output_dir}: a run of another config; remove it or choose another --out")
+    if os.path.exists(run.output_dir):
+        raise FileExistsError(f"{run.output_dir}: an unfinished run; remove it to retrain")
+    return False
+
+
+def train_run(config: str, run: Run) -> float:
+    """`megajepa train` in its own process (one rank, one thread); returns its wall time."""
+    os.makedirs(run.output_dir)
+    tmpdir = os.path.join(run.output_dir, "tmp")  # StreamingDataset's locks, private to the run
+    os.makedirs(tmpdir)
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    env.update(TMPDIR=tmpdir, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    command = [sys.executable, "-m", "megajepa.cli", "train", config, *run.overrides, "logging.progress=false"]
+    log_path = os.path.join(run.output_dir, "train.log")
+    start = time.perf_counter()
+    with open(log_path, "w") as log:
+        log.write("+ " + " ".join(command) + "\n")
+        log.flush()
+        result = subprocess.run(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+    if result.returncode != 0:
+        raise RuntimeError(f"{run.name}: `megajepa train` failed (exit {result.returncode}); see {log_path}")
+    shutil.rmtree(tmpdir)
+    seconds = time.perf_counter() - start
+    marker = {"config": _resolved(config, run), "seconds": seconds}
+    atomic_write(os.path.join(run.output_dir, "run.json"), json.dumps(marker))
+    return seconds
+
+
+def train_all(config: str, runs: list[Run], jobs: int) -> None:
+    todo = [run for run in runs if not _is_done(config, run)]
+    if len(todo) < len(runs):
+        print(f"reusing {len(runs) - len(todo)} finished run(s)", flush=True)
+    with ThreadPoolExecutor(max_workers=jobs) as pool, tqdm(total=len(todo), desc="train", unit="run") as bar:
+        futures = {pool.submit(train_run, config, run): run for run in todo}
+        for future in as_completed(futures):
+            bar.write(f"trained {futures[future].name} in {future.result():.0f} s")
+            bar.update()
+
+
+def evaluate_all(runs: list[Run], data: str, limit, batch_pairs: int, max_new_tokens) -> dict[str, dict]:
+    """Each run's final checkpoint through megajepa.eval, on the same pairs."""
+    import torch
+
+    from megajepa.eval.data import load_eval_pairs
+    from megajepa.eval.run import evaluate, load_model
+
+    results, pairs = {}, None
+    for run in tqdm(runs, desc="eval", unit="run"):
+        loaded = load_model(run.output_dir, torch.device("cpu"))
+        pairs = pairs or load_eval_pairs(data, loaded.tokenizer, limit)
+        result = evaluate(loaded, pairs, batch_pairs=batch_pairs, max_new_tokens=max_new_tokens, progress=False)
+        report = {"metrics": result["metrics"], "settings": result["settings"], "data": data}
+        atomic_write(os.path.join(run.output_dir, "eval.json"), json.dumps(report, indent=2))
+        results[run.name] = result["metrics"]
+    return results
+
+
+def summarize(runs: list[Run], results: dict[str, dict]) -> dict[str, dict]:
+    """Per metric: both arms' values by seed, mean, std, the difference and the p-value."""
+    seeds = sorted({run.seed for run in runs})
+    rows = {}
+    for name, (_, higher_is_better) in METRICS.items():
+        values = {arm: [results[f"{arm}-seed{s}"][name] for s in seeds] for arm in ARMS}
+        if any(v is None for arm in ARMS for v in values[arm]):
+            continue  # e.g. no task checker for this data
+        row = {"higher_is_better": higher_is_better}
+        for arm in ARMS:
+            row[arm] = {"values": values[arm], "mean": mean_std(values[arm])[0], "std": mean_std(values[arm])[1]}
+        row["difference"] = row["jepa"]["mean"] - row["next-token"]["mean"]
+        row["p_value"] = paired_t_test(values["jepa"], values["next-token"], higher_is_better)
+        rows[name] = row
+    return rows
+
+
+def _cell(mean: float, std) -> str:
+    return f"{mean:.4f}" if std is None else f"{mean:.4f} ± {std:.4f}"
+
+
+def format_table(rows: dict[str, dict], seeds: int) -> str:
+    lines = [
+        f"| metric ({seeds} seeds) | next-token only | + JEPA | difference | p (JEPA better) |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for name, row in rows.items():
+        label, higher = METRICS[name]
+        p = "n/a" if row["p_value"] is None else f"{row['p_value']:.3f}"
+        base, jepa = (_cell(row[arm]["mean"], row[arm]["std"]) for arm in ARMS)
+        lines.append(f"| {label} ({'↑' if higher else '↓'}) | {base} | {jepa} | {row['difference']:+.4f} | {p} |")
+    return "\n".join(lines)
+
+
+def _read_metrics(output_dir: str) -> list[dict]:
+    with open(os.path.join(output_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def plot_curves(runs: list[Run], path: str) -> None:
+    """Training CE (both arms) and JEPA loss (the JEPA arm: the next-token arm never computes it),
+    one thin line per seed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colors = {"next-token": "tab:blue", "jepa": "tab:orange"}
+    fig, (ax_ce, ax_jepa) = plt.subplots(1, 2, figsize=(11, 4))
+    for run in runs:
+        rows = _read_metrics(run.output_dir)
+        steps = [r["step"] for r in rows]
+        label = run.arm if run.seed == 0 else None
+        marker = "o" if len(rows) < 20 else None  # a handful of logged steps: show the points
+        style = {"color": colors[run.arm], "lw": 1, "alpha": 0.8, "label": label, "marker": marker}
+        ax_ce.plot(steps, [r["ce"] for r in rows], **style)
+        if run.arm == "jepa":
+            ax_jepa.plot(steps, [r["jepa"] for r in rows], **style)
+    ax_ce.set(title="training CE (view B)", xlabel="step", ylabel="CE")
+    ax_jepa.set(title="training JEPA loss", xlabel="step", ylabel="D(pred(z_a), z_b)")
+    for ax in (ax_ce, ax_jepa):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    tmp = f"{path}.tmp-{os.getpid()}"
+    fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="megajepa compare", description=__doc__.split("\n\n")[0])
+    parser.add_argument("config", help="YAML config, e.g. configs/demo.yaml")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides for both arms, e.g. train.steps=500")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--out", default=os.path.join("runs", "compare"))
+    parser.add_argument("--jobs", type=int, default=1, help="training runs at a time (one CPU thread each)")
+    parser.add_argument("--data", default=None, help="held-out pairs (default: the config's data.eval_shards)")
+    parser.add_argument("--limit", type=int, default=None, help="evaluate the first N pairs only")
+    parser.add_argument("--batch-pairs", type=int, default=32)
+    parser.add_argument("--max-new-tokens", type=int, default=None)
+    args = parser.parse_intermixed_args(argv)
+    if args.seeds < 1 or args.jobs < 1:
+        parser.error("--seeds and --jobs must be at least 1")
+    return args
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    start, load_before = time.perf_counter(), os.getloadavg()
+    try:
+        runs = plan_runs(args.config, args.overrides, args.seeds, args.out)
+        data = args.data or load_config(args.config, args.overrides).data.eval_shards
+        if data is None:
+            raise ConfigError(f"{args.config}: no data.eval_shards; pass --data")
+        train_all(args.config, runs, args.jobs)
+    except (ConfigError, FileExistsError) as err:
+        print(f"megajepa compare: {err}", file=sys.stderr)
+        return 2
+    except RuntimeError as err:  # a training run failed; its log says why
+        print(f"megajepa compare: {err}", file=sys.stderr)
+        return 1
+    import torch
+
+    torch.set_num_threads(1)  # tiny models: on a shared CPU more threads only wait on each other
+    results = evaluate_all(runs, data, args.limit, args.batch_pairs, args.max_new_tokens)
+    rows = summarize(runs, results)
+    table = format_table(rows, args.seeds)
+    wall = time.perf_counter() - start
+    load_after = os.getloadavg()
+    command = "megajepa compare " + " ".join(argv)
+    footer = (
+        f"\n\n{args.seeds} seeds x 2 arms, wall time {wall / 60:.1f} min (--jobs {args.jobs}); "
+        f"load average {load_before[0]:.2f} at the start, {load_after[0]:.2f} at the end ({os.cpu_count()} CPUs)\n"
+        f"command: {command}\n"
+    )
+    atomic_write(os.path.join(args.out, "compare.md"), table + footer)
+    report = {
+        "command": command,
+        "seeds": args.seeds,
+        "data": data,
+        "wall_seconds": wall,
+        "load_average": {"start": load_before, "end": load_after},
+        "cpus": os.cpu_count(),
+        "runs": results,
+        "summary": rows,
+    }
+    atomic_write(os.path.join(args.out, "compare.json"), json.dumps(report, indent=2))
+    plot_curves(runs, os.path.join(args.out, "curves.png"))
+    print("\n" + table + footer + f"written: {args.out}/compare.md, compare.json, curves.png")
+    return 0

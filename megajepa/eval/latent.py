@@ -1,0 +1,67 @@
+"""Teacher-forced metrics of one batch of pairs, in the training's packed single pass.
+
+The batch is packed exactly as in training (megajepa.data.layout, online target, no JEPA dropout)
+and run through the JepaModel: CE over view B given view A, and pred(z_a), z_b for every pair.
+From the embeddings: the cosine of pred(z_a) with its own z_b (matched) and with the batch's other
+z_b (mismatched), and where its own z_b ranks among all of the batch's by that cosine (1 = first).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from megajepa.data.layout import IGNORE_INDEX, LayoutConfig, pack_pairs
+from megajepa.eval.data import EvalPair
+from megajepa.jepa.objective import JepaModel
+
+MIN_ROW_LENGTH = 512
+
+
+@dataclass
+class BatchMetrics:
+    ce_sum: float  # summed over view-B tokens
+    tokens: int
+    latent_sum: float  # D(pred(z_a), z_b) summed over pairs
+    cos_matched: list[float]
+    cos_mismatched: list[float]  # per pair, the mean over the batch's other pairs
+    ranks: list[int]  # per pair, 1-based
+
+
+def _layout(pairs: Sequence[EvalPair], pred_ids: list[int], pad_id: int) -> LayoutConfig:
+    longest = max(len(p.view_a) + len(p.view_b) for p in pairs) + len(pred_ids)
+    return LayoutConfig(
+        row_length=max(MIN_ROW_LENGTH, -(-longest // 16) * 16),
+        pred_token_ids=pred_ids,
+        labels="response",
+        target="online",
+        pad_token_id=pad_id,
+    )
+
+
+@torch.no_grad()
+def batch_metrics(model: JepaModel, pairs: Sequence[EvalPair], pred_ids: list[int], pad_id: int) -> BatchMetrics:
+    device = next(model.parameters()).device
+    layout = _layout(pairs, pred_ids, pad_id)
+    batch = pack_pairs([p.view_a for p in pairs], [p.view_b for p in pairs], [p.sample_id for p in pairs], layout)
+    batch = {k: v.to(device) for k, v in batch.items()}
+    out = model(batch)
+    tokens = int((batch["labels"] != IGNORE_INDEX).sum())
+    z_a = F.normalize(out.z_a.float(), dim=-1)
+    z_b = F.normalize(out.z_b.float(), dim=-1)
+    cos = z_a @ z_b.T  # [pairs, pairs]: row i is pred(z_a_i) against every z_b
+    matched = cos.diagonal()
+    n = len(pairs)
+    mismatched = (cos.sum(dim=1) - matched) / max(n - 1, 1)
+    ranks = 1 + (cos > matched[:, None]).sum(dim=1)
+    return BatchMetrics(
+        ce_sum=out.ce.item() * tokens,
+        tokens=tokens,
+        latent_sum=out.jepa.item() * n,
+        cos_matched=matched.tolist(),
+        cos_mismatched=mismatched.tolist() if n > 1 else [],
+        ranks=ranks.tolist(),
+    )

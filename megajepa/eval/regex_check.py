@@ -1,0 +1,209 @@
+"""The task checker of the embedded NL -> regex task: does a generated regex describe the same lines?
+
+Two regexes are judged equal when `re.fullmatch` agrees on every string of a test set built to
+tell them apart: strings sampled from each regex's own syntax tree (so both have positives), one
+mutation of each (a character dropped, doubled, added or changed: near misses on counts and
+adjacency), and random strings of the task's pieces (letters, digits, vowels, the task's words and
+the reference's literals). The set is seeded by the pair, so a judgement is reproducible.
+
+Agreement on a finite set is evidence, not proof: a candidate that differs only on strings the
+set never reaches passes. A candidate that does not compile, or that backtracks for longer than
+a time budget (nested unbounded repeats), is judged wrong.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import re
+import signal
+import string
+import threading
+from contextlib import contextmanager
+from functools import lru_cache
+from re import _constants as sre
+from re import _parser as sre_parse
+from typing import Iterator, Optional
+
+from megajepa.data.synthetic import SYSTEM_PROMPT, WORDS
+
+FILLER = string.ascii_letters + string.digits + " .-_"
+CLASSES = (string.ascii_lowercase, string.ascii_uppercase, string.digits, "AEIOUaeiou")
+MAX_EXTRA_REPEATS = 3  # a repeat {m,n} is sampled with m .. min(n, m + 3) copies
+MATCH_SECONDS = 1.0  # budget for one candidate over the whole test set
+CATEGORIES = {
+    sre.CATEGORY_DIGIT: str.isdigit,
+    sre.CATEGORY_NOT_DIGIT: lambda c: not c.isdigit(),
+    sre.CATEGORY_WORD: lambda c: c.isalnum() or c == "_",
+    sre.CATEGORY_NOT_WORD: lambda c: not (c.isalnum() or c == "_"),
+    sre.CATEGORY_SPACE: str.isspace,
+    sre.CATEGORY_NOT_SPACE: lambda c: not c.isspace(),
+}
+
+
+def is_regex_task(prompt: str) -> bool:
+    """Whether a rendered prompt (view A) belongs to the embedded regex task."""
+    return SYSTEM_PROMPT in prompt
+
+
+class _Unsupported(Exception):
+    pass
+
+
+@lru_cache(maxsize=4096)
+def _class_chars(items: tuple) -> str:
+    """The FILLER characters a character class (IN node) accepts."""
+    negate = any(op is sre.NEGATE for op, _ in items)
+    chosen = []
+    for char in FILLER:
+        found = False
+        for op, value in items:
+            if op is sre.LITERAL:
+                found |= char == chr(value)
+            elif op is sre.RANGE:
+                found |= value[0] <= ord(char) <= value[1]
+            elif op is sre.CATEGORY and value in CATEGORIES:
+                found |= CATEGORIES[value](char)
+            elif op is not sre.NEGATE:
+                raise _Unsupported(op)
+        if found != negate:
+            chosen.append(char)
+    return "".join(chosen)
+
+
+def _sample(items, rng: random.Random, groups: dict, lookaheads: list) -> str:
+    """One random string the parsed pattern `items` can match, with zero-width assertions left
+    out; the bodies of positive lookaheads are sampled into `lookaheads` (see samples_of)."""
+    out = []
+    for op, value in items:
+        if op is sre.LITERAL:
+            out.append(chr(value))
+        elif op is sre.NOT_LITERAL:
+            out.append(rng.choice([c for c in FILLER if c != chr(value)]))
+        elif op is sre.ANY:
+            out.append(rng.choice(FILLER))
+        elif op is sre.IN:
+            choices = _class_chars(tuple(value))
+            out.append(rng.choice(choices) if choices else "")
+        elif op in (sre.MAX_REPEAT, sre.MIN_REPEAT, sre.POSSESSIVE_REPEAT):
+            low, high, body = value
+            copies = rng.randint(low, min(high, low + MAX_EXTRA_REPEATS))
+            out.extend(_sample(body, rng, groups, lookaheads) for _ in range(copies))
+        elif op in (sre.SUBPATTERN, sre.ATOMIC_GROUP):
+            group, body = (value[0], value[-1]) if op is sre.SUBPATTERN else (None, value)
+            text = _sample(body, rng, groups, lookaheads)
+            if group:
+                groups[group] = text
+            out.append(text)
+        elif op is sre.BRANCH:
+            out.append(_sample(rng.choice(value[1]), rng, groups, lookaheads))
+        elif op is sre.GROUPREF:
+            out.append(groups.get(value, ""))
+        elif op is sre.ASSERT and value[0] == 1:  # (?=...)
+            lookaheads.append(_sample(value[1], rng, groups, lookaheads))
+        elif op not in (sre.AT, sre.ASSERT, sre.ASSERT_NOT):
+            raise _Unsupported(op)
+    return "".join(out)
+
+
+def samples_of(regex: str, rng: random.Random, count: int) -> list[str]:
+    """Strings sampled from the regex's syntax tree, `count` draws (none if it does not parse).
+
+    A draw gives the sample S of the pattern without its assertions and, for each positive
+    lookahead body sampled as L, also S + L and L + S: `(?=.*dog.*$)bird.*` describes lines
+    starting with 'bird' that contain 'dog', which S alone rarely is."""
+    try:
+        parsed = sre_parse.parse(regex)
+        strings = []
+        for _ in range(count):
+            lookaheads: list[str] = []
+            text = _sample(parsed, rng, {}, lookaheads)
+            strings.append(text)
+            for extra in lookaheads:
+                strings += [text + extra, extra + text]
+        return strings
+    except (re.error, _Unsupported, RecursionError, OverflowError, ValueError):
+        return []
+
+
+def _mutate(text: str, rng: random.Random) -> str:
+    char = rng.choice(FILLER + "".join(CLASSES))
+    if not text:
+        return char
+    i = rng.randrange(len(text))
+    edit = rng.randrange(4)
+    if edit == 0:
+        return text[:i] + text[i + 1:]  # drop
+    if edit == 1:
+        return text[:i] + text[i] + text[i:]  # double
+    if edit == 2:
+        return text[:i] + char + text[i:]  # add
+    return text[:i] + char + text[i + 1:]  # change
+
+
+def task_words(regex: str) -> list[str]:
+    """The task's words and the literal words of the regex (outside character classes)."""
+    literals = re.findall(r"[A-Za-z]{2,}", re.sub(r"\[[^\]]*\]|\\.", " ", regex))
+    return sorted(set(WORDS) | set(literals))
+
+
+def _random_piece(words: list[str], rng: random.Random) -> str:
+    kind = rng.randrange(4)
+    if kind == 0:
+        return rng.choice(words)
+    if kind == 1:
+        return rng.choice(rng.choice(CLASSES)) * rng.randint(1, 6)  # a run of one class
+    if kind == 2:
+        return "".join(rng.choice(rng.choice(CLASSES)) for _ in range(rng.randint(1, 3)))
+    return rng.choice(" .-")
+
+
+def discriminating_strings(reference: str, candidate: Optional[str] = None, count: int = 60) -> list[str]:
+    """The discriminating test set for judging `candidate` against `reference` (see the module)."""
+    seed = hashlib.blake2b(f"{reference}\0{candidate}".encode(), digest_size=8).digest()
+    rng = random.Random(seed)
+    sampled = samples_of(reference, rng, count)
+    if candidate is not None:
+        sampled += samples_of(candidate, rng, count)
+    words = task_words(reference)
+    pieces = ["".join(_random_piece(words, rng) for _ in range(rng.randint(0, 5))) for _ in range(count)]
+    singles = [c for chars in CLASSES for c in rng.sample(chars, 2)]
+    strings = sampled + [_mutate(s, rng) for s in sampled] + pieces + singles + [""]
+    return list(dict.fromkeys(strings))  # unique, order kept
+
+
+@contextmanager
+def _time_limit(seconds: float) -> Iterator[None]:
+    """Raise TimeoutError in the block after `seconds` (SIGALRM; re checks signals while it
+    backtracks). Outside the main thread there is no alarm and no limit."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def expire(signum, frame):
+        raise TimeoutError
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def same_matches(candidate: str, reference: str, strings: list[str]) -> bool:
+    """Whether fullmatch of the two regexes agrees on every string; False if the candidate does
+    not compile or runs out of time."""
+    expected = re.compile(reference)
+    try:
+        pattern = re.compile(candidate)
+        with _time_limit(MATCH_SECONDS):
+            return all(bool(pattern.fullmatch(s)) == bool(expected.fullmatch(s)) for s in strings)
+    except (re.error, TimeoutError, RecursionError, OverflowError, ValueError):
+        return False
+
+
+def regex_equivalent(candidate: str, reference: str) -> bool:
+    """The task checker: `candidate` matches exactly the lines `reference` matches, on the test set."""
+    return same_matches(candidate, reference, discriminating_strings(reference, candidate))

@@ -1,0 +1,285 @@
+"""`megajepa eval`: held-out generation, CE and JEPA metrics of a checkpoint or an exported model.
+
+    megajepa eval runs/demo --data data/demo/shards/eval [--weights online|ema] [--json out.json]
+    torchrun --nproc_per_node 8 -m megajepa.cli eval HF_DIR --data ...      (data-parallel)
+
+The pairs are cut into batches of --batch-pairs; rank r of W takes batches r, r + W, ... so the
+numbers do not depend on the number of ranks. Per batch:
+
+  - generation: greedy decoding of view B from the prompt (view A alone), capped at
+    --max-new-tokens (default: twice the longest reference, at least 32); exact match after
+    whitespace normalisation, the task checker where the task has one (the embedded regex task:
+    same whole-line matches on a discriminating test set), and whether decoding stopped by itself;
+  - teacher-forced (megajepa.eval.latent): CE and perplexity over view B, the latent loss, the
+    cosine of pred(z_a) with matched and mismatched z_b, retrieval of the matched z_b among the
+    batch's (only full batches count, so every query has --batch-pairs candidates).
+
+z_b comes from the evaluated weights themselves (as with the online target), also for --weights ema.
+A model without megajepa.json (not exported by megajepa) is read with the LM's last hidden state
+at the last prompt token as z_a and no predictor.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import torch
+import torch.distributed as dist
+from omegaconf import OmegaConf
+from tqdm import tqdm
+
+from megajepa.config import JepaConfig
+from megajepa.eval.data import EvalPair, load_eval_pairs
+from megajepa.eval.generation import greedy_generate, normalize
+from megajepa.eval.latent import batch_metrics
+from megajepa.eval.regex_check import is_regex_task, regex_equivalent
+from megajepa.jepa.objective import JepaModel
+
+# name -> (label, higher is better)
+METRICS = {
+    "exact_match": ("exact match", True),
+    "task_accuracy": ("task checker", True),
+    "stop_rate": ("stops by itself", True),
+    "ce": ("held-out CE (view B)", False),
+    "perplexity": ("perplexity", False),
+    "jepa_loss": ("JEPA loss", False),
+    "cos_matched": ("cos(pred(z_a), z_b) matched", True),
+    "cos_mismatched": ("cos(pred(z_a), z_b) mismatched", False),
+    "retrieval_top1": ("retrieval top-1", True),
+    "retrieval_mean_rank": ("retrieval mean rank", False),
+}
+
+
+@dataclass
+class LoadedModel:
+    model: JepaModel
+    tokenizer: object
+    pred_ids: list[int]
+    source: dict = field(default_factory=dict)  # what was loaded, for the report
+
+
+def _jepa_settings(hf_dir: str) -> tuple[JepaConfig, list[int], Optional[str], dict]:
+    path = os.path.join(hf_dir, "megajepa.json")
+    if not os.path.isfile(path):
+        return JepaConfig(predictor="identity", k=0), [], None, {}
+    with open(path) as f:
+        saved = json.load(f)
+    predictor = saved["predictor_file"] and os.path.join(hf_dir, saved["predictor_file"])
+    jepa = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(JepaConfig), saved["jepa"]))
+    return jepa, saved["pred_token_ids"], predictor, saved
+
+
+def load_hf(hf_dir: str, device, weights: Optional[str] = None) -> LoadedModel:
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    jepa, pred_ids, predictor_file, saved = _jepa_settings(hf_dir)
+    if weights is not None and saved and saved.get("weights") != weights:
+        raise ValueError(f"{hf_dir} holds the {saved.get('weights')} weights, not --weights {weights}")
+    tokenizer = AutoTokenizer.from_pretrained(hf_dir, local_files_only=True)
+    lm = AutoModelForCausalLM.from_pretrained(hf_dir, dtype="auto", attn_implementation="sdpa", local_files_only=True)
+    model = JepaModel(lm, jepa)
+    if predictor_file is not None:
+        model.predictor.load_state_dict(load_file(predictor_file))
+    model.to(device).eval()
+    source = {"path": os.path.abspath(hf_dir), "weights": saved.get("weights"), "step": saved.get("step")}
+    return LoadedModel(model, tokenizer, pred_ids, source)
+
+
+def load_model(path: str, device, weights: str = "online") -> LoadedModel:
+    """An exported HF directory, or a checkpoint (exported to a temporary directory first)."""
+    from megajepa.export import export, is_checkpoint
+
+    if not is_checkpoint(path):
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise FileNotFoundError(f"{path}: neither a megajepa checkpoint nor a Hugging Face model directory")
+        return load_hf(path, device, weights)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        raise ValueError(f"{path} is a checkpoint: export it once with `megajepa export` and evaluate the HF directory")
+    with tempfile.TemporaryDirectory() as tmp:
+        loaded = load_hf(export(path, os.path.join(tmp, "hf"), weights=weights), device)
+    loaded.source["path"] = os.path.abspath(path)
+    return loaded
+
+
+def _batches(pairs: Sequence[EvalPair], size: int, rank: int, world: int) -> list[list[EvalPair]]:
+    batches = [list(pairs[i : i + size]) for i in range(0, len(pairs), size)]
+    return batches[rank::world]
+
+
+def evaluate_shard(
+    loaded: LoadedModel,
+    batches: list[list[EvalPair]],
+    *,
+    batch_pairs: int,
+    max_new_tokens: int,
+    task: str,
+    progress: bool,
+) -> tuple[list[dict], dict]:
+    """This rank's per-pair records and summed teacher-forced totals."""
+    tokenizer = loaded.tokenizer
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    records: list[dict] = []
+    totals = {"ce_sum": 0.0, "tokens": 0, "latent_sum": 0.0, "pairs": 0, "full_batches": 0}
+    for batch in tqdm(batches, desc="eval", unit="batch", disable=not progress):
+        generations = greedy_generate(loaded.model.lm, tokenizer, [p.view_a for p in batch], max_new_tokens)
+        metrics = batch_metrics(loaded.model, batch, loaded.pred_ids, pad_id)
+        full = len(batch) == batch_pairs
+        totals["ce_sum"] += metrics.ce_sum
+        totals["tokens"] += metrics.tokens
+        totals["latent_sum"] += metrics.latent_sum
+        totals["pairs"] += len(batch)
+        totals["full_batches"] += int(full)
+        for i, (pair, gen) in enumerate(zip(batch, generations)):
+            checked = task == "regex" or (task == "auto" and is_regex_task(pair.prompt))
+            records.append(
+                {
+                    "sample_id": pair.sample_id,
+                    "reference": pair.reference,
+                    "generated": gen.text,
+                    "exact": normalize(gen.text) == normalize(pair.reference),
+                    "task_ok": regex_equivalent(gen.text.strip(), pair.reference.strip()) if checked else None,
+                    "stopped": gen.stopped,
+                    "new_tokens": gen.new_tokens,
+                    "cos_matched": metrics.cos_matched[i],
+                    "cos_mismatched": metrics.cos_mismatched[i] if metrics.cos_mismatched else None,
+                    "rank": metrics.ranks[i] if full else None,
+                }
+            )
+    return records, totals
+
+
+def _mean(values: list) -> Optional[float]:
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
+
+
+def summarize(records: list[dict], totals: dict) -> dict:
+    """The metrics (METRICS' names) from all ranks' records and totals."""
+    ce = totals["ce_sum"] / max(totals["tokens"], 1)
+    checked = [r["task_ok"] for r in records if r["task_ok"] is not None]
+    ranks = [r["rank"] for r in records if r["rank"] is not None]
+    return {
+        "exact_match": _mean([float(r["exact"]) for r in records]),
+        "task_accuracy": _mean([float(ok) for ok in checked]),
+        "stop_rate": _mean([float(r["stopped"]) for r in records]),
+        "ce": ce,
+        "perplexity": math.exp(ce) if ce < 700 else float("inf"),
+        "jepa_loss": totals["latent_sum"] / max(totals["pairs"], 1),
+        "cos_matched": _mean([r["cos_matched"] for r in records]),
+        "cos_mismatched": _mean([r["cos_mismatched"] for r in records]),
+        "retrieval_top1": _mean([float(r == 1) for r in ranks]),
+        "retrieval_mean_rank": _mean([float(r) for r in ranks]),
+    }
+
+
+def default_max_new_tokens(pairs: Sequence[EvalPair]) -> int:
+    return max(32, 2 * max(len(p.view_b) for p in pairs))
+
+
+def evaluate(
+    loaded: LoadedModel,
+    pairs: Sequence[EvalPair],
+    *,
+    batch_pairs: int = 32,
+    max_new_tokens: Optional[int] = None,
+    task: str = "auto",
+    progress: bool = True,
+) -> dict:
+    """{"metrics", "settings", "records"}; under torch.distributed every rank calls it with the
+    same pairs and every rank gets the full result."""
+    if batch_pairs < 2:
+        raise ValueError(f"--batch-pairs must be at least 2 (retrieval needs candidates), got {batch_pairs}")
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    max_new_tokens = max_new_tokens or default_max_new_tokens(pairs)
+    start = time.perf_counter()
+    records, totals = evaluate_shard(
+        loaded,
+        _batches(pairs, batch_pairs, rank, world),
+        batch_pairs=batch_pairs,
+        max_new_tokens=max_new_tokens,
+        task=task,
+        progress=progress and rank == 0,
+    )
+    if world > 1:
+        gathered: list = [None] * world
+        dist.all_gather_object(gathered, (records, totals))
+        records = sorted((r for part, _ in gathered for r in part), key=lambda r: r["sample_id"])
+        totals = {k: sum(t[k] for _, t in gathered) for k in totals}
+    settings = {
+        "pairs": len(records),
+        "batch_pairs": batch_pairs,
+        "retrieval_queries": sum(r["rank"] is not None for r in records),
+        "task_checked": sum(r["task_ok"] is not None for r in records),
+        "max_new_tokens": max_new_tokens,
+        "view_b_tokens": totals["tokens"],
+        "ranks": world,
+        "seconds": time.perf_counter() - start,
+        "model": loaded.source,
+    }
+    return {"metrics": summarize(records, totals), "settings": settings, "records": records}
+
+
+def format_table(metrics: dict) -> str:
+    lines = ["| metric | value |", "|---|---:|"]
+    for name, (label, _) in METRICS.items():
+        value = metrics.get(name)
+        lines.append(f"| {label} | {'n/a' if value is None else f'{value:.4f}'} |")
+    return "\n".join(lines)
+
+
+def atomic_write(path: str, text: str) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def _init_distributed() -> tuple[int, int, torch.device]:
+    """A process group when launched by torchrun / deepspeed with several ranks."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = torch.cuda.is_available()
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if cuda else "gloo")
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    return (dist.get_rank() if world > 1 else 0), world, device
+
+
+def main(args) -> int:
+    """`megajepa eval` (arguments: megajepa.cli)."""
+    rank, _, device = _init_distributed()
+    loaded = load_model(args.model, device, args.weights)
+    pairs = load_eval_pairs(args.data, loaded.tokenizer, args.limit)
+    result = evaluate(
+        loaded,
+        pairs,
+        batch_pairs=args.batch_pairs,
+        max_new_tokens=args.max_new_tokens,
+        task=args.task,
+        progress=args.progress,
+    )
+    if rank == 0:
+        settings = result["settings"]
+        print(format_table(result["metrics"]))
+        print(
+            f"\n{settings['pairs']} pairs on {settings['ranks']} rank(s) in {settings['seconds']:.1f} s; "
+            f"retrieval among {settings['batch_pairs']} candidates ({settings['retrieval_queries']} queries); "
+            f"at most {settings['max_new_tokens']} new tokens"
+        )
+        if args.json:
+            report = {"metrics": result["metrics"], "settings": settings, "data": args.data}
+            atomic_write(args.json, json.dumps(report, indent=2))
+        if args.generations:
+            atomic_write(args.generations, "".join(json.dumps(r) + "\n" for r in result["records"]))
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return 0

@@ -1,0 +1,102 @@
+"""`megajepa compare` with 2 seeds and tiny runs, and the statistics behind its table."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from _train_utils import demo_overrides
+from megajepa.cli import main as cli
+from megajepa.compare import ARMS, Run, format_table, summarize
+from megajepa.eval.run import METRICS
+from megajepa.eval.stats import betainc, mean_std, paired_t_test, t_sf
+
+
+@pytest.fixture
+def restore_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_compare_two_seeds_writes_table_json_and_png(demo_data, tmp_path, capsys, restore_threads):
+    out = tmp_path / "compare"
+    overrides = demo_overrides(demo_data, tmp_path / "unused", **{"train.steps": 3, "train.eval_batches": 1})
+    overrides = [o for o in overrides if not o.startswith("train.output_dir=")]
+    options = ["--seeds", "2", "--jobs", "2", "--out", str(out), "--limit", "16", "--batch-pairs", "8"]
+    assert cli(["compare", "configs/demo.yaml", *options, "--max-new-tokens", "8", *overrides]) == 0
+
+    names = {f"{arm}-seed{seed}" for arm in ARMS for seed in (0, 1)}
+    report = json.loads((out / "compare.json").read_text())
+    assert set(report["runs"]) == names and report["seeds"] == 2
+    for name in names:
+        config = json.loads((out / name / "run.json").read_text())["config"]
+        assert config["jepa"]["lambda_"] == (0.0 if name.startswith("next-token") else 1.0)
+        assert config["train"]["seed"] == config["data"]["seed"] == int(name[-1])
+        assert config["train"]["steps"] == 3
+    for name, row in report["summary"].items():
+        for arm in ARMS:
+            values = [report["runs"][f"{arm}-seed{s}"][name] for s in (0, 1)]
+            assert row[arm]["values"] == values and row[arm]["mean"] == pytest.approx(sum(values) / 2)
+        assert row["p_value"] is None or 0.0 <= row["p_value"] <= 1.0
+    # the next-token arm never trained the latent term: the JEPA arm's is the smaller loss
+    assert report["summary"]["jepa_loss"]["jepa"]["mean"] < report["summary"]["jepa_loss"]["next-token"]["mean"]
+
+    table = (out / "compare.md").read_text()
+    assert table in capsys.readouterr().out
+    assert "| metric (2 seeds) | next-token only | + JEPA | difference | p (JEPA better) |" in table
+    for label, _ in METRICS.values():
+        assert f"| {label} (" in table
+    assert "load average" in table and "wall time" in table
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # the same directory with another config is refused before any training
+    assert cli(["compare", "configs/demo.yaml", *options, *overrides, "train.steps=4"]) == 2
+    assert "a run of another config" in capsys.readouterr().err
+
+
+def _runs(seeds: int) -> list[Run]:
+    return [Run(arm, s, f"unused/{arm}-seed{s}", []) for s in range(seeds) for arm in ARMS]
+
+
+def test_summary_and_table_from_known_values():
+    base = {"exact_match": [0.10, 0.20, 0.30], "ce": [2.0, 2.2, 2.1]}
+    jepa = {"exact_match": [0.15, 0.22, 0.38], "ce": [2.1, 2.3, 2.15]}
+    results = {
+        f"{arm}-seed{s}": {name: values[name][s] if name in values else None for name in METRICS}
+        for arm, values in (("next-token", base), ("jepa", jepa))
+        for s in range(3)
+    }
+    rows = summarize(_runs(3), results)
+    assert list(rows) == ["exact_match", "ce"]  # metrics without values (no checker, ...) are left out
+    gains = [0.05, 0.02, 0.08]
+    t = mean_std(gains)[0] / (mean_std(gains)[1] / math.sqrt(3))
+    assert rows["exact_match"]["p_value"] == pytest.approx(t_sf(t, 2))
+    assert rows["exact_match"]["difference"] == pytest.approx(0.05)
+    assert rows["ce"]["p_value"] > 0.9  # CE went up in every seed: JEPA is not better
+    table = format_table(rows, 3)
+    assert "| exact match (↑) | 0.2000 ± 0.1000 | 0.2500 ± 0.1179 | +0.0500 |" in table
+    assert "| held-out CE (view B) (↓) |" in table
+
+
+def test_t_distribution_matches_closed_forms_and_tables():
+    for t in (-3.0, -0.5, 0.0, 0.3, 2.0, 10.0):
+        assert t_sf(t, 1) == pytest.approx(0.5 - math.atan(t) / math.pi, abs=1e-12)  # Cauchy
+        assert t_sf(t, 2) == pytest.approx(0.5 - t / (2 * math.sqrt(2 + t * t)), abs=1e-12)
+    # one-sided critical values from the t table
+    for t, dof, p in ((2.920, 2, 0.05), (6.965, 2, 0.01), (2.015, 5, 0.05), (2.764, 10, 0.01), (1.658, 120, 0.05)):
+        assert t_sf(t, dof) == pytest.approx(p, abs=2e-4)
+    # I_x(a, b) for integer a, b is a binomial tail: P(Bin(a + b - 1, x) >= a)
+    for a, b, x in ((2, 3, 0.4), (5, 1, 0.9), (1, 7, 0.05), (30, 40, 0.45)):
+        tail = sum(math.comb(a + b - 1, j) * x**j * (1 - x) ** (a + b - 1 - j) for j in range(a, a + b))
+        assert betainc(a, b, x) == pytest.approx(tail, rel=1e-10)
+
+
+def test_paired_t_test_direction_and_undefined_cases():
+    assert paired_t_test([1.0, 2.0, 3.5], [0.5, 1.4, 2.0], higher_is_better=True) < 0.1
+    assert paired_t_test([1.0, 2.0, 3.5], [0.5, 1.4, 2.0], higher_is_better=False) > 0.9
+    assert paired_t_test([0.3, 0.3], [0.1, 0.1], higher_is_better=True) is None  # no variance
+    assert paired_t_test([0.3], [0.1], higher_is_better=True) is None  # one seed
+    with pytest.raises(ValueError, match="2 treatment values, 1 control"):
+        paired_t_test([1.0, 2.0], [1.0], higher_is_better=True)
