@@ -40,8 +40,9 @@ def tiny_lm(seed: int = 0) -> LlamaForCausalLM:
 
 def random_pairs(n: int, seed: int = 1):
     g = torch.Generator().manual_seed(seed)
-    sizes = [(int(torch.randint(3, 30, (1,), generator=g)), int(torch.randint(2, 20, (1,), generator=g))) for _ in range(n)]
-    return [(torch.randint(0, VOCAB - 2, (a,), generator=g), torch.randint(0, VOCAB - 2, (b,), generator=g)) for a, b in sizes]
+    draw = lambda low, high: int(torch.randint(low, high, (1,), generator=g))  # noqa: E731
+    lengths = [(draw(3, 30), draw(2, 20)) for _ in range(n)]
+    return [tuple(torch.randint(0, VOCAB - 2, (n,), generator=g) for n in pair) for pair in lengths]
 
 
 def both_views(pairs):
@@ -127,7 +128,8 @@ def test_flops_formula_on_a_hand_computed_case():
         "teacher": 0,
         "total": 2676 + 30,
     }
-    ema = pack_pairs([a], [b], [0], LayoutConfig(row_length=16, pred_token_ids=[VOCAB - 1], target="ema", row_multiple=0))
+    ema_layout = LayoutConfig(row_length=16, pred_token_ids=[VOCAB - 1], target="ema", row_multiple=0)
+    ema = pack_pairs([a], [b], [0], ema_layout)
     # online: T3 C2 P1 = 6 tokens, 19 keys; teacher: C'2, forward only, 3 keys
     flops = batch_flops(ema, model)
     assert flops["trained"] == 6 * 10 * 6 + 6 * 7 * 2 + 6 * 5 + 12 * 2 * 4 * 19

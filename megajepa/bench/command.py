@@ -18,7 +18,7 @@ import os
 import subprocess
 import sys
 
-from megajepa.bench.modes import MODES, BenchSettings, validate
+from megajepa.bench.modes import MODES, ORDERS, BenchSettings, validate
 from megajepa.config import ConfigError, load_config, to_dict
 
 RESULT_FILE = "result.json"
@@ -39,6 +39,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, from {','.join(MODES)}")
     parser.add_argument("--steps", type=int, default=defaults.steps, help="timed optimizer steps per mode")
     parser.add_argument("--warmup", type=int, default=defaults.warmup, help="untimed steps before them")
+    parser.add_argument(
+        "--order", choices=ORDERS, default=defaults.order,
+        help="sequence: one mode after another; alternate: a step of each mode in turn (all engines alive)",
+    )  # fmt: skip
     parser.add_argument("--out", default="runs/bench", help="directory for bench.md, bench.json, time_per_pair.png")
     parser.add_argument("--nproc", type=int, default=2, help="ranks for the modes when launching itself")
     parser.add_argument(
@@ -70,6 +74,7 @@ def _settings(args):
         warmup=args.warmup,
         max_length=args.max_length,
         loader_batches=args.loader_batches,
+        order=args.order,
     )
 
 
@@ -116,7 +121,8 @@ def _torchrun(args, nproc: int, out: str, modes: tuple[str, ...], steps: int, wa
         torchrun, "--standalone", f"--nproc_per_node={nproc}", "-m", "megajepa.cli", "bench",
         args.config, *args.overrides,
         "--modes", ",".join(modes), "--steps", str(steps), "--warmup", str(warmup),
-        "--max-length", str(args.max_length), "--loader-batches", str(loader), "--out", out, "--worker",
+        "--max-length", str(args.max_length), "--loader-batches", str(loader), "--order", args.order,
+        "--out", out, "--worker",
     ]  # fmt: skip
     print("+ " + " ".join(command), flush=True)
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))

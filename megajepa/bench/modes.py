@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from megajepa.config import Config
 
 MODES = ("ce", "jepa", "jepa-ema", "ref3", "ref2")
+ORDERS = ("sequence", "alternate")
 
 
 @dataclass
@@ -26,6 +27,9 @@ class BenchSettings:
     warmup: int = 2
     max_length: int = 512  # the reference layouts' padded sequence length
     loader_batches: int = 20  # 0: no loader benchmark
+    # sequence: one engine alive at a time (per-mode peak memory); alternate: a step of each mode
+    # in turn, all engines alive (fair under a changing machine load; peaks include the others')
+    order: str = "sequence"
 
 
 def mode_config(cfg: Config, mode: str, total_steps: int) -> Config:
@@ -50,5 +54,7 @@ def validate(cfg: Config, settings: BenchSettings) -> None:
         raise ValueError(f"--modes: unknown or no mode(s) {', '.join(unknown)} (choose from {', '.join(MODES)})")
     if cfg.jepa.lambda_ == 0 and any(m != "ce" for m in settings.modes):
         raise ValueError("jepa.lambda_: the JEPA modes need a latent term, the config sets 0")
+    if settings.order not in ORDERS:
+        raise ValueError(f"--order must be one of {', '.join(ORDERS)}, got {settings.order!r}")
     if settings.max_length < 1:
         raise ValueError(f"--max-length must be >= 1, got {settings.max_length}")

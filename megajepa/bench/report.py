@@ -17,13 +17,15 @@ STATE_KINDS = ("parameters", "persistent", "optimizer", "ema", "teacher")
 
 
 def build_report(result: dict, scaling: dict[int, dict], config: dict, command: list[str]) -> dict:
-    """The run's results plus what is derived from them: each mode's time per pair over ce's,
-    the ideal jepa/ce token ratio, the loader's headroom and the model-state scaling table."""
+    """The run's results plus what is derived from them: each mode's time per pair over ce's and
+    jepa's, the ideal jepa/ce token ratio, the loader's headroom and the model-state scaling table."""
     modes = result["modes"]
     report = {"command": command, "config": config, **result, "flops_formula": flops.__doc__.strip()}
     if "ce" in modes:
         for entry in modes.values():
             entry["time_per_pair_vs_ce"] = entry["seconds_per_pair"] / modes["ce"]["seconds_per_pair"]
+            if entry["cpu_seconds"] is not None:
+                entry["cpu_time_per_pair_vs_ce"] = _cpu_per_pair(entry) / _cpu_per_pair(modes["ce"])
         if "jepa" in modes:
             # (a + 2b + k) / (a + b): the tokens jepa computes per pair over ce's, padding aside
             ideal = modes["jepa"]["segment_tokens_per_step"] / modes["ce"]["segment_tokens_per_step"]
@@ -31,7 +33,14 @@ def build_report(result: dict, scaling: dict[int, dict], config: dict, command: 
                 "ideal_token_ratio": ideal,
                 "measured_time_ratio": modes["jepa"]["time_per_pair_vs_ce"],
                 "measured_over_ideal": modes["jepa"]["time_per_pair_vs_ce"] / ideal,
+                "measured_cpu_time_ratio": modes["jepa"].get("cpu_time_per_pair_vs_ce"),
             }
+    if "jepa" in modes:
+        report["vs_jepa"] = {
+            name: entry["seconds_per_pair"] / modes["jepa"]["seconds_per_pair"]
+            for name, entry in modes.items()
+            if name != "jepa"
+        }
     if result.get("loader"):
         consumed = {name: entry["pairs_per_s_per_rank"] for name, entry in modes.items()}
         report["loader"] = {**result["loader"], "step_consumes_pairs_per_s_per_rank": consumed}
@@ -47,27 +56,56 @@ def build_report(result: dict, scaling: dict[int, dict], config: dict, command: 
     return report
 
 
-def _fmt(value: Optional[float], spec: str, missing: str = "n/a") -> str:
-    return missing if value is None else format(value, spec)
+def _cpu_per_pair(mode: dict) -> float:
+    return mode["cpu_seconds"]["median"] / mode["pairs_per_step"]
+
+
+def _ratio(value: Optional[float]) -> str:
+    return "n/a" if value is None else f"{value:.2f}x"
+
+
+def _teacher_cell(m: dict) -> str:
+    if m["ema_update_seconds"] is None:
+        return "-"
+    return f"{1e3 * m['teacher_forward_seconds']:.1f} / {1e3 * m['ema_update_seconds']:.1f}"
+
+
+def _mfu_cell(m: dict) -> str:
+    return "n/a" if m["mfu"] is None else f"{100 * m['mfu']:.1f}%"
+
+
+def _spread_cell(spread: dict) -> str:
+    return f"{spread['median']:.3f} ({spread['min']:.3f}-{spread['max']:.3f})"
+
+
+# (header, cell) per column; the CPU-time columns appear on CPU runs only
+MODE_COLUMNS = [
+    ("step time s, median (min-max)", lambda m: _spread_cell(m["step_seconds"])),
+    ("ms per pair", lambda m: f"{1e3 * m['seconds_per_pair']:.2f}"),
+    ("vs ce", lambda m: _ratio(m.get("time_per_pair_vs_ce"))),
+    ("CPU s per step, median (min-max)", lambda m: _spread_cell(m["cpu_seconds"])),
+    ("vs ce, CPU time", lambda m: _ratio(m.get("cpu_time_per_pair_vs_ce"))),
+    ("computed tok/s", lambda m: f"{m['computed_tokens_per_s']:,.0f}"),
+    ("useful tok/s", lambda m: f"{m['useful_tokens_per_s']:,.0f}"),
+    ("pairs/s", lambda m: f"{m['pairs_per_s']:,.1f}"),
+    ("padding", lambda m: f"{100 * m['padding_fraction']:.1f}%"),
+    ("peak memory MiB", lambda m: f"{m['peak_memory_bytes'] / MIB:,.0f}"),
+    ("teacher fwd / EMA update ms", _teacher_cell),
+    ("TFLOP/s per rank", lambda m: f"{m['tflops_per_rank']:.4f}"),
+    ("MFU", _mfu_cell),
+]
 
 
 def _mode_table(report: dict) -> list[str]:
+    modes = report["modes"]
+    on_cpu = all(m["cpu_seconds"] is not None for m in modes.values())
+    columns = [(h, cell) for h, cell in MODE_COLUMNS if on_cpu or not h.startswith(("CPU", "vs ce, CPU"))]
     lines = [
-        "| mode | step time s, median (min-max) | ms per pair | vs ce | computed tok/s | useful tok/s "
-        "| pairs/s | padding | peak memory MiB | EMA update ms | TFLOP/s per rank | MFU |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| mode | " + " | ".join(h for h, _ in columns) + " |",
+        "|---|" + "---:|" * len(columns),
     ]
-    for name, m in report["modes"].items():
-        step = m["step_seconds"]
-        ema = m["ema_update_seconds"]
-        lines.append(
-            f"| {name} | {step['median']:.3f} ({step['min']:.3f}-{step['max']:.3f}) "
-            f"| {1e3 * m['seconds_per_pair']:.2f} | {_fmt(m.get('time_per_pair_vs_ce'), '.2f')}x "
-            f"| {m['computed_tokens_per_s']:,.0f} | {m['useful_tokens_per_s']:,.0f} | {m['pairs_per_s']:,.1f} "
-            f"| {100 * m['padding_fraction']:.1f}% | {m['peak_memory_bytes'] / MIB:,.0f} "
-            f"| {_fmt(None if ema is None else 1e3 * ema, '.2f', '-')} | {m['tflops_per_rank']:.4f} "
-            f"| {_fmt(None if m['mfu'] is None else 100 * m['mfu'], '.1f')}{'%' if m['mfu'] is not None else ''} |"
-        )
+    for name, m in modes.items():
+        lines.append(f"| {name} | " + " | ".join(cell(m) for _, cell in columns) + " |")
     return lines
 
 
@@ -81,7 +119,7 @@ def _scaling_table(report: dict) -> list[str]:
         cells = " | ".join(f"{s[k] / MIB:.2f}" for k in STATE_KINDS)
         lines.append(
             f"| {world} | {cells} | {s['total'] / MIB:.2f} | {s['total_times_world'] / MIB:.2f} "
-            f"| {_fmt(s['total_vs_smallest_world'], '.2f')}x |"
+            f"| {_ratio(s['total_vs_smallest_world'])} |"
         )
     return lines
 
@@ -91,23 +129,27 @@ def markdown(report: dict) -> str:
     pairs = first["pairs_per_step"]
     lines = [
         f"Training modes on {report['world_size']} rank(s), {report['device']}, {report['precision']}: "
-        f"{report['steps']} timed steps after {report['warmup']} warm-up, {pairs:.0f} pairs per step "
-        f"({report['pairs_per_batch']} per rank x {report['grad_accum']} micro-batches); "
-        f"reference rows padded to {report['max_length']}.",
+        f"{report['steps']} timed steps after {report['warmup']} warm-up ({report['order']}), "
+        f"{pairs:.0f} pairs per step ({report['pairs_per_batch']} per rank x {report['grad_accum']} "
+        f"micro-batches); reference rows padded to {report['max_length']}.",
         "",
         *_mode_table(report),
         "",
-        "Rates use the median step time. Useful tokens: view A + view B of each pair (no padding, [PRED] or "
-        "repeated views). Peak memory: " + report["peak_memory_kind"] + ", max over ranks. FLOPs per "
-        "segment (megajepa/bench/flops.py); MFU only on a GPU with a known bf16 peak.",
+        "Rates use the median step time (per step, the slowest rank's). Useful tokens: view A + view B of "
+        "each pair (no padding, [PRED] or repeated views). Peak memory: " + report["peak_memory_kind"] + ", "
+        "max over ranks. FLOPs per segment (megajepa/bench/flops.py); MFU only on a GPU with a known bf16 peak.",
     ]
     if "jepa_vs_ce" in report:
         r = report["jepa_vs_ce"]
         lines.append(
             f"jepa / ce time per pair: {r['measured_time_ratio']:.2f}x measured, "
             f"{r['ideal_token_ratio']:.2f}x ideal token ratio (a + 2b + k) / (a + b): "
-            f"{r['measured_over_ideal']:.2f} of ideal."
+            f"{r['measured_over_ideal']:.2f} of ideal"
+            + ("." if r["measured_cpu_time_ratio"] is None else f"; by CPU time {r['measured_cpu_time_ratio']:.2f}x.")
         )
+    if report.get("vs_jepa"):
+        ratios = ", ".join(f"{name} {ratio:.2f}x" for name, ratio in report["vs_jepa"].items())
+        lines.append(f"Time per pair over jepa's: {ratios}.")
     loader = report.get("loader")
     if loader:
         consumed = loader["step_consumes_pairs_per_s_per_rank"]

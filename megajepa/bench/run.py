@@ -1,10 +1,10 @@
 """The training-mode benchmark as every rank runs it.
 
-Every rank draws the same number of micro-batches of raw view pairs once, then for each mode in
-turn packs them with that mode's layout, builds a fresh engine from the same seed (the same model),
-runs `warmup` untimed and `steps` timed optimizer steps, and tears the engine down. Modes
-(megajepa.bench.modes) differ only in the layout and the JEPA target: all run
-megajepa.train.trainer's engine and the one objective.
+Every rank draws the same number of micro-batches of raw view pairs once. Each mode packs them with
+its layout and builds a fresh engine from the same seed (the same model), then runs `warmup`
+untimed and `steps` timed optimizer steps: mode after mode (one engine alive at a time), or a step
+of each mode in turn (--order alternate). Modes (megajepa.bench.modes) differ only in the layout
+and the JEPA target: all run megajepa.train.trainer's engine and the one objective.
 
 A step is timed from a device synchronisation before the first micro-batch to one after the EMA
 update; per step the slowest rank's time counts. Packing is not timed: the loader benchmark
@@ -98,82 +98,141 @@ def _batch_counts(batch: dict, flop_model: FlopModel) -> list[float]:
     ]
 
 
-def run_mode(mode: str, cfg: Config, settings: BenchSettings, tokenizer, pred_ids, pad_id, pairs, peak, bar) -> dict:
-    """One mode on this rank; every figure reduced over the ranks (see the module docstring)."""
-    total_steps = settings.warmup + settings.steps
-    accum = cfg.optim.grad_accum
-    mcfg = mode_config(cfg, mode, total_steps)
-    batches = [pack(mode, p, layout_config(mcfg, pred_ids, pad_id), settings.max_length) for p in pairs]
-    world = dist.get_world_size()
+def _spread(values: list[float]) -> dict:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "all": values}
 
-    peak.reset()
-    engine, teacher = build_engine(mcfg, tokenizer, run_config(mcfg, world, mcfg.train.output_dir))
-    device, accelerator = engine.device, get_accelerator()
-    flop_model = FlopModel.of(engine.module)
-    step_seconds, ema_seconds, first_step = [], [], [0.0, 0.0]
-    bar.set_description(f"bench {mode}")
-    for step in range(total_steps):
+
+class ModeRun:
+    """One mode on this rank: its packed batches, a fresh engine (and teacher), its measurements."""
+
+    def __init__(self, mode: str, cfg: Config, settings: BenchSettings, tokenizer, pred_ids, pad_id, pairs):
+        self.mode, self.cfg, self.settings = mode, cfg, settings
+        mcfg = mode_config(cfg, mode, settings.warmup + settings.steps)
+        layout = layout_config(mcfg, pred_ids, pad_id)
+        self.batches = [pack(mode, p, layout, settings.max_length) for p in pairs]
+        world = dist.get_world_size()
+        self.engine, self.teacher = build_engine(mcfg, tokenizer, run_config(mcfg, world, mcfg.train.output_dir))
+        self.device = self.engine.device
+        self.flop_model = FlopModel.of(self.engine.module)
+        self.done = 0  # optimizer steps taken
+        self.step_seconds: list[float] = []
+        self.cpu_seconds: list[float] = []  # this process's CPU time per step: steadier on a shared CPU
+        self.teacher_seconds: list[float] = []  # teacher forwards, per step
+        self.ema_seconds: list[float] = []
+        self.first_step = [0.0, 0.0]  # CE and JEPA loss of the first micro-batch
+        self.peak_bytes = 0
+
+    def step(self, peak: PeakMemory) -> None:
+        """One optimizer step (grad_accum micro-batches, then the EMA update), timed."""
+        accelerator, accum = get_accelerator(), self.cfg.optim.grad_accum
+        engine, teacher, step = self.engine, self.teacher, self.done
+        peak.reset()
         accelerator.synchronize()
-        start = time.perf_counter()
-        for batch in batches[step * accum : (step + 1) * accum]:
-            batch = to_device(batch, device)
-            target = teacher.encode(batch) if teacher is not None else None
+        start, cpu_start = time.perf_counter(), time.process_time()
+        teacher_seconds = 0.0
+        for batch in self.batches[step * accum : (step + 1) * accum]:
+            batch = to_device(batch, self.device)
+            target = None
+            if teacher is not None:
+                encode_start = time.perf_counter()
+                target = teacher.encode(batch)
+                accelerator.synchronize()
+                teacher_seconds += time.perf_counter() - encode_start
             out = engine(batch, step=step, target_embeddings=target)
             engine.backward(out.loss)
             engine.step()
         ema = teacher.update(step + 1)["seconds"] if teacher is not None else 0.0
         accelerator.synchronize()
-        elapsed = time.perf_counter() - start
+        elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+        self.peak_bytes = max(self.peak_bytes, peak.peak())
         if step == 0:
-            first_step = [out.ce.item(), out.jepa.item()]
-        if step >= settings.warmup:
-            step_seconds.append(elapsed)
-            ema_seconds.append(ema)
+            self.first_step = [out.ce.item(), out.jepa.item()]
+        if step >= self.settings.warmup:
+            self.step_seconds.append(elapsed)
+            self.cpu_seconds.append(cpu)
+            self.teacher_seconds.append(teacher_seconds)
+            self.ema_seconds.append(ema)
+        self.done += 1
+
+    def close(self) -> dict:
+        """Tear the engines down; every figure reduced over the ranks."""
+        state = model_state_bytes(self.engine, self.teacher)
+        self.engine.destroy()
+        if self.teacher is not None:
+            self.teacher.engine.destroy()
+        self.engine = self.teacher = None
+        gc.collect()
+        get_accelerator().empty_cache()
+
+        device, world = self.device, dist.get_world_size()
+        timed = self.batches[self.settings.warmup * self.cfg.optim.grad_accum :]
+        counts = [sum(column) for column in zip(*(_batch_counts(b, self.flop_model) for b in timed))]
+        pairs, useful, computed, segments, trained, teacher_flops = _reduce(counts, dist.ReduceOp.SUM, device)
+        step_seconds = _reduce(self.step_seconds, dist.ReduceOp.MAX, device)
+        cpu_seconds = _reduce(self.cpu_seconds, dist.ReduceOp.MAX, device)
+        teacher_seconds = _reduce(self.teacher_seconds, dist.ReduceOp.MAX, device)
+        ema_seconds = _reduce(self.ema_seconds, dist.ReduceOp.MAX, device)
+        state_keys = sorted(state)
+        state_max = _reduce([state[k] for k in state_keys] + [self.peak_bytes], dist.ReduceOp.MAX, device)
+        first_step = [v / world for v in _reduce(self.first_step, dist.ReduceOp.SUM, device)]
+
+        median = statistics.median(step_seconds)
+        steps = len(step_seconds)
+        pairs_per_step = pairs / steps
+        tflops = (trained + teacher_flops) / steps / median / world / 1e12
+        peak_device = peak_flops(_device_name(device), precision(self.cfg))
+        with_teacher = self.mode == "jepa-ema"
+        return {
+            "step_seconds": _spread(step_seconds),
+            "cpu_seconds": None if device.type == "cuda" else _spread(cpu_seconds),
+            "pairs_per_step": pairs_per_step,
+            "useful_tokens_per_step": useful / steps,
+            "computed_tokens_per_step": computed / steps,
+            "segment_tokens_per_step": segments / steps,
+            "padding_fraction": 1.0 - segments / computed,
+            "seconds_per_pair": median / pairs_per_step,
+            "pairs_per_s": pairs_per_step / median,
+            "pairs_per_s_per_rank": pairs_per_step / median / world,
+            "computed_tokens_per_s": computed / steps / median,
+            "useful_tokens_per_s": useful / steps / median,
+            "teacher_forward_seconds": statistics.median(teacher_seconds) if with_teacher else None,
+            "ema_update_seconds": statistics.median(ema_seconds) if with_teacher else None,
+            "flops_per_step": {"trained": trained / steps, "teacher": teacher_flops / steps},
+            "tflops_per_rank": tflops,
+            "mfu": tflops * 1e12 / peak_device if peak_device else None,
+            "peak_memory_bytes": int(state_max[-1]),
+            "model_state_bytes": {k: int(v) for k, v in zip(state_keys, state_max)},
+            "first_step": {"ce": first_step[0], "jepa": first_step[1]},
+        }
+
+
+def run_modes(cfg: Config, settings: BenchSettings, tokenizer, pred_ids, pad_id, pairs, peak, bar) -> dict[str, dict]:
+    """Every mode, in sequence (one engine alive at a time) or alternating step by step (all
+    engines alive, so that a change in the machine's load falls on every mode alike)."""
+    total = settings.warmup + settings.steps
+
+    def start(mode: str) -> ModeRun:
+        bar.set_description(f"bench: building {mode}")
+        return ModeRun(mode, cfg, settings, tokenizer, pred_ids, pad_id, pairs)
+
+    def step(run: ModeRun) -> None:
+        bar.set_description(f"bench {run.mode}")
+        run.step(peak)
         bar.update()
-    state = model_state_bytes(engine, teacher)
-    peak_bytes = peak.peak()
-    for e in (engine, teacher.engine if teacher is not None else None):
-        if e is not None:
-            e.destroy()
-    del engine, teacher, out
-    gc.collect()
-    accelerator.empty_cache()
 
-    timed = batches[settings.warmup * accum :]
-    counts = [sum(column) for column in zip(*(_batch_counts(b, flop_model) for b in timed))]
-    pairs_n, useful, computed, segments, trained, teacher_flops = _reduce(counts, dist.ReduceOp.SUM, device)
-    step_seconds = _reduce(step_seconds, dist.ReduceOp.MAX, device)
-    ema_seconds = _reduce(ema_seconds, dist.ReduceOp.MAX, device)
-    state_keys = sorted(state)
-    state_max = _reduce([state[k] for k in state_keys] + [peak_bytes], dist.ReduceOp.MAX, device)
-    first_step = [v / world for v in _reduce(first_step, dist.ReduceOp.SUM, device)]
-
-    median = statistics.median(step_seconds)
-    steps = len(step_seconds)
-    per_step = lambda total: total / steps  # noqa: E731
-    flops_per_step = per_step(trained + teacher_flops)
-    peak_device = peak_flops(_device_name(device), precision(cfg))
-    tflops = flops_per_step / median / world / 1e12
-    return {
-        "step_seconds": {"median": median, "min": min(step_seconds), "max": max(step_seconds), "all": step_seconds},
-        "pairs_per_step": per_step(pairs_n),
-        "useful_tokens_per_step": per_step(useful),
-        "computed_tokens_per_step": per_step(computed),
-        "segment_tokens_per_step": per_step(segments),
-        "padding_fraction": 1.0 - segments / computed,
-        "seconds_per_pair": median / per_step(pairs_n),
-        "pairs_per_s": per_step(pairs_n) / median,
-        "pairs_per_s_per_rank": per_step(pairs_n) / median / world,
-        "computed_tokens_per_s": per_step(computed) / median,
-        "useful_tokens_per_s": per_step(useful) / median,
-        "ema_update_seconds": statistics.median(ema_seconds) if mode == "jepa-ema" else None,
-        "flops_per_step": {"trained": per_step(trained), "teacher": per_step(teacher_flops)},
-        "tflops_per_rank": tflops,
-        "mfu": tflops * 1e12 / peak_device if peak_device else None,
-        "peak_memory_bytes": int(state_max[-1]),
-        "model_state_bytes": {k: int(v) for k, v in zip(state_keys, state_max)},
-        "first_step": {"ce": first_step[0], "jepa": first_step[1]},
-    }
+    results = {}
+    if settings.order == "sequence":
+        for mode in settings.modes:
+            run = start(mode)
+            for _ in range(total):
+                step(run)
+            results[mode] = run.close()
+        return results
+    runs = [start(mode) for mode in settings.modes]
+    for _ in range(total):
+        for run in runs:
+            step(run)
+    return {run.mode: run.close() for run in runs}
 
 
 def _device_name(device: torch.device) -> str:
@@ -193,7 +252,12 @@ def _versions() -> dict:
 
     try:
         commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, timeout=10
+            ["git", "rev-parse", "HEAD"],
+            cwd=os.path.dirname(os.path.abspath(megajepa.__file__)),
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=10,
         ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         commit = None
@@ -251,16 +315,14 @@ def run(cfg: Config, settings: BenchSettings) -> dict | None:
     peak = PeakMemory(device)
     total = len(settings.modes) * (settings.warmup + settings.steps)
     with tqdm(total=total, desc="bench", unit="step", disable=rank != 0, dynamic_ncols=True) as bar:
-        modes = {
-            mode: run_mode(mode, cfg, settings, tokenizer, pred_ids, pad_id, pairs, peak, bar)
-            for mode in settings.modes
-        }
+        modes = run_modes(cfg, settings, tokenizer, pred_ids, pad_id, pairs, peak, bar)
     if rank != 0:
         return None
     return {
         "world_size": world,
         "device": _device_name(device),
         "precision": precision(cfg),
+        "order": settings.order,
         "peak_memory_kind": peak.kind,
         "pairs_per_batch": cfg.data.pairs_per_batch,
         "grad_accum": cfg.optim.grad_accum,
