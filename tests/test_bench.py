@@ -187,6 +187,7 @@ def test_bench_end_to_end_one_rank(demo_data, tmp_path):
     modes = report["modes"]
     assert list(modes) == ["ce", "jepa", "jepa-ema", "ref3", "ref2"]
     assert report["config"]["data"]["pairs_per_batch"] == 4 and report["versions"]["torch"] == torch.__version__
+    assert report["order"] == ("sequence" if torch.cuda.is_available() else "alternate")
     # same init, same pairs: every layout computes the same CE and JEPA loss at the first step
     for name in ("jepa-ema", "ref3", "ref2"):
         assert modes[name]["first_step"]["ce"] == pytest.approx(modes["ce"]["first_step"]["ce"], rel=1e-4)

@@ -41,7 +41,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=defaults.warmup, help="untimed steps before them")
     parser.add_argument(
         "--order", choices=ORDERS, default=defaults.order,
-        help="sequence: one mode after another; alternate: a step of each mode in turn (all engines alive)",
+        help="sequence: one mode after another; alternate: a step of each mode in turn (all engines alive); "
+        "auto: sequence on GPU, alternate on CPU",
     )  # fmt: skip
     parser.add_argument("--out", default="runs/bench", help="directory for bench.md, bench.json, time_per_pair.png")
     parser.add_argument("--nproc", type=int, default=2, help="ranks for the modes when launching itself")

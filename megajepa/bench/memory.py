@@ -15,6 +15,7 @@ import torch
 
 class PeakMemory:
     def __init__(self, device: torch.device):
+        self.device = device
         self.cuda = device.type == "cuda"
         self.kind = "cuda max_memory_allocated" if self.cuda else self._cpu_kind()
 

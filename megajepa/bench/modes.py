@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from megajepa.config import Config
 
 MODES = ("ce", "jepa", "jepa-ema", "ref3", "ref2")
-ORDERS = ("sequence", "alternate")
+ORDERS = ("auto", "sequence", "alternate")
 
 
 @dataclass
@@ -28,8 +28,9 @@ class BenchSettings:
     max_length: int = 512  # the reference layouts' padded sequence length
     loader_batches: int = 20  # 0: no loader benchmark
     # sequence: one engine alive at a time (per-mode peak memory); alternate: a step of each mode
-    # in turn, all engines alive (fair under a changing machine load; peaks include the others')
-    order: str = "sequence"
+    # in turn, all engines alive (fair under a changing machine load; peaks include the others');
+    # auto: sequence on GPU, alternate on CPU, where other processes share the cores
+    order: str = "auto"
 
 
 def mode_config(cfg: Config, mode: str, total_steps: int) -> Config:

@@ -160,7 +160,8 @@ def markdown(report: dict) -> str:
             f"the training step consumes per rank: {steps} pairs/s."
         )
     if report["scaling"]:
-        lines += ["", "Model state per rank, MiB (target: ema, after one optimizer step):", "", *_scaling_table(report)]
+        title = "Model state per rank, MiB (jepa-ema: the online engine and its teacher, optimizer state allocated):"
+        lines += ["", title, "", *_scaling_table(report)]
     load = report["load_average"]
     lines += ["", f"Load average (1 min) before / after: {load['before'][0]:.2f} / {load['after'][0]:.2f}."]
     return "\n".join(lines)

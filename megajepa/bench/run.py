@@ -3,7 +3,7 @@
 Every rank draws the same number of micro-batches of raw view pairs once. Each mode packs them with
 its layout and builds a fresh engine from the same seed (the same model), then runs `warmup`
 untimed and `steps` timed optimizer steps: mode after mode (one engine alive at a time), or a step
-of each mode in turn (--order alternate). Modes (megajepa.bench.modes) differ only in the layout
+of each mode in turn (--order alternate, the default on CPU). Modes (megajepa.bench.modes) differ only in the layout
 and the JEPA target: all run megajepa.train.trainer's engine and the one objective.
 
 A step is timed from a device synchronisation before the first micro-batch to one after the EMA
@@ -206,6 +206,12 @@ class ModeRun:
         }
 
 
+def resolved_order(settings: BenchSettings, device: torch.device) -> str:
+    if settings.order != "auto":
+        return settings.order
+    return "sequence" if device.type == "cuda" else "alternate"
+
+
 def run_modes(cfg: Config, settings: BenchSettings, tokenizer, pred_ids, pad_id, pairs, peak, bar) -> dict[str, dict]:
     """Every mode, in sequence (one engine alive at a time) or alternating step by step (all
     engines alive, so that a change in the machine's load falls on every mode alike)."""
@@ -221,7 +227,7 @@ def run_modes(cfg: Config, settings: BenchSettings, tokenizer, pred_ids, pad_id,
         bar.update()
 
     results = {}
-    if settings.order == "sequence":
+    if resolved_order(settings, peak.device) == "sequence":
         for mode in settings.modes:
             run = start(mode)
             for _ in range(total):
@@ -322,7 +328,7 @@ def run(cfg: Config, settings: BenchSettings) -> dict | None:
         "world_size": world,
         "device": _device_name(device),
         "precision": precision(cfg),
-        "order": settings.order,
+        "order": resolved_order(settings, device),
         "peak_memory_kind": peak.kind,
         "pairs_per_batch": cfg.data.pairs_per_batch,
         "grad_accum": cfg.optim.grad_accum,
