@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     evaluate = sub.add_parser("eval", help="held-out generation, CE and JEPA metrics")
     evaluate.add_argument("model", help="a checkpoint (or a run's output_dir) or an exported HF directory")
     evaluate.add_argument("--data", required=True, help="MDS shard directory or chat JSONL of held-out pairs")
-    evaluate.add_argument("--weights", choices=("online", "ema"), default="online")
+    evaluate.add_argument("--weights", choices=("online", "ema"), default=None, help="of a checkpoint; default online")
     evaluate.add_argument("--limit", type=int, default=None, help="evaluate the first N pairs only")
     evaluate.add_argument("--batch-pairs", type=int, default=32, help="pairs per batch (retrieval candidates)")
     evaluate.add_argument("--max-new-tokens", type=int, default=None, help="default: 2x the longest reference")

@@ -60,6 +60,22 @@ def plan_runs(config: str, overrides: list[str], seeds: int, out: str) -> list[R
     return runs
 
 
+def held_out_data(config: str, overrides: list[str], data):
+    """The evaluation pairs (--data, else data.eval_shards), checked before any training; the
+    embedded data is built first when the config uses it."""
+    cfg = load_config(config, overrides)
+    if cfg.data.embedded is not None:
+        from megajepa.data.embedded import ensure_embedded
+
+        ensure_embedded(cfg.data.embedded, max_pair_tokens=cfg.data.max_pair_tokens)
+    data = data or cfg.data.eval_shards
+    if data is None:
+        raise ConfigError(f"{config}: no data.eval_shards; pass --data")
+    if not os.path.exists(data):
+        raise FileNotFoundError(f"held-out data {data}: no such shard directory or JSONL file")
+    return data
+
+
 def _resolved(config: str, run: Run) -> dict:
     return to_dict(load_config(config, run.overrides))
 
@@ -188,7 +204,7 @@ def plot_curves(runs: list[Run], path: str) -> None:
         if run.arm == "jepa":
             ax_jepa.plot(steps, [r["jepa"] for r in rows], **style)
     ax_ce.set(title="training CE (view B)", xlabel="step", ylabel="CE")
-    ax_jepa.set(title="training JEPA loss", xlabel="step", ylabel="D(pred(z_a), z_b)")
+    ax_jepa.set(title="training JEPA loss", xlabel="step", ylabel="D(pred(z_a), z_b)", yscale="log")
     for ax in (ax_ce, ax_jepa):
         ax.grid(alpha=0.3)
         ax.legend()
@@ -221,11 +237,9 @@ def main(argv: list[str]) -> int:
     start, load_before = time.perf_counter(), os.getloadavg()
     try:
         runs = plan_runs(args.config, args.overrides, args.seeds, args.out)
-        data = args.data or load_config(args.config, args.overrides).data.eval_shards
-        if data is None:
-            raise ConfigError(f"{args.config}: no data.eval_shards; pass --data")
+        data = held_out_data(args.config, args.overrides, args.data)
         train_all(args.config, runs, args.jobs)
-    except (ConfigError, FileExistsError) as err:
+    except (ConfigError, FileExistsError, FileNotFoundError) as err:
         print(f"megajepa compare: {err}", file=sys.stderr)
         return 2
     except RuntimeError as err:  # a training run failed; its log says why

@@ -29,13 +29,13 @@ from megajepa.config import Config, from_dict, to_dict
 from megajepa.data.fingerprint import tokenizer_hash
 from megajepa.data.prepare import staged_directory
 from megajepa.data.tokenizer import add_pred_tokens, chat_template, load_tokenizer, pred_token_ids
+from megajepa.jepa.ema_target import STATE_FILE as EMA_FILE
 from megajepa.model.predictor import uses_pred_tokens
 from megajepa.train.checkpoint import CHECKPOINT_SUBDIR
 
 LM_PREFIX, PREDICTOR_PREFIX = "lm.", "predictor."
 PREDICTOR_FILE = "predictor.safetensors"
 JEPA_FILE = "megajepa.json"
-EMA_FILE = "ema_rank{rank}.pt"  # megajepa.jepa.ema_target.STATE_FILE
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 

@@ -121,6 +121,7 @@ def test_checker_accepts_equivalent_regexes(candidate, reference):
         (r".*[0-9]", r"(?=.*dog.*$).*[0-9]"),  # a missing conjunct
         (r".+", r".*"),  # the empty line
         (r" .*bird.* ", r".*bird.*"),  # spaces are characters too
+        (r"(?!.*(road)+.*bear)+.*", r"(?!.*(ring)+.*moon.*$).*"),  # a negation of other words
         (r"([a-z]", r"[a-z]"),  # does not compile: wrong, not a crash
         (r"", r".*tree.*"),
     ],

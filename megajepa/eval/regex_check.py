@@ -73,7 +73,7 @@ def _class_chars(items: tuple) -> str:
 
 def _sample(items, rng: random.Random, groups: dict, lookaheads: list) -> str:
     """One random string the parsed pattern `items` can match, with zero-width assertions left
-    out; the bodies of positive lookaheads are sampled into `lookaheads` (see samples_of)."""
+    out; the bodies of assertions are sampled into `lookaheads` (see samples_of)."""
     out = []
     for op, value in items:
         if op is sre.LITERAL:
@@ -99,9 +99,9 @@ def _sample(items, rng: random.Random, groups: dict, lookaheads: list) -> str:
             out.append(_sample(rng.choice(value[1]), rng, groups, lookaheads))
         elif op is sre.GROUPREF:
             out.append(groups.get(value, ""))
-        elif op is sre.ASSERT and value[0] == 1:  # (?=...)
+        elif op in (sre.ASSERT, sre.ASSERT_NOT):
             lookaheads.append(_sample(value[1], rng, groups, lookaheads))
-        elif op not in (sre.AT, sre.ASSERT, sre.ASSERT_NOT):
+        elif op is not sre.AT:
             raise _Unsupported(op)
     return "".join(out)
 
@@ -109,9 +109,10 @@ def _sample(items, rng: random.Random, groups: dict, lookaheads: list) -> str:
 def samples_of(regex: str, rng: random.Random, count: int) -> list[str]:
     """Strings sampled from the regex's syntax tree, `count` draws (none if it does not parse).
 
-    A draw gives the sample S of the pattern without its assertions and, for each positive
-    lookahead body sampled as L, also S + L and L + S: `(?=.*dog.*$)bird.*` describes lines
-    starting with 'bird' that contain 'dog', which S alone rarely is."""
+    A draw gives the sample S of the pattern without its assertions and, for each assertion
+    body sampled as L, also S + L and L + S: `(?=.*dog.*$)bird.*` describes lines starting with
+    'bird' that contain 'dog', which S alone rarely is, and `(?!.*dog.*$).*` rejects the lines
+    that contain 'dog', which random lines rarely do."""
     try:
         parsed = sre_parse.parse(regex)
         strings = []

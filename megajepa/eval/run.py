@@ -65,6 +65,7 @@ class LoadedModel:
 
 
 def _jepa_settings(hf_dir: str) -> tuple[JepaConfig, list[int], Optional[str], dict]:
+    """(JEPA config, [PRED] ids, predictor file, megajepa.json) of an exported directory."""
     path = os.path.join(hf_dir, "megajepa.json")
     if not os.path.isfile(path):
         return JepaConfig(predictor="identity", k=0), [], None, {}
@@ -92,8 +93,9 @@ def load_hf(hf_dir: str, device, weights: Optional[str] = None) -> LoadedModel:
     return LoadedModel(model, tokenizer, pred_ids, source)
 
 
-def load_model(path: str, device, weights: str = "online") -> LoadedModel:
-    """An exported HF directory, or a checkpoint (exported to a temporary directory first)."""
+def load_model(path: str, device, weights: Optional[str] = None) -> LoadedModel:
+    """An exported HF directory, or a checkpoint (exported to a temporary directory first).
+    weights: which set of a checkpoint (default online); for an HF directory, the set it must hold."""
     from megajepa.export import export, is_checkpoint
 
     if not is_checkpoint(path):
@@ -103,7 +105,7 @@ def load_model(path: str, device, weights: str = "online") -> LoadedModel:
     if dist.is_initialized() and dist.get_world_size() > 1:
         raise ValueError(f"{path} is a checkpoint: export it once with `megajepa export` and evaluate the HF directory")
     with tempfile.TemporaryDirectory() as tmp:
-        loaded = load_hf(export(path, os.path.join(tmp, "hf"), weights=weights), device)
+        loaded = load_hf(export(path, os.path.join(tmp, "hf"), weights=weights or "online"), device)
     loaded.source["path"] = os.path.abspath(path)
     return loaded
 
@@ -126,7 +128,7 @@ def evaluate_shard(
     tokenizer = loaded.tokenizer
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     records: list[dict] = []
-    totals = {"ce_sum": 0.0, "tokens": 0, "latent_sum": 0.0, "pairs": 0, "full_batches": 0}
+    totals = {"ce_sum": 0.0, "tokens": 0, "latent_sum": 0.0, "pairs": 0}
     for batch in tqdm(batches, desc="eval", unit="batch", disable=not progress):
         generations = greedy_generate(loaded.model.lm, tokenizer, [p.view_a for p in batch], max_new_tokens)
         metrics = batch_metrics(loaded.model, batch, loaded.pred_ids, pad_id)
@@ -135,7 +137,6 @@ def evaluate_shard(
         totals["tokens"] += metrics.tokens
         totals["latent_sum"] += metrics.latent_sum
         totals["pairs"] += len(batch)
-        totals["full_batches"] += int(full)
         for i, (pair, gen) in enumerate(zip(batch, generations)):
             checked = task == "regex" or (task == "auto" and is_regex_task(pair.prompt))
             records.append(
