@@ -55,7 +55,13 @@ def plan_runs(config: str, overrides: list[str], seeds: int, out: str) -> list[R
     for seed in range(seeds):
         for arm, lam in zip(ARMS, (0.0, cfg.jepa.lambda_)):
             output_dir = os.path.join(out, f"{arm}-seed{seed}")
-            extra = [f"jepa.lambda_={lam}", f"train.seed={seed}", f"data.seed={seed}", f"train.output_dir={output_dir}"]
+            extra = [
+                f"jepa.lambda_={lam}",
+                f"train.seed={seed}",
+                f"data.seed={seed}",
+                f"train.output_dir={output_dir}",
+                "logging.progress=false",  # the run's output goes to its train.log
+            ]
             runs.append(Run(arm, seed, output_dir, [*overrides, *extra]))
     return runs
 
@@ -100,7 +106,7 @@ def train_run(config: str, run: Run) -> float:
     os.makedirs(tmpdir)
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     env.update(TMPDIR=tmpdir, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    command = [sys.executable, "-m", "megajepa.cli", "train", config, *run.overrides, "logging.progress=false"]
+    command = [sys.executable, "-m", "megajepa.cli", "train", config, *run.overrides]
     log_path = os.path.join(run.output_dir, "train.log")
     start = time.perf_counter()
     with open(log_path, "w") as log:
