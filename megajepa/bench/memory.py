@@ -1,47 +1,69 @@
 """Memory of one rank: the peak while a mode runs, and what the model state occupies.
 
-Peak: the CUDA caching allocator's max_memory_allocated on GPU; on Linux CPU the resident set's
-high-water mark (VmHWM), which writing "5" to /proc/self/clear_refs resets; elsewhere the
-resident set when asked (psutil), which can miss a short peak.
+Peak: the CUDA caching allocator's max_memory_allocated on GPU. On Linux CPU the resident set's
+high-water mark (VmHWM), reset by writing "5" to /proc/self/clear_refs after glibc's malloc_trim
+has handed freed heap back to the system (otherwise a mode's peak would include what an earlier,
+bigger one freed but the allocator kept). Elsewhere the resident set when asked (psutil), which
+can miss a short peak.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
 
 import psutil
 import torch
 
 
+def _malloc_trim():
+    """glibc's malloc_trim, or None where the C library has none."""
+    name = ctypes.util.find_library("c")
+    try:
+        return ctypes.CDLL(name).malloc_trim if name else None
+    except (OSError, AttributeError):
+        return None
+
+
 class PeakMemory:
     def __init__(self, device: torch.device):
         self.device = device
         self.cuda = device.type == "cuda"
-        self.kind = "cuda max_memory_allocated" if self.cuda else self._cpu_kind()
+        self.high_water_mark = not self.cuda and self._clear_refs()
+        self.trim = _malloc_trim() if self.high_water_mark else None
+        if self.cuda:
+            self.kind = "CUDA max_memory_allocated"
+        elif self.high_water_mark:
+            self.kind = "resident set high-water mark (VmHWM)"
+        else:
+            self.kind = "resident set at the end of the step (psutil)"
 
     @staticmethod
-    def _cpu_kind() -> str:
+    def _clear_refs() -> bool:
+        """Reset the resident set's high-water mark; False where that is not possible."""
         try:
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")
-            return "resident set high-water mark (VmHWM)"
+            return True
         except OSError:
-            return "resident set (psutil, at the end)"
+            return False
 
     def reset(self) -> None:
         if self.cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
-        elif self.kind.endswith("(VmHWM)"):
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
+        elif self.high_water_mark:
+            if self.trim is not None:
+                self.trim(0)
+            self._clear_refs()
 
     def peak(self) -> int:
         """Bytes at the peak since the last reset."""
         if self.cuda:
             torch.cuda.synchronize()
             return torch.cuda.max_memory_allocated()
-        if self.kind.endswith("(VmHWM)"):
+        if self.high_water_mark:
             with open("/proc/self/status") as f:
                 for line in f:
                     if line.startswith("VmHWM:"):
