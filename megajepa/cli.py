@@ -4,7 +4,11 @@
     megajepa prepare INPUT... --out DIR [...]      JSONL / HF dataset -> MDS shards
     megajepa train   CONFIG [key=value ...]        train (single process, torchrun or deepspeed)
     megajepa demo    CONFIG [--nproc N] [...]      embedded data -> N CPU ranks -> summary table
+    megajepa bench   CONFIG --modes ... [...]      throughput of ce/jepa/jepa-ema/ref3/ref2, FLOPs, memory
     megajepa bench   kernels [...]                 kernel benchmark (Triton vs torch reference)
+    megajepa export  CHECKPOINT --out HF_DIR       ZeRO-3 checkpoint -> Hugging Face model directory
+    megajepa eval    CHECKPOINT_OR_HF_DIR --data   generation accuracy, held-out CE, JEPA metrics
+    megajepa compare CONFIG --seeds N [...]        next-token vs JEPA over seeds, paired t-test
 """
 
 from __future__ import annotations
