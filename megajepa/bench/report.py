@@ -188,11 +188,13 @@ def bar_chart(report: dict, path: str) -> None:
     high = [1e3 * (m["step_seconds"]["max"] - m["step_seconds"]["median"]) / m["pairs_per_step"] for m in modes]
     fig, ax = plt.subplots(figsize=(7, 4))
     bars = ax.bar(names, per_pair, yerr=[low, high], capsize=4, color="#4c72b0")
-    for bar, m in zip(bars, modes):
+    tops = [p + h for p, h in zip(per_pair, high)]
+    ax.set_ylim(0, 1.12 * max(tops))  # room for the labels
+    for bar, m, top in zip(bars, modes, tops):
         ratio = m.get("time_per_pair_vs_ce")
-        if ratio is not None:
-            ax.annotate(f"{ratio:.2f}x", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
-                        ha="center", va="bottom", xytext=(0, 3), textcoords="offset points")
+        if ratio is not None:  # above the error bar
+            label = (bar.get_x() + bar.get_width() / 2, top)
+            ax.annotate(f"{ratio:.2f}x", label, ha="center", va="bottom", xytext=(0, 3), textcoords="offset points")
     ax.set_ylabel("ms per pair (median step)")
     ax.set_title(f"Time per pair by mode: {report['world_size']} rank(s), {report['device']}", fontsize=9)
     fig.tight_layout()
