@@ -3,7 +3,7 @@
 Two ways to run it:
 
   - as a plain command (no RANK in the environment), it launches itself: one torchrun job of
-    --nproc ranks runs every mode, then one short job per other world size in --scaling (and
+    --nproc ranks (2 on CPU, one per GPU) runs every mode, then one short job per other world size in --scaling (and
     at --nproc too when jepa-ema is not among the modes) measures the model state per rank; the
     report then goes to --out. On CPU the ranks are gloo processes on this machine.
   - under a launcher (torchrun, deepspeed, slurm: RANK is set), it runs the modes at that world
@@ -24,8 +24,8 @@ from megajepa.config import ConfigError, load_config, to_dict
 RESULT_FILE = "result.json"
 
 
-class BenchJobFailed(RuntimeError):
-    pass
+class BenchError(RuntimeError):
+    """A job that failed or a request the machine cannot run; the message says which."""
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -45,9 +45,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "auto: sequence on GPU, alternate on CPU",
     )  # fmt: skip
     parser.add_argument("--out", default="runs/bench", help="directory for bench.md, bench.json, time_per_pair.png")
-    parser.add_argument("--nproc", type=int, default=2, help="ranks for the modes when launching itself")
     parser.add_argument(
-        "--scaling", default="1,2,4", help="world sizes for the model-state table ('none': skip) when launching itself"
+        "--nproc", type=int, default=None,
+        help="ranks for the modes when launching itself (default: 2 on CPU, one per GPU)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--scaling", default="1,2,4",
+        help="world sizes for the model-state table when launching itself ('none': skip; on GPU up to one per GPU)",
     )
     parser.add_argument(
         "--max-length", type=int, default=defaults.max_length, help="ref3/ref2: length every sequence is padded to"
@@ -63,7 +67,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         args.scaling = () if args.scaling == "none" else tuple(sorted({int(w) for w in args.scaling.split(",")}))
     except ValueError:
         parser.error(f"--scaling: expected world sizes like 1,2,4 or 'none', got {args.scaling!r}")
-    if args.nproc < 1 or any(w < 1 for w in args.scaling):
+    if (args.nproc is not None and args.nproc < 1) or any(w < 1 for w in args.scaling):
         parser.error("--nproc and --scaling need world sizes >= 1")
     return args
 
@@ -128,24 +132,41 @@ def _torchrun(args, nproc: int, out: str, modes: tuple[str, ...], steps: int, wa
     print("+ " + " ".join(command), flush=True)
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     if subprocess.run(command, env=env).returncode != 0:
-        raise BenchJobFailed(f"the {nproc}-rank job failed (its output is above)")
+        raise BenchError(f"the {nproc}-rank job failed (its output is above)")
     with open(os.path.join(out, RESULT_FILE)) as f:
         return json.load(f)
 
 
+def _world_sizes(args) -> tuple[int, tuple[int, ...]]:
+    """(ranks for the modes, world sizes for the scaling table): on GPU at most one rank per GPU."""
+    import torch
+
+    gpus = torch.cuda.device_count()
+    if not gpus:
+        return args.nproc or 2, args.scaling
+    nproc = args.nproc or gpus
+    if nproc > gpus:
+        raise BenchError(f"--nproc {nproc}: this machine has {gpus} GPU(s), one rank each")
+    skipped = [w for w in args.scaling if w > gpus]
+    if skipped:
+        print(f"megajepa bench: scaling table without world size(s) {skipped}: {gpus} GPU(s) here", flush=True)
+    return nproc, tuple(w for w in args.scaling if w <= gpus)
+
+
 def launch(cfg, args, argv: list[str]) -> int:
     """Without a launcher: torchrun jobs for the modes and the scaling table, then the report."""
+    nproc, worlds = _world_sizes(args)
     if cfg.data.embedded is not None:
         from megajepa.data.embedded import ensure_embedded
 
         ensure_embedded(cfg.data.embedded, max_pair_tokens=cfg.data.max_pair_tokens)
     main = _torchrun(
-        args, args.nproc, os.path.join(args.out, f"world{args.nproc}"),
+        args, nproc, os.path.join(args.out, f"world{nproc}"),
         args.modes, args.steps, args.warmup, args.loader_batches,
     )  # fmt: skip
     scaling = {}
-    for world in args.scaling:
-        state = _state_of(main) if world == args.nproc else None
+    for world in worlds:
+        state = _state_of(main) if world == nproc else None
         if state is None:  # one optimizer step of jepa-ema, so that the Adam moments exist
             job = _torchrun(args, world, os.path.join(args.out, f"state-world{world}"), ("jepa-ema",), 1, 0, 0)
             state = _state_of(job)
@@ -164,6 +185,6 @@ def main(argv: list[str]) -> int:
         return 2
     try:
         return run_ranks(cfg, args, argv) if "RANK" in os.environ else launch(cfg, args, argv)
-    except (BenchJobFailed, FileNotFoundError) as err:
+    except (BenchError, FileNotFoundError) as err:
         print(f"megajepa bench: {err}", file=sys.stderr)
         return 1
