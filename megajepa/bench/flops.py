@@ -4,7 +4,7 @@ The count follows torchtitan and Megatron-LM: a matmul with a weight of n parame
 per token forward and 4n backward, so 6N per trained token; attention adds, per layer, 2w FLOPs
 for q.k and 2w for the weighted sum of values per (query, visible key) pair, with w = heads x
 head_dim (the hidden size for Llama), so 4 L w per pair forward and 12 L w with the backward.
-Counting the keys each query really sees under the packed mask, rather than a full L x L square,
+Counting the keys each query really sees under the packed mask, rather than a full square of the row,
 is what makes the count per segment:
 
     trained  = 6 N tokens  +  6 V d labelled  +  6 N_pred jepa_pairs  +  12 L w keys

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from typing import Optional
@@ -19,8 +20,8 @@ STATE_KINDS = ("parameters", "persistent", "optimizer", "ema", "teacher")
 def build_report(result: dict, scaling: dict[int, dict], config: dict, command: list[str]) -> dict:
     """The run's results plus what is derived from them: each mode's time per pair over ce's and
     jepa's, the ideal jepa/ce token ratio, the loader's headroom and the model-state scaling table."""
-    modes = result["modes"]
-    report = {"command": command, "config": config, **result, "flops_formula": flops.__doc__.strip()}
+    report = {"command": command, "config": config, **copy.deepcopy(result), "flops_formula": flops.__doc__.strip()}
+    modes = report["modes"]
     if "ce" in modes:
         for entry in modes.values():
             entry["time_per_pair_vs_ce"] = entry["seconds_per_pair"] / modes["ce"]["seconds_per_pair"]
