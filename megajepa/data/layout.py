@@ -163,6 +163,16 @@ def _set_labels(rows, labels: np.ndarray, mode: str) -> None:
             labels[r, c_col : c_col + len(b) - 1] = b[1:]
 
 
+def token_views(view_a, view_b, sample_ids):
+    """(pair index, view A, view B, sample id) as int64 arrays, refusing empty views."""
+    for i, (a, b, sid) in enumerate(zip(view_a, view_b, sample_ids)):
+        a = np.asarray(a, dtype=np.int64)
+        b = np.asarray(b, dtype=np.int64)
+        if len(a) == 0 or len(b) == 0:
+            raise ValueError(f"sample {sid}: empty view (view A {len(a)} tokens, view B {len(b)} tokens)")
+        yield i, a, b, int(sid)
+
+
 def pack_pairs(
     view_a: Sequence[np.ndarray], view_b: Sequence[np.ndarray], sample_ids: Sequence[int], cfg: LayoutConfig
 ) -> dict[str, torch.Tensor]:
@@ -172,14 +182,10 @@ def pack_pairs(
     teacher_units: list[list[_Segment]] = []
     jepa_pairs: list[int] = []
     useful = 0
-    for i, (a, b, sid) in enumerate(zip(view_a, view_b, sample_ids)):
-        a = np.asarray(a, dtype=np.int64)
-        b = np.asarray(b, dtype=np.int64)
-        if len(a) == 0 or len(b) == 0:
-            raise ValueError(f"sample {sid}: empty view (view A {len(a)} tokens, view B {len(b)} tokens)")
+    for i, a, b, sid in token_views(view_a, view_b, sample_ids):
         useful += len(a) + len(b)
         unit = [_Segment(i, SEG_T, a, 0), _Segment(i, SEG_C, b, len(a))]
-        if _keeps_jepa(int(sid), cfg):
+        if _keeps_jepa(sid, cfg):
             jepa_pairs.append(i)
             if len(pred):
                 unit.append(_Segment(i, SEG_P, pred, len(a)))

@@ -24,7 +24,17 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from megajepa.data.layout import SEG_C, SEG_CB, SEG_P, SEG_T, LayoutConfig, _fill_rows, _keeps_jepa, _Segment
+from megajepa.data.layout import (
+    SEG_C,
+    SEG_CB,
+    SEG_P,
+    SEG_T,
+    LayoutConfig,
+    _fill_rows,
+    _keeps_jepa,
+    _Segment,
+    token_views,
+)
 
 REFERENCE_LAYOUTS = ("ref3", "ref2")
 
@@ -52,14 +62,10 @@ def pack_reference(
     view_b_rows: list[list[_Segment]] = []
     jepa_pairs: list[int] = []
     useful = 0
-    for i, (a, b, sid) in enumerate(zip(view_a, view_b, sample_ids)):
-        a = np.asarray(a, dtype=np.int64)
-        b = np.asarray(b, dtype=np.int64)
-        if len(a) == 0 or len(b) == 0:
-            raise ValueError(f"sample {sid}: empty view (view A {len(a)} tokens, view B {len(b)} tokens)")
+    for i, a, b, sid in token_views(view_a, view_b, sample_ids):
         useful += len(a) + len(b)
         full_rows.append([_Segment(i, SEG_T, a, 0), _Segment(i, SEG_C, b, len(a))])
-        if not _keeps_jepa(int(sid), cfg):
+        if not _keeps_jepa(sid, cfg):
             continue
         jepa_pairs.append(i)
         with_pred = [_Segment(i, SEG_T, a, 0)] + ([_Segment(i, SEG_P, pred, len(a))] if len(pred) else [])
