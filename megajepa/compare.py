@@ -28,7 +28,8 @@ from dataclasses import dataclass
 from tqdm import tqdm
 
 from megajepa.config import ConfigError, load_config, to_dict
-from megajepa.eval.run import METRICS, atomic_write
+from megajepa.eval.run import METRICS
+from megajepa.files import atomic_path, write_text
 from megajepa.eval.stats import mean_std, paired_t_test
 
 ARMS = ("next-token", "jepa")
@@ -118,7 +119,7 @@ def train_run(config: str, run: Run) -> float:
     shutil.rmtree(tmpdir)
     seconds = time.perf_counter() - start
     marker = {"config": _resolved(config, run), "seconds": seconds}
-    atomic_write(os.path.join(run.output_dir, "run.json"), json.dumps(marker))
+    write_text(os.path.join(run.output_dir, "run.json"), json.dumps(marker))
     return seconds
 
 
@@ -146,7 +147,7 @@ def evaluate_all(runs: list[Run], data: str, limit, batch_pairs: int, max_new_to
         pairs = pairs or load_eval_pairs(data, loaded.tokenizer, limit)
         result = evaluate(loaded, pairs, batch_pairs=batch_pairs, max_new_tokens=max_new_tokens, progress=False)
         report = {"metrics": result["metrics"], "settings": result["settings"], "data": data}
-        atomic_write(os.path.join(run.output_dir, "eval.json"), json.dumps(report, indent=2))
+        write_text(os.path.join(run.output_dir, "eval.json"), json.dumps(report, indent=2))
         results[run.name] = result["metrics"]
     return results
 
@@ -215,10 +216,9 @@ def plot_curves(runs: list[Run], path: str) -> None:
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    tmp = f"{path}.tmp-{os.getpid()}"
-    fig.savefig(tmp, format="png", dpi=120)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -265,7 +265,7 @@ def main(argv: list[str]) -> int:
         f"load average {load_before[0]:.2f} at the start, {load_after[0]:.2f} at the end ({os.cpu_count()} CPUs)\n"
         f"command: {command}\n"
     )
-    atomic_write(os.path.join(args.out, "compare.md"), table + footer)
+    write_text(os.path.join(args.out, "compare.md"), table + footer)
     report = {
         "command": command,
         "seeds": args.seeds,
@@ -276,7 +276,7 @@ def main(argv: list[str]) -> int:
         "runs": results,
         "summary": rows,
     }
-    atomic_write(os.path.join(args.out, "compare.json"), json.dumps(report, indent=2))
+    write_text(os.path.join(args.out, "compare.json"), json.dumps(report, indent=2))
     plot_curves(runs, os.path.join(args.out, "curves.png"))
     print("\n" + table + footer + f"written: {args.out}/compare.md, compare.json, curves.png")
     return 0

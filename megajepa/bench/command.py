@@ -20,6 +20,7 @@ import sys
 
 from megajepa.bench.modes import MODES, ORDERS, BenchSettings, validate
 from megajepa.config import ConfigError, load_config, to_dict
+from megajepa.files import write_text
 
 RESULT_FILE = "result.json"
 
@@ -83,14 +84,6 @@ def _settings(args):
     )
 
 
-def _write_json(path: str, data: dict) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    partial = f"{path}.partial"
-    with open(partial, "w") as f:
-        json.dump(data, f, indent=2)
-    os.replace(partial, path)
-
-
 def _report(result: dict, scaling: dict[int, dict], cfg, args, argv: list[str]) -> None:
     from megajepa.bench.report import build_report, markdown, write_outputs
 
@@ -113,7 +106,8 @@ def run_ranks(cfg, args, argv: list[str]) -> int:
     if result is None:
         return 0
     if args.worker:
-        _write_json(os.path.join(args.out, RESULT_FILE), result)
+        os.makedirs(args.out, exist_ok=True)
+        write_text(os.path.join(args.out, RESULT_FILE), json.dumps(result, indent=2))
         return 0
     state = _state_of(result)
     _report(result, {result["world_size"]: state} if state else {}, cfg, args, argv)

@@ -12,6 +12,7 @@ import os
 from typing import Optional
 
 from megajepa.bench import flops
+from megajepa.files import atomic_path, write_text
 
 MIB = 1024**2
 STATE_KINDS = ("parameters", "persistent", "optimizer", "ema", "teacher")
@@ -168,13 +169,6 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
-def _write_text(path: str, content: str) -> None:
-    partial = f"{path}.partial"
-    with open(partial, "w") as f:
-        f.write(content)
-    os.replace(partial, path)
-
-
 def bar_chart(report: dict, path: str) -> None:
     """Time per pair by mode (median step), with the min-max step range as the error bar."""
     import matplotlib
@@ -199,17 +193,16 @@ def bar_chart(report: dict, path: str) -> None:
     ax.set_ylabel("ms per pair (median step)")
     ax.set_title(f"Time per pair by mode: {report['world_size']} rank(s), {report['device']}", fontsize=9)
     fig.tight_layout()
-    partial = f"{path}.partial"
-    fig.savefig(partial, format="png", dpi=120)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
     plt.close(fig)
-    os.replace(partial, path)
 
 
 def write_outputs(report: dict, out_dir: str) -> dict[str, str]:
     """bench.md, bench.json and time_per_pair.png under out_dir, each written whole then renamed."""
     os.makedirs(out_dir, exist_ok=True)
     paths = {name: os.path.join(out_dir, name) for name in ("bench.md", "bench.json", "time_per_pair.png")}
-    _write_text(paths["bench.md"], markdown(report) + "\n")
-    _write_text(paths["bench.json"], json.dumps(report, indent=2) + "\n")
+    write_text(paths["bench.md"], markdown(report) + "\n")
+    write_text(paths["bench.json"], json.dumps(report, indent=2) + "\n")
     bar_chart(report, paths["time_per_pair.png"])
     return paths

@@ -31,10 +31,11 @@ from megajepa.bench.memory import PeakMemory, model_state_bytes
 from megajepa.bench.modes import BenchSettings, mode_config, validate
 from megajepa.config import Config, precision
 from megajepa.data.layout import SEG_PAD, LayoutConfig, pack_pairs
-from megajepa.data.loader import build_loader, loader_throughput
+from megajepa.data.loader import loader_throughput
 from megajepa.data.reference_layout import REFERENCE_LAYOUTS, pack_reference
 from megajepa.train.trainer import (
     build_engine,
+    config_loader,
     init_distributed,
     layout_config,
     load_tokenizer,
@@ -42,6 +43,7 @@ from megajepa.train.trainer import (
     run_config,
     to_device,
 )
+
 
 def pack(mode: str, pairs: list[dict], layout: LayoutConfig, max_length: int) -> dict:
     views = ([p["view_a"] for p in pairs], [p["view_b"] for p in pairs], [int(p["sample_id"]) for p in pairs])
@@ -52,16 +54,7 @@ def pack(mode: str, pairs: list[dict], layout: LayoutConfig, max_length: int) ->
 
 def draw_pairs(cfg: Config, layout: LayoutConfig, tokenizer, count: int) -> list[list[dict]]:
     """`count` micro-batches of raw pairs for this rank, read once and shared by every mode."""
-    loader = build_loader(
-        cfg.data.shards,
-        batch_pairs=cfg.data.pairs_per_batch,
-        layout=layout,
-        tokenizer=tokenizer,
-        remote=cfg.data.remote,
-        shuffle=cfg.data.shuffle,
-        seed=cfg.data.seed,
-        max_pair_tokens=cfg.data.max_pair_tokens,
-    )
+    loader = config_loader(cfg, cfg.data.shards, layout, tokenizer)
     batches: list[list[dict]] = []
     current: list[dict] = []
     while len(batches) < count:

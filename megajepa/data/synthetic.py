@@ -34,6 +34,8 @@ import random
 from dataclasses import dataclass
 from typing import Optional, Union
 
+from megajepa.files import write_text
+
 SYSTEM_PROMPT = "Translate the description into a regular expression."
 SPLITS = ("train", "eval", "paraphrases")
 
@@ -270,11 +272,7 @@ def _record(split: str, index: int, description: str, regex: str) -> dict:
 
 
 def _write_jsonl(path: str, records: list[dict]) -> None:
-    partial = f"{path}.tmp-{os.getpid()}"
-    with open(partial, "w") as f:
-        for record in records:
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
-    os.replace(partial, path)
+    write_text(path, "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records))
 
 
 def generate(

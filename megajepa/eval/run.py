@@ -39,6 +39,7 @@ from megajepa.eval.data import EvalPair, load_eval_pairs
 from megajepa.eval.generation import greedy_generate, normalize
 from megajepa.eval.latent import batch_metrics
 from megajepa.eval.regex_check import is_regex_task, regex_equivalent
+from megajepa.files import write_text
 from megajepa.jepa.objective import JepaModel
 
 # name -> (label, higher is better)
@@ -235,13 +236,6 @@ def format_table(metrics: dict) -> str:
     return "\n".join(lines)
 
 
-def atomic_write(path: str, text: str) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def _init_distributed() -> tuple[int, int, torch.device]:
     """A process group when launched by torchrun / deepspeed with several ranks."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -278,9 +272,9 @@ def main(args) -> int:
         )
         if args.json:
             report = {"metrics": result["metrics"], "settings": settings, "data": args.data}
-            atomic_write(args.json, json.dumps(report, indent=2))
+            write_text(args.json, json.dumps(report, indent=2))
         if args.generations:
-            atomic_write(args.generations, "".join(json.dumps(r) + "\n" for r in result["records"]))
+            write_text(args.generations, "".join(json.dumps(r) + "\n" for r in result["records"]))
     if dist.is_initialized():
         dist.destroy_process_group()
     return 0

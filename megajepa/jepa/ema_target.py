@@ -44,6 +44,7 @@ from torch import nn
 
 from kernels.ema import ema_update
 from megajepa.config import EmaConfig
+from megajepa.files import atomic_path
 
 STATE_FILE = "ema_rank{rank}.pt"  # the name megajepa.train.checkpoint documents
 # DeepSpeed config sections that make no sense for an engine that never steps.
@@ -359,9 +360,8 @@ class EmaTeacher:
         """Write this rank's state to `directory` atomically (a temporary name, then a rename)."""
         os.makedirs(directory, exist_ok=True)
         path = os.path.join(directory, STATE_FILE.format(rank=rank))
-        tmp = f"{path}.tmp"
-        torch.save(self.state_dict(), tmp)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            torch.save(self.state_dict(), tmp)
         return path
 
     def load(self, directory: str, rank: int) -> None:

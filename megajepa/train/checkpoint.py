@@ -19,10 +19,12 @@ from __future__ import annotations
 import json
 import os
 import random
-from typing import Any, Optional
+from typing import Optional
 
 import numpy as np
 import torch
+
+from megajepa.files import atomic_path, write_text
 
 CHECKPOINT_SUBDIR = "checkpoints"
 
@@ -37,19 +39,6 @@ def checkpoint_dir(output_dir: str) -> str:
 
 def tag_for(step: int) -> str:
     return f"step{step:08d}"
-
-
-def atomic_write_json(path: str, data: Any) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
-
-
-def atomic_torch_save(obj: Any, path: str) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 def rng_state() -> dict:
@@ -105,8 +94,9 @@ def save(engine, output_dir: str, step: int, meta: dict, client_state: dict, ran
     tag_dir = os.path.join(load_dir, tag)
     os.makedirs(tag_dir, exist_ok=True)
     if rank == 0:
-        atomic_write_json(os.path.join(tag_dir, "meta.json"), {**meta, "step": step})
-    atomic_torch_save(rng_state(), os.path.join(tag_dir, f"rng_rank{rank}.pt"))
+        write_text(os.path.join(tag_dir, "meta.json"), json.dumps({**meta, "step": step}, indent=2, sort_keys=True))
+    with atomic_path(os.path.join(tag_dir, f"rng_rank{rank}.pt")) as tmp:
+        torch.save(rng_state(), tmp)
     if extra is not None:
         extra(tag_dir)
     engine.save_checkpoint(load_dir, tag=tag, client_state=client_state)  # writes `latest` last

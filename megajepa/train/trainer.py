@@ -20,8 +20,9 @@ from transformers import AutoTokenizer
 from megajepa.config import Config, deepspeed_config, precision, to_dict
 from megajepa.data.fingerprint import tokenizer_hash
 from megajepa.data.layout import LayoutConfig
-from megajepa.data.loader import build_loader, set_stream_env
+from megajepa.data.loader import PairLoader, build_loader, set_stream_env
 from megajepa.data.tokenizer import add_pred_tokens, pred_token_ids
+from megajepa.files import write_text
 from megajepa.jepa.objective import JepaModel, collapse_std
 from megajepa.model.build import architecture_spec, build_model
 from megajepa.model.predictor import uses_pred_tokens
@@ -102,6 +103,21 @@ def layout_config(cfg: Config, pred_ids: list[int], pad_id: int) -> LayoutConfig
     )
 
 
+def config_loader(cfg: Config, shards: str, layout: LayoutConfig, tokenizer, **options) -> PairLoader:
+    """build_loader with this config's data settings; `options` override them (eval: in order)."""
+    settings = dict(
+        batch_pairs=cfg.data.pairs_per_batch,
+        layout=layout,
+        tokenizer=tokenizer,
+        remote=cfg.data.remote,
+        shuffle=cfg.data.shuffle,
+        seed=cfg.data.seed,
+        num_workers=cfg.data.num_workers,
+        max_pair_tokens=cfg.data.max_pair_tokens,
+    )
+    return build_loader(shards, **{**settings, **options})
+
+
 def run_config(cfg: Config, world: int, output_dir: str) -> dict:
     """The DeepSpeed JSON for this run: derived (or the user's), with our monitor and scheduler."""
     ds = deepspeed_config(cfg, world)
@@ -170,18 +186,13 @@ class StopSignal:
     def _handle(self, signum, frame) -> None:
         self.received = signum
 
-    def agreed(self) -> bool:
-        flag = torch.tensor([1.0 if self.received is not None else 0.0])
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item() > 0)
 
-
-def _all_finite(value: torch.Tensor) -> bool:
-    flag = torch.tensor([1.0 if bool(torch.isfinite(value)) else 0.0])
+def agree(*flags: bool) -> list[bool]:
+    """Each flag OR-ed across ranks in one all-reduce, so that every rank takes the same branch."""
+    values = torch.tensor([float(flag) for flag in flags])
     if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag.item() == 1.0)
+        dist.all_reduce(values, op=dist.ReduceOp.MAX)
+    return [bool(v > 0) for v in values.tolist()]
 
 
 def record_step(directory: str, rank: int, step: int, loader, row: Optional[dict]) -> None:
@@ -222,17 +233,8 @@ def train(cfg: Config) -> dict:
     prepared_tokenizer, tokenizer, pred_ids = load_tokenizer(cfg)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id or 0
     layout = layout_config(cfg, pred_ids, pad_id)
-    loader = build_loader(
-        cfg.data.shards,
-        batch_pairs=cfg.data.pairs_per_batch,
-        layout=layout,
-        tokenizer=prepared_tokenizer,
-        remote=cfg.data.remote,
-        shuffle=cfg.data.shuffle,
-        seed=cfg.data.seed,
-        num_workers=cfg.data.num_workers,
-        max_pair_tokens=cfg.data.max_pair_tokens,
-        record_ids=cfg.data.record_ids_dir is not None,
+    loader = config_loader(
+        cfg, cfg.data.shards, layout, prepared_tokenizer, record_ids=cfg.data.record_ids_dir is not None
     )
 
     meta = {
@@ -275,14 +277,8 @@ def train(cfg: Config) -> dict:
     eval_loader = None
     summary: dict = {}
     if cfg.data.eval_shards:
-        eval_loader = build_loader(
-            cfg.data.eval_shards,
-            batch_pairs=cfg.data.pairs_per_batch,
-            layout=layout,
-            tokenizer=prepared_tokenizer,
-            shuffle=False,
-            seed=cfg.data.seed,
-            max_pair_tokens=cfg.data.max_pair_tokens,
+        eval_loader = config_loader(
+            cfg, cfg.data.eval_shards, layout, prepared_tokenizer, remote=None, shuffle=False, num_workers=0
         )
         if start_step == 0:
             start = evaluate(engine, teacher, eval_loader, cfg.train.eval_batches, device)
@@ -300,7 +296,9 @@ def train(cfg: Config) -> dict:
                 batch = to_device(next(batches), device)
                 target = teacher.encode(batch) if teacher is not None else None
                 out = engine(batch, step=step, target_embeddings=target)
-                if not _all_finite(out.loss):
+                # one agreement per micro-step: a NaN on any rank, a stop signal on any rank
+                diverged, stop_requested = agree(not bool(torch.isfinite(out.loss)), stop.received is not None)
+                if diverged:
                     raise TrainingDiverged(
                         f"step {step + 1}: loss is {out.loss.item()} (ce {out.ce.item()}, jepa {out.jepa.item()}); "
                         f"stopped before the update. Last good checkpoint: {last_good or 'none saved yet'}"
@@ -328,7 +326,7 @@ def train(cfg: Config) -> dict:
                 logger.write_eval(step, evaluate(engine, teacher, eval_loader, cfg.train.eval_batches, device))
             if cfg.train.save_every and step % cfg.train.save_every == 0 and step < cfg.train.steps:
                 last_good = save(step)
-            if stop.agreed():
+            if stop_requested:
                 if rank == 0:
                     print(f"stop requested (signal {stop.received}): checkpointing step {step} and exiting", flush=True)
                 break
@@ -345,5 +343,5 @@ def train(cfg: Config) -> dict:
     if eval_loader is not None and stop.received is None:
         summary.update(evaluate(engine, teacher, eval_loader, cfg.train.eval_batches, device))
     if rank == 0:
-        checkpoint.atomic_write_json(os.path.join(output_dir, "summary.json"), summary)
+        write_text(os.path.join(output_dir, "summary.json"), json.dumps(summary, indent=2, sort_keys=True))
     return summary
