@@ -22,10 +22,10 @@ import time
 import warnings
 
 import torch
-import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 from tqdm import tqdm
 
+from megajepa import dist
 from megajepa.bench.flops import FlopModel, batch_flops, peak_flops
 from megajepa.bench.memory import PeakMemory, model_state_bytes
 from megajepa.bench.modes import BenchSettings, mode_config, validate
@@ -68,13 +68,6 @@ def draw_pairs(cfg: Config, layout: LayoutConfig, tokenizer, count: int) -> list
     return batches
 
 
-def _reduce(values: list[float], op, device) -> list[float]:
-    tensor = torch.tensor(values, dtype=torch.float64, device=device)
-    if dist.get_world_size() > 1:
-        dist.all_reduce(tensor, op=op)
-    return tensor.tolist()
-
-
 def _batch_counts(batch: dict, flop_model: FlopModel) -> list[float]:
     """pairs, useful tokens, computed slots, segment (non-padding) tokens, trained and teacher FLOPs."""
     segments = int((batch["segment"] != SEG_PAD).sum())
@@ -103,7 +96,7 @@ class ModeRun:
         mcfg = mode_config(cfg, mode, settings.warmup + settings.steps)
         layout = layout_config(mcfg, pred_ids, pad_id)
         self.batches = [pack(mode, p, layout, settings.max_length) for p in pairs]
-        world = dist.get_world_size()
+        world = dist.world_size()
         self.engine, self.teacher = build_engine(mcfg, tokenizer, run_config(mcfg, world, mcfg.train.output_dir))
         self.device = self.engine.device
         self.flop_model = FlopModel.of(self.engine.module)
@@ -157,17 +150,17 @@ class ModeRun:
         gc.collect()
         get_accelerator().empty_cache()
 
-        device, world = self.device, dist.get_world_size()
+        device, world = self.device, dist.world_size()
         timed = self.batches[self.settings.warmup * self.cfg.optim.grad_accum :]
         counts = [sum(column) for column in zip(*(_batch_counts(b, self.flop_model) for b in timed))]
-        pairs, useful, computed, segments, trained, teacher_flops = _reduce(counts, dist.ReduceOp.SUM, device)
-        step_seconds = _reduce(self.step_seconds, dist.ReduceOp.MAX, device)
-        cpu_seconds = _reduce(self.cpu_seconds, dist.ReduceOp.MAX, device)
-        teacher_seconds = _reduce(self.teacher_seconds, dist.ReduceOp.MAX, device)
-        ema_seconds = _reduce(self.ema_seconds, dist.ReduceOp.MAX, device)
+        pairs, useful, computed, segments, trained, teacher_flops = dist.reduce_values(counts, "sum")
+        step_seconds = dist.reduce_values(self.step_seconds, "max")
+        cpu_seconds = dist.reduce_values(self.cpu_seconds, "max")
+        teacher_seconds = dist.reduce_values(self.teacher_seconds, "max")
+        ema_seconds = dist.reduce_values(self.ema_seconds, "max")
         state_keys = sorted(state)
-        state_max = _reduce([state[k] for k in state_keys] + [self.peak_bytes], dist.ReduceOp.MAX, device)
-        first_step = [v / world for v in _reduce(self.first_step, dist.ReduceOp.SUM, device)]
+        state_max = dist.reduce_values([state[k] for k in state_keys] + [self.peak_bytes], "max")
+        first_step = [v / world for v in dist.reduce_values(self.first_step, "sum")]
 
         median = statistics.median(step_seconds)
         steps = len(step_seconds)
@@ -283,9 +276,9 @@ def _loader_benchmark(cfg: Config, layout: LayoutConfig, tokenizer, batches: int
         num_workers=cfg.data.num_workers,
         seed=cfg.data.seed,
     )
-    per_rank = [0.0] * dist.get_world_size()
-    per_rank[dist.get_rank()] = stats["pairs_per_s"]
-    per_rank = _reduce(per_rank, dist.ReduceOp.SUM, device)
+    per_rank = [0.0] * dist.world_size()
+    per_rank[dist.rank()] = stats["pairs_per_s"]
+    per_rank = dist.reduce_values(per_rank, "sum")
     return {
         "batches": stats["batches"],
         "num_workers": cfg.data.num_workers,

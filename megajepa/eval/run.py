@@ -30,10 +30,10 @@ from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 import torch
-import torch.distributed as dist
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
+from megajepa import dist
 from megajepa.config import JepaConfig
 from megajepa.eval.data import EvalPair, load_eval_pairs
 from megajepa.eval.generation import greedy_generate, normalize
@@ -103,7 +103,7 @@ def load_model(path: str, device, weights: Optional[str] = None) -> LoadedModel:
         if not os.path.isfile(os.path.join(path, "config.json")):
             raise FileNotFoundError(f"{path}: neither a megajepa checkpoint nor a Hugging Face model directory")
         return load_hf(path, device, weights)
-    if dist.is_initialized() and dist.get_world_size() > 1:
+    if dist.world_size() > 1:
         raise ValueError(f"{path} is a checkpoint: export it once with `megajepa export` and evaluate the HF directory")
     with tempfile.TemporaryDirectory() as tmp:
         loaded = load_hf(export(path, os.path.join(tmp, "hf"), weights=weights or "online"), device)
@@ -198,7 +198,7 @@ def evaluate(
     same pairs and every rank gets the full result."""
     if batch_pairs < 2:
         raise ValueError(f"--batch-pairs must be at least 2 (retrieval needs candidates), got {batch_pairs}")
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    rank, world = dist.rank(), dist.world_size()
     max_new_tokens = max_new_tokens or default_max_new_tokens(pairs)
     start = time.perf_counter()
     records, totals = evaluate_shard(
@@ -210,8 +210,7 @@ def evaluate(
         progress=progress and rank == 0,
     )
     if world > 1:
-        gathered: list = [None] * world
-        dist.all_gather_object(gathered, (records, totals))
+        gathered = dist.all_gather_object((records, totals))
         records = sorted((r for part, _ in gathered for r in part), key=lambda r: r["sample_id"])
         totals = {k: sum(t[k] for _, t in gathered) for k in totals}
     settings = {
@@ -242,11 +241,11 @@ def _init_distributed() -> tuple[int, int, torch.device]:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     cuda = torch.cuda.is_available()
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if cuda else "gloo")
+        dist.init_process_group("nccl" if cuda else "gloo")
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
-    return (dist.get_rank() if world > 1 else 0), world, device
+    return dist.rank(), world, device
 
 
 def main(args) -> int:
@@ -275,6 +274,5 @@ def main(args) -> int:
             write_text(args.json, json.dumps(report, indent=2))
         if args.generations:
             write_text(args.generations, "".join(json.dumps(r) + "\n" for r in result["records"]))
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    dist.destroy_process_group()
     return 0

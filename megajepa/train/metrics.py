@@ -9,8 +9,9 @@ import time
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 from tqdm import tqdm
+
+from megajepa import dist
 
 # summed across ranks; the rest are averaged
 SUMMED = ("computed_tokens", "useful_tokens", "pairs")
@@ -19,8 +20,8 @@ SUMMED = ("computed_tokens", "useful_tokens", "pairs")
 class MetricsLogger:
     def __init__(self, engine, output_dir: str, total_steps: int, start_step: int, log_every: int, progress: bool):
         self.engine = engine
-        self.rank = dist.get_rank() if dist.is_initialized() else 0
-        self.world = dist.get_world_size() if dist.is_initialized() else 1
+        self.rank = dist.rank()
+        self.world = dist.world_size()
         self.log_every = log_every
         self.path = os.path.join(output_dir, "metrics.jsonl")
         self.history: list[dict] = []
@@ -48,12 +49,10 @@ class MetricsLogger:
         if self._window_steps == 0:
             return None
         keys = sorted(self._window)
-        local = torch.tensor([self._window[k] for k in keys], dtype=torch.float64)
-        if self.world > 1:
-            dist.all_reduce(local)
+        local = dist.reduce_values([self._window[k] for k in keys])
         elapsed = time.perf_counter() - self._window_start
         row = {"step": step}
-        for key, total in zip(keys, local.tolist()):
+        for key, total in zip(keys, local):
             row[key] = total / self._window_steps if key in SUMMED else total / (self._window_steps * self.world)
         for key in SUMMED:
             if key in row:

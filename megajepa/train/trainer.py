@@ -14,9 +14,9 @@ import socket
 import time
 import deepspeed
 import torch
-import torch.distributed as dist
 from transformers import AutoTokenizer
 
+from megajepa import dist
 from megajepa.config import Config, deepspeed_config, precision, to_dict
 from megajepa.data.fingerprint import tokenizer_hash
 from megajepa.data.layout import LayoutConfig
@@ -63,7 +63,7 @@ def init_distributed() -> tuple[int, int, int]:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
-    return dist.get_rank(), dist.get_world_size(), local_rank
+    return dist.rank(), dist.world_size(), local_rank
 
 
 def prepare_embedded(cfg: Config, rank: int) -> None:
@@ -187,14 +187,6 @@ class StopSignal:
         self.received = signum
 
 
-def agree(*flags: bool) -> list[bool]:
-    """Each flag OR-ed across ranks in one all-reduce, so that every rank takes the same branch."""
-    values = torch.tensor([float(flag) for flag in flags])
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(values, op=dist.ReduceOp.MAX)
-    return [bool(v > 0) for v in values.tolist()]
-
-
 def record_step(directory: str, rank: int, step: int, loader, row: Optional[dict]) -> None:
     """Debug record (data.record_ids_dir): the sample ids this rank consumed in `step`."""
     os.makedirs(directory, exist_ok=True)
@@ -217,8 +209,7 @@ def evaluate(engine, teacher, loader, batches: int, device) -> dict:
         target = teacher.encode(batch) if teacher is not None else None
         out = engine(batch, step=10**9, target_embeddings=target)
         totals += torch.tensor([out.ce.item(), out.jepa.item(), 1.0], dtype=torch.float64)
-    if dist.is_initialized():
-        dist.all_reduce(totals)
+    totals = dist.all_reduce(totals)
     engine.train()
     n = max(totals[2].item(), 1.0)
     return {"eval_ce": totals[0].item() / n, "eval_jepa": totals[1].item() / n, "eval_batches": int(totals[2].item())}
@@ -297,7 +288,8 @@ def train(cfg: Config) -> dict:
                 target = teacher.encode(batch) if teacher is not None else None
                 out = engine(batch, step=step, target_embeddings=target)
                 # one agreement per micro-step: a NaN on any rank, a stop signal on any rank
-                diverged, stop_requested = agree(not bool(torch.isfinite(out.loss)), stop.received is not None)
+                agreed = dist.agree({"nonfinite": ~torch.isfinite(out.loss), "stop": stop.received is not None}, device)
+                diverged, stop_requested = agreed["nonfinite"], agreed["stop"]
                 if diverged:
                     raise TrainingDiverged(
                         f"step {step + 1}: loss is {out.loss.item()} (ce {out.ce.item()}, jepa {out.jepa.item()}); "

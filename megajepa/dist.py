@@ -1,0 +1,123 @@
+"""Every torch.distributed call megajepa makes, with its tensors on the backend's device.
+
+NCCL takes CUDA tensors only and gloo CPU ones, and a CPU test run (gloo) accepts anything: a
+collective written elsewhere with a tensor made on the CPU passes every test here and raises on
+the first GPU step. So no other module imports torch.distributed (tests/test_dist.py checks):
+they call the functions below, which move a tensor to `communication_device()` when the backend
+cannot take it where it is, and hand the result back on the caller's device.
+
+Without an initialized process group (a single process) every collective is the identity.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+import torch.distributed as _dist
+
+_OPS = {"sum": _dist.ReduceOp.SUM, "max": _dist.ReduceOp.MAX, "min": _dist.ReduceOp.MIN}
+# The device types each torch.distributed backend communicates from.
+_BACKEND_DEVICES = {"nccl": ("cuda",), "gloo": ("cpu",), "mpi": ("cpu",), "ccl": ("cpu",), "xccl": ("xpu",)}
+
+
+def is_initialized() -> bool:
+    return _dist.is_available() and _dist.is_initialized()
+
+
+def rank() -> int:
+    return _dist.get_rank() if is_initialized() else 0
+
+
+def world_size() -> int:
+    return _dist.get_world_size() if is_initialized() else 1
+
+
+def init_process_group(backend: str) -> None:
+    _dist.init_process_group(backend=backend)
+
+
+def destroy_process_group() -> None:
+    if is_initialized():
+        _dist.destroy_process_group()
+
+
+def backend_device_types(backend: str) -> tuple[str, ...]:
+    """The device types `backend` communicates from: "nccl" -> ("cuda",); a per-device backend
+    string such as "cpu:gloo,cuda:nccl" -> ("cpu", "cuda")."""
+    if ":" in backend:
+        return tuple(part.split(":")[0] for part in backend.split(","))
+    if backend not in _BACKEND_DEVICES:
+        raise ValueError(f"megajepa.dist: unknown torch.distributed backend {backend!r}")
+    return _BACKEND_DEVICES[backend]
+
+
+def placement(backend: str, tensor_device: torch.device, cuda_index: Optional[int] = None) -> torch.device:
+    """Where a collective of `backend` must see a tensor that lives on `tensor_device`: where it
+    is when the backend takes that device type, else the backend's own device (for CUDA, the
+    current device, `cuda_index`)."""
+    types = backend_device_types(backend)
+    if tensor_device.type in types:
+        return tensor_device
+    if types[0] == "cuda":
+        return torch.device("cuda", torch.cuda.current_device() if cuda_index is None else cuda_index)
+    return torch.device(types[0])
+
+
+def communication_device(tensor_device: torch.device = torch.device("cpu")) -> torch.device:
+    """The device the current process group's backend needs for a tensor on `tensor_device`."""
+    if not is_initialized():
+        return tensor_device
+    return placement(str(_dist.get_backend()), tensor_device)
+
+
+def all_reduce(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """`tensor` reduced over all ranks (a new tensor or `tensor` itself, on `tensor`'s device)."""
+    if world_size() == 1:
+        return tensor
+    comm = tensor.to(communication_device(tensor.device))
+    _dist.all_reduce(comm, op=_OPS[op])
+    return comm.to(tensor.device)
+
+
+def reduce_values(values: list[float], op: str = "sum") -> list[float]:
+    """Python numbers reduced over all ranks in one collective (float64, so counts stay exact)."""
+    if world_size() == 1:
+        return list(values)
+    tensor = torch.tensor(values, dtype=torch.float64, device=communication_device())
+    return all_reduce(tensor, op).tolist()
+
+
+def agree(flags: dict[str, Any], device: torch.device = torch.device("cpu")) -> dict[str, bool]:
+    """Each flag (a bool, or a 0-d tensor on any device) OR-ed across ranks in one all-reduce
+    and read once, so that every rank takes the same branch. Device tensors stay on the device
+    until that single read."""
+    names = list(flags)
+    if not names:
+        return {}
+    target = communication_device(device)
+    # torch.full, not torch.tensor(...).to(target): a host-to-device copy waits for the device.
+    stacked = torch.stack(
+        [
+            flags[name].to(target, torch.float32).reshape(())
+            if torch.is_tensor(flags[name])
+            else torch.full((), float(bool(flags[name])), device=target)
+            for name in names
+        ]
+    )
+    agreed = all_reduce(stacked, "max").tolist()
+    return {name: value > 0 for name, value in zip(names, agreed)}
+
+
+def barrier() -> None:
+    if world_size() > 1:
+        _dist.barrier()
+
+
+def all_gather_object(obj: Any) -> list[Any]:
+    """Every rank's `obj`, in rank order (pickled; torch places the bytes for the backend)."""
+    if world_size() == 1:
+        return [obj]
+    gathered: list[Any] = [None] * world_size()
+    _dist.all_gather_object(gathered, obj)
+    return gathered
