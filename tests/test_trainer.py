@@ -104,7 +104,6 @@ def test_ema_target_trains_checkpoints_and_resumes(demo_data, tmp_path):
     _ok(result)
     rows = metrics(out)
     assert [r["step"] for r in rows] == [1, 2, 3]
-    assert all(r["ema_seconds"] > 0 for r in rows)
     assert all(0 < r["jepa"] < 2 for r in rows)  # 1 - cos between the online prediction and the teacher
 
 

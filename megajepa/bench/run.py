@@ -6,13 +6,16 @@ untimed and `steps` timed optimizer steps: mode after mode (one engine alive at 
 of each mode in turn (--order alternate, the default on CPU). Modes (megajepa.bench.modes) differ only in the layout
 and the JEPA target: all run megajepa.train.trainer's engine and the one objective.
 
-A step is timed from a device synchronisation before the first micro-batch to one after the EMA
-update; per step the slowest rank's time counts. Packing is not timed: the loader benchmark
+A step is megajepa.train.step's, the one `megajepa train` runs (its agreement collective
+included), timed from a device synchronisation before it to one after the EMA update; per step
+the slowest rank's time counts. The teacher's forward and the EMA update are timed inside it
+between synchronisations of their own, which training does not have. Packing is not timed: the loader benchmark
 measures what the loader delivers.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import platform
@@ -41,8 +44,8 @@ from megajepa.train.trainer import (
     load_tokenizer,
     prepare_embedded,
     run_config,
-    to_device,
 )
+from megajepa.train.step import train_step
 
 
 def pack(mode: str, pairs: list[dict], layout: LayoutConfig, max_length: int) -> dict:
@@ -105,39 +108,39 @@ class ModeRun:
         self.cpu_seconds: list[float] = []  # this process's CPU time per step: steadier on a shared CPU
         self.teacher_seconds: list[float] = []  # teacher forwards, per step
         self.ema_seconds: list[float] = []
-        self.first_step = [0.0, 0.0]  # CE and JEPA loss of the first micro-batch
+        self.first_step = [0.0, 0.0]  # CE and JEPA loss of the first step (mean over its micro-batches)
         self.peak_bytes = 0
 
     def step(self, peak: PeakMemory) -> None:
-        """One optimizer step (grad_accum micro-batches, then the EMA update), timed."""
-        accelerator, accum = get_accelerator(), self.cfg.optim.grad_accum
-        engine, teacher, step = self.engine, self.teacher, self.done
+        """One optimizer step of megajepa.train.step, timed from a device synchronisation before
+        it to one after it (the EMA update included)."""
+        accelerator, accum, step = get_accelerator(), self.cfg.optim.grad_accum, self.done
+        sections = {"teacher": 0.0, "ema": 0.0}
+
+        @contextlib.contextmanager
+        def section(name: str):
+            accelerator.synchronize()
+            start = time.perf_counter()
+            yield
+            accelerator.synchronize()
+            sections[name] += time.perf_counter() - start
+
         peak.reset()
         accelerator.synchronize()
         start, cpu_start = time.perf_counter(), time.process_time()
-        teacher_seconds = 0.0
-        for batch in self.batches[step * accum : (step + 1) * accum]:
-            batch = to_device(batch, self.device)
-            target = None
-            if teacher is not None:
-                encode_start = time.perf_counter()
-                target = teacher.encode(batch)
-                accelerator.synchronize()
-                teacher_seconds += time.perf_counter() - encode_start
-            out = engine(batch, step=step, target_embeddings=target)
-            engine.backward(out.loss)
-            engine.step()
-        ema = teacher.update(step + 1)["seconds"] if teacher is not None else 0.0
+        result = train_step(self.engine, self.teacher, self.batches[step * accum : (step + 1) * accum], step, section=section)
         accelerator.synchronize()
         elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+        if not result.updated:
+            raise RuntimeError(f"bench {self.mode}: step {step + 1}: the loss is not finite")
         self.peak_bytes = max(self.peak_bytes, peak.peak())
         if step == 0:
-            self.first_step = [out.ce.item(), out.jepa.item()]
+            self.first_step = [result.ce.item(), result.jepa.item()]
         if step >= self.settings.warmup:
             self.step_seconds.append(elapsed)
             self.cpu_seconds.append(cpu)
-            self.teacher_seconds.append(teacher_seconds)
-            self.ema_seconds.append(ema)
+            self.teacher_seconds.append(sections["teacher"])
+            self.ema_seconds.append(sections["ema"])
         self.done += 1
 
     def close(self) -> dict:
@@ -266,7 +269,7 @@ def _versions() -> dict:
     }
 
 
-def _loader_benchmark(cfg: Config, layout: LayoutConfig, tokenizer, batches: int, device) -> dict:
+def _loader_benchmark(cfg: Config, layout: LayoutConfig, tokenizer, batches: int) -> dict:
     stats = loader_throughput(
         cfg.data.shards,
         batch_pairs=cfg.data.pairs_per_batch,
@@ -302,7 +305,7 @@ def run(cfg: Config, settings: BenchSettings) -> dict | None:
     load_before = os.getloadavg()
     loader = None
     if settings.loader_batches > 0:
-        loader = _loader_benchmark(cfg, jepa_layout, prepared, settings.loader_batches, device)
+        loader = _loader_benchmark(cfg, jepa_layout, prepared, settings.loader_batches)
     pairs = draw_pairs(cfg, jepa_layout, prepared, (settings.warmup + settings.steps) * cfg.optim.grad_accum)
     peak = PeakMemory(device)
     total = len(settings.modes) * (settings.warmup + settings.steps)

@@ -12,6 +12,8 @@ import os
 import signal
 import socket
 import time
+from typing import Optional
+
 import deepspeed
 import torch
 from transformers import AutoTokenizer
@@ -23,11 +25,12 @@ from megajepa.data.layout import LayoutConfig
 from megajepa.data.loader import PairLoader, build_loader, set_stream_env
 from megajepa.data.tokenizer import add_pred_tokens, pred_token_ids
 from megajepa.files import write_text
-from megajepa.jepa.objective import JepaModel, collapse_std
+from megajepa.jepa.objective import JepaModel
 from megajepa.model.build import architecture_spec, build_model
 from megajepa.model.predictor import uses_pred_tokens
 from megajepa.train import checkpoint
 from megajepa.train.metrics import MetricsLogger
+from megajepa.train.step import to_device, train_step
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -153,10 +156,6 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
-def to_device(batch: dict, device) -> dict:
-    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
-
-
 def build_engine(cfg: Config, tokenizer, ds_config: dict):
     """(the online DeepSpeed engine, its EMA teacher or None): the teacher exists with target: ema
     and lambda > 0. Both are built from the same seed, so every call gives the same model."""
@@ -187,12 +186,13 @@ class StopSignal:
         self.received = signum
 
 
-def record_step(directory: str, rank: int, step: int, loader, row: Optional[dict]) -> None:
-    """Debug record (data.record_ids_dir): the sample ids this rank consumed in `step`."""
+def record_step(directory: str, rank: int, step: int, loader, loss: float) -> None:
+    """Debug record (data.record_ids_dir): the sample ids this rank consumed in `step` and this
+    rank's own loss (metrics.jsonl logs the mean over the ranks)."""
     os.makedirs(directory, exist_ok=True)
     ids = [i for batch_ids in loader.recorded_ids for i in batch_ids]
     loader.recorded_ids.clear()
-    line = {"step": step, "sample_ids": ids, "loss": row["loss"] if row else None}
+    line = {"step": step, "sample_ids": ids, "loss": loss}
     with open(os.path.join(directory, f"rank{rank}.jsonl"), "a") as f:
         f.write(json.dumps(line) + "\n")
 
@@ -201,18 +201,18 @@ def record_step(directory: str, rank: int, step: int, loader, row: Optional[dict
 def evaluate(engine, teacher, loader, batches: int, device) -> dict:
     """Held-out CE and JEPA loss, averaged over `batches` batches per rank and across ranks."""
     engine.eval()
-    totals = torch.zeros(3, dtype=torch.float64)
+    totals = torch.zeros(3, dtype=torch.float64, device=device)  # ce, jepa, batches: read once
     for i, batch in enumerate(loader.iter_epoch()):
         if i >= batches:
             break
         batch = to_device(batch, device)
         target = teacher.encode(batch) if teacher is not None else None
         out = engine(batch, step=10**9, target_embeddings=target)
-        totals += torch.tensor([out.ce.item(), out.jepa.item(), 1.0], dtype=torch.float64)
-    totals = dist.all_reduce(totals)
+        totals += torch.stack([out.ce, out.jepa, torch.ones_like(out.ce)]).double()
+    ce, jepa, count = dist.all_reduce(totals).tolist()
     engine.train()
-    n = max(totals[2].item(), 1.0)
-    return {"eval_ce": totals[0].item() / n, "eval_jepa": totals[1].item() / n, "eval_batches": int(totals[2].item())}
+    n = max(count, 1.0)
+    return {"eval_ce": ce / n, "eval_jepa": jepa / n, "eval_batches": int(count)}
 
 
 def train(cfg: Config) -> dict:
@@ -282,38 +282,32 @@ def train(cfg: Config) -> dict:
     try:
         while step < cfg.train.steps:
             step_start = time.perf_counter()
-            values = {"loss": 0.0, "ce": 0.0, "jepa": 0.0, "computed_tokens": 0.0, "useful_tokens": 0.0, "pairs": 0.0}
-            for _ in range(cfg.optim.grad_accum):
-                batch = to_device(next(batches), device)
-                target = teacher.encode(batch) if teacher is not None else None
-                out = engine(batch, step=step, target_embeddings=target)
-                # one agreement per micro-step: a NaN on any rank, a stop signal on any rank
-                agreed = dist.agree({"nonfinite": ~torch.isfinite(out.loss), "stop": stop.received is not None}, device)
-                diverged, stop_requested = agreed["nonfinite"], agreed["stop"]
-                if diverged:
-                    raise TrainingDiverged(
-                        f"step {step + 1}: loss is {out.loss.item()} (ce {out.ce.item()}, jepa {out.jepa.item()}); "
-                        f"stopped before the update. Last good checkpoint: {last_good or 'none saved yet'}"
-                    )
-                engine.backward(out.loss)
-                engine.step()
-                for key, value in (("loss", out.loss), ("ce", out.ce), ("jepa", out.jepa)):
-                    values[key] += value.item() / cfg.optim.grad_accum
-                values["computed_tokens"] += batch["computed_tokens"].item()
-                values["useful_tokens"] += batch["useful_tokens"].item()
-                values["pairs"] += batch["num_pairs"].item()
+            micro_batches = [next(batches) for _ in range(cfg.optim.grad_accum)]
+            result = train_step(engine, teacher, micro_batches, step, flags={"stop": stop.received is not None})
+            if not result.updated:
+                loss, ce, jepa = (value.item() for value in (result.loss, result.ce, result.jepa))
+                raise TrainingDiverged(
+                    f"step {step + 1}: loss is {loss} (ce {ce}, jepa {jepa}); "
+                    f"stopped before the update. Last good checkpoint: {last_good or 'none saved yet'}"
+                )
+            stop_requested = result.flags["stop"]
             step += 1
-            if teacher is not None:
-                values["ema_seconds"] = teacher.update(step)["seconds"]
-            values["lr"] = engine.get_lr()[0]
-            values["grad_norm"] = float(engine.get_global_grad_norm() or 0.0)
-            values["lambda"] = out.lambda_
-            values["z_a_std"] = collapse_std(out.z_a).item()
-            values["z_b_std"] = collapse_std(out.z_b).item()
-            values["compute_seconds"] = time.perf_counter() - step_start
-            row = logger.step(step, values, always=step == cfg.train.steps)
-            if cfg.data.record_ids_dir is not None:
-                record_step(cfg.data.record_ids_dir, rank, step, loader, row)
+            device_values = {"loss": result.loss, "ce": result.ce, "jepa": result.jepa, **result.device_metrics}
+            grad_norm = engine.get_global_grad_norm()
+            device_values["grad_norm"] = grad_norm if torch.is_tensor(grad_norm) else float(grad_norm or 0.0)
+            values = {
+                "computed_tokens": result.counts["computed_tokens"],
+                "useful_tokens": result.counts["useful_tokens"],
+                "pairs": result.counts["num_pairs"],
+                "lr": engine.get_lr()[0],
+                "lambda": result.lambda_,
+                # host time: on a GPU the device may still be busy with this step when it is read
+                "compute_seconds": time.perf_counter() - step_start,
+                **device_values,
+            }
+            logger.step(step, values, always=step == cfg.train.steps)
+            if cfg.data.record_ids_dir is not None:  # debug only: reads this rank's loss every step
+                record_step(cfg.data.record_ids_dir, rank, step, loader, result.loss.item())
             if eval_loader is not None and cfg.train.eval_every and step % cfg.train.eval_every == 0:
                 logger.write_eval(step, evaluate(engine, teacher, eval_loader, cfg.train.eval_batches, device))
             if cfg.train.save_every and step % cfg.train.save_every == 0 and step < cfg.train.steps:

@@ -1,0 +1,98 @@
+"""One optimizer step of the LLM-JEPA engine: what `megajepa train` runs and `megajepa bench` times.
+
+    result = train_step(engine, teacher, micro_batches, step, flags={"stop": stop_requested})
+
+Per micro-batch (CPU tensors from the loader): the teacher's z_b (target: ema), the online
+forward, backward and engine.step(), which applies the update on the last micro-batch only
+(DeepSpeed's accumulation boundary). Just before that update one all-reduce agrees on every
+rank's flags (`nonfinite`: a non-finite loss in any micro-batch of this step, and whatever the
+caller adds, such as a stop signal) and is read once: a non-finite loss anywhere skips the update
+and the EMA on every rank (the caller stops). After the update the EMA teacher follows the new
+weights.
+
+That read is the step's only wait for the device: the losses, the collapse monitor and the
+grad norm stay device tensors for the metrics to read once per logging step, and the token
+counts come from the CPU batches. (DeepSpeed's ZeRO-3 step itself still reads its overflow check
+and grad norm on the host.)
+
+`section(name)` is a context manager around the teacher's forward ("teacher") and the EMA update
+("ema"): the bench times them with it; training passes none.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any, Callable, ContextManager, Optional, Sequence
+
+import torch
+
+from megajepa import dist
+from megajepa.jepa.objective import JepaOutput, collapse_std
+
+# Summed over the micro-batches of a step, from the CPU batches.
+COUNTS = ("computed_tokens", "useful_tokens", "num_pairs")
+
+
+def to_device(batch: dict, device) -> dict:
+    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+
+@dataclass
+class StepResult:
+    loss: torch.Tensor  # device, the mean over micro-batches; so are ce and jepa
+    ce: torch.Tensor
+    jepa: torch.Tensor
+    lambda_: float
+    counts: dict[str, float]  # COUNTS summed over the micro-batches (host)
+    flags: dict[str, bool]  # agreed across ranks
+    updated: bool  # False: a non-finite loss stopped the update (on every rank)
+    last: JepaOutput  # the last micro-batch's output
+    device_metrics: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def _no_section(name: str) -> ContextManager:
+    return contextlib.nullcontext()
+
+
+def train_step(
+    engine,
+    teacher,
+    micro_batches: Sequence[dict],
+    step: int,
+    flags: Optional[dict[str, Any]] = None,
+    section: Callable[[str], ContextManager] = _no_section,
+) -> StepResult:
+    """One optimizer step over `micro_batches` (as many as the engine accumulates) after `step`
+    steps; `flags` are bools or 0-d device tensors to agree on across ranks with `nonfinite`."""
+    accumulation = engine.gradient_accumulation_steps()
+    if len(micro_batches) != accumulation:
+        raise ValueError(f"train_step: {len(micro_batches)} micro-batches for {accumulation} accumulation steps")
+    device = engine.device
+    counts = {key: 0.0 for key in COUNTS}
+    sums = torch.zeros(3, device=device)  # loss, ce, jepa
+    finite = torch.ones((), dtype=torch.bool, device=device)
+    for i, cpu_batch in enumerate(micro_batches):
+        for key in COUNTS:
+            counts[key] += float(cpu_batch[key])  # CPU tensors: no device wait
+        batch = to_device(cpu_batch, device)
+        target = None
+        if teacher is not None:
+            with section("teacher"):
+                target = teacher.encode(batch)
+        out = engine(batch, step=step, target_embeddings=target)
+        finite &= torch.isfinite(out.loss.detach())
+        sums += torch.stack([out.loss.detach(), out.ce, out.jepa]).float()
+        engine.backward(out.loss)
+        if i == accumulation - 1:
+            agreed = dist.agree({"nonfinite": ~finite, **(flags or {})}, device)
+            if agreed["nonfinite"]:
+                means = sums / accumulation
+                return StepResult(*means, out.lambda_, counts, agreed, False, out)
+        engine.step()
+    if teacher is not None:
+        with section("ema"):
+            teacher.update(step + 1)
+    loss, ce, jepa = sums / accumulation
+    metrics = {"z_a_std": collapse_std(out.z_a), "z_b_std": collapse_std(out.z_b)}
+    return StepResult(loss, ce, jepa, out.lambda_, counts, agreed, True, out, metrics)
