@@ -30,14 +30,12 @@ import copy
 import dataclasses
 import math
 import os
-import time
 import warnings
 from functools import partial
 from typing import Callable, NamedTuple, Optional
 
 import deepspeed
 import torch
-from deepspeed.accelerator import get_accelerator
 from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
 from deepspeed.utils import safe_get_local_fp32_param
 from torch import nn
@@ -82,6 +80,10 @@ def teacher_deepspeed_config(ds_config: dict) -> dict:
         zero.pop("param_persistence_threshold", None)  # the same field as the stage3_ alias
         zero["stage3_param_persistence_threshold"] = 0
         zero.pop("offload_optimizer", None)
+        # With overlap_comm DeepSpeed all-gathers on a stream of its own that does not wait for the
+        # compute stream, where update() writes the teacher's partitions: gathering on the compute
+        # stream orders each forward after the last update without a host synchronisation.
+        zero["overlap_comm"] = False
     else:
         # Stages 1 and 2 shard optimizer state, which the teacher has none of: it runs replicated.
         cfg["zero_optimization"] = {"stage": 0}
@@ -290,9 +292,8 @@ class EmaTeacher:
         call after a micro-batch's engine.step() that only accumulated is harmless."""
         momentum = momentum_at(self.cfg, step - 1, self.total_steps)
         if self.online.global_steps == self._last_global_step:
-            return {"momentum": momentum, "seconds": 0.0, "updated": False}
+            return {"momentum": momentum, "updated": False}
         self._last_global_step = self.online.global_steps
-        start = time.perf_counter()
         for slot in self.slots:
             master, teacher = slot.master(), slot.teacher()
             if master.device != slot.ema.device:
@@ -302,12 +303,12 @@ class EmaTeacher:
             else:
                 ema_update(master, slot.ema, None, momentum)
                 teacher.copy_(slot.ema)
+        # No device synchronisation: the teacher engine gathers on the compute stream
+        # (teacher_deepspeed_config turns overlap_comm off), so its next forward's all-gathers
+        # are ordered after these writes.
         self._invalidate_gathered_copies()
-        # The teacher's all-gathers may run on DeepSpeed's own stream: finish the writes first
-        # (which also makes `seconds` the update's time, not its launch's).
-        get_accelerator().synchronize()
         self.step = step
-        return {"momentum": momentum, "seconds": time.perf_counter() - start, "updated": True}
+        return {"momentum": momentum, "updated": True}
 
     @torch.no_grad()
     def encode(self, batch: dict) -> torch.Tensor:

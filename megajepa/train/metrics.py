@@ -1,5 +1,9 @@
 """Per-step metrics: reduced across ranks, written through DeepSpeed's monitor (tensorboard, csv),
-to metrics.jsonl (for summaries and tests) and onto a tqdm bar on rank 0."""
+to metrics.jsonl (for summaries and tests) and onto a tqdm bar on rank 0.
+
+A value is a Python number or a 0-d device tensor (a loss): device values are summed on the device
+and, with the host values, reduced across ranks in one collective and read once per logging step,
+so a step that does not log never waits for the device."""
 
 from __future__ import annotations
 
@@ -30,14 +34,16 @@ class MetricsLogger:
             os.makedirs(output_dir, exist_ok=True)
             if progress:
                 self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
+        self.device = engine.device
         self._window_start = time.perf_counter()
-        self._window: dict[str, float] = {}
+        self._window: dict[str, float | torch.Tensor] = {}
         self._window_steps = 0
 
-    def step(self, step: int, values: dict[str, float], always: bool = False) -> Optional[dict]:
+    def step(self, step: int, values: dict[str, float | torch.Tensor], always: bool = False) -> Optional[dict]:
         """Accumulate one optimizer step; every log_every steps reduce, write and return the row."""
         for key, value in values.items():
-            self._window[key] = self._window.get(key, 0.0) + float(value)
+            value = value.detach().to(torch.float64) if torch.is_tensor(value) else float(value)
+            self._window[key] = self._window.get(key, 0.0) + value
         self._window_steps += 1
         if self.bar is not None:
             self.bar.update(1)
@@ -49,10 +55,13 @@ class MetricsLogger:
         if self._window_steps == 0:
             return None
         keys = sorted(self._window)
-        local = dist.reduce_values([self._window[k] for k in keys])
+        local = torch.stack(
+            [torch.as_tensor(self._window[k], dtype=torch.float64).to(self.device) for k in keys]
+        )
+        totals = dist.all_reduce(local).tolist()
         elapsed = time.perf_counter() - self._window_start
         row = {"step": step}
-        for key, total in zip(keys, local):
+        for key, total in zip(keys, totals):
             row[key] = total / self._window_steps if key in SUMMED else total / (self._window_steps * self.world)
         for key in SUMMED:
             if key in row:
