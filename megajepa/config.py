@@ -8,7 +8,6 @@ and is raised before any work starts.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import dataclass, field
@@ -109,6 +108,7 @@ class DeepSpeedConfig:
     offload_optimizer: bool = False
     offload_param: bool = False
     param_persistence_threshold: int = 100_000
+    overlap_comm: Optional[bool] = None  # None: on with CUDA, off on CPU (megajepa.train.deepspeed_json)
 
 
 @dataclass
@@ -279,56 +279,3 @@ def precision(cfg: Config) -> str:
     import torch
 
     return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
-
-
-def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
-    """The DeepSpeed JSON: the user's file when given, else derived from this config.
-
-    The batch unit DeepSpeed sees is one view pair: micro-batch = data.pairs_per_batch.
-    """
-    if cfg.deepspeed.config_file is not None:
-        with open(cfg.deepspeed.config_file) as f:
-            try:
-                user = json.load(f)
-            except json.JSONDecodeError as err:
-                raise ConfigError(f"{cfg.deepspeed.config_file}: not valid JSON: {err}") from None
-        user.setdefault("train_micro_batch_size_per_gpu", cfg.data.pairs_per_batch)
-        user.setdefault("gradient_accumulation_steps", cfg.optim.grad_accum)
-        return user
-    prec = precision(cfg)
-    zero: dict[str, Any] = {
-        "stage": cfg.deepspeed.zero_stage,
-        "contiguous_gradients": True,
-        "overlap_comm": False,
-    }
-    if cfg.deepspeed.zero_stage == 3:
-        zero["stage3_param_persistence_threshold"] = cfg.deepspeed.param_persistence_threshold
-        zero["stage3_gather_16bit_weights_on_model_save"] = False
-    if cfg.deepspeed.offload_optimizer:
-        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
-    if cfg.deepspeed.offload_param:
-        zero["offload_param"] = {"device": "cpu", "pin_memory": True}
-    import torch
-
-    return {
-        "train_micro_batch_size_per_gpu": cfg.data.pairs_per_batch,
-        "gradient_accumulation_steps": cfg.optim.grad_accum,
-        "train_batch_size": cfg.data.pairs_per_batch * cfg.optim.grad_accum * world_size,
-        "gradient_clipping": cfg.optim.grad_clip,
-        "optimizer": {
-            "type": "AdamW",
-            "params": {
-                "lr": cfg.optim.lr,
-                "betas": [cfg.optim.beta1, cfg.optim.beta2],
-                "eps": cfg.optim.eps,
-                "weight_decay": cfg.optim.weight_decay,
-                # DeepSpeed's fused CPU Adam needs a C++ build; torch's AdamW needs none.
-                "torch_adam": not torch.cuda.is_available(),
-            },
-        },
-        "bf16": {"enabled": prec == "bf16"},
-        "fp16": {"enabled": prec == "fp16"},
-        "zero_optimization": zero,
-        "steps_per_print": 10**9,
-        "wall_clock_breakdown": False,
-    }

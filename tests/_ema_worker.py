@@ -19,7 +19,8 @@ import torch.distributed as dist
 from torch.distributed import distributed_c10d as c10d
 from deepspeed.utils import safe_get_full_fp32_param
 
-from megajepa.config import Config, EmaConfig, JepaConfig, ModelConfig, deepspeed_config
+from megajepa.config import Config, EmaConfig, JepaConfig, ModelConfig
+from megajepa.train.deepspeed_json import online_config, teacher_config
 from megajepa.data.layout import LayoutConfig, pack_pairs
 from megajepa.jepa.ema_target import EmaTeacher
 from megajepa.jepa.objective import JepaModel
@@ -117,7 +118,10 @@ def main() -> None:
     cfg.deepspeed.zero_stage = args.stage
     cfg.deepspeed.precision = args.precision
     cfg.deepspeed.param_persistence_threshold = args.persistence_threshold
-    ds_config = deepspeed_config(cfg, world)
+    cfg.model.config = model_json
+    ds_config = online_config(cfg, world, args.out)
+    for section in ("scheduler", "tensorboard", "csv_monitor"):  # a constant learning rate, no logs
+        ds_config.pop(section)
     ds_config["zero_optimization"]["sub_group_size"] = args.sub_group_size
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.precision]
 
@@ -132,7 +136,7 @@ def main() -> None:
         warnings.simplefilter("always")
         teachers = {
             # seeded apart from the online model: the teacher must start as its copy all the same
-            layout: EmaTeacher(engine, build(model_json, ds_config, dtype, seed=1), EMA, args.steps, ds_config, layout)
+            layout: EmaTeacher(engine, build(model_json, ds_config, dtype, seed=1), EMA, args.steps, teacher_config(ds_config), layout)
             for layout in ("auto", "per_parameter")
         }
     record = {

@@ -3,7 +3,8 @@ import json
 import pytest
 
 from megajepa.cli import main
-from megajepa.config import ConfigError, deepspeed_config, load_config, to_yaml
+from megajepa.config import ConfigError, load_config, to_yaml
+from megajepa.train.deepspeed_json import online_config
 
 DEMO = "configs/demo.yaml"
 
@@ -71,14 +72,14 @@ def test_missing_required_and_missing_file(tmp_path):
 
 def test_deepspeed_json_is_derived_or_the_users(tmp_path):
     cfg = load_config(DEMO, ["optim.grad_accum=4", "data.pairs_per_batch=8"])
-    ds = deepspeed_config(cfg, world_size=2)
-    assert ds["zero_optimization"]["stage"] == 3
+    ds = online_config(cfg, world_size=2, cuda=False)
+    assert ds["zero_optimization"]["stage"] == 3 and ds["zero_optimization"]["overlap_comm"] is False
     assert ds["train_batch_size"] == 8 * 4 * 2
     assert ds["optimizer"]["type"] == "AdamW"
     user = tmp_path / "ds.json"
     user.write_text(json.dumps({"zero_optimization": {"stage": 2}, "train_micro_batch_size_per_gpu": 8}))
     cfg = load_config(DEMO, [f"deepspeed.config_file={user}"])
-    assert deepspeed_config(cfg, world_size=1)["zero_optimization"]["stage"] == 2
+    assert online_config(cfg, world_size=1)["zero_optimization"]["stage"] == 2
     with pytest.raises(ConfigError, match="deepspeed.config_file: no such file"):
         load_config(DEMO, [f"deepspeed.config_file={tmp_path}/missing.json"])
 
@@ -90,3 +91,17 @@ def test_cli_config_prints_resolved_and_fails_cleanly(capsys):
         main(["config", DEMO, "jepa.distance=dot"])
     assert exit_info.value.code == 2
     assert "jepa.distance" in capsys.readouterr().err
+
+
+def test_deepspeed_json_overlaps_communication_on_gpus():
+    """On CUDA: overlap_comm and buckets sized from the model's width; the teacher gathers on the
+    compute stream; the typed config can turn overlap off."""
+    cfg = load_config(DEMO, ["data.pairs_per_batch=8"])
+    hidden = json.load(open(cfg.model.config))["hidden_size"]
+    zero = online_config(cfg, world_size=8, cuda=True)["zero_optimization"]
+    assert zero["overlap_comm"] is True
+    assert zero["reduce_bucket_size"] == hidden * hidden
+    assert zero["stage3_prefetch_bucket_size"] == int(0.9 * hidden * hidden)
+    assert online_config(cfg, world_size=8, cuda=True)["optimizer"]["params"]["torch_adam"] is False
+    off = load_config(DEMO, ["deepspeed.overlap_comm=false"])
+    assert online_config(off, world_size=8, cuda=True)["zero_optimization"]["overlap_comm"] is False

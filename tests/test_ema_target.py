@@ -19,7 +19,8 @@ from _ema_worker import EMA, FROZEN, JEPA, MODEL, VOCAB
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from megajepa.config import EmaConfig
-from megajepa.jepa.ema_target import momentum_at, teacher_deepspeed_config
+from megajepa.jepa.ema_target import momentum_at
+from megajepa.train.deepspeed_json import teacher_config
 from megajepa.jepa.objective import JepaModel
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -236,8 +237,8 @@ def test_teacher_config_has_no_optimizer_and_no_persistent_parameters():
         "tensorboard": {"enabled": True},
         "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 100_000, "offload_optimizer": {}},
     }
-    teacher = teacher_deepspeed_config(online)
-    zero = {"stage": 3, "stage3_param_persistence_threshold": 0}
+    teacher = teacher_config(online)
+    zero = {"stage": 3, "stage3_param_persistence_threshold": 0, "overlap_comm": False}
     assert teacher == {"train_batch_size": 8, "zero_optimization": zero}
     assert online["zero_optimization"]["stage3_param_persistence_threshold"] == 100_000  # not modified
-    assert teacher_deepspeed_config({"zero_optimization": {"stage": 2}})["zero_optimization"] == {"stage": 0}
+    assert teacher_config({"zero_optimization": {"stage": 2}})["zero_optimization"] == {"stage": 0}

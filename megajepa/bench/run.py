@@ -43,8 +43,8 @@ from megajepa.train.trainer import (
     layout_config,
     load_tokenizer,
     prepare_embedded,
-    run_config,
 )
+from megajepa.train.deepspeed_json import online_config
 from megajepa.train.step import train_step
 
 
@@ -100,7 +100,7 @@ class ModeRun:
         layout = layout_config(mcfg, pred_ids, pad_id)
         self.batches = [pack(mode, p, layout, settings.max_length) for p in pairs]
         world = dist.world_size()
-        self.engine, self.teacher = build_engine(mcfg, tokenizer, run_config(mcfg, world, mcfg.train.output_dir))
+        self.engine, self.teacher = build_engine(mcfg, tokenizer, online_config(mcfg, world))
         self.device = self.engine.device
         self.flop_model = FlopModel.of(self.engine.module)
         self.done = 0  # optimizer steps taken

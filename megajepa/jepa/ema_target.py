@@ -26,7 +26,6 @@ Trainer call order, per optimizer step (every rank):
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
 import os
@@ -45,8 +44,6 @@ from megajepa.config import EmaConfig
 from megajepa.files import atomic_path
 
 STATE_FILE = "ema_rank{rank}.pt"  # the name megajepa.train.checkpoint documents
-# DeepSpeed config sections that make no sense for an engine that never steps.
-_TRAINING_ONLY_SECTIONS = ("optimizer", "scheduler", "tensorboard", "csv_monitor", "wandb", "comet")
 
 
 def momentum_at(cfg: EmaConfig, step: int, total_steps: int) -> float:
@@ -66,28 +63,6 @@ def momentum_at(cfg: EmaConfig, step: int, total_steps: int) -> float:
     if cfg.schedule == "cosine":
         return m1 - (m1 - m0) * (1.0 + math.cos(math.pi * progress)) / 2.0
     raise ValueError(f"jepa.ema.schedule: unknown schedule {cfg.schedule!r} (constant, linear or cosine)")
-
-
-def teacher_deepspeed_config(ds_config: dict) -> dict:
-    """The online DeepSpeed config made fit for the teacher: no optimizer, scheduler or monitors,
-    and no persistent parameters (a persistent parameter keeps a full copy that only an optimizer
-    step refreshes; the teacher has none, so it would keep reading stale weights)."""
-    cfg = copy.deepcopy(ds_config)
-    for section in _TRAINING_ONLY_SECTIONS:
-        cfg.pop(section, None)
-    zero = cfg.setdefault("zero_optimization", {})
-    if zero.get("stage", 0) == 3:
-        zero.pop("param_persistence_threshold", None)  # the same field as the stage3_ alias
-        zero["stage3_param_persistence_threshold"] = 0
-        zero.pop("offload_optimizer", None)
-        # With overlap_comm DeepSpeed all-gathers on a stream of its own that does not wait for the
-        # compute stream, where update() writes the teacher's partitions: gathering on the compute
-        # stream orders each forward after the last update without a host synchronisation.
-        zero["overlap_comm"] = False
-    else:
-        # Stages 1 and 2 shard optimizer state, which the teacher has none of: it runs replicated.
-        cfg["zero_optimization"] = {"stage": 0}
-    return cfg
 
 
 class _TargetEncoder(nn.Module):
@@ -157,7 +132,7 @@ class EmaTeacher:
         teacher_module: nn.Module,
         ema_cfg: EmaConfig,
         total_steps: int,
-        ds_config: dict,
+        teacher_ds_config: dict,
         layout: str = "auto",
     ):
         if layout not in ("auto", "flat", "per_parameter"):
@@ -172,7 +147,7 @@ class EmaTeacher:
         teacher_module.requires_grad_(False)
         teacher_module.eval()
         self.engine, *_ = deepspeed.initialize(
-            model=_TargetEncoder(teacher_module), config=teacher_deepspeed_config(ds_config)
+            model=_TargetEncoder(teacher_module), config=teacher_ds_config
         )
         self.engine.eval()
         self.teacher_params = dict(teacher_module.named_parameters())
@@ -208,7 +183,7 @@ class EmaTeacher:
         if teacher.ds_persist:
             raise ValueError(
                 f"EmaTeacher: teacher parameter {name} is persistent (a full copy kept between forwards that "
-                "nothing would refresh after an update): build the teacher engine with teacher_deepspeed_config"
+                "nothing would refresh after an update): build the teacher engine with megajepa.train.deepspeed_json.teacher_config"
             )
         if teacher.ds_tensor.numel() != online.ds_tensor.numel() or teacher.ds_shape != online.ds_shape:
             raise ValueError(
@@ -304,7 +279,7 @@ class EmaTeacher:
                 ema_update(master, slot.ema, None, momentum)
                 teacher.copy_(slot.ema)
         # No device synchronisation: the teacher engine gathers on the compute stream
-        # (teacher_deepspeed_config turns overlap_comm off), so its next forward's all-gathers
+        # (megajepa.train.deepspeed_json.teacher_config turns overlap_comm off), so its next forward's all-gathers
         # are ordered after these writes.
         self._invalidate_gathered_copies()
         self.step = step

@@ -19,7 +19,7 @@ import torch
 from transformers import AutoTokenizer
 
 from megajepa import dist
-from megajepa.config import Config, deepspeed_config, precision, to_dict
+from megajepa.config import Config, precision, to_dict
 from megajepa.data.fingerprint import tokenizer_hash
 from megajepa.data.layout import LayoutConfig
 from megajepa.data.loader import PairLoader, build_loader, set_stream_env
@@ -29,6 +29,7 @@ from megajepa.jepa.objective import JepaModel
 from megajepa.model.build import architecture_spec, build_model
 from megajepa.model.predictor import uses_pred_tokens
 from megajepa.train import checkpoint
+from megajepa.train.deepspeed_json import online_config, param_groups, teacher_config
 from megajepa.train.metrics import MetricsLogger
 from megajepa.train.step import to_device, train_step
 
@@ -121,41 +122,6 @@ def config_loader(cfg: Config, shards: str, layout: LayoutConfig, tokenizer, **o
     return build_loader(shards, **{**settings, **options})
 
 
-def run_config(cfg: Config, world: int, output_dir: str) -> dict:
-    """The DeepSpeed JSON for this run: derived (or the user's), with our monitor and scheduler."""
-    ds = deepspeed_config(cfg, world)
-    logs = os.path.join(output_dir, "logs")
-    ds.setdefault("tensorboard", {"enabled": cfg.logging.tensorboard, "output_path": logs, "job_name": "tb"})
-    ds.setdefault("csv_monitor", {"enabled": cfg.logging.csv, "output_path": logs, "job_name": "csv"})
-    ds.setdefault(
-        "scheduler",
-        {
-            "type": "WarmupCosineLR",
-            "params": {
-                "total_num_steps": cfg.train.steps,
-                "warmup_num_steps": max(1, cfg.optim.warmup_steps),
-                "warmup_type": "linear",
-                "cos_min_ratio": cfg.optim.min_lr_ratio,
-            },
-        },
-    )
-    return ds
-
-
-def _ndim(param: torch.nn.Parameter) -> int:
-    """Dimensions of the full parameter (ZeRO-3 leaves an empty local tensor and ds_shape)."""
-    return len(getattr(param, "ds_shape", param.shape))
-
-
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """No weight decay on norms, biases and other 1-D parameters."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    return [
-        {"params": [p for p in params if _ndim(p) >= 2], "weight_decay": weight_decay},
-        {"params": [p for p in params if _ndim(p) < 2], "weight_decay": 0.0},
-    ]
-
-
 def build_engine(cfg: Config, tokenizer, ds_config: dict):
     """(the online DeepSpeed engine, its EMA teacher or None): the teacher exists with target: ema
     and lambda > 0. Both are built from the same seed, so every call gives the same model."""
@@ -169,7 +135,7 @@ def build_engine(cfg: Config, tokenizer, ds_config: dict):
         from megajepa.jepa.ema_target import EmaTeacher
 
         twin = JepaModel(build_model(cfg.model, tokenizer, dtype=dtype, ds_config=ds_config, seed=cfg.train.seed), cfg.jepa)
-        teacher = EmaTeacher(engine, twin, cfg.jepa.ema, cfg.train.steps, ds_config)
+        teacher = EmaTeacher(engine, twin, cfg.jepa.ema, cfg.train.steps, teacher_config(ds_config))
     return engine, teacher
 
 
@@ -242,7 +208,7 @@ def train(cfg: Config) -> dict:
     if resume is not None:
         checkpoint.validate(*resume, current_meta=meta)
 
-    ds_config = run_config(cfg, world, output_dir)
+    ds_config = online_config(cfg, world, output_dir)
     engine, teacher = build_engine(cfg, tokenizer, ds_config)
     device = engine.device
 
