@@ -112,7 +112,8 @@ class Layout:
     def __init__(self, data: DataConfig, jepa: JepaConfig, pred_token_ids: Sequence[int], pad_token_id: int):
         self.data = data
         self.jepa = jepa
-        self.pred = np.asarray(list(pred_token_ids)[::-1], dtype=np.int64)
+        self.pred_token_ids = list(pred_token_ids)
+        self.pred = np.asarray(self.pred_token_ids[::-1], dtype=np.int64)  # in insertion order
         self.pad_token_id = pad_token_id
         self.with_views = jepa.lambda_ > 0
         self.teacher_rows = self.with_views and jepa.target == "ema"
@@ -228,30 +229,13 @@ class Layout:
     # ----------------------------------------------------------------------------------------
     # units -> rows
 
-    def _pack(self, units: list[Unit]) -> tuple[list[list[int]], int]:
-        """Unit indices per row and the common width.
+    def fill(self, units: list[Unit], with_labels: bool, rows: Optional[list[list[int]]] = None, width: int = 0):
+        """Row tensors of `units` and the flat index of every read: {(pair, name): index}.
 
-        First-fit-decreasing at row_length fixes the number of rows; then the width shrinks to
-        the smallest multiple of data.row_multiple that still packs into that many rows, so the
-        last, partly filled row does not leave a row's worth of padding (0 keeps row_length)."""
-        sizes = [u.size for u in units]
-        length, multiple = self.data.row_length, self.data.row_multiple
-        rows = _first_fit_decreasing(sizes, length)
-        width = length
-        if multiple > 0 and rows:
-            candidate = max(max(sizes), -(-sum(sizes) // len(rows)))
-            candidate = -(-candidate // multiple) * multiple
-            while candidate < length:
-                trial = _first_fit_decreasing(sizes, candidate)
-                if len(trial) <= len(rows):
-                    rows, width = trial, candidate
-                    break
-                candidate += multiple
-        return [sorted(row) for row in rows], width
-
-    def _fill(self, units: list[Unit], with_labels: bool) -> tuple[dict, list[list[int]], int]:
-        """Row tensors, each unit's per-segment flat start index, and the width."""
-        rows, width = self._pack(units)
+        Rows are packed by pack_rows unless `rows` (unit indices per row) and `width` are given
+        (the bench's reference layouts put one sequence in each row, padded to max_length)."""
+        if rows is None:
+            rows, width = pack_rows([u.size for u in units], self.data.row_length, self.data.row_multiple)
         n = max(len(rows), 1)
         arrays = {
             "input_ids": np.full((n, width), self.pad_token_id, dtype=np.int64),
@@ -264,12 +248,13 @@ class Layout:
         }
         if with_labels:
             arrays["labels"] = np.full((n, width), IGNORE_INDEX, dtype=np.int64)
-        starts: list[list[int]] = [[] for _ in units]
+        reads: dict[tuple[int, str], int] = {}
+        pools: dict[tuple[int, str], list[int]] = {}
         for r, row in enumerate(rows):
             col, next_sequence = 0, 1
-            for u in row:
-                root_sequence = next_sequence
-                for s in units[u].segments:
+            for u in sorted(row):  # record order within a row reads naturally
+                unit, root_sequence, starts = units[u], next_sequence, []
+                for s in unit.segments:
                     end = col + len(s.tokens)
                     arrays["input_ids"][r, col:end] = s.tokens
                     arrays["position_ids"][r, col:end] = np.arange(s.first_position, s.first_position + len(s.tokens))
@@ -281,65 +266,77 @@ class Layout:
                         arrays["prefix_length"][r, col:end] = s.reads_root
                     if with_labels and s.targets is not None:
                         arrays["labels"][r, col:end] = s.targets
-                    starts[u].append(r * width + col)
+                    starts.append(r * width + col)
                     col, next_sequence = end, next_sequence + 1
-        return {k: torch.from_numpy(v) for k, v in arrays.items()}, starts, width
+                pair = unit.segments[0].pair
+                for name, (seg, offset) in unit.reads.items():
+                    reads[(pair, name)] = starts[seg] + offset
+                for name, places in unit.pools.items():
+                    pools[(pair, name)] = [starts[seg] + offset for seg, offset in places]
+        return {k: torch.from_numpy(v) for k, v in arrays.items()}, reads, pools
 
     def __call__(self, samples: list[dict]) -> dict[str, torch.Tensor]:
         """collate_fn: records (dicts of the prepare schema's columns) -> one packed batch."""
         online: list[Unit] = []
-        teacher: list[Unit] = []
-        jepa_pairs: list[int] = []
-        separate: list[Unit] = []  # shared_prefix's view-B-alone units in the online rows
+        targets: list[Unit] = []  # units of their own: teacher rows, or anywhere in the online rows
         for i, record in enumerate(samples):
             unit, target = self.units(i, record)
             online.append(unit)
-            if "za" in unit.reads:
-                jepa_pairs.append(i)
-                if target is not None:
-                    (teacher if self.teacher_rows else separate).append(target)
-        batch, starts, _ = self._fill(online + separate, with_labels=True)
+            if target is not None:
+                targets.append(target)
+        if self.teacher_rows:
+            return self.batch(samples, online, targets)
+        return self.batch(samples, online + targets, [])
+
+    def batch(self, samples: list[dict], online: list[Unit], teacher: list[Unit], **placement) -> dict:
+        """The batch of `samples` from their online units and teacher units (see the module
+        docstring); `placement` (rows, width) is passed to fill for the online rows."""
+        batch, reads, pools = self.fill(online, with_labels=True, **placement)
         labels = batch["labels"].flatten()
         ce_index = torch.nonzero(labels != IGNORE_INDEX).flatten()  # on the host, at collate time
         batch.update(ce_index=ce_index, ce_targets=labels[ce_index])
-
-        def flat(units_: list[Unit], starts_, name: str) -> tuple[list[int], list[int], list[int]]:
-            index, pool, owner = [], [], []
-            for j, (u, s) in enumerate(zip(units_, starts_)):
-                seg, offset = u.reads[name]
-                index.append(s[seg] + offset)
-                pool += [s[seg_] + off for seg_, off in u.pools[name]]
-                owner += [j] * len(u.pools[name])
-            return index, pool, owner
-
-        za_units = [online[p] for p in jepa_pairs]
-        za = flat(za_units, [starts[p] for p in jepa_pairs], "za")
+        jepa_pairs = sorted(pair for pair, name in reads if name == "za")
         computed = batch["input_ids"].numel()
+        zb_reads, zb_pools = reads, pools
         if self.teacher_rows:
-            t_batch, t_starts, _ = self._fill(teacher, with_labels=False)
+            t_batch, zb_reads, zb_pools = self.fill(teacher, with_labels=False)
             batch.update({f"teacher_{k}": v for k, v in t_batch.items()})
-            zb = flat(teacher, t_starts, "zb")
             computed += t_batch["input_ids"].numel()
-        elif separate:
-            zb = flat(separate, starts[len(online):], "zb")
-        else:
-            zb = flat(za_units, [starts[p] for p in jepa_pairs], "zb")
         as_long = lambda values: torch.tensor(values, dtype=torch.long)  # noqa: E731
         batch.update(
-            za_index=as_long(za[0]),
-            zb_index=as_long(zb[0]),
+            za_index=as_long([reads[(p, "za")] for p in jepa_pairs]),
+            zb_index=as_long([zb_reads[(p, "zb")] for p in jepa_pairs]),
             jepa_pairs=as_long(jepa_pairs),
             sample_ids=as_long([int(s["sample_id"]) for s in samples]),
             num_pairs=torch.tensor(len(samples)),
-            useful_tokens=torch.tensor(sum(len(u.segments[0].tokens) for u in online)),
+            useful_tokens=torch.tensor(sum(len(u.segments[0].tokens) for u in online if u.segments[0].kind == SEG_FULL)),
             computed_tokens=torch.tensor(computed),
         )
         if self.jepa.pooling == "mean":
-            batch.update(
-                za_pool_index=as_long(za[1]), za_pool_owner=as_long(za[2]),
-                zb_pool_index=as_long(zb[1]), zb_pool_owner=as_long(zb[2]),
-            )
+            for name, source in (("za", pools), ("zb", zb_pools)):
+                places = [source[(p, name)] for p in jepa_pairs]
+                batch[f"{name}_pool_index"] = as_long([i for group in places for i in group])
+                batch[f"{name}_pool_owner"] = as_long([j for j, group in enumerate(places) for _ in group])
         return batch
+
+
+def pack_rows(sizes: list[int], row_length: int, multiple: int) -> tuple[list[list[int]], int]:
+    """Unit indices per row and the common width.
+
+    First-fit-decreasing at row_length fixes the number of rows; then the width shrinks to the
+    smallest multiple of `multiple` that still packs into that many rows, so the last, partly
+    filled row does not leave a row's worth of padding (multiple 0 keeps row_length)."""
+    rows = _first_fit_decreasing(sizes, row_length)
+    width = row_length
+    if multiple > 0 and rows:
+        candidate = max(max(sizes), -(-sum(sizes) // len(rows)))
+        candidate = -(-candidate // multiple) * multiple
+        while candidate < row_length:
+            trial = _first_fit_decreasing(sizes, candidate)
+            if len(trial) <= len(rows):
+                return trial, candidate
+            candidate += multiple
+    return rows, width
 
 
 def _first_fit_decreasing(sizes: list[int], width: int) -> list[list[int]]:
