@@ -14,6 +14,7 @@ import warnings
 from contextlib import contextmanager
 
 import deepspeed
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch.distributed import distributed_c10d as c10d
@@ -21,7 +22,8 @@ from deepspeed.utils import safe_get_full_fp32_param
 
 from megajepa.config import Config, EmaConfig, JepaConfig, ModelConfig
 from megajepa.train.deepspeed_json import online_config, teacher_config
-from megajepa.data.layout import LayoutConfig, pack_pairs
+from megajepa.config import DataConfig
+from megajepa.data.layout import Layout
 from megajepa.jepa.ema_target import EmaTeacher
 from megajepa.jepa.objective import JepaModel
 from megajepa.model.build import build_model
@@ -62,12 +64,23 @@ def count_collectives():
 
 def make_batch(step: int, rank: int) -> dict:
     g = torch.Generator().manual_seed(1000 * step + rank)
-    view_a, view_b = [], []
-    for _ in range(4):
-        view_a.append(torch.randint(0, PRED_ID, (int(torch.randint(3, 12, (1,), generator=g)),), generator=g))
-        view_b.append(torch.randint(0, PRED_ID, (int(torch.randint(2, 10, (1,), generator=g)),), generator=g))
-    layout = LayoutConfig(row_length=48, pred_token_ids=[PRED_ID], target="ema")
-    return pack_pairs([a.numpy() for a in view_a], [b.numpy() for b in view_b], list(range(4)), layout)
+    records = []
+    for i in range(4):
+        user = torch.randint(0, PRED_ID, (int(torch.randint(3, 12, (1,), generator=g)),), generator=g).numpy()
+        reply = torch.randint(0, PRED_ID, (int(torch.randint(2, 10, (1,), generator=g)),), generator=g).numpy()
+        records.append(
+            {
+                "sample_id": i,
+                "full": np.concatenate([user, reply]),
+                "prompt_len": len(user),
+                "user": user,
+                "user_insert": np.array([0, len(user)]),
+                "assistant": reply,
+                "assistant_insert": np.array([0, len(reply)]),
+            }
+        )
+    layout = Layout(DataConfig(shards="-", tokenizer="-", row_length=48, max_length=0), JEPA, [PRED_ID], 0)
+    return layout(records)
 
 
 def build(model_json: str, ds_config: dict, dtype: torch.dtype, seed: int) -> JepaModel:

@@ -95,16 +95,28 @@ def test_two_ranks_resume_exactly(demo_data, tmp_path):
             assert row[key] == full_rows[row["step"]][key], (row["step"], key)
 
 
-def test_ema_target_trains_checkpoints_and_resumes(demo_data, tmp_path):
-    out = tmp_path / "ema"
-    common = {"jepa.target": "ema", "deepspeed.precision": "bf16", "train.save_every": 2}
-    _ok(run_train(demo_overrides(demo_data, out, **{"train.steps": 2, **common}), tmp_path))
-    assert (out / "checkpoints" / "step00000002" / "ema_rank0.pt").is_file()
-    result = run_train(demo_overrides(demo_data, out, **{"train.steps": 3, "train.resume": "auto", **common}), tmp_path)
-    _ok(result)
-    rows = metrics(out)
-    assert [r["step"] for r in rows] == [1, 2, 3]
-    assert all(0 < r["jepa"] < 2 for r in rows)  # 1 - cos between the online prediction and the teacher
+def test_ema_target_resumes_exactly(demo_data, tmp_path):
+    """target: ema, bf16: a run of 4 steps and a run of 2 resumed for 2 more give the same losses
+    and, at step 4, the same EMA (so the same teacher weights, which are the EMA rounded)."""
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    common = {"jepa.target": "ema", "deepspeed.precision": "bf16", "train.steps": 4}
+    _ok(run_train(demo_overrides(demo_data, full, **{**common, "train.save_every": 2}), tmp_path))
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copytree(full / "checkpoints" / "step00000002", resumed / "checkpoints" / "step00000002")
+    (resumed / "checkpoints" / "latest").write_text("step00000002")
+    _ok(run_train(demo_overrides(demo_data, resumed, **{**common, "train.resume": "auto"}), tmp_path))
+    full_rows = {r["step"]: r for r in metrics(full)}
+    resumed_rows = metrics(resumed)
+    assert [r["step"] for r in resumed_rows] == [3, 4]
+    for row in resumed_rows:
+        for key in ("loss", "ce", "jepa"):
+            assert row[key] == full_rows[row["step"]][key], (row["step"], key)
+    ema = [torch.load(run / "checkpoints" / "step00000004" / "ema_rank0.pt") for run in (full, resumed)]
+    assert ema[0]["step"] == ema[1]["step"] == 4
+    assert all(torch.equal(a, b) for a, b in zip(ema[0]["ema"], ema[1]["ema"]))
+    # not vacuous: the EMA moved between the two checkpoints
+    at_two = torch.load(full / "checkpoints" / "step00000002" / "ema_rank0.pt")
+    assert not all(torch.equal(a, b) for a, b in zip(at_two["ema"], ema[0]["ema"]))
 
 
 def test_sigterm_checkpoints_and_exits_cleanly(demo_data, tmp_path):
