@@ -182,9 +182,10 @@ def main(argv: list[str] | None = None) -> int:
     compare.set_defaults(func=cmd_compare)
 
     if argv and argv[0] == "prepare":
+        from megajepa.data.embedded import ensure_tokenizer
         from megajepa.data.prepare import main as prepare_main
 
-        return prepare_main(argv[1:])
+        return prepare_main(argv[1:], default_tokenizer=ensure_tokenizer)
     args = parser.parse_args(argv)
     return args.func(args)
 

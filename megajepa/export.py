@@ -27,7 +27,7 @@ from deepspeed.utils import zero_to_fp32
 
 from megajepa.config import Config, from_dict, to_dict
 from megajepa.data.fingerprint import tokenizer_hash
-from megajepa.data.prepare import staged_directory
+from megajepa.files import staged_directory
 from megajepa.data.tokenizer import add_pred_tokens, chat_template, load_tokenizer, pred_token_ids
 from megajepa.jepa.ema_target import STATE_FILE as EMA_FILE
 from megajepa.model.predictor import uses_pred_tokens

@@ -18,9 +18,10 @@ import time
 from filelock import FileLock
 
 from megajepa.data.fingerprint import FINGERPRINT_FILE, FORMAT_VERSION
-from megajepa.data.prepare import prepare, staged_directory
+from megajepa.data.prepare import prepare
 from megajepa.data.synthetic import generate
 from megajepa.data.tokenizer import train_tokenizer
+from megajepa.files import staged_directory
 
 DEFAULT_ROOT = os.path.join("data", "demo")
 TOKENIZER_VOCAB_SIZE = 2048

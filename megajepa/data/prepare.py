@@ -46,12 +46,10 @@ import copy
 import json
 import os
 import re
-import shutil
 import sys
 import time
 from collections import Counter
-from contextlib import contextmanager
-from typing import Iterable, Iterator, Optional, Union
+from typing import Callable, Iterable, Iterator, Optional, Union
 
 import numpy as np
 from streaming import MDSWriter
@@ -59,6 +57,7 @@ from tqdm import tqdm
 
 from megajepa.data.fingerprint import FINGERPRINT_FILE, FORMAT_VERSION, file_sha256, tokenizer_hash
 from megajepa.data.tokenizer import ROLES, chat_template, load_tokenizer
+from megajepa.files import staged_directory
 
 COLUMNS = {
     "sample_id": "int64",
@@ -90,41 +89,6 @@ class BadRecord(ValueError):
 
 class BadInput(ValueError):
     """prepare cannot produce a dataset from its input (a bad record under --strict, or none usable)."""
-
-
-# ---------------------------------------------------------------------------------------------
-# Publishing a directory atomically
-
-
-def _is_nonempty(path: str) -> bool:
-    return os.path.exists(path) and (not os.path.isdir(path) or bool(os.listdir(path)))
-
-
-@contextmanager
-def staged_directory(final: str, overwrite: bool = False) -> Iterator[str]:
-    """Yield a fresh temporary sibling of `final`; when the block completes it becomes `final`.
-
-    If the block raises (KeyboardInterrupt included) the temporary directory is removed and
-    `final` is left as it was.
-    """
-    final = os.path.normpath(final)
-    if _is_nonempty(final) and not overwrite:
-        raise FileExistsError(f"{final}: exists and is not empty; pass --overwrite to replace it")
-    staging = f"{final}.tmp-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    os.makedirs(staging)
-    try:
-        yield staging
-        if _is_nonempty(final):  # --overwrite: retire the old one only once the new one is complete
-            retired = f"{final}.old-{os.getpid()}"
-            os.replace(final, retired)
-            os.replace(staging, final)
-            shutil.rmtree(retired)
-        else:
-            os.replace(staging, final)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
 
 
 # ---------------------------------------------------------------------------------------------
@@ -498,7 +462,6 @@ def prepare(
 ) -> dict:
     """Tokenize `inputs` into MDS shards + fingerprint.json at out_dir; return the summary.
 
-    tokenizer_dir None uses the embedded tokenizer (built under data/demo when missing).
     Raises BadInput (a bad record under strict, or no usable record), FileNotFoundError,
     FileExistsError (out_dir not empty and not overwrite) or ValueError (bad options).
     """
@@ -518,10 +481,6 @@ def prepare(
         raise ValueError(f"max_length={max_length}: expected 0 (no limit) or a positive number of tokens")
     with staged_directory(out_dir, overwrite) as staging:
         sources = [open_input(path, split) for path in inputs]
-        if tokenizer_dir is None:
-            from megajepa.data.embedded import ensure_tokenizer
-
-            tokenizer_dir = ensure_tokenizer()
         tokenizer = load_tokenizer(tokenizer_dir)
         encoder = RecordEncoder(tokenizer, max_length, overlength, input_format, field_map, text_split)
         skip = _SkipReporter()
@@ -626,13 +585,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str]) -> int:
+def main(argv: list[str], default_tokenizer: Optional[Callable[[], str]] = None) -> int:
+    """`megajepa prepare`; `default_tokenizer` gives the directory used without --tokenizer (the
+    command line passes the embedded one's builder, so that this module need not import it)."""
     args = build_parser().parse_args(argv)
+    if args.tokenizer is None and default_tokenizer is None:
+        print("megajepa prepare: error: --tokenizer DIR is required", file=sys.stderr)
+        return 2
     try:
         prepare(
             args.inputs,
             args.out,
-            args.tokenizer,
+            args.tokenizer or default_tokenizer(),
             strict=args.strict,
             max_length=args.max_length,
             overlength=args.overlength,
