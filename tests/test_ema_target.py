@@ -238,7 +238,7 @@ def test_teacher_config_has_no_optimizer_and_no_persistent_parameters():
         "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 100_000, "offload_optimizer": {}},
     }
     teacher = teacher_config(online)
-    zero = {"stage": 3, "stage3_param_persistence_threshold": 0, "overlap_comm": False}
+    zero = {"stage": 3, "stage3_param_persistence_threshold": 0, "overlap_comm": False, "zero_hpz_partition_size": 1}
     assert teacher == {"train_batch_size": 8, "zero_optimization": zero}
     assert online["zero_optimization"]["stage3_param_persistence_threshold"] == 100_000  # not modified
     assert teacher_config({"zero_optimization": {"stage": 2}})["zero_optimization"] == {"stage": 0}

@@ -119,6 +119,23 @@ def test_ema_target_resumes_exactly(demo_data, tmp_path):
     assert not all(torch.equal(a, b) for a, b in zip(at_two["ema"], ema[0]["ema"]))
 
 
+def test_activation_checkpointing_with_the_ema_teacher_on_two_ranks(demo_data, tmp_path):
+    """model.gradient_checkpointing under ZeRO-3 beside the EMA teacher, a second ZeRO-3 engine whose
+    parameters are all frozen (DeepSpeed 0.19.x has had recompute trouble with frozen parameters):
+    the recomputed backward gives the losses and grad norms of the run without checkpointing."""
+    runs = {}
+    for checkpointing in ("true", "false"):
+        out = tmp_path / f"checkpointing-{checkpointing}"
+        extra = {"jepa.target": "ema", "train.steps": 3, "model.gradient_checkpointing": checkpointing}
+        _ok(run_train(demo_overrides(demo_data, out, **extra), tmp_path, nproc=2))
+        runs[checkpointing] = metrics(out)
+    assert [r["step"] for r in runs["true"]] == [1, 2, 3]
+    for with_, without in zip(runs["true"], runs["false"]):
+        for key in ("loss", "ce", "jepa", "grad_norm"):
+            assert with_[key] == pytest.approx(without[key], rel=1e-5), (with_["step"], key)
+    assert runs["true"][0]["loss"] != runs["true"][-1]["loss"]  # it trained
+
+
 def test_sigterm_checkpoints_and_exits_cleanly(demo_data, tmp_path):
     """Preemption: SIGTERM mid-run saves the current step; train.resume=auto continues after it."""
     out = tmp_path / "run"

@@ -1,27 +1,46 @@
 """The EMA target encoder (teacher), sharded exactly like the online model's optimizer state.
 
-Under ZeRO-3 each rank owns a slice of every parameter. The optimizer keeps its fp32 master slices
-in one flat buffer per sub-group (`fp32_partitioned_groups_flat[i]`, the partitions of
-`fp16_groups[i]` back to back). The EMA is one fp32 buffer per sub-group with that same layout, and
-the teacher's low-precision partitions (`param.ds_tensor`) are made views into one flat buffer per
-sub-group, again with that layout. After each optimizer step, one fused kernel per sub-group reads
-the master, updates the EMA and writes the teacher: purely elementwise, zero bytes communicated.
-The teacher is a second ZeRO-3 engine without an optimizer, so DeepSpeed's hooks gather its
-parameters for its forward pass like the online model's.
+    teacher = EmaTeacher(engine, twin_module, cfg.jepa.ema, total_steps, teacher_config(ds_config))
+    z_b = teacher.encode(batch)              # every rank, every micro-batch: no_grad forward
+    ... engine(batch, step, z_b); engine.backward(loss); engine.step()
+    teacher.update(step)                     # after each optimizer step; acts only if it stepped
+    teacher.save(dir, rank) / teacher.load(dir, rank)     # beside engine.save/load_checkpoint
 
-Where DeepSpeed keeps no such flat buffers (optimizer or parameter offload, NVMe swapping, ZeRO
-stage < 3), the same update runs per parameter instead, with a warning naming the reason: under
-ZeRO-3 on each parameter's local fp32 slice (DeepSpeed's safe_get_local_fp32_param), below it on
-the whole replicated parameters (in bf16/fp16 training, the rounded masters; no communication).
+The update is one fused kernel call, `kernels.ema.ema_update(master, ema, teacher, momentum)`,
+per slot: EMA <- m * EMA + (1 - m) * master, teacher <- EMA, elementwise on this rank's own
+slices, zero bytes communicated. The teacher is a second DeepSpeed engine without an optimizer,
+so DeepSpeed's hooks gather its parameters for each forward as they do the online model's.
 
-Trainer call order, per optimizer step (every rank):
+What a slot is, chosen once in `choose_layout` (the only place):
 
-    z_b = teacher.encode(batch)                        # no_grad, before the online forward
-    loss = engine(batch, step, target_embeddings=z_b); engine.backward(loss); engine.step()
-    step += 1; teacher.update(step)                    # acts only if engine.step() stepped
-    ...
-    teacher.save(dir, rank); engine.save_checkpoint(dir)          # so `latest` marks both
-    engine.load_checkpoint(dir); teacher.load(dir, rank)          # on resume
+  flat           ZeRO-3 with the fp32 masters resident (the default set-up): one slot per
+                 optimizer sub-group. The EMA is an fp32 buffer laid out like the sub-group's flat
+                 fp32 master, and the teacher's partitions are re-pointed to be views into one flat
+                 buffer of the same layout, so each sub-group is one contiguous kernel launch.
+  per_parameter  everything else (optimizer or parameter offload, NVMe, ZeRO stage < 3), with a
+                 warning naming the reason: one slot per trained parameter, its local fp32 slice
+                 (DeepSpeed's public safe_get_local_fp32_param) under ZeRO-3, the whole replicated
+                 parameter below it. It can be forced, which the tests use to check the two agree.
+
+What it relies on inside DeepSpeed (0.19.x), and the test that fails if that changes
+(tests/test_ema_target.py unless named):
+
+  - DeepSpeedZeroOptimizer_Stage3.fp32_partitioned_groups_flat[i] holds the fp32 masters of
+    fp16_groups[i], each parameter's partition back to back in group order, with
+    fp16_partitioned_groups_flat_numel[i] elements: test_teacher_equals_reference_ema_after_every_step,
+    test_flat_and_per_parameter_layouts_agree_exactly.
+  - param.ds_tensor is a parameter's local partition, its storage may be replaced (`.data = view`)
+    and the all-gather reads it: test_encode_gives_z_b_of_the_teacher_weights.
+  - param.ds_persist marks a parameter DeepSpeed keeps whole between forwards (under
+    stage3_param_persistence_threshold), which the teacher must not have:
+    test_persistent_online_parameters_are_refreshed_in_the_teacher.
+  - engine.global_steps advances only when the optimizer stepped (not on accumulation micro-steps):
+    test_update_acts_only_after_an_optimizer_step.
+  - the engine resets its parameter-fetch trace in a hook on the root module's forward, hence
+    _TargetEncoder: test_encode_gives_z_b_of_the_teacher_weights (several steps).
+  - with overlap_comm off the teacher's all-gathers run on the compute stream, after the update's
+    writes, so update() needs no device synchronisation (teacher_config sets it). Only a GPU can
+    show a violation; no CPU test does.
 """
 
 from __future__ import annotations
@@ -117,6 +136,22 @@ def _flat_layout_unavailable(engine) -> Optional[str]:
     return None
 
 
+def choose_layout(engine, requested: str = "auto") -> str:
+    """The slot layout for `engine` (module docstring): "flat" where DeepSpeed keeps resident flat
+    fp32 masters, else "per_parameter" (with a warning under "auto"). "flat" or "per_parameter"
+    force one; forcing "flat" where it is unavailable raises, naming the reason."""
+    if requested not in ("auto", "flat", "per_parameter"):
+        raise ValueError(f"EmaTeacher: layout must be auto, flat or per_parameter, got {requested!r}")
+    reason = _flat_layout_unavailable(engine)
+    if reason is None:
+        return "per_parameter" if requested == "per_parameter" else "flat"
+    if requested == "flat":
+        raise ValueError(f"EmaTeacher: the flat layout is unavailable: {reason}")
+    if requested == "auto":
+        warnings.warn(f"EMA teacher: updating per parameter, not per flat sub-group: {reason}", stacklevel=3)
+    return "per_parameter"
+
+
 class EmaTeacher:
     """The EMA copy of the online model, run as its own ZeRO-3 engine (see the module docstring).
 
@@ -135,8 +170,6 @@ class EmaTeacher:
         teacher_ds_config: dict,
         layout: str = "auto",
     ):
-        if layout not in ("auto", "flat", "per_parameter"):
-            raise ValueError(f"EmaTeacher: layout must be auto, flat or per_parameter, got {layout!r}")
         momentum_at(ema_cfg, 0, total_steps)  # validates the schedule and total_steps now
         self.cfg = ema_cfg
         self.total_steps = total_steps
@@ -160,12 +193,7 @@ class EmaTeacher:
             )
 
         self.zero3 = online_engine.zero_optimization_stage() == 3
-        reason = _flat_layout_unavailable(online_engine)
-        if layout == "flat" and reason is not None:
-            raise ValueError(f"EmaTeacher: the flat layout is unavailable: {reason}")
-        if layout == "auto" and reason is not None:
-            warnings.warn(f"EMA teacher: updating per parameter, not per flat sub-group: {reason}", stacklevel=2)
-        self.layout = "flat" if layout != "per_parameter" and reason is None else "per_parameter"
+        self.layout = choose_layout(online_engine, layout)
         if self.zero3:
             for name in self.teacher_params:
                 self._check_same_partition(name)
@@ -247,13 +275,6 @@ class EmaTeacher:
         """teacher <- EMA for every slot, with no averaging (after init and load)."""
         for slot in self.slots:
             slot.teacher().view(-1).copy_(slot.ema)
-        self._invalidate_gathered_copies()
-
-    def _invalidate_gathered_copies(self) -> None:
-        # hpZ keeps a secondary copy of each partition that only an optimizer step invalidates.
-        for param in self.teacher_params.values():
-            if getattr(param, "ds_secondary_tensor", None) is not None:
-                param.ds_secondary_tensor = None
 
     # ----------------------------------------------------------------------------------- update
 
@@ -279,9 +300,8 @@ class EmaTeacher:
                 ema_update(master, slot.ema, None, momentum)
                 teacher.copy_(slot.ema)
         # No device synchronisation: the teacher engine gathers on the compute stream
-        # (megajepa.train.deepspeed_json.teacher_config turns overlap_comm off), so its next forward's all-gathers
-        # are ordered after these writes.
-        self._invalidate_gathered_copies()
+        # (megajepa.train.deepspeed_json.teacher_config turns overlap_comm off), so its next
+        # forward's all-gathers are ordered after these writes.
         self.step = step
         return {"momentum": momentum, "updated": True}
 

@@ -129,6 +129,8 @@ def teacher_config(online: dict) -> dict:
     - overlap_comm off: DeepSpeed then all-gathers on the compute stream, the stream the EMA
       update writes the teacher's partitions on, so every forward reads the latest update without
       a host synchronisation (with overlap_comm it gathers on a side stream that does not wait);
+    - no hpZ (zero_hpz_partition_size 1), for the same reason as persistence: its secondary
+      copies of each partition are refreshed by an optimizer step only;
     - below ZeRO-3 it runs replicated (stages 1 and 2 shard optimizer state, which it has none of).
     """
     ds = copy.deepcopy(online)
@@ -140,6 +142,7 @@ def teacher_config(online: dict) -> dict:
         zero["stage3_param_persistence_threshold"] = 0
         zero.pop("offload_optimizer", None)
         zero["overlap_comm"] = False
+        zero["zero_hpz_partition_size"] = 1  # hpZ's secondary copies, too, only an optimizer step refreshes
     else:
         ds["zero_optimization"] = {"stage": 0}
     return ds
