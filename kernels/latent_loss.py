@@ -11,7 +11,8 @@ and the gradient, which the forward writes so that the backward is a multiply by
 nothing when that is 1). Sums of squares are taken over scaled entries, so that they stay inside
 fp32's range for rows with norms near 1e20 or 1e-20: by a power of two from the largest magnitude
 (exact, and the distance does not change) for cosine and l2, by 1/sqrt(d) for mse (the squares then
-sum to the mean itself). The reference scales the same way, so the two agree on such rows too.
+sum to the mean itself). The reference is the plain formula in float64, with no such tricks: it is
+what the kernel is tested against, extreme rows included.
 
 The gradients are kept in fp32 and cast to the inputs' dtype once, at the end of the backward,
 after the scaling by grad_output (usually lambda, not 1): one rounding, as torch's autograd does for
@@ -56,55 +57,37 @@ def _check_inputs(pred: torch.Tensor, target: torch.Tensor, distance: str) -> No
 # ----------------------------------------------------------------------------------------------
 
 
-def _pow2_inverse_scale(x: torch.Tensor) -> torch.Tensor:
-    """Per row, 2**-e where the row's largest |x| is m * 2**e with m in [0.5, 1) (e clamped to
-    [-125, 126]), built from its fp32 exponent bits like the kernel's. A constant of the graph:
-    scaling by a power of two is exact, so the distances come out the same with it."""
-    with torch.no_grad():
-        _, exponent = torch.frexp(x.abs().amax(dim=-1, keepdim=True))
-        return ((127 - exponent.clamp(-125, 126)) << 23).view(torch.float32)
-
-
 class _NormWithSafeGradient(torch.autograd.Function):
-    """||x|| over the last dim, with gradient x / max(||x||, floor) (floor per row)."""
+    """||x|| over the last dim, with gradient x / max(||x||, eps): zero, not NaN, at x == 0."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, floor: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
         norm = torch.linalg.vector_norm(x, dim=-1)
-        ctx.save_for_backward(x, torch.maximum(norm, floor))
+        ctx.save_for_backward(x, norm.clamp_min(EPS))
         return norm
 
     @staticmethod
     def backward(ctx, grad_norm: torch.Tensor):
         x, clamped_norm = ctx.saved_tensors
-        return x * (grad_norm / clamped_norm).unsqueeze(-1), None
-
-
-def _cosine_rows(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    pred_scale, target_scale = _pow2_inverse_scale(pred), _pow2_inverse_scale(target)
-    a, b = pred * pred_scale, target * target_scale
-    # max(||p||, eps) * scale == max(||p * scale||, eps * scale) exactly, scale being a power of two.
-    norm_a = torch.clamp(torch.linalg.vector_norm(a, dim=-1), min=EPS * pred_scale.squeeze(-1))
-    norm_b = torch.clamp(torch.linalg.vector_norm(b, dim=-1), min=EPS * target_scale.squeeze(-1))
-    return 1.0 - (a * b).sum(dim=-1) / norm_a / norm_b
-
-
-def _difference_rows(pred: torch.Tensor, target: torch.Tensor, distance: str) -> torch.Tensor:
-    diff = pred - target
-    if distance == "mse":
-        # Scaled by 1/sqrt(d), the squares sum to the mean itself: they overflow only where it does.
-        return (diff * diff.shape[-1] ** -0.5).square().sum(dim=-1)
-    scale = _pow2_inverse_scale(diff)
-    scale_1d = scale.squeeze(-1)
-    return _NormWithSafeGradient.apply(diff * scale, EPS * scale_1d) / scale_1d
+        return x * (grad_norm / clamped_norm).unsqueeze(-1)
 
 
 def latent_loss_reference(pred: torch.Tensor, target: torch.Tensor, distance: str) -> torch.Tensor:
-    """Mean over rows of the distance, in fp32, with torch's autograd for the gradient."""
+    """The formulas above written out plainly, with torch's autograd for the gradient.
+
+    Computed in float64, where the squares of norms from 1e-20 to 1e20 are representable, so it
+    needs none of the kernel's rescaling; the loss comes back in fp32 and the gradients, through
+    autograd, in the inputs' dtype."""
     _check_inputs(pred, target, distance)
-    pred, target = pred.float(), target.float()
-    rows = _cosine_rows(pred, target) if distance == "cosine" else _difference_rows(pred, target, distance)
-    return rows.mean()
+    p, t = pred.double(), target.double()
+    if distance == "cosine":
+        norms = torch.linalg.vector_norm(p, dim=-1).clamp_min(EPS) * torch.linalg.vector_norm(t, dim=-1).clamp_min(EPS)
+        rows = 1.0 - (p * t).sum(dim=-1) / norms
+    elif distance == "mse":
+        rows = (p - t).square().mean(dim=-1)
+    else:
+        rows = _NormWithSafeGradient.apply(p - t)
+    return rows.mean().float()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""The fused latent-loss kernel against its plain-torch reference: loss and both gradients.
+"""The fused latent-loss kernel against its plain-torch reference (the formula, in float64):
+loss and both gradients.
 
 Without CUDA the kernel runs under TRITON_INTERPRET=1 (set by conftest) on CPU tensors.
 """
@@ -102,19 +103,6 @@ def test_strided_rows_and_columns(distance):
     _assert_matches_reference(wide_pred, transposed_target, distance, loss_scale=2.0, view=view)
 
 
-def _float64_loss(pred, target, distance):
-    """The distances written out plainly in float64, where 1e20**2 and 1e-20**2 are representable."""
-    p, t = pred.double(), target.double()
-    if distance == "cosine":
-        norms = p.norm(dim=-1).clamp_min(EPS) * t.norm(dim=-1).clamp_min(EPS)
-        rows = 1.0 - (p * t).sum(-1) / norms
-    elif distance == "mse":
-        rows = (p - t).square().mean(-1)
-    else:
-        rows = (p - t).norm(dim=-1)
-    return rows.mean()
-
-
 def _unit_rows(n_rows, n_cols, seed):
     rows = torch.randn(n_rows, n_cols, generator=torch.Generator().manual_seed(seed))
     return rows / rows.norm(dim=-1, keepdim=True)
@@ -135,13 +123,11 @@ DIFFERENCE_CASES = {
 
 
 def _assert_extreme_rows_agree(pred, target, distance):
-    """Kernel and reference: losses equal to the float64 value, gradients finite and equal."""
+    """Kernel and reference (the plain formula in float64): equal losses, finite and equal gradients."""
     loss, grad_pred, grad_target = _loss_and_grads(latent_loss_triton, pred, target, distance)
     ref_loss, ref_grad_pred, ref_grad_target = _loss_and_grads(latent_loss_reference, pred, target, distance)
 
-    truth = _float64_loss(pred, target, distance).float()
-    torch.testing.assert_close(loss, truth, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(ref_loss, truth, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
     for grad, ref_grad in ((grad_pred, ref_grad_pred), (grad_target, ref_grad_target)):
         assert torch.isfinite(grad).all() and torch.isfinite(ref_grad).all()
         _assert_close(grad, ref_grad, rtol=1e-5)
