@@ -45,6 +45,17 @@ def _layout(model: JepaModel, pairs: Sequence[EvalPair], pred_ids: list[int], pa
     return Layout(data, jepa, pred_ids, pad_id)
 
 
+def similarity_ranks(z_a: torch.Tensor, z_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per pair i: cos(z_a_i, z_b_i), the mean cos(z_a_i, z_b_j) over j != i, and the rank of
+    z_b_i among all z_b by cosine with z_a_i (1 = first; ties count in its favour)."""
+    cos = F.normalize(z_a.float(), dim=-1) @ F.normalize(z_b.float(), dim=-1).T  # row i: z_a_i vs every z_b
+    matched = cos.diagonal()
+    n = cos.shape[0]
+    mismatched = (cos.sum(dim=1) - matched) / max(n - 1, 1)
+    ranks = 1 + (cos > matched[:, None]).sum(dim=1)
+    return matched, mismatched, ranks
+
+
 @torch.no_grad()
 def batch_metrics(model: JepaModel, pairs: Sequence[EvalPair], pred_ids: list[int], pad_id: int) -> BatchMetrics:
     device = next(model.parameters()).device
@@ -53,13 +64,8 @@ def batch_metrics(model: JepaModel, pairs: Sequence[EvalPair], pred_ids: list[in
     batch = {k: v.to(device) for k, v in batch.items()}
     out = model(batch)
     tokens = batch["ce_index"].numel()
-    z_a = F.normalize(out.z_a.float(), dim=-1)
-    z_b = F.normalize(out.z_b.float(), dim=-1)
-    cos = z_a @ z_b.T  # [pairs, pairs]: row i is pred(z_a_i) against every z_b
-    matched = cos.diagonal()
+    matched, mismatched, ranks = similarity_ranks(out.z_a, out.z_b)
     n = len(pairs)
-    mismatched = (cos.sum(dim=1) - matched) / max(n - 1, 1)
-    ranks = 1 + (cos > matched[:, None]).sum(dim=1)
     return BatchMetrics(
         ce_sum=out.ce.item() * tokens,
         tokens=tokens,
