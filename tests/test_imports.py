@@ -45,6 +45,41 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     return found
 
 
+# folder -> the folders it may import (README.md, "Layout of the code"); "megajepa" is the top level
+ALLOWED = {
+    "megajepa.data": {"megajepa", "megajepa.config", "megajepa.files"},
+    "megajepa.model": {"megajepa", "megajepa.config"},
+    "megajepa.jepa": {"megajepa", "megajepa.config", "megajepa.files", "megajepa.model"},
+    "megajepa.train": {
+        "megajepa", "megajepa.config", "megajepa.files", "megajepa.dist", "megajepa.data", "megajepa.model",
+        "megajepa.jepa",
+    },
+}
+
+
+def folder(module: str) -> str:
+    parts = module.split(".")
+    return ".".join(parts[:2]) if len(parts) > 2 or (len(parts) == 2 and (PACKAGE / parts[1]).is_dir()) else parts[0]
+
+
+def test_folders_import_only_what_the_readme_allows():
+    wrong = []
+    for module, targets in import_graph().items():
+        allowed = ALLOWED.get(folder(module))
+        if allowed is None:
+            continue
+        for target in targets:
+            into = target if target in ("megajepa.config", "megajepa.files", "megajepa.dist") else folder(target)
+            if into != folder(module) and into not in allowed:
+                wrong.append(f"{module} imports {target}")
+    assert wrong == []
+
+
+def test_kernels_import_no_megajepa_module():
+    for path in (PACKAGE.parent / "kernels").glob("*.py"):
+        assert "megajepa" not in path.read_text().split('"""', 2)[-1], path.name
+
+
 def test_no_import_cycles():
     assert cycles(import_graph()) == []
 
