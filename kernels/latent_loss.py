@@ -7,8 +7,8 @@
     l2      ||p - t||, with gradient (p - t) / max(||p - t||, eps): zero, not NaN, at p == t
 
 One program per row reads the row up to three times: its largest magnitude (cosine, l2), the sums,
-and the gradient, which the forward writes so that the backward is a multiply by grad_output (or
-nothing when that is 1). Sums of squares are taken over scaled entries, so that they stay inside
+and the gradient, which the forward writes so that the backward is a multiply by grad_output.
+Sums of squares are taken over scaled entries, so that they stay inside
 fp32's range for rows with norms near 1e20 or 1e-20: by a power of two from the largest magnitude
 (exact, and the distance does not change) for cosine and l2, by 1/sqrt(d) for mse (the squares then
 sum to the mean itself). The reference is the plain formula in float64, with no such tricks: it is
@@ -271,10 +271,9 @@ def latent_loss_forward(pred: torch.Tensor, target: torch.Tensor, distance: str,
 
 
 def latent_loss_backward(grad_output: torch.Tensor, grad: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The saved fp32 gradient times grad_output, in `dtype`."""
-    if not torch.equal(grad_output, torch.ones_like(grad_output)):
-        grad = grad * grad_output
-    return grad.to(dtype)
+    """The saved fp32 gradient times grad_output, in `dtype`. Always multiplied: skipping it when
+    grad_output is 1 would need the host to read grad_output (a device synchronisation)."""
+    return (grad * grad_output).to(dtype)
 
 
 class LatentLossFunction(torch.autograd.Function):

@@ -90,11 +90,15 @@ def _derived_config(cfg: Config, world_size: int, cuda: bool) -> dict[str, Any]:
 
 
 def online_config(
-    cfg: Config, world_size: int, output_dir: Optional[str] = None, cuda: Optional[bool] = None
+    cfg: Config,
+    world_size: int,
+    output_dir: Optional[str] = None,
+    cuda: Optional[bool] = None,
+    schedule_steps: Optional[int] = None,
 ) -> dict[str, Any]:
     """The online engine's JSON: the user's file or derived (the batch unit is one view pair:
     micro-batch = data.pairs_per_batch), with our monitors under output_dir/logs and our
-    warm-up + cosine schedule where it sets none."""
+    warm-up + cosine schedule over `schedule_steps` (default train.steps) where it sets none."""
     cuda = torch.cuda.is_available() if cuda is None else cuda
     if cfg.deepspeed.config_file is not None:
         ds = _user_config(cfg.deepspeed.config_file)
@@ -110,7 +114,7 @@ def online_config(
         {
             "type": "WarmupCosineLR",
             "params": {
-                "total_num_steps": cfg.train.steps,
+                "total_num_steps": schedule_steps or cfg.train.steps,
                 "warmup_num_steps": max(1, cfg.optim.warmup_steps),
                 "warmup_type": "linear",
                 "cos_min_ratio": cfg.optim.min_lr_ratio,
