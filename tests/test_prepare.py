@@ -272,8 +272,12 @@ def test_builders_wait_for_the_lock_holder(tmp_path):
 
 
 def test_default_tokenizer_is_the_embedded_one(tmp_path, monkeypatch):
+    """`megajepa prepare` without --tokenizer uses the embedded one (prepare() itself takes none)."""
+    from megajepa.cli import main as cli
+
     monkeypatch.chdir(tmp_path)
     path = write_lines(tmp_path / "in.jsonl", [{"view_a": "a", "view_b": "b"}])
-    run([path], tmp_path / "out", None)
+    assert main([path, "--out", str(tmp_path / "refused")]) == 2  # no default outside the CLI
+    assert cli(["prepare", path, "--out", str(tmp_path / "out"), "--no-progress"]) == 0
     tokenizer = AutoTokenizer.from_pretrained(os.path.join("data", "demo", "tokenizer"))
     check_fingerprint(str(tmp_path / "out"), tokenizer)
