@@ -14,16 +14,16 @@ import warnings
 from contextlib import contextmanager
 
 import deepspeed
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch.distributed import distributed_c10d as c10d
 from deepspeed.utils import safe_get_full_fp32_param
 
-from megajepa.config import Config, EmaConfig, JepaConfig, ModelConfig
-from megajepa.train.deepspeed_json import online_config, teacher_config
-from megajepa.config import DataConfig
+from _shards import pair_record
+
+from megajepa.config import Config, DataConfig, EmaConfig, JepaConfig, ModelConfig
 from megajepa.data.layout import Layout
+from megajepa.train.deepspeed_json import online_config, teacher_config
 from megajepa.jepa.ema_target import EmaTeacher
 from megajepa.jepa.objective import JepaModel
 from megajepa.model.build import build_model
@@ -64,23 +64,12 @@ def count_collectives():
 
 def make_batch(step: int, rank: int) -> dict:
     g = torch.Generator().manual_seed(1000 * step + rank)
-    records = []
-    for i in range(4):
-        user = torch.randint(0, PRED_ID, (int(torch.randint(3, 12, (1,), generator=g)),), generator=g).numpy()
-        reply = torch.randint(0, PRED_ID, (int(torch.randint(2, 10, (1,), generator=g)),), generator=g).numpy()
-        records.append(
-            {
-                "sample_id": i,
-                "full": np.concatenate([user, reply]),
-                "prompt_len": len(user),
-                "user": user,
-                "user_insert": np.array([0, len(user)]),
-                "assistant": reply,
-                "assistant_insert": np.array([0, len(reply)]),
-            }
-        )
-    layout = Layout(DataConfig(shards="-", tokenizer="-", row_length=48, max_length=0), JEPA, [PRED_ID], 0)
-    return layout(records)
+    view_a, view_b = [], []
+    for _ in range(4):
+        view_a.append(torch.randint(0, PRED_ID, (int(torch.randint(3, 12, (1,), generator=g)),), generator=g))
+        view_b.append(torch.randint(0, PRED_ID, (int(torch.randint(2, 10, (1,), generator=g)),), generator=g))
+    layout = Layout(DataConfig(shards="", tokenizer="", row_length=48, max_length=0), JEPA, [PRED_ID], 0)
+    return layout([{"sample_id": i, **pair_record(a.numpy(), b.numpy())} for i, (a, b) in enumerate(zip(view_a, view_b))])
 
 
 def build(model_json: str, ds_config: dict, dtype: torch.dtype, seed: int) -> JepaModel:
