@@ -233,6 +233,7 @@ def train(cfg: Config) -> dict:
     logger = MetricsLogger(engine, output_dir, cfg.train.steps, start_step, cfg.logging.log_every, cfg.logging.progress)
     batches = iter(loader)
     stop = StopSignal()
+    stop_requested = False  # agreed across ranks, unlike stop.received
     step = start_step
     try:
         while step < cfg.train.steps:
@@ -280,8 +281,8 @@ def train(cfg: Config) -> dict:
     if logger.history:
         summary["first"] = logger.history[0]
         summary["last"] = logger.history[-1]
-    summary["stopped_by_signal"] = stop.received
-    if eval_loader is not None and stop.received is None:
+    summary["stopped_by_signal"] = stop.received if stop_requested else None
+    if eval_loader is not None and not stop_requested:  # the agreed flag: every rank evaluates, or none
         summary.update(evaluate(engine, teacher, eval_loader, cfg.train.eval_batches, device))
     if rank == 0:
         write_text(os.path.join(output_dir, "summary.json"), json.dumps(summary, indent=2, sort_keys=True))
