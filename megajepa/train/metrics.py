@@ -54,10 +54,12 @@ class MetricsLogger:
     def flush(self, step: int) -> Optional[dict]:
         if self._window_steps == 0:
             return None
-        keys = sorted(self._window)
-        local = torch.stack(
-            [torch.as_tensor(self._window[k], dtype=torch.float64).to(self.device) for k in keys]
-        )
+        on_device = sorted(k for k, v in self._window.items() if torch.is_tensor(v))
+        on_host = sorted(k for k in self._window if k not in on_device)
+        keys = on_device + on_host
+        # one copy to the device, one collective, one read back
+        host = torch.tensor([self._window[k] for k in on_host], dtype=torch.float64).to(self.device)
+        local = torch.cat([torch.stack([self._window[k] for k in on_device]).to(self.device), host]) if on_device else host
         totals = dist.all_reduce(local).tolist()
         elapsed = time.perf_counter() - self._window_start
         row = {"step": step}
