@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     with_config("config", "print the fully resolved config").set_defaults(func=cmd_config)
     with_config("train", "train a model").set_defaults(func=cmd_train)
     demo = with_config("demo", "embedded data, training on N CPU ranks, summary")
-    demo.add_argument("--nproc", type=int, default=2)
+    demo.add_argument("--nproc", type=int, default=2, help="CPU ranks (anywhere among the overrides)")
     demo.set_defaults(func=cmd_demo)
     sub.add_parser("prepare", help="JSONL / HF dataset -> MDS shards", add_help=False)
     bench = sub.add_parser("bench", help="benchmarks: the training modes side by side, or the kernels")
@@ -185,6 +185,10 @@ def main(argv: list[str] | None = None) -> int:
         from megajepa.data.prepare import main as prepare_main
 
         return prepare_main(argv[1:])
+    if argv and argv[0] == "demo":
+        # Options between the positional overrides: one parse_args pass stops at the first option.
+        args = demo.parse_intermixed_args(argv[1:])
+        return args.func(args)
     args = parser.parse_args(argv)
     return args.func(args)
 
