@@ -23,6 +23,20 @@ class ConfigError(ValueError):
     """A configuration that cannot run. The message names the key and its source."""
 
 
+# The reference's LoRA targets (finetune.py): the attention and MLP projections of Llama-style models.
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass
+class LoraConfig:
+    rank: int = 0  # 0: full fine-tuning; N: LoRA of rank N on the target modules, the rest frozen
+    alpha: Optional[float] = None  # None: 2 x rank, as the reference
+    dropout: float = 0.1
+    # Module names (suffixes) to adapt; those of the list the model lacks are left out, and with none
+    # of them present every linear layer but the output head is adapted (peft's "all-linear").
+    target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
+
+
 @dataclass
 class ModelConfig:
     # An HF config JSON (architecture only, random init) or a local pretrained directory.
@@ -31,6 +45,7 @@ class ModelConfig:
     attention: str = "auto"  # sdpa | flex | auto (flex on CUDA, sdpa elsewhere)
     trust_remote_code: bool = False
     gradient_checkpointing: bool = False
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
 
 @dataclass
@@ -151,7 +166,7 @@ BOUNDS = {
             "jepa.k", "jepa.lambda_", "jepa.gamma", "jepa.lambda_warmup_steps", "optim.lr",
             "optim.warmup_steps", "optim.weight_decay", "optim.grad_clip", "train.save_every",
             "train.eval_every", "data.num_workers", "data.row_multiple",
-            "deepspeed.param_persistence_threshold",
+            "deepspeed.param_persistence_threshold", "model.lora.rank",
         )
     },
     **{
@@ -163,7 +178,10 @@ BOUNDS = {
     },
     **{
         key: (0.0, 1.0, True)
-        for key in ("jepa.dropout", "optim.min_lr_ratio", "jepa.ema.momentum_start", "jepa.ema.momentum_end")
+        for key in (
+            "jepa.dropout", "optim.min_lr_ratio", "jepa.ema.momentum_start", "jepa.ema.momentum_end",
+            "model.lora.dropout",
+        )
     },
 }
 
@@ -203,6 +221,11 @@ def _validate(cfg: Config, sources: list[tuple[str, DictConfig]]) -> None:
             f"(data.max_pair_tokens={cfg.data.max_pair_tokens} + jepa.k={pred_tokens} [PRED] tokens)",
             sources,
         )
+    lora = cfg.model.lora
+    if lora.alpha is not None and not (math.isfinite(lora.alpha) and lora.alpha > 0):
+        _fail("model.lora.alpha", f"must be > 0 (or null: 2 x rank), got {lora.alpha}", sources)
+    if lora.rank > 0 and not lora.target_modules:
+        _fail("model.lora.target_modules", "must name at least one module (or all-linear)", sources)
     if cfg.model.config is None and cfg.model.pretrained is None:
         _fail("model.config", "set model.config (an HF config JSON) or model.pretrained (a local directory)", sources)
     if cfg.deepspeed.config_file is not None and not os.path.isfile(cfg.deepspeed.config_file):

@@ -30,6 +30,7 @@ from megajepa.data.fingerprint import tokenizer_hash
 from megajepa.data.prepare import staged_directory
 from megajepa.data.tokenizer import add_pred_tokens, chat_template, load_tokenizer, pred_token_ids
 from megajepa.jepa.ema_target import STATE_FILE as EMA_FILE
+from megajepa.model.lora import merge_lora_weights
 from megajepa.model.predictor import uses_pred_tokens
 from megajepa.train.checkpoint import CHECKPOINT_SUBDIR
 
@@ -184,6 +185,8 @@ def _save_lm(lm_state: dict, info: CheckpointInfo, tokenizer, dtype: torch.dtype
     config.pad_token_id = tokenizer.pad_token_id
     with torch.device("meta"):  # no second copy of the weights: the consolidated tensors are assigned
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=info.config.model.trust_remote_code)
+    if info.config.model.lora.rank > 0:  # adapters into the plain weights
+        lm_state = merge_lora_weights(lm_state, model, info.config.model.lora)
     try:
         model.load_state_dict({k: v.to(dtype) for k, v in lm_state.items()}, strict=True, assign=True)
     except RuntimeError as err:
