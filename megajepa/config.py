@@ -61,6 +61,7 @@ class DataConfig:
     row_multiple: int = 16  # rows trimmed to a multiple of this (0: always row_length)
     pairs_per_batch: int = 32  # pairs per micro-batch per rank
     max_pair_tokens: int = 256  # longest view A + view B accepted by prepare and the loader
+    max_length: int = 512  # placeholder for the lead's issue-11 key: each sequence cut at this many tokens
     labels: str = "response"  # response: CE on view B only | all: CE on view A and view B
     shuffle: bool = True
     seed: int = 1234
@@ -81,6 +82,10 @@ class JepaConfig:
     lambda_: float = 1.0  # weight of the latent term
     gamma: float = 1.0  # weight of the next-token CE term
     k: int = 1  # [PRED] tokens appended after view A (predictor: tokens)
+    # Placeholders for the lead's issue-11 keys (configs/paper uses them; not read by this branch yet):
+    views: str = "reference"  # reference (finetune.py's three sequences) | shared_prefix
+    readout: str = "content_end"  # content_end | offset (the reference's --last_token)
+    last_token: int = -1  # the offset from the end of each view, readout: offset
     predictor: str = "tokens"  # tokens | mlp | linear | identity
     distance: str = "cosine"  # cosine | mse | l2
     target: str = "online"  # online | ema
@@ -148,6 +153,8 @@ class Config:
 CHOICES = {
     "model.attention": ("sdpa", "flex", "auto"),
     "data.labels": ("response", "all"),
+    "jepa.views": ("reference", "shared_prefix"),
+    "jepa.readout": ("offset", "content_end"),
     "jepa.predictor": ("tokens", "mlp", "linear", "identity"),
     "jepa.distance": ("cosine", "mse", "l2"),
     "jepa.target": ("online", "ema"),
