@@ -20,6 +20,7 @@ import subprocess
 import sys
 
 from megajepa.config import ConfigError, load_config, to_yaml
+from megajepa.eval.checkers import CHOICES as CHECKER_CHOICES
 
 
 def _load(args) -> object:
@@ -167,7 +168,9 @@ def main(argv: list[str] | None = None) -> int:
     evaluate.add_argument("--limit", type=int, default=None, help="evaluate the first N pairs only")
     evaluate.add_argument("--batch-pairs", type=int, default=32, help="pairs per batch (retrieval candidates)")
     evaluate.add_argument("--max-new-tokens", type=int, default=None, help="default: 2x the longest reference")
-    evaluate.add_argument("--task", choices=("auto", "regex", "none"), default="auto", help="task checker")
+    evaluate.add_argument(
+        "--checker", choices=CHECKER_CHOICES, default="auto", help="task checker (auto: recognised from the data)"
+    )
     evaluate.add_argument("--json", default=None, help="write the metrics and settings here")
     evaluate.add_argument("--generations", default=None, help="write one JSON line per pair here")
     evaluate.add_argument("--no-progress", dest="progress", action="store_false")

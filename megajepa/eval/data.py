@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass
 from typing import Optional
 
-from megajepa.data.fingerprint import check_fingerprint
+from megajepa.data.fingerprint import check_fingerprint, read_fingerprint
 from megajepa.data.tokenizer import split_conversation
 
 
@@ -83,3 +83,11 @@ def load_eval_pairs(path: str, tokenizer, limit: Optional[int] = None) -> list[E
     if not pairs:
         raise ValueError(f"--data {path}: no pairs to evaluate")
     return pairs
+
+
+def data_sources(path: str) -> list[str]:
+    """The files the pairs came from: the JSONL itself, or the inputs a shard directory's
+    fingerprint.json records (what the task checker is recognised by, beside the prompt)."""
+    if os.path.isdir(path):
+        return sorted(read_fingerprint(path).get("sources", {}))
+    return [path]
