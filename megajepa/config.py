@@ -3,7 +3,9 @@
     cfg = load_config("configs/demo.yaml", ["jepa.lambda_=2", "train.steps=50"])
 
 Every error names the offending key and where its value came from (a file or the command line),
-and is raised before any work starts.
+and is raised before any work starts. A YAML file may start from another one: a top-level
+`base: other.yaml` (relative to the file) is merged first, and the file's own keys over it; a
+file's `key: ???` must be set by a later file or on the command line.
 """
 
 from __future__ import annotations
@@ -260,12 +262,30 @@ def _describe(err: OmegaConfBaseException) -> str:
     return f"{key}: {msg}"
 
 
+def _file_sources(path: str, including: tuple[str, ...] = ()) -> list[tuple[str, DictConfig]]:
+    """The YAML file at `path` after the chain of files its `base:` keys name, bases first."""
+    cfg = _read_yaml(path)
+    base = cfg.pop("base", None)
+    if base is None:
+        return [(path, cfg)]
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: base: must be the path of a YAML file, got {base!r}")
+    base_path = os.path.normpath(os.path.join(os.path.dirname(path), base))
+    if not os.path.isfile(base_path):
+        raise ConfigError(f"{path}: base: no such config file: {base_path}")
+    chain = (*including, os.path.abspath(path))
+    if os.path.abspath(base_path) in chain:
+        raise ConfigError(f"{path}: base: {base} includes itself (through {' -> '.join(chain)})")
+    return [*_file_sources(base_path, chain), (path, cfg)]
+
+
 def load_config(path: Optional[str], overrides: list[str] = ()) -> Config:
-    """Merge the schema defaults, the YAML file at `path` and dotted `overrides`; validate."""
+    """Merge the schema defaults, the YAML file at `path` (after its bases) and dotted
+    `overrides`; validate."""
     merged = OmegaConf.structured(Config)
     sources: list[tuple[str, DictConfig]] = []
     if path is not None:
-        sources.append((path, _read_yaml(path)))
+        sources.extend(_file_sources(path))
     if overrides:
         for item in overrides:
             if "=" not in item:
@@ -279,6 +299,12 @@ def load_config(path: Optional[str], overrides: list[str] = ()) -> Config:
             merged = OmegaConf.merge(merged, source)
         except OmegaConfBaseException as err:
             raise ConfigError(f"{name}: {_describe(err)}") from None
+    # `key: ???` in a file asks for a value from a later file or the command line (a merge would
+    # otherwise keep the schema default under it).
+    for i, (name, source) in enumerate(sources):
+        for key in sorted(OmegaConf.missing_keys(source)):
+            if all(OmegaConf.select(later, key, default=MISSING) is MISSING for _, later in sources[i + 1:]):
+                raise ConfigError(f"{name}: {key}: required (??? there): set it, e.g. {key}=... on the command line")
     try:
         missing = sorted(OmegaConf.missing_keys(merged))
         if missing:
