@@ -11,8 +11,10 @@ The output loads with AutoModelForCausalLM.from_pretrained / AutoTokenizer.from_
 
 Weights are consolidated by DeepSpeed's own zero_to_fp32. `--weights ema` consolidates the EMA
 teacher instead: its per-rank shards (ema_rank{r}.pt, megajepa.jepa.ema_target) mirror the
-optimizer's fp32 master partitions, so the same merge applies to them. The directory appears only
-when complete (a temporary sibling, renamed at the end).
+optimizer's fp32 master partitions, so the same merge applies to them. A LoRA run's adapters
+(model.lora.rank > 0) are merged into plain weights, W + alpha / r * B @ A
+(megajepa.model.lora.merge_lora_weights). The directory appears only when complete (a temporary
+sibling, renamed at the end).
 """
 
 from __future__ import annotations

@@ -4,7 +4,9 @@
     regex     a Python regex with the same whole-line matches on a discriminating test set (the
               embedded data; megajepa.eval.regex_check)
     nlrx      an NL-RX regex (dk.brics syntax) with the same language, decided exactly (the
-              reference's synth and turk data; megajepa.eval.nlrx)
+              reference's synth and turk data; megajepa.eval.nlrx). This is the NL-RX papers'
+              DFA-equality accuracy; the reference's evaluate.py scores these data by exact
+              match, which `megajepa eval` reports beside it
     gsm8k     the same final answer: the text after "\\n#### " at the end, as the reference's
               evaluate.py and finetune.py compare it
     nq_open   one of the generation's "; "-separated answers occurs in the reference, as the
