@@ -73,6 +73,30 @@ def test_eval_metrics_agree_with_their_records(run, demo_data, one_thread):
         assert record["exact"] <= record["task_ok"]  # an exact copy always passes the checker
 
 
+def _chat_jsonl(path, system: str, pairs: list) -> str:
+    with open(path, "w") as f:
+        for user, answer in pairs:
+            messages = [{"role": "system", "content": system}, {"role": "user", "content": user},
+                        {"role": "assistant", "content": answer}]
+            f.write(json.dumps({"messages": messages}) + "\n")
+    return str(path)
+
+
+def test_eval_picks_each_files_checker(run, tmp_path, one_thread):
+    """Reference-format files through `megajepa eval`: the NL-RX system message gives nlrx, a
+    gsm8k file name gives gsm8k, --checker overrides both."""
+    synth = _chat_jsonl(tmp_path / "anything.jsonl", "Convert natural language to regular expression.",
+                        [("lines with a number", ".*[0-9].*"), ("lines ending with dog", "(.*)(dog)")])
+    gsm8k = _chat_jsonl(tmp_path / "gsm8k_test.jsonl", "You are helpful.", [("1 + 1?", "1 + 1 = 2\n#### 2")])
+    for data, checker, expected in ((synth, "auto", "nlrx"), (gsm8k, "auto", "gsm8k"), (synth, "exact", "exact")):
+        out = tmp_path / f"{expected}.jsonl"
+        args = ["eval", str(run), "--data", data, "--batch-pairs", "2", "--max-new-tokens", "4", "--no-progress"]
+        assert cli([*args, "--checker", checker, "--generations", str(out)]) == 0
+        records = [json.loads(line) for line in out.read_text().splitlines()]
+        assert records and {r["checker"] for r in records} == {expected}
+        assert all(isinstance(r["task_ok"], bool) and isinstance(r["startswith"], bool) for r in records)
+
+
 @pytest.mark.slow
 def test_two_ranks_give_the_one_rank_numbers(run, demo_data, tmp_path, one_thread):
     hf_dir = export(str(run), str(tmp_path / "hf"))
