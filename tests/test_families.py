@@ -1,0 +1,114 @@
+"""Every supported Hugging Face causal-LM family is exact in the packed pass; the rest are refused.
+
+The oracle is the model's own HF forward on each sequence alone (`model(input_ids)`: its logits
+and hidden states). The packed pass is megajepa's: decoder_of(lm) on hand-packed rows with
+attention_mask(batch, lm), lm_logits and lm_cross_entropy. fp32, dropout off.
+"""
+
+import pytest
+import torch
+
+from _families import FAMILIES, REFUSED, VOCAB, build, oracle_pass, pack, packed_pass
+from megajepa.model.families import TESTED_FAMILIES, UnsupportedArchitecture, decoder_of
+
+TOL = dict(rtol=1e-4, atol=1e-5)
+# eager attention (additive mask) beside SDPA: gptj has no SDPA; gemma2 soft-caps attention
+# scores only in eager and flex, so eager is where its attention soft-capping is checked.
+EAGER = ("gptj", "gemma2", "llama", "opt")
+
+
+def compare(lm, packed):
+    lm.eval()  # dropout off
+    loss, ce, hidden, logits = packed_pass(lm, packed)
+    loss.backward()
+    packed_grads = {n: p.grad.clone() for n, p in lm.named_parameters() if p.grad is not None}
+    lm.zero_grad(set_to_none=True)
+    oracle_loss, oracle_ce, per_sequence = oracle_pass(lm, packed)
+    oracle_loss.backward()
+    oracle_grads = {n: p.grad for n, p in lm.named_parameters() if p.grad is not None}
+
+    torch.testing.assert_close(ce, oracle_ce, **TOL)
+    torch.testing.assert_close(loss, oracle_loss, **TOL)
+    labels = packed.batch["labels"]
+    offset = 0
+    for (row, cols, _), (alone_hidden, alone_logits) in zip(packed.where, per_sequence):
+        torch.testing.assert_close(hidden[row, cols], alone_hidden, **TOL)
+        keep = labels[row, cols] != -100
+        n = int(keep.sum())
+        torch.testing.assert_close(logits[offset:offset + n], alone_logits[keep], **TOL)
+        offset += n
+    assert packed_grads.keys() == oracle_grads.keys() and packed_grads
+    for name, grad in oracle_grads.items():
+        torch.testing.assert_close(packed_grads[name], grad, **TOL, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_packed_pass_equals_each_sequence_alone_sdpa(family, tmp_path):
+    lm = build(tmp_path, family, attention="auto")  # auto on CPU: SDPA where the model has it
+    expected = "eager" if family == "gptj" else "sdpa"
+    assert lm.config._attn_implementation == expected
+    compare(lm, pack())
+
+
+@pytest.mark.parametrize("family", EAGER)
+def test_packed_pass_equals_each_sequence_alone_eager(family, tmp_path):
+    lm = build(tmp_path, family, attention="eager")
+    assert lm.config._attn_implementation == "eager"
+    compare(lm, pack(seed=1))
+
+
+def test_window_is_applied(tmp_path):
+    """The matrix can fail: the same mistral without its window in the mask is not exact."""
+    lm = build(tmp_path, "mistral").eval()
+    packed = pack()
+    _, _, hidden, _ = packed_pass(lm, packed)
+    lm.config.sliding_window = None  # the mask now drops the window; the lone runs below keep it
+    _, _, unwindowed, _ = packed_pass(lm, packed)
+    lm.config.sliding_window = FAMILIES["mistral"]["sliding_window"]
+    _, _, per_sequence = oracle_pass(lm, packed)
+    row, cols, _ = packed.where[3]  # D: 15 tokens, window 4
+    torch.testing.assert_close(hidden[row, cols], per_sequence[3][0], **TOL)
+    assert (unwindowed[row, cols] - per_sequence[3][0]).abs().max() > 1e-2
+
+
+def test_matrix_covers_the_tested_families():
+    assert {spec["model_type"] for spec in FAMILIES.values()} == set(TESTED_FAMILIES)
+
+
+@pytest.mark.parametrize("family", sorted(REFUSED))
+def test_alibi_families_refused_by_name(family, tmp_path):
+    spec = REFUSED[family]
+    with pytest.raises(UnsupportedArchitecture, match=f"{spec['model_type']}.*ALiBi"):
+        build(tmp_path, family, spec=spec)
+
+
+def test_explicit_attention_the_model_lacks_is_refused(tmp_path):
+    with pytest.raises(UnsupportedArchitecture, match="model.attention=sdpa: GPTJForCausalLM"):
+        build(tmp_path, "gptj", attention="sdpa")
+
+
+def test_decoder_of_gemma3_is_its_text_model(tmp_path):
+    lm = build(tmp_path, "gemma3_text")
+    assert lm.base_model is lm  # why decoder_of exists
+    assert decoder_of(lm) is lm.model
+
+
+def test_phi3_default_pad_id_outside_the_vocabulary(tmp_path):
+    lm = build(tmp_path, "phi3")
+    assert FAMILIES["phi3"].get("pad_token_id") is None and lm.config.pad_token_id is None
+    assert lm.get_input_embeddings().num_embeddings == VOCAB
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["llama", "mistral", "gemma2", "qwen2"])
+def test_packed_pass_flex_attention_forward(family, tmp_path):
+    """FlexAttention on CPU (compiled by transformers: about 25 s a model): the packed forward
+    with the BlockMask equals each sequence alone through the SDPA forward."""
+    lm = build(tmp_path, family).eval()
+    packed = pack(width=128)  # one FlexAttention tile
+    with torch.no_grad():
+        _, _, per_sequence = oracle_pass(lm, packed)
+        lm.set_attn_implementation("flex_attention")
+        _, _, hidden, _ = packed_pass(lm, packed)
+    for (row, cols, _), (alone_hidden, _) in zip(packed.where, per_sequence):
+        torch.testing.assert_close(hidden[row, cols], alone_hidden, rtol=1e-4, atol=1e-4)
