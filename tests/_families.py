@@ -82,7 +82,7 @@ def write_config(tmp_path, name: str, spec: dict) -> str:
     return str(path)
 
 
-def build(tmp_path, name: str, attention: str = "sdpa", ds_config=None, spec=None):
+def build(tmp_path, name: str, attention: str = "auto", ds_config=None, spec=None):
     cfg = ModelConfig(config=write_config(tmp_path, name, spec or FAMILIES[name]), attention=attention)
     return build_model(cfg, range(VOCAB), dtype=torch.float32, ds_config=ds_config, seed=0)
 

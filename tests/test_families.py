@@ -39,7 +39,9 @@ def compare(lm, packed):
         offset += n
     assert packed_grads.keys() == oracle_grads.keys() and packed_grads
     for name, grad in oracle_grads.items():
-        torch.testing.assert_close(packed_grads[name], grad, **TOL, msg=lambda m: f"{name}: {m}")
+        # fp32 rounding scales with the gradient (gemma's embeddings are scaled by sqrt(d))
+        atol = TOL["atol"] * max(1.0, grad.abs().max().item())
+        torch.testing.assert_close(packed_grads[name], grad, rtol=TOL["rtol"], atol=atol, msg=lambda m: f"{name}: {m}")
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))

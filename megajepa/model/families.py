@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 TESTED_FAMILIES = frozenset({
     "llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma", "gemma2",
     "gemma3_text", "phi", "phi3", "olmo", "olmo2", "gpt2", "gpt_neox", "gptj", "opt", "falcon",
-    "starcoder2", "granite",
+    "starcoder2", "granite", "cohere",
 })
 
 FULL, SLIDING = "full_attention", "sliding_attention"
