@@ -5,12 +5,20 @@ and hidden states). The packed pass is megajepa's: decoder_of(lm) on hand-packed
 attention_mask(batch, lm), lm_logits and lm_cross_entropy. fp32, dropout off.
 """
 
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
 import pytest
 import torch
 
 from _families import FAMILIES, REFUSED, VOCAB, build, oracle_pass, pack, packed_pass
 from megajepa.model.families import TESTED_FAMILIES, UnsupportedArchitecture, decoder_of
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOL = dict(rtol=1e-4, atol=1e-5)
 # eager attention (additive mask) beside SDPA: gptj has no SDPA; gemma2 soft-caps attention
 # scores only in eager and flex, so eager is where its attention soft-capping is checked.
@@ -114,3 +122,73 @@ def test_packed_pass_flex_attention_forward(family, tmp_path):
         _, _, hidden, _ = packed_pass(lm, packed)
     for (row, cols, _), (alone_hidden, _) in zip(packed.where, per_sequence):
         torch.testing.assert_close(hidden[row, cols], alone_hidden, rtol=1e-4, atol=1e-4)
+
+
+def run_two_ranks(out, families) -> list[dict]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    (out / "tmp").mkdir(parents=True)
+    env = dict(
+        os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
+        OMP_NUM_THREADS="1", TMPDIR=str(out / "tmp"), PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "tests")]),
+    )
+    cmd = [sys.executable, os.path.join(ROOT, "tests", "_families_worker.py"), "--out", str(out), "--families", *families]
+    procs = []
+    for r in range(2):
+        with open(out / f"log{r}.txt", "w") as f:
+            procs.append(subprocess.Popen(cmd, env=dict(env, RANK=str(r), LOCAL_RANK=str(r)), stdout=f, stderr=f))
+    deadline = time.monotonic() + 900
+    while any(p.poll() is None for p in procs):
+        if any(p.returncode not in (None, 0) for p in procs) or time.monotonic() > deadline:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+            break
+        time.sleep(0.2)
+    for r, p in enumerate(procs):
+        assert p.returncode == 0, f"rank {r}: exit {p.returncode}\n{(out / f'log{r}.txt').read_text()[-4000:]}"
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+
+
+def check_zero3(records, families):
+    for rank, record in enumerate(records):
+        assert list(record) == list(families), f"rank {rank} stopped early"
+        for family, got in record.items():
+            assert "error" not in got, f"rank {rank}, {family}:\n{got.get('error')}"
+            # init really ran on the partitioned weights: the config's spread, the pad row zero
+            assert 0.8 < got["embedding_std"] / got["initializer_range"] < 1.2, (family, got)
+            assert got["pad_row_max"] in (None, 0.0), (family, got)
+            # the packed pass on the sharded model equals each sequence alone on it
+            assert abs(got["loss"] - got["oracle_loss"]) <= 1e-4 * (1 + abs(got["oracle_loss"])), (family, got)
+            assert got["loss_after_step"] < got["loss"], (family, got)  # the step trained something
+    assert records[0] == {f: {**r, "seconds": records[0][f]["seconds"]} for f, r in records[1].items()}
+
+
+def test_zero3_build_and_step_two_ranks_every_family(tmp_path):
+    """One 2-rank ZeRO-3 job for the whole matrix (about 1.5 s a family after start-up)."""
+    families = sorted(FAMILIES)
+    check_zero3(run_two_ranks(tmp_path, families), families)
+
+
+@pytest.mark.parametrize("family, on_cuda, expected", [
+    ("llama", True, "flex_attention"),
+    ("gpt2", True, "sdpa"),  # no FlexAttention in transformers' gpt2
+    ("gptj", True, "eager"),  # neither FlexAttention nor SDPA
+    ("llama", False, "sdpa"),
+])
+def test_auto_attention_picks_what_the_model_supports_and_says_so(family, on_cuda, expected, monkeypatch, caplog):
+    from transformers import AutoConfig
+
+    from megajepa.model import families
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: on_cuda)
+    monkeypatch.setattr(families, "_announced", set())
+    spec = dict(FAMILIES[family])
+    config = AutoConfig.for_model(spec.pop("model_type"), **spec)
+    with caplog.at_level("INFO", logger="megajepa.model.families"):
+        assert families.attention_implementation("auto", config) == expected
+        assert families.attention_implementation("auto", config) == expected
+    said = [r.getMessage() for r in caplog.records if "model.attention=auto" in r.getMessage()]
+    assert said == [f"model.attention=auto: {config.model_type} uses {expected} attention"]

@@ -71,10 +71,12 @@ def _initialize_partitioned(model) -> None:
     DeepSpeed scatters the result."""
     import deepspeed
 
+    done: set[int] = set()
     for module in model.modules():
-        params = list(module.parameters(recurse=False))
+        params = [p for p in module.parameters(recurse=False) if id(p) not in done]
         if not params:
-            continue
+            continue  # a tied head: its weight was initialised as the input embedding (pad row zero)
+        done.update(id(p) for p in params)
         with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
             model._init_weights(module)
 
