@@ -15,7 +15,9 @@ import time
 import pytest
 import torch
 
-from _families import FAMILIES, REFUSED, VOCAB, build, oracle_pass, pack, packed_pass
+from _families import FAMILIES, REFUSED, VOCAB, build, oracle_pass, pack, packed_pass, write_config
+from megajepa.config import ModelConfig
+from megajepa.model.build import check_architecture
 from megajepa.model.families import TESTED_FAMILIES, UnsupportedArchitecture, decoder_of
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -88,7 +90,9 @@ def test_matrix_covers_the_tested_families():
 @pytest.mark.parametrize("family", sorted(REFUSED))
 def test_alibi_families_refused_by_name(family, tmp_path):
     spec = REFUSED[family]
-    with pytest.raises(UnsupportedArchitecture, match=f"{spec['model_type']}.*ALiBi"):
+    with pytest.raises(UnsupportedArchitecture, match=f"model architecture {spec['model_type']}.*ALiBi"):
+        check_architecture(ModelConfig(config=write_config(tmp_path, family, spec)))  # config alone
+    with pytest.raises(UnsupportedArchitecture, match=f"model architecture {spec['model_type']}.*ALiBi"):
         build(tmp_path, family, spec=spec)
 
 

@@ -19,8 +19,9 @@ from megajepa.config import ModelConfig
 from megajepa.model.families import attention_implementation, check_supported
 
 
-def load_architecture(cfg: ModelConfig, vocab_size: int, pad_token_id: Optional[int] = None):
-    """The HF config of the model to train, with its vocabulary sized for the tokenizer.
+def load_architecture(cfg: ModelConfig, vocab_size: Optional[int], pad_token_id: Optional[int] = None):
+    """The HF config of the model to train, with its vocabulary sized for the tokenizer (None:
+    the config's own).
 
     A config's pad id outside that vocabulary (phi3's default 32000 in a resized vocabulary)
     becomes `pad_token_id` (the tokenizer's) if that one is inside it, else None."""
@@ -38,12 +39,23 @@ def load_architecture(cfg: ModelConfig, vocab_size: int, pad_token_id: Optional[
     model_type = spec.pop("model_type", None)
     if model_type is None:
         raise ValueError(f"{cfg.config}: missing 'model_type' (e.g. \"llama\")")
-    spec["vocab_size"] = vocab_size
+    if vocab_size is not None:
+        spec["vocab_size"] = vocab_size
     config = AutoConfig.for_model(model_type, **spec)
+    vocab_size = config.vocab_size
     if config.pad_token_id is not None and not 0 <= config.pad_token_id < vocab_size:
         inside = pad_token_id is not None and 0 <= pad_token_id < vocab_size
         config.pad_token_id = pad_token_id if inside else None
     return config
+
+
+def check_architecture(cfg: ModelConfig) -> str:
+    """Refuse, from the config alone, a family the packed pass cannot run exactly or an explicit
+    model.attention the model lacks (UnsupportedArchitecture naming both): call it before any
+    work starts. Returns the attention implementation build_model will use."""
+    config = load_architecture(cfg, None)
+    check_supported(config)
+    return attention_implementation(cfg.attention, config)
 
 
 def _without_pad_id(config, build):
