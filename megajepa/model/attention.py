@@ -166,6 +166,8 @@ def attention_mask(rows: dict, model, prefix: str = ""):
     `prefix`-ed mask tensors ('' for the online rows, 'teacher_' for the teacher's): one mask, or
     a mapping layer type -> mask for models that mix full and sliding-window layers. Each
     distinct window is built once and shared by every layer that uses it."""
+    if isinstance(model, str):
+        raise TypeError("attention_mask(batch, model, prefix) takes the model (its windows, kernel and dtype), not a name")
     config = model.config
     implementation = config._attn_implementation
     tensors = [rows[prefix + key] for key in MASK_KEYS]
