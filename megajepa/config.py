@@ -68,7 +68,8 @@ class DataConfig:
     # many tokens, as the reference's tokenizer call (truncation=True, max_length=512) does. 0: no cut.
     max_length: int = 512
     # CE labels: response (the assistant's reply and end of turn) | all (every token) |
-    # conversation (every token that is not the pad token: the reference's LM collator)
+    # content (the assistant's content tokens only: the reference's finetune.py today) |
+    # conversation (every token but the pad token: the reference's earlier LM collator)
     labels: str = "response"
     # A view that opens with the conversation's tokens stores only its tail and reads the shared
     # tokens in the conversation (exact; fewer tokens). false: every view is a sequence of its own.
@@ -169,7 +170,7 @@ class Config:
 
 CHOICES = {
     "model.attention": ("auto", "flex", "sdpa", "eager"),
-    "data.labels": ("response", "all", "conversation"),
+    "data.labels": ("response", "all", "conversation", "content"),
     "jepa.views": ("reference", "shared_prefix"),
     "jepa.readout": ("offset", "content_end"),
     "jepa.predictor": ("tokens", "mlp", "linear", "identity"),
