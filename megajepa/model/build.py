@@ -16,6 +16,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from megajepa.config import ModelConfig
+from megajepa.model.pretrained import from_pretrained
 
 
 def attention_implementation(cfg: ModelConfig) -> str:
@@ -99,7 +100,7 @@ def build_model(
     torch.manual_seed(seed)  # every rank initialises identically
     common = dict(dtype=dtype, attn_implementation=impl, trust_remote_code=cfg.trust_remote_code)
     if cfg.pretrained is not None:
-        model = AutoModelForCausalLM.from_pretrained(cfg.pretrained, **common)
+        model = from_pretrained(cfg.pretrained, zero3, **common)
     else:
         model = AutoModelForCausalLM.from_config(load_architecture(cfg, len(tokenizer)), **common)
         if zero3:
