@@ -147,6 +147,10 @@ def test_peak_resident_memory_at_load_two_ranks(tmp_path):
             f"peak {[round(r['peak'] / MIB) for r in records]} MiB, added at load "
             f"{[round(a / MIB) for a in added[method]]} MiB"
         )
-    # transformers' loader holds the whole file on each rank besides the partitions; ours does not
-    assert min(added["transformers"]) > max(added["megajepa"]) + 0.5 * file_bytes
-    assert max(added["megajepa"]) < partition + 0.5 * file_bytes
+    # transformers' loader holds the whole file on every rank besides the partitions. Ours holds the
+    # partitions plus what building under zero.Init costs whatever the loader (each module is built
+    # whole in fp32 before it is partitioned: the largest, the 32000 x 1024 embedding, is 125 MiB),
+    # and one tensor's partition in flight.
+    largest = 32000 * 1024 * 4
+    assert min(added["transformers"]) > partition + 0.9 * file_bytes
+    assert max(added["megajepa"]) < partition + 2 * largest
