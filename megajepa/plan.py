@@ -44,8 +44,9 @@ transient memory (at most A per token) is below the online pass's and not added.
 
 Logits, per labelled token, fp32 cross-entropy over a vocabulary of V: the fp32 logits and
 log-probabilities, then their gradients: 12 V bytes. Full logits: every labelled token at once
-(labelled fraction: 1/2 with data.labels=response and the online target, where view B appears
-twice per pair; 1 otherwise, plain text included). Chunked CE: 12 V x the chunk (--ce-chunk) tokens.
+(labelled fraction: 1/2 with data.labels=response and the online target, where the reply appears
+twice per record, in the conversation and as the assistant view; 1 otherwise, plain text included).
+Chunked CE: 12 V x the chunk (--ce-chunk) tokens.
 
 Headroom (--headroom, default 10% of the GPU): the CUDA context, NCCL's buffers and the caching
 allocator's fragmentation, none of which the terms above count.
@@ -62,7 +63,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Optional
 
-from megajepa.config import Config, ConfigError, deepspeed_config, load_config
+from megajepa.config import Config, ConfigError, deepspeed_config, load_config, max_record_tokens
 
 GIB = 1024**3
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
@@ -161,7 +162,7 @@ class Plan:
     ce_chunk: int
     row_length: int
     checkpointing: bool  # model.gradient_checkpointing
-    config_tokens: tuple[int, int, int]  # (pairs per micro-batch, most tokens per pair, their product)
+    config_tokens: tuple[int, int, int]  # (records per micro-batch, most tokens per record, their product)
     notes: list[str] = field(default_factory=list)
 
     def _logit_bytes(self, tokens: int, chunked: bool) -> float:
@@ -271,16 +272,12 @@ def parameter_numels(arch, predictor: str) -> dict[str, list[int]]:
 
 
 def worst_case_tokens(cfg: Config) -> tuple[int, int, int]:
-    """(data.pairs_per_batch, the most online-row tokens one pair can take, their product).
+    """(data.pairs_per_batch, the most online-row tokens one record can take, their product).
 
-    A pair is view A + view B (at most data.max_pair_tokens), k [PRED] tokens and, with the online
-    target, view B again alone (the EMA target encodes that copy in the teacher's rows)."""
-    from megajepa.model.predictor import uses_pred_tokens
-
-    k = cfg.jepa.k if uses_pred_tokens(cfg.jepa.predictor, cfg.jepa.k) else 0
-    online_copy = cfg.data.max_pair_tokens if cfg.jepa.target == "online" and cfg.jepa.lambda_ > 0 else 0
-    per_pair = cfg.data.max_pair_tokens + k + online_copy
-    return cfg.data.pairs_per_batch, per_pair, cfg.data.pairs_per_batch * per_pair
+    A record's packed sequences (its conversation and views, each cut at data.max_length) share a
+    row: megajepa.config.max_record_tokens; without a cut, a record takes at most a row."""
+    per_record = max_record_tokens(cfg) or cfg.data.row_length
+    return cfg.data.pairs_per_batch, per_record, cfg.data.pairs_per_batch * per_record
 
 
 def plan_precision(cfg: Config) -> str:
@@ -459,8 +456,8 @@ def render(plan: Plan) -> str:
     verdict = "fits" if tokens <= budget else "does NOT fit"
     lines += [
         "",
-        f"This config: at most {tokens:,} tokens per micro-batch per rank (data.pairs_per_batch={pairs} x "
-        f"at most {per_pair:,} tokens per pair): {verdict} the full-logits budget of {budget:,} "
+        f"This config: at most {tokens:,} tokens per micro-batch per rank (data.pairs_per_batch={pairs} records x "
+        f"at most {per_pair:,} tokens each): {verdict} the full-logits budget of {budget:,} "
         f"(peak {_gib(plan.peak_bytes(tokens, plan.checkpointing, False))} GiB).",
         "",
         "Expected figures from formulas (see megajepa/plan.py); no GPU run measured them.",

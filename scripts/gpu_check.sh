@@ -63,7 +63,7 @@ step gpu-tests 240 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests
 # rows of one width (row_multiple=0) so that FlexAttention compiles once per mode.
 step bench-1b 360 "$MEGAJEPA" bench configs/llama-1b.yaml \
     data.embedded=data/demo data.shards=data/demo/shards/train data.eval_shards=data/demo/shards/eval \
-    data.tokenizer=data/demo/tokenizer data.row_length=512 data.max_pair_tokens=256 data.row_multiple=0 \
+    data.tokenizer=data/demo/tokenizer data.row_length=512 data.max_length=160 data.row_multiple=0 jepa.readout=content_end \
     data.pairs_per_batch=128 \
     --modes ce,jepa,jepa-ema --steps 5 --warmup 2 --scaling none --loader-batches 0 --out "$OUT/bench-1b"
 

@@ -1,5 +1,5 @@
 """On a CUDA device: FlexAttention against SDPA on the packed rows (forward and backward), and the
-bf16 packed pass against the fp32 reference's three separate passes, within bf16 tolerance.
+bf16 packed pass against the fp32 oracle (every sequence alone), within bf16 tolerance.
 
 Skipped without CUDA (FlexAttention has no backward on CPU; bf16 on CPU says nothing of the GPU).
 """
@@ -7,31 +7,29 @@ Skipped without CUDA (FlexAttention has no backward on CPU; bf16 on CPU says not
 import pytest
 import torch
 import torch.nn.functional as F
-from test_equivalence import K, PRED_IDS, random_pairs, reference_three_passes, tiny_lm
+from _records import layout, make_records
+from test_equivalence import alone, tiny_lm
 
-from megajepa.config import JepaConfig
-from megajepa.data.layout import LayoutConfig, pack_pairs
 from megajepa.jepa.objective import JepaModel
 
 pytestmark = pytest.mark.gpu
-JEPA = JepaConfig(k=K, predictor="tokens", distance="cosine", target="online", lambda_=1.5)
 # Relative to the largest entry. bf16 keeps 8 bits of mantissa (2**-8 = 0.4% per rounding); two
 # layers, a softmax and a backward round many times.
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 5e-2}
 
 
-def _packed_batch(n_pairs: int = 9, seed: int = 1) -> tuple[list, dict]:
-    pairs = random_pairs(n_pairs, seed=seed)
-    layout = LayoutConfig(row_length=128, pred_token_ids=PRED_IDS, labels="response", target="online")
-    batch = pack_pairs([a for a, _ in pairs], [b for _, b in pairs], list(range(len(pairs))), layout)
-    return pairs, {k: v.cuda() if torch.is_tensor(v) else v for k, v in batch.items()}
+def _packed(seed: int):
+    lay, _ = layout(lambda_=1.5)
+    records = make_records(9, seed=seed, shared=True)
+    batch = lay(records)
+    return lay, records, {k: v.cuda() if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
-def _run(attn: str, dtype: torch.dtype, batch: dict, state: dict):
+def _run(attn: str, dtype: torch.dtype, lay, batch: dict, state: dict):
     """Forward and backward of the packed pass on the GPU; (outputs, gradients) as fp32 on the CPU."""
     lm = tiny_lm(attn)
     lm.load_state_dict(state)
-    model = JepaModel(lm.to("cuda", dtype), JEPA)
+    model = JepaModel(lm.to("cuda", dtype), lay.jepa)
     out = model(batch)
     out.loss.backward()
     outputs = {name: getattr(out, name).detach().float().cpu() for name in ("loss", "ce", "jepa", "z_a", "z_b")}
@@ -47,26 +45,27 @@ def _close(actual: torch.Tensor, expected: torch.Tensor, rtol: float, what: str)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_flex_attention_matches_sdpa_forward_and_backward(dtype):
     """Same weights, same packed rows: FlexAttention's BlockMask against SDPA's dense boolean mask."""
-    _, batch = _packed_batch()
+    lay, _, batch = _packed(seed=1)
     state = tiny_lm("sdpa").state_dict()
-    flex, flex_grads = _run("flex_attention", dtype, batch, state)
-    sdpa, sdpa_grads = _run("sdpa", dtype, batch, state)
+    flex, flex_grads = _run("flex_attention", dtype, lay, batch, state)
+    sdpa, sdpa_grads = _run("sdpa", dtype, lay, batch, state)
     for name in flex:
         _close(flex[name], sdpa[name], TOLERANCE[dtype], name)
     for name in flex_grads:
         _close(flex_grads[name], sdpa_grads[name], TOLERANCE[dtype], f"grad {name}")
 
 
-def test_bf16_packed_pass_within_bf16_tolerance_of_the_fp32_reference():
-    """The packed single pass in bf16 with FlexAttention (the GPU training path) against the
-    reference's three padded-free passes per pair in fp32 on the CPU: CE, JEPA loss, embeddings."""
-    pairs, batch = _packed_batch(seed=4)
+def test_bf16_packed_pass_within_bf16_tolerance_of_the_fp32_oracle():
+    """The packed single pass in bf16 with FlexAttention (the GPU training path) against every
+    sequence run alone in fp32 on the CPU: CE, JEPA loss, embeddings."""
+    lay, records, batch = _packed(seed=4)
     ref_lm = tiny_lm("sdpa")
-    packed, _ = _run("flex_attention", torch.bfloat16, batch, ref_lm.state_dict())
-    ce, z_a, z_b = reference_three_passes(ref_lm, pairs)
+    packed, _ = _run("flex_attention", torch.bfloat16, lay, batch, ref_lm.state_dict())
+    with torch.no_grad():
+        ce, z_a, z_b = alone(ref_lm, records, lay)
     jepa = (1 - F.cosine_similarity(z_a, z_b, dim=-1)).mean()
-    _close(packed["ce"], ce.detach(), 2e-2, "ce")
+    _close(packed["ce"], ce, 2e-2, "ce")
     assert abs(packed["jepa"].item() - jepa.item()) < 3e-2
     for name, ref in (("z_a", z_a), ("z_b", z_b)):
-        cosine = F.cosine_similarity(packed[name], ref.detach(), dim=-1)
+        cosine = F.cosine_similarity(packed[name], ref, dim=-1)
         assert cosine.min().item() > 0.999, f"{name}: bf16 embeddings point elsewhere ({cosine.min().item():.5f})"
