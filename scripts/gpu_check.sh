@@ -2,7 +2,7 @@
 # Validate a GPU machine (one GPU or a node) in under 10 minutes:
 #   1. the GPU-only tests (pytest -m gpu): the Triton kernels compiled and run against their torch
 #      references, FlexAttention forward and backward against SDPA, the bf16 packed pass against
-#      the fp32 reference within bf16 tolerance;
+#      the fp32 oracle within bf16 tolerance, the packed pass's FlexAttention gradients;
 #   2. a few training steps of the Llama-3.2-1B shape with `megajepa bench` (tokens/s, MFU, peak
 #      memory), one rank per GPU, on the embedded demo data (its small vocabulary, not Llama 3's);
 #   3. the kernel bench (`megajepa bench kernels`: GB/s against the device's peak bandwidth).
@@ -58,6 +58,8 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to $OUT/NAM
 }
 
 step gpu-tests 240 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests
+# The packed pass against every sequence alone, with FlexAttention's backward (CUDA only).
+step flex-equivalence 120 "$PY" -m pytest -q -p no:cacheprovider tests/test_equivalence.py -k flex_attention
 
 # The 1B model (configs/llama-1b.yaml: bf16, FlexAttention, checkpointing, ZeRO-3) on the demo data:
 # rows of one width (row_multiple=0) so that FlexAttention compiles once per mode.
