@@ -44,8 +44,9 @@ transient memory (at most A per token) is below the online pass's and not added.
 
 Logits, per labelled token, fp32 cross-entropy over a vocabulary of V: the fp32 logits and
 log-probabilities, then their gradients: 12 V bytes. Full logits: every labelled token at once
-(labelled fraction: 1/2 with data.labels=response and the online target, where the reply appears
-twice per record, in the conversation and as the assistant view; 1 otherwise, plain text included).
+(labelled fraction: 1/2 with data.labels=response, jepa.views=reference and the online target, where
+the reply appears twice per record, in the conversation and as the assistant view; 1 otherwise.
+Plain-text records carry labels on every token: with them in the data, pass --labelled-fraction 1).
 Chunked CE: 12 V x the chunk (--ce-chunk) tokens.
 
 Headroom (--headroom, default 10% of the GPU): the CUDA context, NCCL's buffers and the caching
@@ -344,7 +345,7 @@ def make_plan(
         "teacher": 0,
     }
     if cfg.jepa.target == "ema" and cfg.jepa.lambda_ > 0:
-        state["ema"] = optim_elements * FP32
+        state["ema"] = partition_elements * FP32  # ZeRO-3: the master's partitions; below it, whole
         state["teacher"] = partition_elements * p_bytes
     host: dict[str, float] = {}
     if zero.offload_optimizer:
@@ -362,7 +363,10 @@ def make_plan(
     }
     step_transient = 0 if zero.offload_optimizer else min(zero.sub_group_size, optim_elements) * FP32
     if labelled_fraction is None:
-        labelled_fraction = 0.5 if cfg.data.labels == "response" and cfg.jepa.target == "online" else 1.0
+        # the reply twice per record (conversation, assistant view): only with the reference's views
+        # and the online target (the EMA target moves the assistant view to the teacher's rows)
+        twice = cfg.jepa.views == "reference" and cfg.jepa.target == "online" and cfg.jepa.lambda_ > 0
+        labelled_fraction = 0.5 if cfg.data.labels == "response" and twice else 1.0
     headroom = (0.10 * gpu_memory_gb if headroom_gb is None else headroom_gb) * 1e9
     notes = []
     if cfg.deepspeed.config_file is not None:
