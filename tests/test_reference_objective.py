@@ -112,19 +112,24 @@ def _last_token_index(mask: torch.Tensor, last_token: int) -> torch.Tensor:
     return mask.sum(dim=1) + last_token
 
 
-def reference_loss(lm, tokenizer, conversations, k, last_token, labels_mode, max_length=MAX_LENGTH, front_pred=False):
+def reference_loss(
+    lm, tokenizer, conversations, k, last_token, labels_mode, max_length=MAX_LENGTH, front_pred=False, reverse_pred=False
+):
     full_texts, user_texts, assistant_texts, prompts = [], [], [], []
     for messages in conversations:
         full_texts.append(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False))
         # messages[1:2] in the reference, whose records all open with a system message
         user = [dict(m) for m in messages if m["role"] == "user"][-1:]
+        assistant = [dict(messages[-1])]
+        if reverse_pred:  # the assistant message carries the predictor tokens and predicts the user turn
+            user, assistant = assistant, user
         for i in range(k, 0, -1):  # to_add = k .. 1; <|predictor_i|> is our <|pred_{i-1}|>
             if front_pred:
                 user[0]["content"] = f"<|pred_{i - 1}|>" + user[0]["content"]
             else:
                 user[0]["content"] += f"<|pred_{i - 1}|>"
         user_texts.append(tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=False))
-        assistant_texts.append(tokenizer.apply_chat_template(messages[-1:], tokenize=False, add_generation_prompt=False))
+        assistant_texts.append(tokenizer.apply_chat_template(assistant, tokenize=False, add_generation_prompt=False))
         prompts.append(tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True))
     full, full_mask = _pad_batch(tokenizer, full_texts, max_length)
     user, user_mask = _pad_batch(tokenizer, user_texts, max_length)
@@ -233,12 +238,13 @@ def test_sequences_longer_than_max_length_are_cut_as_the_reference_cuts_them(bas
 
 
 @pytest.mark.parametrize("template", ["embedded", "llama3"])
-def test_front_pred_is_the_references(base_tokenizer, template):
+@pytest.mark.parametrize("option", ["front_pred", "reverse_pred"])
+def test_front_and_reverse_pred_are_the_references(base_tokenizer, template, option):
     tokenizer = _tokenizer(base_tokenizer, template)
     lm = _model(len(tokenizer))
     conversations = _messages(True)
-    ref = reference_loss(lm, tokenizer, conversations, 3, -1, "conversation", front_pred=True)
-    settings = ["jepa.readout=offset", "jepa.last_token=-1", "data.labels=conversation", "jepa.front_pred=true"]
+    ref = reference_loss(lm, tokenizer, conversations, 3, -1, "conversation", **{option: True})
+    settings = ["jepa.readout=offset", "jepa.last_token=-1", "data.labels=conversation", f"jepa.{option}=true"]
     loss, ce, jepa, _ = packed_loss(lm, tokenizer, conversations, 3, settings)
     _assert_same(ref, (loss, ce, jepa), lm)
 

@@ -2,8 +2,8 @@
 
 transformers, under ZeRO-3, reads every checkpoint file whole on every rank (safetensors'
 get_tensor for each key) and then lets rank 0 copy it in: for an 8B model on the 8 ranks of a node,
-8 full copies in host memory at once. Here the model is built partitioned (zero.Init, through
-transformers' own from_config under a live HfDeepSpeedConfig), and each rank reads from the
+8 full copies in host memory at once. Here megajepa.model.build builds the model partitioned
+(transformers' from_config under zero.Init) and load_partitions has each rank read from the
 safetensors files only the byte range of its own partition of each tensor, with positional reads
 (no whole-file copy, no memory map whose pages would count as resident), straight into its
 `param.ds_tensor`. No collective is needed: ZeRO-3's partition of a parameter is a contiguous range
@@ -13,8 +13,8 @@ partitions plus one tensor's partition in flight.
 
 The safetensors format (a little-endian u64 header length, a JSON header of name -> dtype, shape,
 data_offsets, then the data) is read directly; a sharded checkpoint's model.safetensors.index.json
-maps names to files. Checkpoints without safetensors fall back to transformers' loader, with a
-warning.
+maps names to files. Checkpoints without safetensors go through transformers' loader
+(partitioned_loading warns).
 """
 
 from __future__ import annotations
@@ -157,20 +157,16 @@ def load_partitions(model: torch.nn.Module, directory: str) -> None:
         warnings.warn(f"{directory}: {len(unused)} checkpoint tensor(s) the model has no place for, e.g. {unused[:3]}")
 
 
-def from_pretrained(directory: str, zero3: bool, **kwargs):
-    """The causal LM in `directory`. Under ZeRO-3 (a live HfDeepSpeedConfig), built partitioned and
-    filled partition by partition; otherwise transformers' own from_pretrained."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
+def partitioned_loading(directory: str, zero3: bool) -> bool:
+    """Whether `directory` can be loaded partition by partition: under ZeRO-3, from safetensors.
+    Under ZeRO-3 without safetensors, a warning: transformers' loader is used, every rank reads
+    every file whole."""
     if not zero3:
-        return AutoModelForCausalLM.from_pretrained(directory, **kwargs)
-    if not has_safetensors(directory):
-        warnings.warn(
-            f"{directory}: no safetensors checkpoint; transformers' loader reads each file whole on every rank "
-            "(convert the checkpoint to safetensors to keep host memory bounded)"
-        )
-        return AutoModelForCausalLM.from_pretrained(directory, **kwargs)
-    config = AutoConfig.from_pretrained(directory, trust_remote_code=kwargs.get("trust_remote_code", False))
-    model = AutoModelForCausalLM.from_config(config, **kwargs)
-    load_partitions(model, directory)
-    return model
+        return False
+    if has_safetensors(directory):
+        return True
+    warnings.warn(
+        f"{directory}: no safetensors checkpoint; transformers' loader reads each file whole on every rank "
+        "(convert the checkpoint to safetensors to keep host memory bounded)"
+    )
+    return False
