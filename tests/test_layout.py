@@ -71,7 +71,7 @@ def test_every_read_sees_exactly_its_sequence(settings, shared):
         assert placed == separate
 
 
-@pytest.mark.parametrize("labels", ["response", "all", "conversation"])
+@pytest.mark.parametrize("labels", ["response", "all", "conversation", "content"])
 def test_every_labelled_token_predicts_the_next_token_of_its_conversation(labels):
     lay, _ = layout(labels=labels)
     records = make_records(7, seed=3)
@@ -95,6 +95,8 @@ def test_every_labelled_token_predicts_the_next_token_of_its_conversation(labels
             if labels == "response" and t + 1 < record["prompt_len"]:
                 continue
             if labels == "conversation" and full[t + 1] == PAD:
+                continue
+            if labels == "content" and not record["full_spans"][2] <= t + 1 < record["full_spans"][3]:
                 continue
             expected.add((pair, t))
     assert seen == expected

@@ -136,6 +136,16 @@ def reference_loss(
     assistant, assistant_mask = _pad_batch(tokenizer, assistant_texts, max_length)
     if labels_mode == "conversation":  # DataCollatorForLanguageModeling(mlm=False)
         labels = full.masked_fill(full == tokenizer.pad_token_id, -100)
+    elif labels_mode == "content":  # create_masked_labels: the assistant content, found by its decoded tokens
+        labels = torch.full_like(full, -100)
+        for i, messages in enumerate(conversations):
+            content = tokenizer.encode(messages[-1]["content"], add_special_tokens=False)
+            want = [tokenizer.decode(t) for t in content]
+            have = [tokenizer.decode(t) for t in full[i].tolist()]
+            for j in range(len(have) - len(want) + 1):
+                if full_mask[i, j] == 1 and have[j : j + len(want)] == want:
+                    labels[i, j : j + len(want)] = full[i, j : j + len(want)]
+                    break
     else:  # response: the tokens after the generation prompt
         labels = torch.full_like(full, -100)
         for i, prompt in enumerate(prompts):
@@ -210,6 +220,18 @@ def test_packed_pass_is_the_reference_objective(base_tokenizer, template, system
         ["jepa.readout=offset", f"jepa.last_token={last_token}", "data.labels=conversation"],
     )
     assert ref[2].item() > 1e-3, "the JEPA term must be non-trivial for the comparison to mean anything"
+    _assert_same(ref, (loss, ce, jepa), lm)
+
+
+@pytest.mark.parametrize("template", ["embedded", "llama3"])
+def test_content_labels_are_the_references_masked_labels(base_tokenizer, template):
+    tokenizer = _tokenizer(base_tokenizer, template)
+    lm = _model(len(tokenizer))
+    conversations = _messages(True)
+    ref = reference_loss(lm, tokenizer, conversations, 1, -1, "content")
+    loss, ce, jepa, _ = packed_loss(
+        lm, tokenizer, conversations, 1, ["jepa.readout=offset", "jepa.last_token=-1", "data.labels=content"]
+    )
     _assert_same(ref, (loss, ce, jepa), lm)
 
 
