@@ -44,9 +44,9 @@ transient memory (at most A per token) is below the online pass's and not added.
 
 Logits, per labelled token, fp32 cross-entropy over a vocabulary of V: the fp32 logits and
 log-probabilities, then their gradients: 12 V bytes. Full logits: every labelled token at once
-(labelled fraction: 1/2 with data.labels=response, jepa.views=reference and the online target, where
-the reply appears twice per record, in the conversation and as the assistant view; 1 otherwise.
-Plain-text records carry labels on every token: with them in the data, pass --labelled-fraction 1).
+(labelled fraction: 1/2 with data.labels=response or content, jepa.views=reference and the online
+target, where the reply appears twice per record, in the conversation and as the assistant view;
+1 otherwise. Plain-text records carry labels on every token: with them, pass --labelled-fraction 1).
 Chunked CE: 12 V x the chunk (--ce-chunk) tokens.
 
 Headroom (--headroom, default 10% of the GPU): the CUDA context, NCCL's buffers and the caching
@@ -366,11 +366,13 @@ def make_plan(
         # the reply twice per record (conversation, assistant view): only with the reference's views
         # and the online target (the EMA target moves the assistant view to the teacher's rows)
         twice = cfg.jepa.views == "reference" and cfg.jepa.target == "online" and cfg.jepa.lambda_ > 0
-        labelled_fraction = 0.5 if cfg.data.labels == "response" and twice else 1.0
+        labelled_fraction = 0.5 if cfg.data.labels in ("response", "content") and twice else 1.0
     headroom = (0.10 * gpu_memory_gb if headroom_gb is None else headroom_gb) * 1e9
     notes = []
     if cfg.deepspeed.config_file is not None:
         notes.append(f"ZeRO settings from {cfg.deepspeed.config_file}")
+    if cfg.model.lora.rank > 0:
+        notes.append("model.lora.rank > 0: planned as full training (LoRA's smaller optimizer state is not modelled)")
     if cfg.model.attention == "sdpa":
         notes.append("model.attention=sdpa: the dense [rows, 1, L, L] mask and SDPA's repeated k/v are not counted")
     return Plan(
