@@ -77,6 +77,7 @@ from megajepa.data.mixture import MIXING, Source, check_sources, to_stream
 from megajepa.files import atomic_path
 
 RECORD_LENGTHS_FILE = "record_lengths.npy"  # int32 [records, 3]: len(full), len(user), len(assistant)
+VIEW_COLUMNS = ("full", "user", "assistant")
 WINDOW_MICRO_BATCHES = 8  # a token-budget window holds about this many micro-batches
 
 
@@ -101,6 +102,18 @@ def set_stream_env() -> dict[str, int]:
         )
     return env
 
+
+
+def decode_record(sample: dict) -> dict[str, Any]:
+    """The record with int32 numpy arrays: a view stored as `bytes` (raw little-endian int32, how an
+    empty view is stored, since MDS cannot encode an empty ndarray) is decoded to its array."""
+    record = dict(sample)
+    for key, value in record.items():
+        if isinstance(value, np.ndarray):
+            record[key] = value.astype(np.int32, copy=False)
+        elif key in VIEW_COLUMNS and isinstance(value, bytes):
+            record[key] = np.frombuffer(value, dtype="<i4").astype(np.int32)
+    return record
 
 
 def record_lengths(sample: dict) -> tuple[int, int, int]:
@@ -198,13 +211,10 @@ class PairDataset(StreamingDataset):
         self._plan: Optional[list] = None
 
     def raw_item(self, sample_id: int) -> dict[str, Any]:
-        return super().get_item(sample_id)
+        return decode_record(super().get_item(sample_id))
 
     def get_item(self, sample_id: int, retry: int = 7) -> dict[str, Any]:
-        sample = dict(super().get_item(sample_id, retry))
-        for key, value in sample.items():
-            if isinstance(value, np.ndarray):
-                sample[key] = value.astype(np.int32, copy=False)
+        sample = decode_record(super().get_item(sample_id, retry))
         where = f"{self.shard_path(sample_id)}: sample {int(sample['sample_id'])}"
         check_record(record_lengths(sample), self.max_pair_tokens, where)
         shard_id, _ = self.spanner[sample_id]
