@@ -34,9 +34,29 @@ class ModelConfig:
 
 
 @dataclass
-class DataConfig:
+class SourceConfig:
+    """One source of a mixture (megajepa.data.mixture): at most one of proportion, repeat, choose."""
+
     shards: str = MISSING  # MDS directory (the local cache when `remote` is set)
     remote: Optional[str] = None
+    proportion: Optional[float] = None  # share of an epoch, relative to the other sources'
+    repeat: Optional[float] = None  # times each record is taken per epoch
+    choose: Optional[int] = None  # records taken per epoch
+    name: Optional[str] = None  # in per-source metrics; default: the directory's base name
+
+
+@dataclass
+class DataConfig:
+    # One source: `shards` (+ `remote`); a mixture: `sources` instead.
+    shards: Optional[str] = None  # MDS directory (the local cache when `remote` is set)
+    remote: Optional[str] = None
+    sources: list[SourceConfig] = field(default_factory=list)
+    # How batches mix the sources (streaming's batching_method): random (per record),
+    # stratified (each batch in the epoch's proportions), per_stream (each batch from one source)
+    mixing: str = "random"
+    # Micro-batches of records packed up to this many tokens (the same cuts on every rank) instead
+    # of pairs_per_batch records; a record costs len(full) + len(user) + len(assistant) + k.
+    tokens_per_batch: Optional[int] = None
     eval_shards: Optional[str] = None
     tokenizer: str = MISSING  # HF tokenizer directory
     # Root of the embedded default data: when set, the NL-regex pairs are generated, the tokenizer
@@ -133,6 +153,7 @@ class Config:
 CHOICES = {
     "model.attention": ("sdpa", "flex", "auto"),
     "data.labels": ("response", "all"),
+    "data.mixing": ("random", "stratified", "per_stream"),
     "jepa.predictor": ("tokens", "mlp", "linear", "identity"),
     "jepa.distance": ("cosine", "mse", "l2"),
     "jepa.target": ("online", "ema"),
@@ -203,10 +224,28 @@ def _validate(cfg: Config, sources: list[tuple[str, DictConfig]]) -> None:
             f"(data.max_pair_tokens={cfg.data.max_pair_tokens} + jepa.k={pred_tokens} [PRED] tokens)",
             sources,
         )
+    _validate_sources(cfg, sources)
     if cfg.model.config is None and cfg.model.pretrained is None:
         _fail("model.config", "set model.config (an HF config JSON) or model.pretrained (a local directory)", sources)
     if cfg.deepspeed.config_file is not None and not os.path.isfile(cfg.deepspeed.config_file):
         _fail("deepspeed.config_file", f"no such file: {cfg.deepspeed.config_file}", sources)
+
+
+def _validate_sources(cfg: Config, sources: list[tuple[str, DictConfig]]) -> None:
+    data = cfg.data
+    if (data.shards is None) == (not data.sources):
+        _fail("data.shards", "set data.shards (one source) or data.sources (a mixture), not both or neither", sources)
+    if data.sources and data.remote is not None:
+        _fail("data.remote", "with data.sources, give each source its own remote", sources)
+    from megajepa.data.mixture import check_sources, sources_from_config
+
+    try:
+        check_sources(sources_from_config(data))
+    except ValueError as err:
+        raise ConfigError(f"{_source_of('data.sources', sources)}: {err}") from None
+    budget = data.tokens_per_batch
+    if budget is not None and budget < data.max_pair_tokens:
+        _fail("data.tokens_per_batch", f"{budget} is below data.max_pair_tokens={data.max_pair_tokens}", sources)
 
 
 def _read_yaml(path: str) -> DictConfig:
@@ -249,6 +288,8 @@ def load_config(path: Optional[str], overrides: list[str] = ()) -> Config:
             merged = OmegaConf.merge(merged, source)
         except OmegaConfBaseException as err:
             raise ConfigError(f"{name}: {_describe(err)}") from None
+        except TypeError as err:  # a dotted key into a list, e.g. data.sources.1.proportion=...
+            raise ConfigError(f"{name}: {err}; set a list whole, e.g. data.sources='[{{shards: a}}]'") from None
     try:
         missing = sorted(OmegaConf.missing_keys(merged))
         if missing:

@@ -259,3 +259,36 @@ def test_two_ranks_same_cuts_budget_and_resume(tmp_path):
         assert rerun[rank]["resumed"] == epochs[rank][head:]
     both = [s for e in epochs for batch in e for s in batch]
     assert len(set(both)) == len(both)  # no record on both ranks (this epoch needs no padding repeat)
+
+
+# --- configuration -----------------------------------------------------------------------------
+
+
+def test_config_sources_and_budget(tmp_path):
+    from megajepa.config import ConfigError, load_config
+    from megajepa.data.mixture import sources_from_config
+
+    path = tmp_path / "mix.yaml"
+    path.write_text(
+        "data:\n  tokenizer: t\n  tokens_per_batch: 4096\n  mixing: per_stream\n  sources:\n"
+        "    - {shards: a, proportion: 0.7}\n    - {shards: b, remote: 's3://bucket/b', proportion: 0.3, name: web}\n"
+    )
+    cfg = load_config(str(path))
+    assert [(s.shards, s.remote, s.proportion, s.label) for s in sources_from_config(cfg.data)] == [
+        ("a", None, 0.7, "a"), ("b", "s3://bucket/b", 0.3, "web"),
+    ]
+    assert cfg.data.tokens_per_batch == 4096 and cfg.data.mixing == "per_stream"
+    one = load_config(None, ["data.shards=s", "data.tokenizer=t"])
+    assert [(s.shards, s.remote) for s in sources_from_config(one.data)] == [("s", None)]
+    unweighted = tmp_path / "unweighted.yaml"
+    unweighted.write_text(path.read_text().replace(", proportion: 0.3", ""))
+    with pytest.raises(ConfigError, match=f"{unweighted}: data.sources\\[1\\]: when one source has a proportion"):
+        load_config(str(unweighted))
+    with pytest.raises(ConfigError, match="command line: .*set a list whole"):
+        load_config(str(path), ["data.sources.1.proportion=null"])
+    with pytest.raises(ConfigError, match="data.shards: set data.shards .* not both or neither"):
+        load_config(str(path), ["data.shards=s"])
+    with pytest.raises(ConfigError, match="command line: data.tokens_per_batch: 100 is below data.max_pair_tokens=256"):
+        load_config(str(path), ["data.tokens_per_batch=100"])
+    with pytest.raises(ConfigError, match="data.mixing: 'sample' is not one of"):
+        load_config(str(path), ["data.mixing=sample"])

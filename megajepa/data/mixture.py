@@ -23,11 +23,12 @@ per-token losses into per-source sums on the device, with no host synchronisatio
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from dataclasses import asdict, dataclass, is_dataclass
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
-import torch
-from streaming import Stream
+if TYPE_CHECKING:  # torch and streaming load on first use: the config validates sources without them
+    import torch
+    from streaming import Stream
 
 IGNORE_INDEX = -100
 MIXING = ("random", "stratified", "per_stream")
@@ -50,7 +51,7 @@ class Source:
 def sources_from_config(data: Any) -> list[Source]:
     """data.sources as Source objects; `data.shards` (+ `data.remote`) is the one-source shorthand."""
     if data.sources:
-        return [Source(**dict(source)) for source in data.sources]
+        return [Source(**(asdict(s) if is_dataclass(s) else dict(s))) for s in data.sources]
     return [Source(shards=data.shards, remote=data.remote)]
 
 
@@ -79,6 +80,8 @@ def check_sources(sources: Sequence[Source]) -> None:
 
 
 def to_stream(source: Source) -> Stream:
+    from streaming import Stream
+
     return Stream(
         remote=source.remote,
         local=source.shards,
@@ -96,6 +99,8 @@ def per_source_sums(
     values and record_index have the same shape; record_index is each position's record in the
     batch (-1: no record, e.g. padding), source_index [N] each record's source.
     """
+    import torch
+
     valid = record_index >= 0
     source = torch.where(valid, source_index[record_index.clamp(min=0)], num_sources)  # bin S: none
     sums = torch.zeros(num_sources + 1, dtype=values.dtype, device=values.device)
@@ -116,6 +121,8 @@ def per_source_ce(
     record_index: the batch's record index per token (the collator's pair_index), -1 on padding.
     The per-source mean is sum / tokens, once both are summed across ranks and steps.
     """
+    import torch
+
     labelled = labels != IGNORE_INDEX
     index = torch.where(labelled, record_index, -1)
     sums = per_source_sums(token_ce.float(), index, source_index, num_sources)
