@@ -146,13 +146,18 @@ def test_token_budget_cuts_and_covers_the_epoch(corpus):
     assert lengths.tolist() == [[len(r["full"]), 0, 0] for r in corpus["B"][1]]
 
 
-def test_token_budget_resume_inside_a_window(corpus):
+@pytest.mark.parametrize("mixing", ["random", "per_stream"])
+def test_token_budget_resume_inside_a_window(corpus, mixing):
     def loader():
-        return mixture_loader(corpus, {"A": {"repeat": 1.5}, "B": {}}, tokens_per_batch=BUDGET)
+        # per_stream needs a whole window of every rank from each source: B is repeated to have one
+        return mixture_loader(corpus, {"A": {"repeat": 1.5}, "B": {"repeat": 3}}, tokens_per_batch=BUDGET, mixing=mixing)
 
     reference = loader()
     total = 40
     expected = [b["sources"] for b in islice(reference, total)]
+    if mixing == "per_stream":  # every window (all its micro-batches) comes from one source
+        window, taken = reference.dataset.batch_size, [s.split(":")[0] for b in expected for s in b]
+        assert all(len(set(taken[i : i + window])) == 1 for i in range(0, len(taken) - window, window))
     for stop in (3, 17, 26):
         interrupted = loader()
         for _ in islice(interrupted, stop):
@@ -292,3 +297,18 @@ def test_config_sources_and_budget(tmp_path):
         load_config(str(path), ["data.tokens_per_batch=100"])
     with pytest.raises(ConfigError, match="data.mixing: 'sample' is not one of"):
         load_config(str(path), ["data.mixing=sample"])
+
+
+def test_source_step_values_and_mean_ce():
+    from megajepa.data.mixture import source_step_values, with_source_ce
+
+    batch = {"source_records": torch.tensor([3, 1]), "source_pairs": torch.tensor([3, 0]),
+             "source_tokens": torch.tensor([40, 12])}
+    values = source_step_values(["chat", "web"], batch, torch.tensor([6.0, 2.5]), torch.tensor([4.0, 0.0]))
+    assert {k: float(v) for k, v in values.items()} == {
+        "source/chat/records": 3, "source/chat/pairs": 3, "source/chat/tokens": 40, "source/chat/ce_sum": 6.0,
+        "source/chat/ce_tokens": 4.0, "source/web/records": 1, "source/web/pairs": 0, "source/web/tokens": 12,
+        "source/web/ce_sum": 2.5, "source/web/ce_tokens": 0.0,
+    }
+    row = with_source_ce({k: float(v) for k, v in values.items()})
+    assert row["source/chat/ce"] == 1.5 and row["source/web/ce"] != row["source/web/ce"]  # nan: no tokens

@@ -410,10 +410,17 @@ def source_lengths(dataset: PairDataset, stream_id: int) -> np.ndarray:
         return lengths
     first = int(dataset.sample_offset_per_stream[stream_id])
     lengths = np.asarray([record_lengths(dataset.raw_item(i)) for i in range(first, first + count)], np.int32)
-    with atomic_path(os.path.join(source.shards, RECORD_LENGTHS_FILE)) as tmp:
+    return write_record_lengths(source.shards, lengths)
+
+
+def write_record_lengths(directory: str, lengths) -> np.ndarray:
+    """Save record_lengths.npy (int32 [records, 3]: full, user, assistant, in index order) beside an
+    index, atomically; prepare calls it so that the token-budget loader need not read every record."""
+    lengths = np.asarray(lengths, dtype=np.int32).reshape(-1, 3)
+    with atomic_path(os.path.join(directory, RECORD_LENGTHS_FILE)) as tmp:
         with open(tmp, "wb") as f:
-            np.save(f, lengths.reshape(count, 3))
-    return lengths.reshape(count, 3)
+            np.save(f, lengths)
+    return lengths
 
 
 def _token_budget_window(dataset: PairDataset, budget: int, k: int, collate: Callable) -> None:

@@ -128,3 +128,35 @@ def per_source_ce(
     sums = per_source_sums(token_ce.float(), index, source_index, num_sources)
     tokens = per_source_sums(labelled.float(), index, source_index, num_sources)
     return sums, tokens
+
+
+SOURCE_PREFIX = "source/"
+
+
+def source_step_values(
+    names: Sequence[str], batch: dict, ce_sums: Optional[torch.Tensor] = None, ce_tokens: Optional[torch.Tensor] = None
+) -> dict[str, torch.Tensor]:
+    """One micro-step's per-source metrics as 0-d tensors (no host read), for the metrics logger:
+    source/NAME/records, /pairs, /tokens (the batch's counts) and, given per_source_ce's output,
+    /ce_sum and /ce_tokens. Sum them over a logging window and across ranks, then
+    with_source_ce(row) adds source/NAME/ce = ce_sum / ce_tokens."""
+    values = {}
+    for i, name in enumerate(names):
+        for key in ("records", "pairs", "tokens"):
+            values[f"{SOURCE_PREFIX}{name}/{key}"] = batch[f"source_{key}"][i]
+        if ce_sums is not None:
+            values[f"{SOURCE_PREFIX}{name}/ce_sum"] = ce_sums[i]
+            values[f"{SOURCE_PREFIX}{name}/ce_tokens"] = ce_tokens[i]
+    return values
+
+
+def with_source_ce(row: dict[str, float]) -> dict[str, float]:
+    """The row with source/NAME/ce, the per-source mean CE, wherever its sums are present (nan for
+    a source with no labelled token in the window). Sums scaled alike (averaged over ranks) give
+    the same mean."""
+    out = dict(row)
+    for key, total in row.items():
+        if key.startswith(SOURCE_PREFIX) and key.endswith("/ce_sum"):
+            tokens = row.get(key[: -len("ce_sum")] + "ce_tokens", 0.0)
+            out[key[: -len("_sum")]] = total / tokens if tokens else float("nan")
+    return out

@@ -42,7 +42,7 @@ from streaming.base.util import merge_index
 from tqdm import tqdm
 
 from megajepa.data.fingerprint import FINGERPRINT_FILE, file_sha256, tokenizer_hash
-from megajepa.data.loader import RECORD_LENGTHS_FILE
+from megajepa.data.loader import RECORD_LENGTHS_FILE, write_record_lengths
 from megajepa.data.prepare import MAX_REPORTED, BadInput, BadRecord, DatasetInput, staged_directory
 from megajepa.data.tokenizer import load_tokenizer
 
@@ -59,7 +59,7 @@ COLUMNS = {
     "source": "str",
 }
 TEXT_SUFFIXES = (".jsonl", ".txt")
-ENCODE_BATCH = 256  # documents per tokenizer call
+ENCODE_BATCH = 64  # documents per tokenizer call (its encodings are large)
 PROGRESS_EVERY = 1024  # documents between progress updates
 
 
@@ -377,8 +377,7 @@ def prepare_text(
         lengths = np.concatenate([np.load(os.path.join(d, RECORD_LENGTHS_FILE)) for d in part_dirs])
         for d in part_dirs:
             os.remove(os.path.join(d, RECORD_LENGTHS_FILE))
-        with open(os.path.join(staging, RECORD_LENGTHS_FILE), "wb") as f:
-            np.save(f, np.stack([lengths, np.zeros_like(lengths), np.zeros_like(lengths)], axis=1))
+        write_record_lengths(staging, np.stack([lengths, np.zeros_like(lengths), np.zeros_like(lengths)], axis=1))
         seconds = time.perf_counter() - started
         files = sorted({p.path for p in parts if p.kind != "dataset"})
         datasets = sorted({p.path for p in parts if p.kind == "dataset"})
