@@ -11,10 +11,9 @@ import os
 
 import torch.distributed as dist
 
-from megajepa.data.layout import LayoutConfig
 from megajepa.data.loader import build_loader
 from megajepa.data.mixture import Source
-from _records import summary_collate
+from _records import make_layout, summary_collate
 
 
 def main() -> None:
@@ -29,7 +28,7 @@ def main() -> None:
 
     def loader():
         sources = [Source(shards=d, name=os.path.basename(d)) for d in args.sources]
-        layout = LayoutConfig(row_length=64, pred_token_ids=(1,))
+        layout = make_layout()
         return build_loader(
             sources=sources, batch_pairs=4, layout=layout, collate=summary_collate, seed=7,
             tokens_per_batch=args.budget,

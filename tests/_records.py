@@ -10,7 +10,9 @@ import numpy as np
 import torch
 from streaming import MDSWriter
 
+from megajepa.config import DataConfig, JepaConfig
 from megajepa.data.fingerprint import FINGERPRINT_FILE, tokenizer_hash
+from megajepa.data.layout import Layout
 
 V2_COLUMNS = {
     "sample_id": "int64",
@@ -87,3 +89,8 @@ def summary_collate(samples: list[dict]) -> dict:
         "full_tokens": torch.tensor([len(s["full"]) for s in samples], dtype=torch.long),
         "sources": [s["source"] for s in samples],
     }
+
+
+def make_layout(row_length: int = 128, k: int = 1, **jepa) -> Layout:
+    """The real packer for these records ([PRED] id 1, pad id 0)."""
+    return Layout(DataConfig(row_length=row_length), JepaConfig(k=k, **jepa), list(range(1, k + 1)), 0)

@@ -14,13 +14,12 @@ import numpy as np
 import pytest
 import torch
 
-from megajepa.data.layout import LayoutConfig
 from megajepa.data.loader import RECORD_LENGTHS_FILE, build_loader, plan_windows
 from megajepa.data.mixture import IGNORE_INDEX, Source, per_source_ce
-from _records import cost, random_records, summary_collate, write_records
+from _records import cost, make_layout, random_records, summary_collate, write_records
 from _shards import tiny_tokenizer
 
-LAYOUT = LayoutConfig(row_length=64, pred_token_ids=(1,))
+LAYOUT = make_layout()
 K = 1
 WORKER = Path(__file__).with_name("_mixture_worker.py")
 
@@ -97,6 +96,22 @@ def test_mixture_errors_name_the_source(corpus, tmp_path):
         mixture_loader(corpus, {"A": {"repeat": 1.0, "choose": 3}, "B": {}})
     with pytest.raises(FileNotFoundError, match="nowhere: shard directory does not exist"):
         build_loader(sources=[Source(shards=str(tmp_path / "nowhere"))], batch_pairs=4, layout=LAYOUT)
+
+
+def test_text_records_packed_beside_pairs_carry_ce_only(corpus):
+    """Through the real layout: B's texts get no JEPA term and labels on every token; per_source_ce
+    counts each source's labelled tokens as the records define them."""
+    loader = mixture_loader(corpus, {"A": {}, "B": {}}, collate=None, batch_pairs=8)
+    for batch in islice(loader.iter_epoch(), 4):
+        sources = batch["source_index"].tolist()
+        assert set(batch["jepa_pairs"].tolist()) == {j for j, s in enumerate(sources) if s == 0}
+        assert set(sources) == {0, 1}  # both kinds share the batch's rows
+        records = [corpus["AB"[s]][1][sid - (40 if s else 0)] for s, sid in zip(sources, batch["sample_ids"].tolist())]
+        # response labels for a pair (from the assistant header on), every next token for a text
+        want = [len(r["full"]) - r["prompt_len"] if s == 0 else len(r["full"]) - 1 for r, s in zip(records, sources)]
+        ones = torch.ones(batch["labels"].shape)
+        _, tokens = per_source_ce(ones, batch["labels"], batch["pair_index"], batch["source_index"], 2)
+        assert tokens.tolist() == [sum(w for w, s in zip(want, sources) if s == i) for i in (0, 1)]
 
 
 def test_per_source_ce_matches_a_loop():
@@ -293,7 +308,8 @@ def test_config_sources_and_budget(tmp_path):
         load_config(str(path), ["data.sources.1.proportion=null"])
     with pytest.raises(ConfigError, match="data.shards: set data.shards .* not both or neither"):
         load_config(str(path), ["data.shards=s"])
-    with pytest.raises(ConfigError, match="command line: data.tokens_per_batch: 100 is below data.max_pair_tokens=256"):
+    # the conversation and both views of one record, each up to data.max_length (default 512)
+    with pytest.raises(ConfigError, match=rf"command line: data.tokens_per_batch: 100 cannot hold one record of up to {3 * 512} tokens"):
         load_config(str(path), ["data.tokens_per_batch=100"])
     with pytest.raises(ConfigError, match="data.mixing: 'sample' is not one of"):
         load_config(str(path), ["data.mixing=sample"])

@@ -15,11 +15,11 @@ from transformers import PreTrainedTokenizerFast
 
 from megajepa.cli import main as cli_main
 from megajepa.data.fingerprint import FINGERPRINT_FILE
-from megajepa.data.layout import LayoutConfig
+
 from megajepa.data.loader import RECORD_LENGTHS_FILE, build_loader, decode_record
 from megajepa.data.prepare import BadInput
 from megajepa.data.prepare_text import prepare_text
-from _records import summary_collate
+from _records import make_layout, summary_collate
 
 WORDS = [f"w{i}" for i in range(40)]
 
@@ -152,7 +152,7 @@ def test_hf_dataset_rows_and_cli(tokenizer_dir, tmp_path, capsys):
 def test_loader_reads_the_corpus_by_token_budget(corpus, tokenizer_dir, tmp_path):
     out = tmp_path / "out"
     prepare_text([str(corpus)], str(out), tokenizer_dir, workers=2, max_tokens=16, part_bytes=500, progress=False)
-    loader = build_loader(str(out), batch_pairs=4, layout=LayoutConfig(row_length=32, pred_token_ids=(1,)),
+    loader = build_loader(str(out), batch_pairs=4, layout=make_layout(row_length=32),
                           collate=summary_collate, tokens_per_batch=40, shuffle=False,
                           tokenizer=PreTrainedTokenizerFast.from_pretrained(tokenizer_dir))
     batches = list(loader.iter_epoch())

@@ -72,11 +72,12 @@ from streaming.base.world import World
 from tqdm import tqdm
 
 from megajepa.data import fingerprint
-from megajepa.data.layout import SEG_PAD, LayoutConfig, PairCollator
+from megajepa.data.layout import SEG_PAD, Layout
 from megajepa.data.mixture import MIXING, Source, check_sources, to_stream
 from megajepa.files import atomic_path
 
 RECORD_LENGTHS_FILE = "record_lengths.npy"  # int32 [records, 3]: len(full), len(user), len(assistant)
+RECORD_ARRAYS = ("full", "full_spans", "user", "user_insert", "assistant", "assistant_insert")
 VIEW_COLUMNS = ("full", "user", "assistant")
 WINDOW_MICRO_BATCHES = 8  # a token-budget window holds about this many micro-batches
 
@@ -105,45 +106,31 @@ def set_stream_env() -> dict[str, int]:
 
 
 def decode_record(sample: dict) -> dict[str, Any]:
-    """The record with int32 numpy arrays: a view stored as `bytes` (raw little-endian int32, how an
-    empty view is stored, since MDS cannot encode an empty ndarray) is decoded to its array."""
-    record = dict(sample)
-    for key, value in record.items():
-        if isinstance(value, np.ndarray):
-            record[key] = value.astype(np.int32, copy=False)
-        elif key in VIEW_COLUMNS and isinstance(value, bytes):
-            record[key] = np.frombuffer(value, dtype="<i4").astype(np.int32)
+    """A stored record as the layout takes it (megajepa.data.prepare's columns as int64 arrays,
+    prompt_len, sample_id, source). A view stored as `bytes` (raw little-endian int32: how
+    prepare-text stores the empty views of a CE-only record, since MDS cannot encode an empty
+    ndarray) is decoded to its array."""
+    record = {}
+    for name in RECORD_ARRAYS:
+        value = sample[name]
+        if isinstance(value, bytes):
+            value = np.frombuffer(value, dtype="<i4")
+        record[name] = np.asarray(value, dtype=np.int64)
+    record["prompt_len"] = int(sample["prompt_len"])
+    record["sample_id"] = int(sample["sample_id"])
+    record["source"] = sample.get("source", "")
     return record
 
 
 def record_lengths(sample: dict) -> tuple[int, int, int]:
-    """(full, user, assistant) token counts of a record; format-1 shards (view_a, view_b) count as
-    full = A + B, user = A, assistant = B until they are prepared again."""
-    if "full" in sample:
-        return len(sample["full"]), len(sample["user"]), len(sample["assistant"])
-    a, b = len(sample["view_a"]), len(sample["view_b"])
-    return a + b, a, b
+    """(full, user, assistant) token counts of a record."""
+    return len(sample["full"]), len(sample["user"]), len(sample["assistant"])
 
 
 def record_costs(lengths: np.ndarray, k: int) -> np.ndarray:
     """Token cost of each record packed: full + user + assistant, plus k [PRED] tokens for a pair."""
     lengths = np.asarray(lengths, dtype=np.int64).reshape(-1, 3)
     return lengths.sum(axis=1) + k * (lengths[:, 1] > 0)
-
-
-def check_record(lengths: tuple[int, int, int], max_pair_tokens: int, where: str) -> None:
-    """Refuse a record the packer cannot place; `where` names the shard and sample."""
-    full, user, assistant = lengths
-    if full == 0 or (user == 0) != (assistant == 0):
-        raise ValueError(
-            f"{where}: empty view (full {full}, user {user}, assistant {assistant} tokens; a CE-only "
-            "record has both views empty, a pair neither)"
-        )
-    if full > max_pair_tokens:
-        raise ValueError(
-            f"{where}: {full} tokens exceeds max_pair_tokens={max_pair_tokens}; re-run `megajepa prepare` "
-            "with that limit"
-        )
 
 
 def plan_windows(costs: np.ndarray, budget: int) -> list[Optional[list[int]]]:
@@ -197,14 +184,13 @@ class SourceCollator:
 
 
 class PairDataset(StreamingDataset):
-    """StreamingDataset of records from one or more sources (the sample's columns as numpy arrays,
-    with sample_id = streaming's global index and source_index); with a token budget it yields one
-    item per window: {"micro_batches": [packed batch, ...], "records": n}."""
+    """StreamingDataset of records from one or more sources (decode_record's dict, with sample_id =
+    streaming's global index and source_index); with a token budget it yields one item per window:
+    {"micro_batches": [packed batch, ...], "records": n}."""
 
-    def __init__(self, *, sources: Sequence[Source], max_pair_tokens: int, **kwargs: Any):
+    def __init__(self, *, sources: Sequence[Source], **kwargs: Any):
         super().__init__(streams=[to_stream(s) for s in sources], **kwargs)
         self.sources = list(sources)
-        self.max_pair_tokens = max_pair_tokens
         self.costs: Optional[np.ndarray] = None  # per record, set by use_token_budget
         self.budget = 0
         self.collate: Optional[Callable] = None
@@ -215,8 +201,6 @@ class PairDataset(StreamingDataset):
 
     def get_item(self, sample_id: int, retry: int = 7) -> dict[str, Any]:
         sample = decode_record(super().get_item(sample_id, retry))
-        where = f"{self.shard_path(sample_id)}: sample {int(sample['sample_id'])}"
-        check_record(record_lengths(sample), self.max_pair_tokens, where)
         shard_id, _ = self.spanner[sample_id]
         sample["sample_id"] = sample_id
         sample["source_index"] = int(self.stream_per_shard[shard_id])
@@ -440,13 +424,12 @@ def build_loader(
     shards: Optional[str] = None,
     *,
     batch_pairs: int,
-    layout: LayoutConfig,
+    layout: Layout,
     tokenizer=None,
     remote: Optional[str] = None,
     shuffle: bool = True,
     seed: int = 1234,
     num_workers: int = 0,
-    max_pair_tokens: Optional[int] = None,
     record_ids: bool = False,
     sources: Optional[Sequence[Source]] = None,
     mixing: str = "random",
@@ -456,12 +439,11 @@ def build_loader(
     """Loader of packed batches for this rank (see the module docstring).
 
     shards (+ remote): one source; or `sources`, a mixture (megajepa.data.mixture.Source).
+    layout: the packer (megajepa.data.layout.Layout), the collate function.
     tokenizer: when given, every source's fingerprint must match it (FingerprintMismatch otherwise).
-    max_pair_tokens: longest record accepted; default: what fits a row with the k [PRED]
-        tokens (layout.row_length - k).
     mixing: streaming's batching_method (random: per record; stratified; per_stream: per batch).
     tokens_per_batch: cut micro-batches by this token budget instead of batch_pairs records.
-    collate: the packing function (default: the layout's PairCollator).
+    collate: packs instead of `layout` (tests).
     """
     if sources is None:
         if shards is None:
@@ -474,12 +456,7 @@ def build_loader(
         raise ValueError(f"mixing={mixing!r}: expected one of {', '.join(MIXING)}")
     if batch_pairs < 1:
         raise ValueError(f"batch_pairs must be at least 1, got {batch_pairs}")
-    k = len(layout.pred_token_ids)
-    fits = layout.row_length - k
-    if max_pair_tokens is None:
-        max_pair_tokens = fits
-    elif max_pair_tokens > fits:
-        raise ValueError(f"max_pair_tokens={max_pair_tokens} plus {k} [PRED] tokens does not fit row_length={layout.row_length}")
+    k = len(layout.pred_token_ids) if layout.with_views else 0  # [PRED] tokens a pair adds
     if tokens_per_batch is not None and tokens_per_batch < 1:
         raise ValueError(f"tokens_per_batch must be at least 1, got {tokens_per_batch}")
     set_stream_env()
@@ -495,9 +472,8 @@ def build_loader(
         shuffle=shuffle,
         shuffle_seed=seed,
         batching_method=mixing,
-        max_pair_tokens=max_pair_tokens,
     )
-    collate_fn = SourceCollator(collate or PairCollator(layout), len(sources))
+    collate_fn = SourceCollator(collate or layout, len(sources))
     if tokens_per_batch is not None:
         _token_budget_window(dataset, tokens_per_batch, k, collate_fn)
         dataloader = _PairDataLoader(dataset, batch_size=None, collate_fn=_identity, num_workers=num_workers)
@@ -519,7 +495,7 @@ def loader_throughput(
     shards: Optional[str] = None,
     *,
     batch_pairs: int,
-    layout: LayoutConfig,
+    layout: Layout,
     seconds: Optional[float] = None,
     batches: Optional[int] = None,
     tokenizer=None,
