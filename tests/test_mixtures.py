@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from megajepa.data.loader import RECORD_LENGTHS_FILE, build_loader, plan_windows
+from megajepa.data.loader import RECORD_LENGTHS_FILE, build_loader, plan_windows, record_costs
 from megajepa.data.mixture import IGNORE_INDEX, Source, per_source_ce
 from _records import cost, make_layout, random_records, summary_collate, write_records
 from _shards import tiny_tokenizer
@@ -204,6 +204,13 @@ def test_record_lengths_must_match_the_index(tmp_path):
     np.save(os.path.join(directory, RECORD_LENGTHS_FILE), np.zeros((9, 3), np.int32))
     with pytest.raises(ValueError, match=r"record_lengths\.npy: shape \(9, 3\), but the index has 10 records"):
         build_loader(sources=[Source(shards=directory)], batch_pairs=2, layout=LAYOUT, tokens_per_batch=BUDGET)
+
+
+def test_record_costs_follow_the_layout():
+    lengths = [[30, 10, 12], [25, 0, 0], [600, 300, 200]]  # a pair, a text, a long pair
+    assert record_costs(lengths, 2).tolist() == [30 + 12 + 12, 25, 600 + 302 + 200]
+    assert record_costs(lengths, 2, max_length=256).tolist() == [54, 25, 256 + 256 + 200]
+    assert record_costs(lengths, 0, views=False).tolist() == [30, 25, 600]  # lambda 0: CE only
 
 
 def test_plan_takes_the_fullest_rank():

@@ -21,7 +21,8 @@ Two ways to cut micro-batches:
     epoch), packed by the collate function, in the DataLoader workers when num_workers > 0;
   - by token budget (`tokens_per_batch`): records are taken in order until the next one would take
     the batch past the budget, counting a record as len(full) + len(user) + len(assistant) + k (k
-    [PRED] tokens for a pair, none for a CE-only record): an upper bound of what it costs packed.
+    [PRED] tokens for a pair, none for a CE-only record; views only when the layout builds them;
+    each sequence cut at data.max_length as the layout cuts it): an upper bound of its packed cost.
     Every rank must take the same number of micro-batches, and streaming's resumption assumes every
     rank consumed the same number of records, so the cuts are the same on every rank: each rank
     knows every rank's records of the epoch (streaming's partition) and their lengths (the
@@ -127,10 +128,14 @@ def record_lengths(sample: dict) -> tuple[int, int, int]:
     return len(sample["full"]), len(sample["user"]), len(sample["assistant"])
 
 
-def record_costs(lengths: np.ndarray, k: int) -> np.ndarray:
-    """Token cost of each record packed: full + user + assistant, plus k [PRED] tokens for a pair."""
+def record_costs(lengths: np.ndarray, k: int, *, views: bool = True, max_length: int = 0) -> np.ndarray:
+    """Token cost of each record packed, an upper bound: full + user + k [PRED] tokens + assistant
+    for a pair (both views non-empty) when the layout builds views, full alone otherwise; each
+    sequence cut at max_length as the layout cuts it (0: no cut)."""
     lengths = np.asarray(lengths, dtype=np.int64).reshape(-1, 3)
-    return lengths.sum(axis=1) + k * (lengths[:, 1] > 0)
+    cut = (lambda n: np.minimum(n, max_length)) if max_length > 0 else (lambda n: n)  # noqa: E731
+    pair = views & (lengths[:, 1] > 0) & (lengths[:, 2] > 0)
+    return cut(lengths[:, 0]) + np.where(pair, cut(lengths[:, 1] + k) + cut(lengths[:, 2]), 0)
 
 
 def plan_windows(costs: np.ndarray, budget: int) -> list[Optional[list[int]]]:
@@ -407,9 +412,11 @@ def write_record_lengths(directory: str, lengths) -> np.ndarray:
     return lengths
 
 
-def _token_budget_window(dataset: PairDataset, budget: int, k: int, collate: Callable) -> None:
+def _token_budget_window(dataset: PairDataset, budget: int, layout: Layout, collate: Callable) -> None:
     lengths = np.concatenate([source_lengths(dataset, i) for i in range(dataset.num_streams)])
-    costs = record_costs(lengths, k)
+    views = bool(getattr(layout, "with_views", True))
+    k = len(layout.pred_token_ids) if views else 0
+    costs = record_costs(lengths, k, views=views, max_length=layout.data.max_length)
     worst = int(np.argmax(costs))
     if costs[worst] > budget:
         raise ValueError(
@@ -456,7 +463,6 @@ def build_loader(
         raise ValueError(f"mixing={mixing!r}: expected one of {', '.join(MIXING)}")
     if batch_pairs < 1:
         raise ValueError(f"batch_pairs must be at least 1, got {batch_pairs}")
-    k = len(layout.pred_token_ids) if layout.with_views else 0  # [PRED] tokens a pair adds
     if tokens_per_batch is not None and tokens_per_batch < 1:
         raise ValueError(f"tokens_per_batch must be at least 1, got {tokens_per_batch}")
     set_stream_env()
@@ -475,7 +481,7 @@ def build_loader(
     )
     collate_fn = SourceCollator(collate or layout, len(sources))
     if tokens_per_batch is not None:
-        _token_budget_window(dataset, tokens_per_batch, k, collate_fn)
+        _token_budget_window(dataset, tokens_per_batch, layout, collate_fn)
         dataloader = _PairDataLoader(dataset, batch_size=None, collate_fn=_identity, num_workers=num_workers)
     else:
         dataloader = _PairDataLoader(
