@@ -12,7 +12,7 @@ import json
 import torch.distributed as dist
 
 from megajepa.data.loader import build_loader
-from _records import make_layout
+from _mixture_shards import make_layout
 
 
 def main() -> None:

@@ -13,7 +13,7 @@ import torch.distributed as dist
 
 from megajepa.data.loader import build_loader
 from megajepa.data.mixture import Source
-from _records import make_layout, summary_collate
+from _mixture_shards import make_layout, summary_collate
 
 
 def main() -> None:

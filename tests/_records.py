@@ -1,96 +1,69 @@
-"""Test helper: small MDS shards in the schema v2 column layout (/work/wt/SCHEMA.md), pair records
-and CE-only (plain-text) records, with a fingerprint for a tokenizer."""
+"""Records of the prepare schema, built from random tokens, and the definition of their views.
 
-from __future__ import annotations
+Shared by the layout and equivalence tests: `expected_views` is the oracle's reading of a record
+(written from the layout's contract, not from its code).
+"""
 
-import json
-import os
+import dataclasses
 
 import numpy as np
-import torch
-from streaming import MDSWriter
 
 from megajepa.config import DataConfig, JepaConfig
-from megajepa.data.fingerprint import FINGERPRINT_FILE, tokenizer_hash
 from megajepa.data.layout import Layout
 
-V2_COLUMNS = {
-    "sample_id": "int64",
-    "full": "ndarray:int32",
-    "prompt_len": "int32",
-    "full_spans": "ndarray:int32",
-    "user": "bytes",  # MDS cannot encode an empty ndarray: raw int32 bytes, empty for CE-only
-    "user_insert": "ndarray:int32",
-    "assistant": "bytes",
-    "assistant_insert": "ndarray:int32",
-    "source": "str",
-}
+PRED_IDS = [90, 91, 92]  # tokens 1..3
+PAD = 0
 
 
-def pair_record(user: np.ndarray, assistant: np.ndarray, source: str) -> dict:
-    """A pair as a chat template would lay it out: [2] user [3] assistant (one header token each)."""
-    full = np.concatenate([[2], user, [3], assistant]).astype(np.int32)
-    spans = [1, 1 + len(user), 2 + len(user), len(full)]
-    return {
-        "full": full,
-        "prompt_len": 2 + len(user),
-        "full_spans": np.asarray(spans, np.int32),
-        "user": np.concatenate([[2], user]).astype(np.int32),
-        "user_insert": np.asarray([1, 1 + len(user)], np.int32),
-        "assistant": np.concatenate([[3], assistant]).astype(np.int32),
-        "assistant_insert": np.asarray([1, 1 + len(assistant)], np.int32),
-        "source": source,
-    }
-
-
-def text_record(tokens: np.ndarray, source: str) -> dict:
-    """A CE-only record: empty views, zeros in the spans and inserts."""
-    empty = np.zeros(0, np.int32)
-    return {
-        "full": np.asarray(tokens, np.int32),
-        "prompt_len": 0,
-        "full_spans": np.zeros(4, np.int32),
-        "user": empty,
-        "user_insert": np.zeros(2, np.int32),
-        "assistant": empty,
-        "assistant_insert": np.zeros(2, np.int32),
-        "source": source,
-    }
-
-
-def random_records(count: int, *, kind: str, seed: int, name: str, max_len: int = 20) -> list[dict]:
+def make_records(n, seed, shared=False):
+    """Random records; with `shared`, every user view opens like its conversation (no system message)."""
     rng = np.random.default_rng(seed)
-    draw = lambda: rng.integers(4, 60, size=rng.integers(1, max_len + 1), dtype=np.int32)  # noqa: E731
-    if kind == "pair":
-        return [pair_record(draw(), draw(), f"{name}:{i + 1}") for i in range(count)]
-    return [text_record(np.concatenate([draw(), draw()]), f"{name}:{i + 1}") for i in range(count)]
+    tokens = lambda length: rng.integers(3, 80, length)  # noqa: E731
+    records = []
+    for i in range(n):
+        user_content, answer = tokens(rng.integers(1, 12)), tokens(rng.integers(1, 10))
+        opening = tokens(2) if shared else np.array([1, 2])
+        system = np.array([], dtype=np.int64) if shared else tokens(rng.integers(1, 6))
+        user = np.r_[opening, user_content, [4, 5]]
+        assistant = np.r_[[6, 7], answer, [4, 5]]
+        full = np.r_[system, user, assistant]
+        records.append(
+            {
+                "sample_id": 1000 + i,
+                "full": full,
+                "prompt_len": len(system) + len(user) + 2,
+                "full_spans": np.array([len(system) + 2, len(system) + len(user) - 2, len(full) - len(answer) - 2, len(full) - 2]),
+                "user": user,
+                "user_insert": np.array([2, len(user) - 2]),
+                "assistant": assistant,
+                "assistant_insert": np.array([2, len(assistant) - 2]),
+            }
+        )
+    return records
 
 
-def write_records(out_dir: str, records: list[dict], tokenizer, *, size_limit: int = 2048) -> str:
-    with MDSWriter(out=out_dir, columns=V2_COLUMNS, compression="zstd", size_limit=size_limit) as writer:
-        for i, record in enumerate(records):
-            views = {key: record[key].astype("<i4").tobytes() for key in ("user", "assistant")}
-            writer.write({"sample_id": i, **record, **views})
-    meta = {"format_version": 2, "tokenizer_hash": tokenizer_hash(tokenizer), "vocab_size": len(tokenizer)}
-    with open(os.path.join(out_dir, FINGERPRINT_FILE), "w") as f:
-        json.dump(meta, f)
-    return out_dir
+def layout(**settings):
+    data = DataConfig(shards="", tokenizer="", row_length=128, row_multiple=16, max_length=0)
+    jepa = JepaConfig(k=len(PRED_IDS), readout="content_end")
+    data_keys = {f.name for f in dataclasses.fields(DataConfig)}
+    data = dataclasses.replace(data, **{k: v for k, v in settings.items() if k in data_keys})
+    jepa = dataclasses.replace(jepa, **{k: v for k, v in settings.items() if k not in data_keys})
+    pred = PRED_IDS[: jepa.k]
+    return Layout(data, jepa, pred, PAD), pred
 
 
-def cost(record: dict, k: int) -> int:
-    """The budget's cost of a record, from its definition: all its tokens, plus k for a pair."""
-    return len(record["full"]) + len(record["user"]) + len(record["assistant"]) + (k if len(record["user"]) else 0)
+def expected_views(record, pred, jepa, max_length):
+    """(view with [PRED], its readout index, other view, its readout index), from the definition."""
+    names = ("assistant", "user") if jepa.reverse_pred else ("user", "assistant")
+    src, src_insert = record[names[0]], record[names[0] + "_insert"]
+    at = src_insert[0] if jepa.front_pred else src_insert[1]
+    # the reference adds <|predictor_i|> for i = k .. 1: prepended (1 ends up first) or appended
+    src = np.r_[src[:at], pred if jepa.front_pred else pred[::-1], src[at:]]
+    tgt, tgt_end = record[names[1]], record[names[1] + "_insert"][1]
+    cut = (lambda s: s[:max_length]) if max_length else (lambda s: s)
+    src, tgt = cut(src), cut(tgt)
+    if jepa.readout == "offset":
+        return src, len(src) + jepa.last_token, tgt, len(tgt) + jepa.last_token
+    return src, min(src_insert[1] + len(pred), len(src)) - 1, tgt, min(tgt_end, len(tgt)) - 1
 
 
-def summary_collate(samples: list[dict]) -> dict:
-    """A stand-in for the layout's packer: what the loader put into the batch, in order."""
-    return {
-        "sample_ids": torch.tensor([int(s["sample_id"]) for s in samples], dtype=torch.long),
-        "full_tokens": torch.tensor([len(s["full"]) for s in samples], dtype=torch.long),
-        "sources": [s["source"] for s in samples],
-    }
-
-
-def make_layout(row_length: int = 128, k: int = 1, **jepa) -> Layout:
-    """The real packer for these records ([PRED] id 1, pad id 0)."""
-    return Layout(DataConfig(row_length=row_length), JepaConfig(k=k, **jepa), list(range(1, k + 1)), 0)

@@ -15,7 +15,7 @@ import torch
 from megajepa.data.fingerprint import FINGERPRINT_FILE, FingerprintMismatch, tokenizer_hash
 from megajepa.data.layout import SEG_FULL
 from megajepa.data.loader import build_loader, loader_throughput, set_stream_env
-from _records import make_layout, random_records, write_records
+from _mixture_shards import make_layout, random_records, write_records
 from _shards import tiny_tokenizer
 
 NUM_PAIRS = 203  # 25 batches of 8 and a dropped tail of 3 on one rank

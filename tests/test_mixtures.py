@@ -16,7 +16,7 @@ import torch
 
 from megajepa.data.loader import RECORD_LENGTHS_FILE, build_loader, plan_windows, record_costs
 from megajepa.data.mixture import IGNORE_INDEX, Source, per_source_ce
-from _records import cost, make_layout, random_records, summary_collate, write_records
+from _mixture_shards import cost, make_layout, random_records, summary_collate, write_records
 from _shards import tiny_tokenizer
 
 LAYOUT = make_layout()

@@ -19,7 +19,7 @@ from megajepa.data.fingerprint import FINGERPRINT_FILE
 from megajepa.data.loader import RECORD_LENGTHS_FILE, build_loader, decode_record
 from megajepa.data.prepare import BadInput
 from megajepa.data.prepare_text import prepare_text
-from _records import make_layout, summary_collate
+from _mixture_shards import make_layout, summary_collate
 
 WORDS = [f"w{i}" for i in range(40)]
 
