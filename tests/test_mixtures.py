@@ -165,15 +165,15 @@ def test_token_budget_cuts_and_covers_the_epoch(corpus):
 def test_token_budget_resume_inside_a_window(corpus, mixing):
     def loader():
         # per_stream needs a whole window of every rank from each source: B is repeated to have one
-        return mixture_loader(corpus, {"A": {"repeat": 1.5}, "B": {"repeat": 3}}, tokens_per_batch=BUDGET, mixing=mixing)
+        return mixture_loader(corpus, {"A": {"repeat": 3}, "B": {"repeat": 5}}, tokens_per_batch=BUDGET, mixing=mixing)
 
     reference = loader()
-    total = 40
+    total = 80  # into the second epoch
     expected = [b["sources"] for b in islice(reference, total)]
     if mixing == "per_stream":  # every window (all its micro-batches) comes from one source
         window, taken = reference.dataset.batch_size, [s.split(":")[0] for b in expected for s in b]
         assert all(len(set(taken[i : i + window])) == 1 for i in range(0, len(taken) - window, window))
-    for stop in (3, 17, 26):
+    for stop in (3, 30, 70):
         interrupted = loader()
         for _ in islice(interrupted, stop):
             pass
@@ -182,7 +182,7 @@ def test_token_budget_resume_inside_a_window(corpus, mixing):
         resumed.load_state_dict(state)
         assert [b["sources"] for b in islice(resumed, total - stop)] == expected[stop:], stop
         if stop == 3:
-            assert state["micro_batches_in_window"] == 3  # windows hold about 8 micro-batches
+            assert state["micro_batches_in_window"] == 3  # windows hold about 16 micro-batches
     assert reference.epoch >= 1
 
 
@@ -285,7 +285,8 @@ def test_two_ranks_same_cuts_budget_and_resume(tmp_path):
         assert first[rank]["head"] == epochs[rank][:head]
         assert rerun[rank]["resumed"] == epochs[rank][head:]
     both = [s for e in epochs for batch in e for s in batch]
-    assert len(set(both)) == len(both)  # no record on both ranks (this epoch needs no padding repeat)
+    # 87 records: the window is a rank's whole epoch share, padded by streaming with one repeat
+    assert set(both) == set(records) and len(both) == 2 * window == 2 * 44
 
 
 # --- configuration -----------------------------------------------------------------------------

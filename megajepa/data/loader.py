@@ -29,7 +29,11 @@ Two ways to cut micro-batches:
     record_lengths.npy beside the shards, written by prepare or by the first loader that reads the
     source), and cuts where the fullest rank reaches the budget. Streaming deals each rank a
     "window" of records at a time (its batch_size, about WINDOW_MICRO_BATCHES micro-batches' worth);
-    the worker that reads a window packs all its micro-batches (off the training thread when
+    each rank takes its window's records longest first (a stable sort by cost), so that the ranks'
+    records line up by size and a cut wastes little on the others (with a mixture of 80-token pairs
+    and 2048-token texts on 8 ranks, 89% of the budget filled instead of 66% in dealt order; the
+    price: a micro-batch holds records of similar length, as length-grouped batching does). The
+    worker that reads a window packs all its micro-batches (off the training thread when
     num_workers > 0) and the main process hands them out one by one. A checkpoint inside a window
     records the window's start and how many of its micro-batches were taken. A window the epoch
     leaves incomplete on any rank is left out, like the last partial batch by count.
@@ -80,7 +84,7 @@ from megajepa.files import atomic_path
 RECORD_LENGTHS_FILE = "record_lengths.npy"  # int32 [records, 3]: len(full), len(user), len(assistant)
 RECORD_ARRAYS = ("full", "full_spans", "user", "user_insert", "assistant", "assistant_insert")
 VIEW_COLUMNS = ("full", "user", "assistant")
-WINDOW_MICRO_BATCHES = 8  # a token-budget window holds about this many micro-batches
+WINDOW_MICRO_BATCHES = 16  # a token-budget window holds about this many micro-batches
 
 
 def set_stream_env() -> dict[str, int]:
@@ -199,7 +203,8 @@ class PairDataset(StreamingDataset):
         self.costs: Optional[np.ndarray] = None  # per record, set by use_token_budget
         self.budget = 0
         self.collate: Optional[Callable] = None
-        self._plan: Optional[list] = None
+        self._plan: Optional[list] = None  # per window: micro-batch ends, or None (left out)
+        self._order: Optional[np.ndarray] = None  # per window: this rank's records, longest first
 
     def raw_item(self, sample_id: int) -> dict[str, Any]:
         return decode_record(super().get_item(sample_id))
@@ -240,7 +245,9 @@ class PairDataset(StreamingDataset):
         work = sample_ids[:, :, info.id if info is not None else 0]  # [nodes, ranks, windows, window]
         work = work.reshape(-1, *work.shape[2:]).transpose(1, 0, 2)  # [windows, all ranks, window]
         costs = np.where(work >= 0, self.costs[np.maximum(work, 0)], -1)
-        self._plan = plan_windows(costs, self.budget)
+        order = np.argsort(-costs, axis=2, kind="stable")
+        self._plan = plan_windows(np.take_along_axis(costs, order, axis=2), self.budget)
+        self._order = order[:, World.detect().rank]
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         if self.costs is None:
@@ -252,10 +259,11 @@ class PairDataset(StreamingDataset):
         if first is None:
             return
         samples = chain([first], samples)
-        for cuts in self._plan:
+        for cuts, order in zip(self._plan, self._order):
             if cuts is None:  # incomplete windows come last
                 return
-            records = [next(samples) for _ in range(cuts[-1])]
+            dealt = [next(samples) for _ in range(cuts[-1])]
+            records = [dealt[i] for i in order]
             bounds = zip([0] + cuts[:-1], cuts)
             yield {"micro_batches": [self.collate(records[a:b]) for a, b in bounds], "records": len(records)}
 
@@ -285,6 +293,7 @@ class PairLoader:
         self._window_taken = 0
         self._window_left = 0
         self._skip = 0  # micro-batches of the first window to leave out after a resume
+        self._resumed_at_end = False  # a state saved at an epoch's very end resumes to an empty pass
 
     @property
     def by_tokens(self) -> bool:
@@ -311,7 +320,13 @@ class PairLoader:
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         while True:
-            yield from self.iter_epoch()
+            empty = True
+            for batch in self.iter_epoch():
+                empty = False
+                yield batch
+            if empty and not self._resumed_at_end:
+                raise RuntimeError(f"an epoch of {self.dataset.size} records gave this rank no batch")
+            self._resumed_at_end = False
 
     def iter_epoch(self) -> Iterator[dict[str, torch.Tensor]]:
         """One pass: the rest of the current epoch after a resume, otherwise the next whole epoch.
@@ -350,6 +365,7 @@ class PairLoader:
         """Resume from `state` on the next pass; call before iterating (on every rank)."""
         state = dict(state)
         self._skip = int(state.pop("micro_batches_in_window", 0))
+        self._resumed_at_end = True
         self.dataloader.load_state_dict(state)
         self.epoch = max(int(state["epoch"]), 0)
 
@@ -424,6 +440,7 @@ def _token_budget_window(dataset: PairDataset, budget: int, layout: Layout, coll
             f"exceeds data.tokens_per_batch={budget}"
         )
     window = max(1, round(WINDOW_MICRO_BATCHES * budget / max(float(costs.mean()), 1.0)))
+    window = min(window, len(dataset))  # at least one whole window per rank and epoch
     dataset.use_token_budget(costs, budget, window, collate)
 
 
