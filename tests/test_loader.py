@@ -8,7 +8,6 @@ import sys
 from itertools import islice
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 

@@ -2,7 +2,6 @@
 of processes, bad records by FILE:LINE, HF datasets by DIR:ROW, read back by the loader."""
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
