@@ -83,6 +83,7 @@ class PairDataset(StreamingDataset):
         record = {name: np.asarray(sample[name], dtype=np.int64) for name in RECORD_ARRAYS}
         record["prompt_len"] = int(sample["prompt_len"])
         record["sample_id"] = int(sample["sample_id"])
+        record["epoch"] = max(self.next_epoch - 1, 0)  # STP draws a record's spans anew each epoch
         return record
 
 
