@@ -232,12 +232,14 @@ KNOBS = {
     "uniform-from-first-token": {"draw": "uniform", "from_first_token": True},
     "from-start": {"from_start": True, "spans": 2},
 }
-CASES = [("random_span", name) for name in KNOBS] + [("e2e", "default")]
+CASES = [("random_span", name, True) for name in KNOBS] + [("e2e", "default", True)]
+CASES += [("random_span", "default", False), ("e2e", "default", False)]  # no system message
 
 
 @pytest.mark.parametrize("linear", [False, True], ids=["identity", "linear-predictor"])
-@pytest.mark.parametrize("variant,knobs", CASES, ids=[f"{v}-{k}" for v, k in CASES])
-@pytest.mark.parametrize("system", [True, False], ids=["system", "no-system"])
+@pytest.mark.parametrize(
+    "variant,knobs,system", CASES, ids=[f"{v}-{k}-{'system' if s else 'no-system'}" for v, k, s in CASES]
+)
 def test_packed_stp_is_the_reference_loss(tokenizer, variant, knobs, linear, system):
     conversations = _conversations(system)
     lm = _model(len(tokenizer))
@@ -338,3 +340,18 @@ def test_records_without_usable_spans_carry_ce_only(tokenizer):
 def test_config_refuses_what_stp_cannot_run(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(os.path.join(REPO, "configs", "demo.yaml"), ["jepa.objective=stp", override])
+
+
+def test_bench_stp_mode_packs_the_ce_rows(tokenizer):
+    from megajepa.bench.modes import mode_config
+
+    cfg = load_config(os.path.join(REPO, "configs", "demo.yaml"), ["data.max_length=96", "data.row_length=288"])
+    cfg.data.row_length = 160  # several rows, as in the oracle test
+    samples = _samples(tokenizer, _conversations(True))
+    ce, stp = (
+        Layout(mode_config(cfg, mode, 1).data, mode_config(cfg, mode, 1).jepa, [], tokenizer.pad_token_id)(samples)
+        for mode in ("ce", "stp")
+    )
+    for key in ("input_ids", "position_ids", "labels", "sequence", "computed_tokens", "useful_tokens"):
+        assert torch.equal(ce[key], stp[key]), key
+    assert "stp_index" not in ce and stp["stp_weight"].numel() == len(samples)
