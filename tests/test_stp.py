@@ -153,7 +153,7 @@ def get_weight(knobs: dict, full_length: int, patch_length: int) -> float:
     return 1.0
 
 
-def reference_loss(lm, predictor, tokenizer, conversations, variant, knobs, gamma, lam):
+def reference_loss(lm, predictor, tokenizer, conversations, variant, knobs, gamma, lam, mse=False):
     ce_sum, ce_count = 0.0, 0
     users, assistants, weights = [], [], []
     for sample_id, messages in enumerate(conversations):
@@ -189,6 +189,8 @@ def reference_loss(lm, predictor, tokenizer, conversations, variant, knobs, gamm
     cosine = F.cosine_similarity(user_embedding, assistant_embedding, dim=-1)
     w = torch.tensor(weights)
     jepa = 1.0 - torch.sum(cosine * w) / torch.sum(w)
+    if mse:  # --jepa_mse: unweighted, over every element
+        jepa = torch.mean((user_embedding - assistant_embedding) ** 2)
     ce = ce_sum / ce_count
     return gamma * ce + lam * jepa, ce, jepa
 
@@ -272,6 +274,21 @@ def test_latent_term_alone_has_the_reference_gradients(tokenizer):
     knobs = KNOBS["three-short-spans-cosine-weights"]
     model, out, _ = packed(lm, tokenizer, conversations, _overrides("random_span", True, knobs, 0.0, 1.0))
     ref_loss, _, _ = reference_loss(lm, model.predictor.weight, tokenizer, conversations, "random_span", knobs, 0.0, 1.0)
+    ref_grads, grads = _gradients(model, ref_loss), _gradients(model, out.loss)
+    for name, g in ref_grads.items():
+        scale = g.abs().max().item() + 1e-12
+        assert (grads[name] - g).abs().max().item() / scale < 1e-4, name
+
+
+def test_mse_distance_is_the_reference_jepa_mse(tokenizer):
+    conversations = _conversations(True)
+    lm = _model(len(tokenizer))
+    overrides = _overrides("random_span", True, {"spans": 2}, 1.0, 1.0) + ["jepa.distance=mse"]
+    model, out, _ = packed(lm, tokenizer, conversations, overrides)
+    ref_loss, _, ref_jepa = reference_loss(
+        lm, model.predictor.weight, tokenizer, conversations, "random_span", {"spans": 2}, 1.0, 1.0, mse=True
+    )
+    assert abs(out.jepa.item() - ref_jepa.item()) < 1e-5 * max(1.0, ref_jepa.item())
     ref_grads, grads = _gradients(model, ref_loss), _gradients(model, out.loss)
     for name, g in ref_grads.items():
         scale = g.abs().max().item() + 1e-12
