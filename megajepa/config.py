@@ -109,7 +109,37 @@ class EmaConfig:
 
 
 @dataclass
+class StpConfig:
+    """Semantic Tube Prediction (galilai-group/llm-jepa, stp.py): the latent term from the
+    conversation's own hidden states, h[end - 1] - h[start - 1] as a span's embedding, no views.
+    The reference's flag each key stands for, and its default, is named beside it."""
+
+    # random_span (--linear=random_span): a random span of the user + assistant content predicted
+    # from the rest (before + after) | e2e (--linear=e2e): the assistant content from the user content
+    variant: str = "random_span"
+    linear_predictor: bool = False  # --linear_predictor: a learned d x d map (no bias) on the predicting side
+    # random_span only:
+    spans: int = 1  # --random_span_times: spans drawn per conversation
+    max_span: int = -1  # --random_span_max_length: longest span in tokens (-1: no limit)
+    # how [s, t) is drawn: start_end (s, then t after it; the default) | both (--random_span_draw_both:
+    # two points, ordered) | uniform (--random_span_uniform: uniform over all spans)
+    draw: str = "start_end"
+    from_start: bool = False  # --random_span_zero: every span starts at the first content token
+    between: bool = False  # --random_span_e2e: the template tokens between user and assistant content join the region
+    from_first_token: bool = False  # --random_span_all: the region opens at the conversation's second token
+    # weight of each span's term by its length: none (every span 1, the default) | cosine_like
+    # (2 r p / (r^2 + p^2)) | jaccard_like (1 - |r - p| / (r + p)); p the span's length, r the rest's
+    length_adjustment: str = "none"
+
+
+@dataclass
 class JepaConfig:
+    # llm_jepa: the reference's views (finetune.py, the paper) | stp: Semantic Tube Prediction
+    # (jepa.stp.*: spans of the conversation itself, no views; the reference runs it with
+    # lambda_=0.02 and k=0). STP reads jepa.lambda_, gamma, lambda_warmup_steps, dropout,
+    # embedding_layer (its --random_span_layer), stop_grad, and distance (cosine, or mse: --jepa_mse).
+    objective: str = "llm_jepa"
+    stp: StpConfig = field(default_factory=StpConfig)
     lambda_: float = 1.0  # weight of the latent term
     gamma: float = 1.0  # weight of the next-token CE term
     k: int = 1  # [PRED] tokens inserted in the user view (predictor: tokens)
@@ -193,6 +223,10 @@ CHOICES = {
     "data.labels": ("response", "all", "conversation", "content"),
     "data.mixing": ("random", "stratified", "per_stream"),
     "jepa.views": ("reference", "shared_prefix"),
+    "jepa.objective": ("llm_jepa", "stp"),
+    "jepa.stp.variant": ("random_span", "e2e"),
+    "jepa.stp.draw": ("start_end", "both", "uniform"),
+    "jepa.stp.length_adjustment": ("none", "cosine_like", "jaccard_like"),
     "jepa.readout": ("offset", "content_end"),
     "jepa.predictor": ("tokens", "mlp", "linear", "identity"),
     "jepa.distance": ("cosine", "mse", "l2", "infonce"),
@@ -219,7 +253,7 @@ BOUNDS = {
         key: (0, None, False)
         for key in (
             "train.steps", "optim.grad_accum", "data.row_length", "data.pairs_per_batch",
-            "train.eval_batches", "logging.log_every", "jepa.infonce_temperature",
+            "train.eval_batches", "logging.log_every", "jepa.infonce_temperature", "jepa.stp.spans",
         )
     },
     **{
@@ -260,6 +294,8 @@ def _validate(cfg: Config, sources: list[tuple[str, DictConfig]]) -> None:
             _fail(key, f"must be {'>=' if low_allowed else '>'} {low}, got {value}", sources)
     if cfg.jepa.readout == "offset" and cfg.jepa.last_token >= 0:
         _fail("jepa.last_token", f"an offset from the end of each view must be negative, got {cfg.jepa.last_token}", sources)
+    if cfg.jepa.objective == "stp":
+        _validate_stp(cfg, sources)
     needed = max_record_tokens(cfg)
     if needed is not None and cfg.data.row_length < needed:
         _fail(
@@ -298,6 +334,16 @@ def _validate_sources(cfg: Config, sources: list[tuple[str, DictConfig]]) -> Non
               f"(data.max_length={data.max_length})", sources)
 
 
+def _validate_stp(cfg: Config, sources: list[tuple[str, DictConfig]]) -> None:
+    """What STP (jepa.objective=stp) can run: the reference's cosine or MSE, an online target."""
+    if cfg.jepa.distance not in ("cosine", "mse"):
+        _fail("jepa.distance", f"STP uses cosine or mse (the reference's --jepa_mse), got {cfg.jepa.distance!r}", sources)
+    if cfg.jepa.target != "online":
+        _fail("jepa.target", "STP reads the conversation's own hidden states: only the online target", sources)
+    if cfg.jepa.stp.max_span == 0 or cfg.jepa.stp.max_span < -1:
+        _fail("jepa.stp.max_span", f"a span's longest length must be >= 1 (or -1: no limit), got {cfg.jepa.stp.max_span}", sources)
+
+
 def max_record_tokens(cfg: Config) -> Optional[int]:
     """The most tokens one record's packed sequences take in a row (None: no max_length cut).
 
@@ -306,7 +352,7 @@ def max_record_tokens(cfg: Config) -> Optional[int]:
     if cfg.data.max_length == 0:
         return None
     k = cfg.jepa.k if cfg.jepa.predictor == "tokens" else 0
-    if cfg.jepa.lambda_ == 0:
+    if cfg.jepa.lambda_ == 0 or cfg.jepa.objective == "stp":  # the conversation alone
         return cfg.data.max_length
     if cfg.jepa.views == "shared_prefix":
         return cfg.data.max_length + k

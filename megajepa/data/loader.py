@@ -214,6 +214,7 @@ class PairDataset(StreamingDataset):
         shard_id, _ = self.spanner[sample_id]
         sample["sample_id"] = sample_id
         sample["source_index"] = int(self.stream_per_shard[shard_id])
+        sample["epoch"] = max(self.next_epoch - 1, 0)  # STP draws a record's spans anew each epoch
         return sample
 
     def shard_path(self, sample_id: int) -> str:
