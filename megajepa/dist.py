@@ -33,6 +33,11 @@ def world_size() -> int:
     return _dist.get_world_size() if is_initialized() else 1
 
 
+def group_rank(group) -> int:
+    """This process's rank within `group` (a ZeRO-3 parameter's ds_process_group, say)."""
+    return _dist.get_rank(group=group) if is_initialized() else 0
+
+
 def init_process_group(backend: str) -> None:
     _dist.init_process_group(backend=backend)
 
