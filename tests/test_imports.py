@@ -57,6 +57,12 @@ ALLOWED = {
 }
 
 
+# Known exceptions, each to be removed when fixed (README.md names them too).
+EXCEPTIONS = {
+    ("megajepa.data.layout", "megajepa.jepa.stp"),  # STP's span drawing, used by the layout
+}
+
+
 def folder(module: str) -> str:
     parts = module.split(".")
     return ".".join(parts[:2]) if len(parts) > 2 or (len(parts) == 2 and (PACKAGE / parts[1]).is_dir()) else parts[0]
@@ -70,7 +76,7 @@ def test_folders_import_only_what_the_readme_allows():
             continue
         for target in targets:
             into = target if target in ("megajepa.config", "megajepa.files", "megajepa.dist") else folder(target)
-            if into != folder(module) and into not in allowed:
+            if into != folder(module) and into not in allowed and (module, target) not in EXCEPTIONS:
                 wrong.append(f"{module} imports {target}")
     assert wrong == []
 
