@@ -37,9 +37,18 @@ def cmd_config(args) -> int:
 
 def cmd_train(args) -> int:
     cfg = _load(args)
-    from megajepa.train.trainer import train
+    from megajepa.train.checkpoint import CheckpointMismatch
+    from megajepa.train.resume_policy import ResumeRefused
+    from megajepa.train.trainer import TrainingDiverged, train
 
-    train(cfg)
+    try:
+        train(cfg)
+    except (CheckpointMismatch, ResumeRefused) as err:  # a refusal, before any training: no traceback
+        print(f"megajepa train: {type(err).__name__}: {err}", file=sys.stderr)
+        return 2
+    except TrainingDiverged as err:
+        print(f"megajepa train: {type(err).__name__}: {err}", file=sys.stderr)
+        return 3
     return 0
 
 

@@ -94,7 +94,16 @@ class OptimConfig:
 class TrainConfig:
     steps: int = 100
     output_dir: str = "runs/demo"
-    resume: str = "none"  # none | auto | path to a checkpoint directory
+    # none: fresh (refused over existing checkpoints) | auto: the newest complete checkpoint |
+    # restart: move this run's outputs aside, then fresh | a checkpoint directory
+    resume: str = "none"
+    # resume with a larger train.steps, keeping the checkpoint's lr and EMA schedule length
+    extend: bool = False
+    # schedule or data keys (megajepa.train.resume_policy) a resume may change, at the cost of exactness
+    resume_allow: list[str] = field(default_factory=list)
+    # consecutive optimizer steps DeepSpeed may skip (non-finite gradients) before the run stops
+    # as diverged; fp16's loss-scale skips do not count (DeepSpeed stops at its minimum scale)
+    max_skipped_steps: int = 2
     save_every: int = 0  # 0: only at the end
     eval_every: int = 0
     eval_batches: int = 4
@@ -151,7 +160,7 @@ BOUNDS = {
             "jepa.k", "jepa.lambda_", "jepa.gamma", "jepa.lambda_warmup_steps", "optim.lr",
             "optim.warmup_steps", "optim.weight_decay", "optim.grad_clip", "train.save_every",
             "train.eval_every", "data.num_workers", "data.row_multiple",
-            "deepspeed.param_persistence_threshold",
+            "deepspeed.param_persistence_threshold", "train.max_skipped_steps", "train.seed",
         )
     },
     **{
@@ -165,7 +174,13 @@ BOUNDS = {
         key: (0.0, 1.0, True)
         for key in ("jepa.dropout", "optim.min_lr_ratio", "jepa.ema.momentum_start", "jepa.ema.momentum_end")
     },
+    "optim.eps": (0.0, None, False),
+    # numpy and streaming seeds are 32-bit
+    "data.seed": (0, 2**32 - 1, True),
 }
+# Adam's betas: in [0, 1) (beta = 1 never forgets, the bias correction divides by zero)
+HALF_OPEN_UNIT = ("optim.beta1", "optim.beta2")
+RESUME_MODES = ("none", "auto", "restart")
 
 
 def _source_of(key: str, sources: list[tuple[str, DictConfig]]) -> str:
@@ -194,6 +209,10 @@ def _validate(cfg: Config, sources: list[tuple[str, DictConfig]]) -> None:
             _fail(key, f"must be in [{low:g}, {high:g}], got {value}", sources)
         if value < low or (value == low and not low_allowed):
             _fail(key, f"must be {'>=' if low_allowed else '>'} {low}, got {value}", sources)
+    for key in HALF_OPEN_UNIT:
+        value = OmegaConf.select(resolved, key)
+        if not 0.0 <= value < 1.0:
+            _fail(key, f"must be in [0, 1), got {value}", sources)
     # The T, C and P segments of one pair share a row (C and P attend to T); C' may go elsewhere.
     pred_tokens = cfg.jepa.k if cfg.jepa.predictor == "tokens" else 0
     if cfg.data.row_length < cfg.data.max_pair_tokens + pred_tokens:
@@ -203,10 +222,35 @@ def _validate(cfg: Config, sources: list[tuple[str, DictConfig]]) -> None:
             f"(data.max_pair_tokens={cfg.data.max_pair_tokens} + jepa.k={pred_tokens} [PRED] tokens)",
             sources,
         )
+    _validate_resume(cfg, sources)
+    _validate_paths(cfg, sources)  # last: the value checks above need no files
+
+
+def _validate_resume(cfg: Config, sources: list[tuple[str, DictConfig]]) -> None:
+    resume = cfg.train.resume
+    if resume not in RESUME_MODES and not os.path.isdir(resume):
+        _fail("train.resume", f"{resume!r} is neither {', '.join(RESUME_MODES)} nor a checkpoint directory", sources)
+    from megajepa.train.resume_policy import ALLOWABLE_KEYS
+
+    for key in cfg.train.resume_allow:
+        if key not in ALLOWABLE_KEYS:
+            _fail("train.resume_allow", f"{key!r} cannot be allowed to change on resume (one of: "
+                  f"{', '.join(ALLOWABLE_KEYS)})", sources)
+
+
+def _validate_paths(cfg: Config, sources: list[tuple[str, DictConfig]]) -> None:
+    """Files and directories named by keys exist (data that data.embedded generates aside)."""
     if cfg.model.config is None and cfg.model.pretrained is None:
         _fail("model.config", "set model.config (an HF config JSON) or model.pretrained (a local directory)", sources)
+    if cfg.model.pretrained is not None:
+        if not os.path.isfile(os.path.join(cfg.model.pretrained, "config.json")):
+            _fail("model.pretrained", f"{cfg.model.pretrained}: no such directory with a config.json", sources)
+    elif not os.path.isfile(cfg.model.config):
+        _fail("model.config", f"no such file: {cfg.model.config}", sources)
     if cfg.deepspeed.config_file is not None and not os.path.isfile(cfg.deepspeed.config_file):
         _fail("deepspeed.config_file", f"no such file: {cfg.deepspeed.config_file}", sources)
+    if cfg.data.embedded is None and not os.path.isdir(cfg.data.tokenizer):
+        _fail("data.tokenizer", f"no such directory: {cfg.data.tokenizer}", sources)
 
 
 def _read_yaml(path: str) -> DictConfig:
