@@ -269,10 +269,12 @@ def read_meta(point: ResumePoint) -> dict:
         raise CheckpointMismatch(f"{path}: unreadable ({type(err).__name__}: {err})") from None
 
 
-def check_files(point: ResumePoint, rank: int, world_size: int, ema: bool) -> None:
+def check_files(point: ResumePoint, rank: int, saved_world: int, ema: bool) -> None:
     """Refuse, before anything is built, a checkpoint whose files this rank cannot safely load:
-    its own RNG (and EMA) file missing, or any torch file that would run code when unpickled."""
-    needed = [RNG_FILE.format(rank=rank)] + ([f"ema_rank{rank}.pt"] if ema else [])
+    the RNG and EMA files of the ranks that wrote it, or any torch file that would run code when
+    unpickled."""
+    needed = [RNG_FILE.format(rank=r) for r in range(saved_world)]
+    needed += [f"ema_rank{r}.pt" for r in range(saved_world)] if ema else []
     for name in needed:
         if not os.path.isfile(os.path.join(point.tag_dir, name)):
             raise CheckpointMismatch(f"{point.tag_dir}: {name} is missing (saved with another world size or target?)")
@@ -285,14 +287,19 @@ def check_files(point: ResumePoint, rank: int, world_size: int, ema: bool) -> No
 # ------------------------------------------------------------------------------------- load
 
 
-def load(engine, point: ResumePoint, rank: int) -> dict:
-    """Load DeepSpeed's state and this rank's RNG; returns DeepSpeed's client_state.
+def load(engine, point: ResumePoint, rank: int, deepspeed_point: Optional[ResumePoint] = None) -> dict:
+    """Load DeepSpeed's state (from `deepspeed_point`, e.g. the universal form, default `point`)
+    and this rank's RNG; returns DeepSpeed's client_state. A rank the checkpoint had no RNG file
+    for (a larger world) takes rank 0's.
 
     Call check_files first: DeepSpeed's load_checkpoint unpickles its files with weights_only=False."""
-    path, client_state = engine.load_checkpoint(point.load_dir, tag=point.tag)
+    ds_point = deepspeed_point or point
+    path, client_state = engine.load_checkpoint(ds_point.load_dir, tag=ds_point.tag)
     if path is None:
-        raise CheckpointMismatch(f"{point.tag_dir}: DeepSpeed could not load this checkpoint")
+        raise CheckpointMismatch(f"{ds_point.tag_dir}: DeepSpeed could not load this checkpoint")
     rng_path = os.path.join(point.tag_dir, RNG_FILE.format(rank=rank))
+    if not os.path.isfile(rng_path):
+        rng_path = os.path.join(point.tag_dir, RNG_FILE.format(rank=0))
     try:
         set_rng_state(pickle_guard.load_plain(rng_path))
     except pickle_guard.UnsafeCheckpointFile as err:

@@ -11,7 +11,9 @@ A resumed run should be the uninterrupted run. Settings fall into four kinds:
 - data: what the loader's exact resume depends on (batch, seed, shuffle, packing). Refused unless
   listed in `train.resume_allow` (the loader then continues by sample count, not exactly);
 - optimizer hyper-parameters (betas, eps, weight decay): refused, always: DeepSpeed restores
-  them from the optimizer state, so a new value would be silently ignored.
+  them from the optimizer state, so a new value would be silently ignored;
+- the world size may change (megajepa.train.elastic) when the global batch stays the same:
+  data.pairs_per_batch x world size is compared, not the per-rank value.
 
 Everything else (logging, evaluation, checkpoint cadence, paths, workers) may change freely.
 Architectures are compared key by key with the model type's defaults filled in, so an extra key
@@ -49,7 +51,7 @@ DATA_KEYS = (
 OPTIMIZER_KEYS = ("optim.beta1", "optim.beta2", "optim.eps", "optim.weight_decay")
 ALLOWABLE_KEYS = SCHEDULE_KEYS + DATA_KEYS
 # meta.json entries besides the architecture and the config that must match exactly
-IDENTITY_KEYS = ("tokenizer_hash", "vocab_size", "predictor", "k", "target", "precision", "world_size")
+IDENTITY_KEYS = ("tokenizer_hash", "vocab_size", "predictor", "k", "target", "precision")
 # HF config keys that do not change a trained model's parameters or its forward pass
 HARMLESS_ARCHITECTURE_KEYS = frozenset(
     {"initializer_range", "use_cache", "architectures", "output_attentions", "output_hidden_states",
@@ -106,6 +108,18 @@ def check(saved_meta: dict, current_meta: dict, cfg: Config, where: str) -> int:
     changed = {k: (_get(saved_cfg, k), _get(now, k)) for k in SCHEDULE_KEYS + DATA_KEYS + OPTIMIZER_KEYS}
     changed = {k: v for k, v in changed.items() if v[0] is not None and v[0] != v[1]}
     allowed = set(cfg.train.resume_allow)
+    saved_world, world = saved_meta.get("world_size"), current_meta["world_size"]
+    if saved_world != world and "data.pairs_per_batch" not in allowed:
+        changed.pop("data.pairs_per_batch", None)
+        saved_global = _get(saved_cfg, "data.pairs_per_batch") * saved_world
+        if cfg.data.pairs_per_batch * world != saved_global:
+            fix = (f"set data.pairs_per_batch={saved_global // world}" if saved_global % world == 0
+                   else f"no per-rank batch makes {saved_global} on {world} ranks")
+            problems.append(
+                f"world size {saved_world} -> {world} with data.pairs_per_batch {_get(saved_cfg, 'data.pairs_per_batch')}"
+                f" -> {cfg.data.pairs_per_batch}: the global batch would be {cfg.data.pairs_per_batch * world}, "
+                f"not {saved_global} (the loader continues exactly only with the same global batch; {fix})"
+            )
     # the schedule length the checkpoint ran with (an extended run keeps its original one)
     schedule_steps = int(saved_meta.get("schedule_steps", _get(saved_cfg, "train.steps") or cfg.train.steps))
     if "train.steps" in changed and "train.steps" in allowed:

@@ -28,7 +28,7 @@ from megajepa.files import write_text
 from megajepa.jepa.objective import JepaModel, collapse_std
 from megajepa.model.build import architecture_spec, build_model
 from megajepa.model.predictor import uses_pred_tokens
-from megajepa.train import checkpoint, resume_policy
+from megajepa.train import checkpoint, elastic, resume_policy
 from megajepa.train.divergence import DivergenceGuard
 from megajepa.train.metrics import MetricsLogger
 
@@ -229,9 +229,10 @@ def evaluate(engine, teacher, loader, batches: int, device) -> dict:
     return {"eval_ce": totals[0].item() / n, "eval_jepa": totals[1].item() / n, "eval_batches": int(totals[2].item())}
 
 
-def choose_resume(cfg: Config, meta: dict, rank: int, world: int) -> tuple[Optional[checkpoint.ResumePoint], int]:
-    """(the checkpoint to resume from or None, the lr/EMA schedule length), after every check that
-    needs no engine; refusals raise on every rank (CheckpointMismatch, ResumeRefused)."""
+def choose_resume(cfg: Config, meta: dict, rank: int, world: int) -> tuple[Optional[checkpoint.ResumePoint], int, int]:
+    """(the checkpoint to resume from or None, the lr/EMA schedule length, the world size that
+    wrote it), after every check that needs no engine; refusals raise on every rank
+    (CheckpointMismatch, ResumeRefused)."""
     if cfg.train.resume == "restart":
         if rank == 0:
             moved = checkpoint.start_over(cfg.train.output_dir)
@@ -239,7 +240,7 @@ def choose_resume(cfg: Config, meta: dict, rank: int, world: int) -> tuple[Optio
                 print(f"train.resume=restart: moved the previous run's outputs to {moved}", flush=True)
         dist.barrier()
     error: Optional[Exception] = None
-    point, schedule_steps = None, cfg.train.steps
+    point, schedule_steps, saved_world = None, cfg.train.steps, world
     try:
         point, notes = checkpoint.resolve_resume(cfg.train.resume, cfg.train.output_dir)
         if rank == 0:
@@ -248,13 +249,14 @@ def choose_resume(cfg: Config, meta: dict, rank: int, world: int) -> tuple[Optio
         if point is not None:
             saved = checkpoint.read_meta(point)
             schedule_steps = resume_policy.check(saved, meta, cfg, point.tag_dir)
-            checkpoint.check_files(point, rank, world, ema=cfg.jepa.target == "ema" and cfg.jepa.lambda_ > 0)
+            saved_world = int(saved["world_size"])
+            checkpoint.check_files(point, rank, saved_world, ema=cfg.jepa.target == "ema" and cfg.jepa.lambda_ > 0)
     except (checkpoint.CheckpointMismatch, resume_policy.ResumeRefused) as err:
         error = err
     # a refusal on any rank (its own files) stops every rank before the engine's collectives
     if agree(error is not None)[0]:
         raise error or checkpoint.CheckpointMismatch(f"{point.tag_dir if point else 'resume'}: refused by another rank")
-    return point, schedule_steps
+    return point, schedule_steps, saved_world
 
 
 def train(cfg: Config) -> dict:
@@ -281,23 +283,31 @@ def train(cfg: Config) -> dict:
         "precision": precision(cfg),
         "config": to_dict(cfg),
     }
-    resume, schedule_steps = choose_resume(cfg, meta, rank, world)
+    resume, schedule_steps, saved_world = choose_resume(cfg, meta, rank, world)
     meta["schedule_steps"] = schedule_steps
+    resharding = resume is not None and saved_world != world
 
     ds_config = run_config(cfg, world, output_dir, schedule_steps)
+    universal = None
+    if resharding:  # another world size: DeepSpeed's universal checkpoint (megajepa.train.elastic)
+        universal = elastic.universal_point(resume, rank)
+        ds_config["checkpoint"] = {**ds_config.get("checkpoint", {}), "load_universal": True}
     engine, teacher = build_engine(cfg, tokenizer, ds_config, schedule_steps)
     device = engine.device
 
     start_step, last_good = 0, None
     if resume is not None:
-        client_state = checkpoint.load(engine, resume, rank=rank)
+        client_state = checkpoint.load(engine, resume, rank=rank, deepspeed_point=universal)
         last_good = resume.tag_dir
         start_step = int(client_state["step"])
         loader.load_state_dict(client_state["loader"])
-        if teacher is not None:
+        if teacher is not None and resharding:
+            elastic.reshard_ema(teacher, resume, saved_world, start_step, rank)
+        elif teacher is not None:
             teacher.load(last_good, rank)
         if rank == 0:
-            print(f"resumed from {last_good} at step {start_step}", flush=True)
+            change = f" (world size {saved_world} -> {world})" if resharding else ""
+            print(f"resumed from {last_good} at step {start_step}{change}", flush=True)
 
     saved_step = start_step if resume is not None else -1
 
