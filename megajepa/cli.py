@@ -84,7 +84,7 @@ def cmd_demo(args) -> int:
     if cfg.data.embedded is not None:
         from megajepa.data.embedded import ensure_embedded
 
-        ensure_embedded(cfg.data.embedded, max_pair_tokens=cfg.data.max_pair_tokens)
+        ensure_embedded(cfg.data.embedded, max_length=cfg.data.max_length)
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     command = [
         torchrun,

@@ -42,11 +42,20 @@ class DataConfig:
     # Root of the embedded default data: when set, the NL-regex pairs are generated, the tokenizer
     # trained and the shards prepared there first if missing (shards/tokenizer point inside it).
     embedded: Optional[str] = None
-    row_length: int = 512
+    # Packed row length: a record's conversation and its two views share a row, so this must hold
+    # up to three sequences of max_length (two with the EMA target or the shared_prefix views).
+    row_length: int = 2048
     row_multiple: int = 16  # rows trimmed to a multiple of this (0: always row_length)
-    pairs_per_batch: int = 32  # pairs per micro-batch per rank
-    max_pair_tokens: int = 256  # longest view A + view B accepted by prepare and the loader
-    labels: str = "response"  # response: CE on view B only | all: CE on view A and view B
+    pairs_per_batch: int = 32  # records per micro-batch per rank
+    # Each sequence (conversation, user view with its [PRED] tokens, assistant view) is cut at this
+    # many tokens, as the reference's tokenizer call (truncation=True, max_length=512) does. 0: no cut.
+    max_length: int = 512
+    # CE labels: response (the assistant's reply and end of turn) | all (every token) |
+    # conversation (every token that is not the pad token: the reference's LM collator)
+    labels: str = "response"
+    # A view that opens with the conversation's tokens stores only its tail and reads the shared
+    # tokens in the conversation (exact; fewer tokens). false: every view is a sequence of its own.
+    share_prefix: bool = True
     shuffle: bool = True
     seed: int = 1234
     num_workers: int = 0
@@ -65,9 +74,20 @@ class EmaConfig:
 class JepaConfig:
     lambda_: float = 1.0  # weight of the latent term
     gamma: float = 1.0  # weight of the next-token CE term
-    k: int = 1  # [PRED] tokens appended after view A (predictor: tokens)
+    k: int = 1  # [PRED] tokens inserted in the user view (predictor: tokens)
+    # reference: the conversation, the user turn alone with its [PRED] tokens and the assistant
+    # message alone, as galilai-group/llm-jepa's finetune.py builds them (the paper) |
+    # shared_prefix: a cheaper deviation ([PRED] after the conversation's prompt; view B = its reply)
+    views: str = "reference"
+    # where z_a and z_b are read: offset (the reference's --last_token: len(sequence) + last_token)
+    # | content_end (the last token before each view's end-of-turn marker, from the tokenization)
+    readout: str = "offset"
+    last_token: int = -1
+    front_pred: bool = False  # the reference's --front_pred: [PRED] before the user content
+    reverse_pred: bool = False  # the reference's --reverse_pred: the assistant view predicts the user view
     predictor: str = "tokens"  # tokens | mlp | linear | identity
-    distance: str = "cosine"  # cosine | mse | l2
+    distance: str = "cosine"  # cosine | mse | l2 | infonce (in-batch negatives, the reference's --infonce)
+    infonce_temperature: float = 0.07
     target: str = "online"  # online | ema
     stop_grad: bool = False  # online target only; the EMA target never has a gradient
     dropout: float = 0.0  # fraction of pairs whose latent term is left out
@@ -141,9 +161,11 @@ class Config:
 
 CHOICES = {
     "model.attention": ("sdpa", "flex", "auto"),
-    "data.labels": ("response", "all"),
+    "data.labels": ("response", "all", "conversation"),
+    "jepa.views": ("reference", "shared_prefix"),
+    "jepa.readout": ("offset", "content_end"),
     "jepa.predictor": ("tokens", "mlp", "linear", "identity"),
-    "jepa.distance": ("cosine", "mse", "l2"),
+    "jepa.distance": ("cosine", "mse", "l2", "infonce"),
     "jepa.target": ("online", "ema"),
     "jepa.pooling": ("last", "mean"),
     "jepa.ema.schedule": ("constant", "linear", "cosine"),
@@ -159,7 +181,7 @@ BOUNDS = {
         for key in (
             "jepa.k", "jepa.lambda_", "jepa.gamma", "jepa.lambda_warmup_steps", "optim.lr",
             "optim.warmup_steps", "optim.weight_decay", "optim.grad_clip", "train.save_every",
-            "train.eval_every", "data.num_workers", "data.row_multiple",
+            "train.eval_every", "data.num_workers", "data.row_multiple", "data.max_length",
             "deepspeed.param_persistence_threshold", "train.max_skipped_steps", "train.seed",
         )
     },
@@ -167,7 +189,7 @@ BOUNDS = {
         key: (0, None, False)
         for key in (
             "train.steps", "optim.grad_accum", "data.row_length", "data.pairs_per_batch",
-            "data.max_pair_tokens", "train.eval_batches", "logging.log_every",
+            "train.eval_batches", "logging.log_every", "jepa.infonce_temperature",
         )
     },
     **{
@@ -213,13 +235,14 @@ def _validate(cfg: Config, sources: list[tuple[str, DictConfig]]) -> None:
         value = OmegaConf.select(resolved, key)
         if not 0.0 <= value < 1.0:
             _fail(key, f"must be in [0, 1), got {value}", sources)
-    # The T, C and P segments of one pair share a row (C and P attend to T); C' may go elsewhere.
-    pred_tokens = cfg.jepa.k if cfg.jepa.predictor == "tokens" else 0
-    if cfg.data.row_length < cfg.data.max_pair_tokens + pred_tokens:
+    if cfg.jepa.readout == "offset" and cfg.jepa.last_token >= 0:
+        _fail("jepa.last_token", f"an offset from the end of each view must be negative, got {cfg.jepa.last_token}", sources)
+    needed = max_record_tokens(cfg)
+    if needed is not None and cfg.data.row_length < needed:
         _fail(
             "data.row_length",
-            f"{cfg.data.row_length} is shorter than the longest allowed pair "
-            f"(data.max_pair_tokens={cfg.data.max_pair_tokens} + jepa.k={pred_tokens} [PRED] tokens)",
+            f"{cfg.data.row_length} cannot hold a record's packed sequences: up to {needed} tokens "
+            f"(data.max_length={cfg.data.max_length}, jepa.views={cfg.jepa.views}, jepa.k={cfg.jepa.k})",
             sources,
         )
     _validate_resume(cfg, sources)
@@ -251,6 +274,22 @@ def _validate_paths(cfg: Config, sources: list[tuple[str, DictConfig]]) -> None:
         _fail("deepspeed.config_file", f"no such file: {cfg.deepspeed.config_file}", sources)
     if cfg.data.embedded is None and not os.path.isdir(cfg.data.tokenizer):
         _fail("data.tokenizer", f"no such directory: {cfg.data.tokenizer}", sources)
+
+
+def max_record_tokens(cfg: Config) -> Optional[int]:
+    """The most tokens one record's packed sequences take in a row (None: no max_length cut).
+
+    The conversation shares its row with the view carrying the [PRED] tokens and, with the
+    online target, the other view (shared_prefix: the [PRED] tokens; view B goes anywhere)."""
+    if cfg.data.max_length == 0:
+        return None
+    k = cfg.jepa.k if cfg.jepa.predictor == "tokens" else 0
+    if cfg.jepa.lambda_ == 0:
+        return cfg.data.max_length
+    if cfg.jepa.views == "shared_prefix":
+        return cfg.data.max_length + k
+    views = 1 if cfg.jepa.target == "ema" else 2
+    return cfg.data.max_length * (1 + views)
 
 
 def _read_yaml(path: str) -> DictConfig:

@@ -45,7 +45,9 @@ DATA_KEYS = (
     "data.row_length",
     "data.row_multiple",
     "data.labels",
-    "data.max_pair_tokens",
+    "data.max_length",
+    "data.share_prefix",
+    "jepa.views",
     "jepa.dropout",
 )
 OPTIMIZER_KEYS = ("optim.beta1", "optim.beta2", "optim.eps", "optim.weight_decay")
