@@ -117,8 +117,10 @@ class TrainConfig:
     # none: fresh (refused over existing checkpoints) | auto: the newest complete checkpoint |
     # restart: move this run's outputs aside, then fresh | a checkpoint directory
     resume: str = "none"
-    # resume with a larger train.steps, keeping the checkpoint's lr and EMA schedule length
-    extend: bool = False
+    # resume with another train.steps on the checkpoint's lr and EMA schedule (its length):
+    # a longer run continues the original schedule to its old end, then holds the lr at its
+    # minimum and the momentum at its end value; a shorter one stops early on it
+    keep_schedule: bool = False
     # schedule or data keys (megajepa.train.resume_policy) a resume may change, at the cost of exactness
     resume_allow: list[str] = field(default_factory=list)
     # consecutive optimizer steps DeepSpeed may skip (non-finite gradients) before the run stops

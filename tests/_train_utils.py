@@ -98,8 +98,10 @@ def rank_pids(marker: str) -> dict[int, int]:
         try:
             with open(f"/proc/{entry}/environ", "rb") as f:
                 env = dict(item.split(b"=", 1) for item in f.read().split(b"\0") if b"=" in item)
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                trainer = b"megajepa.cli" in f.read()  # not a compiler or helper the rank started
         except OSError:
             continue
-        if env.get(b"FAULT_RUN") == marker.encode() and b"RANK" in env and b"LOCAL_RANK" in env:
+        if trainer and env.get(b"FAULT_RUN") == marker.encode() and b"RANK" in env and b"LOCAL_RANK" in env:
             found[int(env[b"RANK"])] = int(entry)
     return found

@@ -23,6 +23,7 @@ pytestmark = pytest.mark.slow
 COMMON = {
     "optim.warmup_steps": 2,
     "train.save_every": 4,
+    "train.keep_schedule": "true",  # the parts run 8 and 12 steps on the 12-step schedule
     "jepa.target": "ema",
     "jepa.ema.schedule": "constant",
     "jepa.ema.momentum_start": 1.0,

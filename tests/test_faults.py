@@ -220,7 +220,7 @@ def test_exploding_lr_stops_as_diverged(six_steps, demo_data, tmp_path):
     (the last one saved before the bad steps began)."""
     run = _copy_run(six_steps, tmp_path / "run", 2)
     overrides = demo_overrides(
-        demo_data, run, **{**RUN, "train.steps": 40, "train.resume": "auto", "train.extend": "true",
+        demo_data, run, **{**RUN, "train.steps": 40, "train.resume": "auto", "train.keep_schedule": "true",
                            "train.resume_allow": "[optim.lr]", "optim.lr": 1e6, "train.max_skipped_steps": 2}
     )
     result = run_train(overrides, tmp_path)

@@ -53,7 +53,7 @@ def test_resume_refuses_changes_naming_the_keys(single_run, demo_data, tmp_path)
     cases = [
         ({"jepa.k": 2, "optim.lr": 0.01}, ["k: 1 -> 2", "optim.lr: 0.001 -> 0.01"]),
         ({"model.config": str(other_model)}, ["the model architecture differs (num_hidden_layers: 4 -> 2)"]),
-        ({"train.steps": 40}, ["train.steps: 30 -> 40 (the lr and EMA schedules would change; train.extend=true"]),
+        ({"train.steps": 40}, ["train.steps: 30 -> 40 (the lr and EMA schedules would change; train.keep_schedule=true"]),
         ({"data.pairs_per_batch": 8}, ["data.pairs_per_batch: 16 -> 8 (the loader could no longer resume exactly"]),
         ({"optim.beta2": 0.9}, ["optim.beta2: 0.95 -> 0.9 (DeepSpeed restores it from the optimizer state"]),
     ]
@@ -81,7 +81,7 @@ def test_nan_guard_stops_with_step_and_last_checkpoint(single_run, demo_data, tm
         state["optimizer_state_dict"]["fp32_flat_groups"][0].fill_(float("nan"))
     torch.save(state, optim_file)
     remark_complete(optim_file.parent)
-    overrides = demo_overrides(demo_data, out, **{**SINGLE, "train.steps": 31, "train.resume": "auto", "train.extend": "true"})
+    overrides = demo_overrides(demo_data, out, **{**SINGLE, "train.steps": 31, "train.resume": "auto", "train.keep_schedule": "true"})
     result = run_train(overrides, tmpdir=tmp_path)
     assert result.returncode != 0
     assert result.returncode == 3 and "Traceback" not in result.stderr

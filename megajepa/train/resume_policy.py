@@ -4,10 +4,11 @@ A resumed run should be the uninterrupted run. Settings fall into four kinds:
 
 - identity (model architecture, tokenizer, [PRED] tokens, target, precision): refused, always;
 - schedule: train.steps, the lr schedule, lambda warm-up, the EMA momentum schedule. Changing one
-  changes every later step. Refused unless `train.extend=true` (train.steps may grow; the lr and
-  EMA schedules keep the checkpoint's length, so the run continues the original schedule up to
-  its old end and then holds the lr at its minimum and the momentum at its end value) or the key
-  is listed in `train.resume_allow` (the new value applies from the next step);
+  changes every later step. Refused unless `train.keep_schedule=true` (train.steps may change;
+  the lr and EMA schedules keep the checkpoint's length, so a longer run continues the original
+  schedule up to its old end and then holds the lr at its minimum and the momentum at its end
+  value, and a shorter one stops early on it) or the key is listed in `train.resume_allow` (the
+  new value applies from the next step);
 - data: what the loader's exact resume depends on (batch, seed, shuffle, packing). Refused unless
   listed in `train.resume_allow` (the loader then continues by sample count, not exactly);
 - optimizer hyper-parameters (betas, eps, weight decay): refused, always: DeepSpeed restores
@@ -126,17 +127,15 @@ def check(saved_meta: dict, current_meta: dict, cfg: Config, where: str) -> int:
     schedule_steps = int(saved_meta.get("schedule_steps", _get(saved_cfg, "train.steps") or cfg.train.steps))
     if "train.steps" in changed and "train.steps" in allowed:
         schedule_steps = cfg.train.steps
-    elif "train.steps" in changed and cfg.train.extend:
-        before, after = changed.pop("train.steps")
-        if after < before:
-            problems.append(f"train.steps: {before} -> {after} (train.extend=true only lengthens a run)")
+    elif "train.steps" in changed and cfg.train.keep_schedule:
+        changed.pop("train.steps")
     for key, (before, after) in changed.items():
         if key in allowed:
             continue
         if key in OPTIMIZER_KEYS:
             hint = "DeepSpeed restores it from the optimizer state, so a new value would be ignored"
         elif key == "train.steps":
-            hint = ("the lr and EMA schedules would change; train.extend=true keeps the original schedule, "
+            hint = ("the lr and EMA schedules would change; train.keep_schedule=true keeps the checkpoint's, "
                     "train.resume_allow=[train.steps] takes the new one")
         elif key in SCHEDULE_KEYS:
             hint = f"the schedule would change from here on; train.resume_allow=[{key}] accepts it"

@@ -381,7 +381,8 @@ def train(cfg: Config) -> dict:
     if logger.history:
         summary["first"] = logger.history[0]
         summary["last"] = logger.history[-1]
-    summary["stopped_by_signal"] = stop.received if stop_requested else None
+    # the signal number where it arrived here, "another rank" where it arrived elsewhere
+    summary["stopped_by_signal"] = (stop.received or "another rank") if stop_requested else None
     if eval_loader is not None and not stop_requested:  # the agreed flag: every rank evaluates, or none
         summary.update(evaluate(engine, teacher, eval_loader, cfg.train.eval_batches, device))
     if rank == 0:
