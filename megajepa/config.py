@@ -205,6 +205,16 @@ BOUNDS = {
 # Adam's betas: in [0, 1) (beta = 1 never forgets, the bias correction divides by zero)
 HALF_OPEN_UNIT = ("optim.beta1", "optim.beta2")
 RESUME_MODES = ("none", "auto", "restart")
+# The keys a resume may change only when train.resume_allow lists them (megajepa.train.resume_policy):
+# the schedule's, and those the loader's exact resume depends on.
+RESUME_SCHEDULE_KEYS = (
+    "train.steps", "optim.lr", "optim.min_lr_ratio", "optim.warmup_steps", "jepa.lambda_warmup_steps",
+    "jepa.ema.schedule", "jepa.ema.momentum_start", "jepa.ema.momentum_end",
+)
+RESUME_DATA_KEYS = (
+    "data.pairs_per_batch", "optim.grad_accum", "data.seed", "data.shuffle", "data.row_length",
+    "data.row_multiple", "data.labels", "data.max_length", "data.share_prefix", "jepa.views", "jepa.dropout",
+)
 
 
 def _source_of(key: str, sources: list[tuple[str, DictConfig]]) -> str:
@@ -255,12 +265,11 @@ def _validate_resume(cfg: Config, sources: list[tuple[str, DictConfig]]) -> None
     resume = cfg.train.resume
     if resume not in RESUME_MODES and not os.path.isdir(resume):
         _fail("train.resume", f"{resume!r} is neither {', '.join(RESUME_MODES)} nor a checkpoint directory", sources)
-    from megajepa.train.resume_policy import ALLOWABLE_KEYS
-
+    allowable = RESUME_SCHEDULE_KEYS + RESUME_DATA_KEYS
     for key in cfg.train.resume_allow:
-        if key not in ALLOWABLE_KEYS:
+        if key not in allowable:
             _fail("train.resume_allow", f"{key!r} cannot be allowed to change on resume (one of: "
-                  f"{', '.join(ALLOWABLE_KEYS)})", sources)
+                  f"{', '.join(allowable)})", sources)
 
 
 def _validate_paths(cfg: Config, sources: list[tuple[str, DictConfig]]) -> None:

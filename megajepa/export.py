@@ -33,6 +33,7 @@ from megajepa.jepa.ema_target import STATE_FILE as EMA_FILE
 from megajepa.model.predictor import uses_pred_tokens
 from megajepa.train import pickle_guard
 from megajepa.train.checkpoint import CHECKPOINT_SUBDIR, incomplete_reason, newest_complete
+from megajepa.train.ema_shards import EmaShardsUnusable, consolidate_ema
 
 LM_PREFIX, PREDICTOR_PREFIX = "lm.", "predictor."
 PREDICTOR_FILE = "predictor.safetensors"
@@ -98,31 +99,6 @@ def read_checkpoint(path: str) -> CheckpointInfo:
 # ------------------------------------------------------------------------------ consolidation
 
 
-def _ema_flat_groups(info: CheckpointInfo, model_states) -> list[list[torch.Tensor]]:
-    """Per rank, the EMA shards laid out as the optimizer's fp32 flat groups."""
-    states = []
-    for rank in range(info.world_size):
-        path = os.path.join(info.tag_dir, EMA_FILE.format(rank=rank))
-        if not os.path.isfile(path):
-            raise ExportError(f"{path}: missing; --weights ema needs a run trained with jepa.target=ema")
-        try:
-            states.append(pickle_guard.load_plain(path))
-        except pickle_guard.UnsafeCheckpointFile as err:
-            raise ExportError(str(err)) from None
-    if states[0]["layout"] == "flat":  # one buffer per optimizer sub-group: the master's own layout
-        return [[t.view(-1) for t in s["ema"]] for s in states]
-    # per parameter: each rank's slice of each parameter, concatenated in DeepSpeed's order
-    names = [name for group in model_states[0].param_shapes for name in group]
-    groups = []
-    for rank, state in enumerate(states):
-        by_name = dict(zip(state["names"], state["ema"]))
-        missing = [n for n in names if n not in by_name]
-        if missing:
-            raise ExportError(f"ema_rank{rank}.pt has no EMA for {missing[:3]}")
-        groups.append([torch.cat([by_name[n].view(-1) for n in names])])
-    return groups
-
-
 def consolidate(info: CheckpointInfo, weights: str = "online") -> dict[str, torch.Tensor]:
     """The full fp32 state dict of the JepaModel (keys `lm.*`, `predictor.*`)."""
     if weights not in ("online", "ema"):
@@ -132,12 +108,10 @@ def consolidate(info: CheckpointInfo, weights: str = "online") -> dict[str, torc
         return zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint(load_dir, tag=tag)
     if info.config.deepspeed.zero_stage != 3:
         raise ExportError(f"{info.tag_dir}: --weights ema supports ZeRO stage 3 checkpoints only")
-    model_states = zero_to_fp32.parse_model_states(zero_to_fp32.get_model_state_files(info.tag_dir))
-    flat = _ema_flat_groups(info, model_states)
-    merged = zero_to_fp32._get_fp32_state_dict_from_zero3_checkpoint(
-        info.world_size, flat, model_states, exclude_frozen_parameters=False
-    )
-    return zero_to_fp32.to_torch_tensor(merged)
+    try:
+        return consolidate_ema(info.tag_dir, info.world_size)
+    except EmaShardsUnusable as err:
+        raise ExportError(str(err)) from None
 
 
 def split_state_dict(state: dict[str, torch.Tensor]) -> tuple[dict, dict]:

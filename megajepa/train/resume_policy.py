@@ -26,33 +26,10 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-from megajepa.config import Config, to_dict
+from megajepa.config import RESUME_DATA_KEYS, RESUME_SCHEDULE_KEYS, Config, to_dict
 
-SCHEDULE_KEYS = (
-    "train.steps",
-    "optim.lr",
-    "optim.min_lr_ratio",
-    "optim.warmup_steps",
-    "jepa.lambda_warmup_steps",
-    "jepa.ema.schedule",
-    "jepa.ema.momentum_start",
-    "jepa.ema.momentum_end",
-)
-DATA_KEYS = (
-    "data.pairs_per_batch",
-    "optim.grad_accum",
-    "data.seed",
-    "data.shuffle",
-    "data.row_length",
-    "data.row_multiple",
-    "data.labels",
-    "data.max_length",
-    "data.share_prefix",
-    "jepa.views",
-    "jepa.dropout",
-)
+SCHEDULE_KEYS, DATA_KEYS = RESUME_SCHEDULE_KEYS, RESUME_DATA_KEYS
 OPTIMIZER_KEYS = ("optim.beta1", "optim.beta2", "optim.eps", "optim.weight_decay")
-ALLOWABLE_KEYS = SCHEDULE_KEYS + DATA_KEYS
 # meta.json entries besides the architecture and the config that must match exactly
 IDENTITY_KEYS = ("tokenizer_hash", "vocab_size", "predictor", "k", "target", "precision")
 # HF config keys that do not change a trained model's parameters or its forward pass

@@ -291,7 +291,7 @@ def train(cfg: Config) -> dict:
         start_step = int(client_state["step"])
         loader.load_state_dict(client_state["loader"])
         if teacher is not None and resharding:
-            elastic.reshard_ema(teacher, resume, saved_world, start_step, rank)
+            elastic.reshard_ema(teacher, resume, saved_world, start_step)
         elif teacher is not None:
             teacher.load(last_good, rank)
         if rank == 0:
