@@ -86,6 +86,9 @@ def cmd_demo(args) -> int:
 
         ensure_embedded(cfg.data.embedded, max_length=cfg.data.max_length)
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    overrides = list(args.overrides)
+    if not any(o.startswith("train.resume=") for o in overrides):
+        overrides.append("train.resume=restart")  # a demo run again starts over (the last one is moved aside)
     command = [
         torchrun,
         "--standalone",
@@ -94,7 +97,7 @@ def cmd_demo(args) -> int:
         "megajepa.cli",
         "train",
         args.config,
-        *args.overrides,
+        *overrides,
     ]
     print("+ " + " ".join(command), flush=True)
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
