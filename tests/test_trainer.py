@@ -114,7 +114,8 @@ def test_ema_target_trains_checkpoints_and_resumes(demo_data, tmp_path):
     common = {"jepa.target": "ema", "deepspeed.precision": "bf16", "train.save_every": 2}
     _ok(run_train(demo_overrides(demo_data, out, **{"train.steps": 2, **common}), tmp_path))
     assert (out / "checkpoints" / "step00000002" / "ema_rank0.pt").is_file()
-    result = run_train(demo_overrides(demo_data, out, **{"train.steps": 3, "train.resume": "auto", **common}), tmp_path)
+    resumed = {"train.steps": 3, "train.resume": "auto", "train.keep_schedule": "true", **common}  # one step more
+    result = run_train(demo_overrides(demo_data, out, **resumed), tmp_path)
     _ok(result)
     rows = metrics(out)
     assert [r["step"] for r in rows] == [1, 2, 3]
@@ -142,6 +143,7 @@ def test_sigterm_checkpoints_and_exits_cleanly(demo_data, tmp_path):
     stopped_at = metrics(out)[-1]["step"]
     assert 2 <= stopped_at < 500
     assert (out / "checkpoints" / "latest").read_text().strip() == f"step{stopped_at:08d}"
-    result = run_train(demo_overrides(demo_data, out, **{"train.steps": stopped_at + 1, "train.resume": "auto"}), tmp_path)
+    resumed = {"train.steps": stopped_at + 1, "train.resume": "auto", "train.keep_schedule": "true"}
+    result = run_train(demo_overrides(demo_data, out, **resumed), tmp_path)
     _ok(result)
     assert metrics(out)[-1]["step"] == stopped_at + 1
