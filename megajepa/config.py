@@ -28,7 +28,7 @@ class ModelConfig:
     # An HF config JSON (architecture only, random init) or a local pretrained directory.
     config: Optional[str] = "configs/models/tiny-llama.json"
     pretrained: Optional[str] = None
-    attention: str = "auto"  # sdpa | flex | auto (flex on CUDA, sdpa elsewhere)
+    attention: str = "auto"  # auto (flex on CUDA where the model supports it, else sdpa, else eager) | flex | sdpa | eager
     trust_remote_code: bool = False
     gradient_checkpointing: bool = False
 
@@ -162,7 +162,7 @@ class Config:
 
 
 CHOICES = {
-    "model.attention": ("sdpa", "flex", "auto"),
+    "model.attention": ("auto", "flex", "sdpa", "eager"),
     "data.labels": ("response", "all", "conversation"),
     "jepa.views": ("reference", "shared_prefix"),
     "jepa.readout": ("offset", "content_end"),

@@ -57,7 +57,8 @@ def expected_views(record, pred, jepa, max_length):
     names = ("assistant", "user") if jepa.reverse_pred else ("user", "assistant")
     src, src_insert = record[names[0]], record[names[0] + "_insert"]
     at = src_insert[0] if jepa.front_pred else src_insert[1]
-    src = np.r_[src[:at], pred[::-1], src[at:]]
+    # the reference adds <|predictor_i|> for i = k .. 1: prepended (1 ends up first) or appended
+    src = np.r_[src[:at], pred if jepa.front_pred else pred[::-1], src[at:]]
     tgt, tgt_end = record[names[1]], record[names[1] + "_insert"][1]
     cut = (lambda s: s[:max_length]) if max_length else (lambda s: s)
     src, tgt = cut(src), cut(tgt)

@@ -112,14 +112,17 @@ def _last_token_index(mask: torch.Tensor, last_token: int) -> torch.Tensor:
     return mask.sum(dim=1) + last_token
 
 
-def reference_loss(lm, tokenizer, conversations, k, last_token, labels_mode, max_length=MAX_LENGTH):
+def reference_loss(lm, tokenizer, conversations, k, last_token, labels_mode, max_length=MAX_LENGTH, front_pred=False):
     full_texts, user_texts, assistant_texts, prompts = [], [], [], []
     for messages in conversations:
         full_texts.append(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False))
         # messages[1:2] in the reference, whose records all open with a system message
         user = [dict(m) for m in messages if m["role"] == "user"][-1:]
-        for i in range(k, 0, -1):  # <|predictor_k|> ... <|predictor_1|>; ours are <|pred_{i-1}|>
-            user[0]["content"] += f"<|pred_{i - 1}|>"
+        for i in range(k, 0, -1):  # to_add = k .. 1; <|predictor_i|> is our <|pred_{i-1}|>
+            if front_pred:
+                user[0]["content"] = f"<|pred_{i - 1}|>" + user[0]["content"]
+            else:
+                user[0]["content"] += f"<|pred_{i - 1}|>"
         user_texts.append(tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=False))
         assistant_texts.append(tokenizer.apply_chat_template(messages[-1:], tokenize=False, add_generation_prompt=False))
         prompts.append(tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True))
@@ -226,6 +229,17 @@ def test_sequences_longer_than_max_length_are_cut_as_the_reference_cuts_them(bas
     settings = ["jepa.readout=offset", "jepa.last_token=-1", "data.labels=conversation"]
     ref = reference_loss(lm, tokenizer, conversations, 2, -1, "conversation", max_length)
     loss, ce, jepa, _ = packed_loss(lm, tokenizer, conversations, 2, settings, max_length)
+    _assert_same(ref, (loss, ce, jepa), lm)
+
+
+@pytest.mark.parametrize("template", ["embedded", "llama3"])
+def test_front_pred_is_the_references(base_tokenizer, template):
+    tokenizer = _tokenizer(base_tokenizer, template)
+    lm = _model(len(tokenizer))
+    conversations = _messages(True)
+    ref = reference_loss(lm, tokenizer, conversations, 3, -1, "conversation", front_pred=True)
+    settings = ["jepa.readout=offset", "jepa.last_token=-1", "data.labels=conversation", "jepa.front_pred=true"]
+    loss, ce, jepa, _ = packed_loss(lm, tokenizer, conversations, 3, settings)
     _assert_same(ref, (loss, ce, jepa), lm)
 
 

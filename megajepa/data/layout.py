@@ -166,7 +166,15 @@ class Layout:
         target = np.asarray(record[names[1]], dtype=np.int64)
         target_insert = np.asarray(record[names[1] + "_insert"])
         at = int(source_insert[FRONT if self.jepa.front_pred else END])
-        source = self._cut(np.concatenate([source[:at], self.pred, source[at:]]))
+        if at < 0:
+            raise ValueError(
+                f"sample {sid}: jepa.front_pred: prepare found no place for [PRED] tokens before its {names[0]} "
+                f"content that keeps the content's tokens (the template's text before it merges with it)"
+            )
+        # the reference prepends <|predictor_i|> for i = k .. 1 at the front (so 1 comes first) and
+        # appends them in that order at the end (so 1 comes last)
+        pred = self.pred[::-1] if self.jepa.front_pred else self.pred
+        source = self._cut(np.concatenate([source[:at], pred, source[at:]]))
         target = self._cut(target)
         source_read = self._readout(source, int(source_insert[END]), len(self.pred), sid, names[0] + " view")
         target_read = self._readout(target, int(target_insert[END]), 0, sid, names[1] + " view")

@@ -259,7 +259,7 @@ def _string_field(fields: dict, name: str) -> str:
     return value
 
 
-MARKS = tuple(f"<|megajepa_mark_{i}|>" for i in range(4))  # temporary, never stored
+MARKS = ("<|megajepa_mark|>",)  # a temporary special token, never stored
 
 
 class RecordEncoder:
@@ -270,8 +270,10 @@ class RecordEncoder:
     the [PRED] tokens go (and where each content starts and ends) is found by rendering the same
     messages with marker tokens at those places: a marker is a special token, so the tokenizer
     splits there exactly as it will split around the [PRED] tokens. A template that rewrites the
-    content around a marker (say it trims trailing whitespace) makes the record a bad record:
-    its [PRED] positions would not be the reference's.
+    content where the [PRED] tokens go at its end (say it trims trailing whitespace) makes the
+    record a bad record: its [PRED] positions would not be the reference's. Where a token at the
+    content's front would change the tokens before it, the front position is stored as -1 and
+    only jepa.front_pred refuses the record.
     """
 
     def __init__(
@@ -321,47 +323,55 @@ class RecordEncoder:
     def _tokens(self, text: str) -> list[int]:
         return self.tokenizer(text)["input_ids"]
 
-    def _positions(self, messages: list[dict], marks: dict, plain: bool, suffix: str = "") -> tuple[list[int], list[int]]:
-        """(tokens of the rendered messages, token index of each marker): `marks` maps a marker
-        number to (message index, 'front' or 'end') of the content it is placed at."""
+    def _positions(self, messages: list[dict], marks: list, plain: bool, suffix: str = "") -> tuple[list[int], list[int]]:
+        """(tokens of the rendered messages, token index of each mark): a mark is (message index,
+        'front' or 'end') of the content it is placed at, and its index is -1 where placing a
+        token there changes the tokens around it (the template trims the content, or the text
+        before the content merges with it when it is not split off)."""
         tokens = self._tokens(self._render(messages, plain) + suffix)
-        marked = [dict(m) for m in messages]
-        for number, (index, side) in marks.items():
-            mark = MARKS[number]
+        mark_id = self.mark_ids[0]
+        found = []
+        for index, side in marks:
+            marked = [dict(m) for m in messages]
             content = marked[index]["content"]
-            marked[index]["content"] = mark + content if side == "front" else content + mark
-        ids = self.marked(self._render(marked, plain) + suffix)["input_ids"]
-        found = {}
-        for number in marks:
-            where = [j for j, t in enumerate(ids) if t == self.mark_ids[number]]
-            if len(where) != 1:
-                raise BadRecord("template_rewrites_content", "the chat template drops or repeats the content")
-            found[number] = where[0]
-        unmarked = [t for t in ids if t not in self.mark_ids]
-        if unmarked != tokens:
+            marked[index]["content"] = MARKS[0] + content if side == "front" else content + MARKS[0]
+            ids = self.marked(self._render(marked, plain) + suffix)["input_ids"]
+            where = [j for j, t in enumerate(ids) if t == mark_id]
+            exact = len(where) == 1 and ids[: where[0]] + ids[where[0] + 1 :] == tokens
+            found.append(where[0] if exact else -1)
+        return tokens, found
+
+    def _view(self, messages: list[dict], plain: bool) -> tuple[list[int], list[int]]:
+        """A view rendered alone; its first message's content gets the [PRED] tokens (the reference
+        appends them to user_messages[0]). An unknown front position (-1) refuses front_pred only."""
+        tokens, (front, end) = self._positions(messages, [(0, "front"), (0, "end")], plain)
+        if end < 0:
             raise BadRecord(
                 "template_rewrites_content",
                 "the chat template changes the content's tokens when [PRED] tokens are added to it "
                 "(leading or trailing whitespace that the template trims?)",
             )
-        order = sorted(found, key=found.get)  # each earlier marker shifts the later ones by one
-        return tokens, [found[n] - order.index(n) for n in sorted(marks)]
-
-    def _view(self, messages: list[dict], plain: bool) -> tuple[list[int], list[int]]:
-        """A view rendered alone; its first message's content gets the [PRED] tokens (the reference
-        appends them to user_messages[0])."""
-        tokens, (front, end) = self._positions(messages, {0: (0, "front"), 1: (0, "end")}, plain)
         return tokens, [front, end]
 
     def _conversation(self, messages: list[dict], user: int, plain: bool) -> tuple[list[int], int, list[int]]:
         """(the conversation's tokens, its prompt length, [user start, user end, assistant start, end))."""
-        if plain:  # the reference's --plain --train_all: the first view's text and the end of text
-            tokens, spans = self._positions(messages[:1], {0: (0, "front"), 1: (0, "end")}, True, self.tokenizer.eos_token)
-            return tokens, spans[0], spans + [-1, -1]
+        if plain:  # the reference's --plain --train_all: the user's text and the end of text
+            tokens, spans = self._positions([messages[user]], [(0, "front"), (0, "end")], True, self.tokenizer.eos_token)
+            return tokens, 0, spans + [-1, -1]
         assistant = len(messages) - 1
-        marks = {0: (user, "front"), 1: (user, "end"), 2: (assistant, "front"), 3: (assistant, "end")}
+        marks = [(user, "front"), (user, "end"), (assistant, "front"), (assistant, "end")]
         tokens, spans = self._positions(messages, marks, False)
-        return tokens, spans[2], spans
+        prompt_len = spans[2]
+        if prompt_len < 0:  # where the reply starts, from the generation prompt instead
+            prompt = self._tokens(
+                self.tokenizer.apply_chat_template(
+                    messages[:-1], chat_template=self.template, tokenize=False, add_generation_prompt=True
+                )
+            )
+            if tokens[: len(prompt)] != prompt:
+                raise BadRecord("template_rewrites_content", "the conversation does not start with its generation prompt")
+            prompt_len = len(prompt)
+        return tokens, prompt_len, spans
 
     # ---- records
 

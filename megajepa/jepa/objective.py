@@ -23,7 +23,9 @@ from transformers.utils import ModelOutput
 
 from kernels.latent_loss import latent_loss
 from megajepa.config import JepaConfig
-from megajepa.model.attention import attention_mask
+from megajepa.model.attention import MASK_KEYS, attention_mask, bucket_width
+from megajepa.model.families import decoder_of
+from megajepa.model.head import lm_cross_entropy
 from megajepa.model.predictor import build_predictor
 
 
@@ -75,18 +77,25 @@ class JepaModel(nn.Module):
     def hidden_states(self, batch: dict, prefix: str = ""):
         """-> (final hidden [R, L, d] the LM head reads, embedding-layer hidden [R, L, d]) of the
         batch's online rows (prefix '') or teacher rows (prefix 'teacher_')."""
-        mask = attention_mask(batch, self.lm.config._attn_implementation, prefix)
+        rows = {key: batch[prefix + key] for key in ("input_ids", *MASK_KEYS)}
+        width = rows["input_ids"].shape[1]
+        if self.lm.config._attn_implementation == "flex_attention":
+            # a power-of-two number of tiles: few shapes for the compiled kernels, whole tiles for
+            # the BlockMask; the added columns are padding (sequence 0), cut off again below
+            extra = bucket_width(width) - width
+            rows = {key: F.pad(value, (0, extra)) for key, value in rows.items()}
+        mask = attention_mask(rows, self.lm)
         layer = self.cfg.embedding_layer
-        out = self.lm.base_model(
-            input_ids=batch[prefix + "input_ids"],
-            position_ids=batch[prefix + "position_ids"],
+        out = decoder_of(self.lm)(
+            input_ids=rows["input_ids"],
+            position_ids=rows["position_ids"],
             attention_mask=mask,
             output_hidden_states=layer != -1,
             use_cache=False,
         )
-        final = out.last_hidden_state
+        final = out.last_hidden_state[:, :width]
         # -1 is the final, normalised state; other indices are transformers' hidden_states tuple
-        return final, (final if layer == -1 else out.hidden_states[layer])
+        return final, (final if layer == -1 else out.hidden_states[layer][:, :width])
 
     def read_embeddings(self, hidden: torch.Tensor, batch: dict, name: str) -> torch.Tensor:
         """Per-pair embeddings `name` ('za' or 'zb'): the token at the layout's readout (pooling
@@ -118,12 +127,9 @@ class JepaModel(nn.Module):
 
     def forward(self, batch: dict, step: int = 0, target_embeddings: Optional[torch.Tensor] = None) -> JepaOutput:
         final, emb = self.hidden_states(batch)
-        # The LM head runs only where there is a label (listed by the layout, so no host sync).
-        logits = self.lm.get_output_embeddings()(final.flatten(0, 1)[batch["ce_index"]]).float()
-        if batch["ce_index"].numel():
-            ce = F.cross_entropy(logits, batch["ce_targets"])
-        else:
-            ce = logits.sum() * 0.0
+        # The LM head runs only where there is a label (listed by the layout, so no host sync),
+        # exactly as the model's own forward applies it, in memory-bounded chunks.
+        ce = lm_cross_entropy(self.lm, final.flatten(0, 1)[batch["ce_index"]], batch["ce_targets"])
 
         lam = lambda_at(self.cfg, step)
         # The predictor runs on every rank every step, even on zero pairs: under ZeRO-3 a module
