@@ -3,7 +3,9 @@
     cfg = load_config("configs/demo.yaml", ["jepa.lambda_=2", "train.steps=50"])
 
 Every error names the offending key and where its value came from (a file or the command line),
-and is raised before any work starts.
+and is raised before any work starts. A YAML file may start from another one: a top-level
+`base: other.yaml` (relative to the file) is merged first, and the file's own keys over it; a
+file's `key: ???` must be set by a later file or on the command line.
 """
 
 from __future__ import annotations
@@ -23,6 +25,20 @@ class ConfigError(ValueError):
     """A configuration that cannot run. The message names the key and its source."""
 
 
+# The reference's LoRA targets (finetune.py): the attention and MLP projections of Llama-style models.
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass
+class LoraConfig:
+    rank: int = 0  # 0: full fine-tuning; N: LoRA of rank N on the target modules, the rest frozen
+    alpha: Optional[float] = None  # None: 2 x rank, as the reference
+    dropout: float = 0.1
+    # Module names (suffixes) to adapt; those of the list the model lacks are left out, and with none
+    # of them present every linear layer but the output head is adapted (peft's "all-linear").
+    target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
+
+
 @dataclass
 class ModelConfig:
     # An HF config JSON (architecture only, random init) or a local pretrained directory.
@@ -31,6 +47,7 @@ class ModelConfig:
     attention: str = "auto"  # auto (flex on CUDA where the model supports it, else sdpa, else eager) | flex | sdpa | eager
     trust_remote_code: bool = False
     gradient_checkpointing: bool = False
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
 
 @dataclass
@@ -51,7 +68,8 @@ class DataConfig:
     # many tokens, as the reference's tokenizer call (truncation=True, max_length=512) does. 0: no cut.
     max_length: int = 512
     # CE labels: response (the assistant's reply and end of turn) | all (every token) |
-    # conversation (every token that is not the pad token: the reference's LM collator)
+    # content (the assistant's content tokens only: the reference's finetune.py today) |
+    # conversation (every token but the pad token: the reference's earlier LM collator)
     labels: str = "response"
     # A view that opens with the conversation's tokens stores only its tail and reads the shared
     # tokens in the conversation (exact; fewer tokens). false: every view is a sequence of its own.
@@ -163,7 +181,7 @@ class Config:
 
 CHOICES = {
     "model.attention": ("auto", "flex", "sdpa", "eager"),
-    "data.labels": ("response", "all", "conversation"),
+    "data.labels": ("response", "all", "conversation", "content"),
     "jepa.views": ("reference", "shared_prefix"),
     "jepa.readout": ("offset", "content_end"),
     "jepa.predictor": ("tokens", "mlp", "linear", "identity"),
@@ -184,7 +202,7 @@ BOUNDS = {
             "jepa.k", "jepa.lambda_", "jepa.gamma", "jepa.lambda_warmup_steps", "optim.lr",
             "optim.warmup_steps", "optim.weight_decay", "optim.grad_clip", "train.save_every",
             "train.eval_every", "data.num_workers", "data.row_multiple", "data.max_length",
-            "deepspeed.param_persistence_threshold", "train.max_skipped_steps", "train.seed",
+            "deepspeed.param_persistence_threshold", "model.lora.rank", "train.max_skipped_steps", "train.seed",
         )
     },
     **{
@@ -196,7 +214,10 @@ BOUNDS = {
     },
     **{
         key: (0.0, 1.0, True)
-        for key in ("jepa.dropout", "optim.min_lr_ratio", "jepa.ema.momentum_start", "jepa.ema.momentum_end")
+        for key in (
+            "jepa.dropout", "optim.min_lr_ratio", "jepa.ema.momentum_start", "jepa.ema.momentum_end",
+            "model.lora.dropout",
+        )
     },
     "optim.eps": (0.0, None, False),
     # numpy and streaming seeds are 32-bit
@@ -257,6 +278,11 @@ def _validate(cfg: Config, sources: list[tuple[str, DictConfig]]) -> None:
             f"(data.max_length={cfg.data.max_length}, jepa.views={cfg.jepa.views}, jepa.k={cfg.jepa.k})",
             sources,
         )
+    lora = cfg.model.lora
+    if lora.alpha is not None and not (math.isfinite(lora.alpha) and lora.alpha > 0):
+        _fail("model.lora.alpha", f"must be > 0 (or null: 2 x rank), got {lora.alpha}", sources)
+    if lora.rank > 0 and not lora.target_modules:
+        _fail("model.lora.target_modules", "must name at least one module (or all-linear)", sources)
     _validate_resume(cfg, sources)
     _validate_paths(cfg, sources)  # last: the value checks above need no files
 
@@ -324,12 +350,30 @@ def _describe(err: OmegaConfBaseException) -> str:
     return f"{key}: {msg}"
 
 
+def _file_sources(path: str, including: tuple[str, ...] = ()) -> list[tuple[str, DictConfig]]:
+    """The YAML file at `path` after the chain of files its `base:` keys name, bases first."""
+    cfg = _read_yaml(path)
+    base = cfg.pop("base", None)
+    if base is None:
+        return [(path, cfg)]
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: base: must be the path of a YAML file, got {base!r}")
+    base_path = os.path.normpath(os.path.join(os.path.dirname(path), base))
+    if not os.path.isfile(base_path):
+        raise ConfigError(f"{path}: base: no such config file: {base_path}")
+    chain = (*including, os.path.abspath(path))
+    if os.path.abspath(base_path) in chain:
+        raise ConfigError(f"{path}: base: {base} includes itself (through {' -> '.join(chain)})")
+    return [*_file_sources(base_path, chain), (path, cfg)]
+
+
 def load_config(path: Optional[str], overrides: list[str] = ()) -> Config:
-    """Merge the schema defaults, the YAML file at `path` and dotted `overrides`; validate."""
+    """Merge the schema defaults, the YAML file at `path` (after its bases) and dotted
+    `overrides`; validate."""
     merged = OmegaConf.structured(Config)
     sources: list[tuple[str, DictConfig]] = []
     if path is not None:
-        sources.append((path, _read_yaml(path)))
+        sources.extend(_file_sources(path))
     if overrides:
         for item in overrides:
             if "=" not in item:
@@ -343,6 +387,12 @@ def load_config(path: Optional[str], overrides: list[str] = ()) -> Config:
             merged = OmegaConf.merge(merged, source)
         except OmegaConfBaseException as err:
             raise ConfigError(f"{name}: {_describe(err)}") from None
+    # `key: ???` in a file asks for a value from a later file or the command line (a merge would
+    # otherwise keep the schema default under it).
+    for i, (name, source) in enumerate(sources):
+        for key in sorted(OmegaConf.missing_keys(source)):
+            if all(OmegaConf.select(later, key, default=MISSING) is MISSING for _, later in sources[i + 1:]):
+                raise ConfigError(f"{name}: {key}: required (??? there): set it, e.g. {key}=... on the command line")
     try:
         missing = sorted(OmegaConf.missing_keys(merged))
         if missing:

@@ -112,25 +112,40 @@ def _last_token_index(mask: torch.Tensor, last_token: int) -> torch.Tensor:
     return mask.sum(dim=1) + last_token
 
 
-def reference_loss(lm, tokenizer, conversations, k, last_token, labels_mode, max_length=MAX_LENGTH, front_pred=False):
+def reference_loss(
+    lm, tokenizer, conversations, k, last_token, labels_mode, max_length=MAX_LENGTH, front_pred=False, reverse_pred=False
+):
     full_texts, user_texts, assistant_texts, prompts = [], [], [], []
     for messages in conversations:
         full_texts.append(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False))
         # messages[1:2] in the reference, whose records all open with a system message
         user = [dict(m) for m in messages if m["role"] == "user"][-1:]
+        assistant = [dict(messages[-1])]
+        if reverse_pred:  # the assistant message carries the predictor tokens and predicts the user turn
+            user, assistant = assistant, user
         for i in range(k, 0, -1):  # to_add = k .. 1; <|predictor_i|> is our <|pred_{i-1}|>
             if front_pred:
                 user[0]["content"] = f"<|pred_{i - 1}|>" + user[0]["content"]
             else:
                 user[0]["content"] += f"<|pred_{i - 1}|>"
         user_texts.append(tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=False))
-        assistant_texts.append(tokenizer.apply_chat_template(messages[-1:], tokenize=False, add_generation_prompt=False))
+        assistant_texts.append(tokenizer.apply_chat_template(assistant, tokenize=False, add_generation_prompt=False))
         prompts.append(tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True))
     full, full_mask = _pad_batch(tokenizer, full_texts, max_length)
     user, user_mask = _pad_batch(tokenizer, user_texts, max_length)
     assistant, assistant_mask = _pad_batch(tokenizer, assistant_texts, max_length)
     if labels_mode == "conversation":  # DataCollatorForLanguageModeling(mlm=False)
         labels = full.masked_fill(full == tokenizer.pad_token_id, -100)
+    elif labels_mode == "content":  # create_masked_labels: the assistant content, found by its decoded tokens
+        labels = torch.full_like(full, -100)
+        for i, messages in enumerate(conversations):
+            content = tokenizer.encode(messages[-1]["content"], add_special_tokens=False)
+            want = [tokenizer.decode(t) for t in content]
+            have = [tokenizer.decode(t) for t in full[i].tolist()]
+            for j in range(len(have) - len(want) + 1):
+                if full_mask[i, j] == 1 and have[j : j + len(want)] == want:
+                    labels[i, j : j + len(want)] = full[i, j : j + len(want)]
+                    break
     else:  # response: the tokens after the generation prompt
         labels = torch.full_like(full, -100)
         for i, prompt in enumerate(prompts):
@@ -208,6 +223,18 @@ def test_packed_pass_is_the_reference_objective(base_tokenizer, template, system
     _assert_same(ref, (loss, ce, jepa), lm)
 
 
+@pytest.mark.parametrize("template", ["embedded", "llama3"])
+def test_content_labels_are_the_references_masked_labels(base_tokenizer, template):
+    tokenizer = _tokenizer(base_tokenizer, template)
+    lm = _model(len(tokenizer))
+    conversations = _messages(True)
+    ref = reference_loss(lm, tokenizer, conversations, 1, -1, "content")
+    loss, ce, jepa, _ = packed_loss(
+        lm, tokenizer, conversations, 1, ["jepa.readout=offset", "jepa.last_token=-1", "data.labels=content"]
+    )
+    _assert_same(ref, (loss, ce, jepa), lm)
+
+
 @pytest.mark.parametrize("template,offset", [("embedded", -3), ("llama3", -2)])
 def test_content_end_readout_is_the_offset_for_the_template(base_tokenizer, template, offset):
     """README's table: where the readout that needs no per-family number reads, per template."""
@@ -233,12 +260,13 @@ def test_sequences_longer_than_max_length_are_cut_as_the_reference_cuts_them(bas
 
 
 @pytest.mark.parametrize("template", ["embedded", "llama3"])
-def test_front_pred_is_the_references(base_tokenizer, template):
+@pytest.mark.parametrize("option", ["front_pred", "reverse_pred"])
+def test_front_and_reverse_pred_are_the_references(base_tokenizer, template, option):
     tokenizer = _tokenizer(base_tokenizer, template)
     lm = _model(len(tokenizer))
     conversations = _messages(True)
-    ref = reference_loss(lm, tokenizer, conversations, 3, -1, "conversation", front_pred=True)
-    settings = ["jepa.readout=offset", "jepa.last_token=-1", "data.labels=conversation", "jepa.front_pred=true"]
+    ref = reference_loss(lm, tokenizer, conversations, 3, -1, "conversation", **{option: True})
+    settings = ["jepa.readout=offset", "jepa.last_token=-1", "data.labels=conversation", f"jepa.{option}=true"]
     loss, ce, jepa, _ = packed_loss(lm, tokenizer, conversations, 3, settings)
     _assert_same(ref, (loss, ce, jepa), lm)
 

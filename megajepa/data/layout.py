@@ -133,15 +133,24 @@ class Layout:
     def _cut(self, tokens: np.ndarray) -> np.ndarray:
         return tokens[: self.data.max_length] if self.data.max_length > 0 else tokens
 
-    def _targets(self, full: np.ndarray, prompt_len: int, has_views: bool) -> np.ndarray:
+    def _targets(self, full: np.ndarray, record: dict, has_views: bool) -> np.ndarray:
         """Shifted CE targets of the conversation: position t predicts full[t + 1]."""
         targets = np.full(len(full), IGNORE_INDEX, dtype=np.int64)
         targets[:-1] = full[1:]
         mode = self.data.labels if has_views else "all"  # plain text: every token
         if mode == "response":
-            targets[: max(prompt_len - 1, 0)] = IGNORE_INDEX
-        elif mode == "conversation":  # the reference's LM collator: labels = input ids, pad ignored
+            targets[: max(int(record["prompt_len"]) - 1, 0)] = IGNORE_INDEX
+        elif mode == "conversation":  # the reference's early LM collator: labels = input ids, pad ignored
             targets[:-1][full[1:] == self.pad_token_id] = IGNORE_INDEX
+        elif mode == "content":  # the reference's current labels: the assistant's content tokens only
+            start, end = (int(x) for x in record["full_spans"][2:4])
+            if start < 0 or end < 0:
+                raise ValueError(
+                    f"sample {record['sample_id']}: data.labels=content needs the assistant content's place in "
+                    f"the conversation, which prepare could not find"
+                )
+            predicted = np.arange(1, len(full) + 1)
+            targets[(predicted < start) | (predicted >= end)] = IGNORE_INDEX
         return targets
 
     def _readout(self, tokens: np.ndarray, content_end: int, inserted: int, sample_id: int, what: str) -> int:
@@ -185,7 +194,7 @@ class Layout:
         sid = int(record["sample_id"])
         full = self._cut(np.asarray(record["full"], dtype=np.int64))
         has_views = len(record["user"]) > 0 and len(record["assistant"]) > 0
-        root = Segment(i, SEG_FULL, full, targets=self._targets(full, int(record["prompt_len"]), has_views))
+        root = Segment(i, SEG_FULL, full, targets=self._targets(full, record, has_views))
         unit = Unit([root])
         if not (has_views and self.keeps_jepa(sid)):
             return unit, None

@@ -15,7 +15,7 @@ from typing import Optional
 
 import numpy as np
 
-from megajepa.data.fingerprint import check_fingerprint
+from megajepa.data.fingerprint import check_fingerprint, read_fingerprint
 from megajepa.data.loader import RECORD_ARRAYS
 from megajepa.data.prepare import BadRecord, RecordEncoder
 
@@ -88,3 +88,11 @@ def load_eval_pairs(path: str, tokenizer, limit: Optional[int] = None) -> list[E
     if not pairs:
         raise ValueError(f"--data {path}: no pairs to evaluate")
     return pairs
+
+
+def data_sources(path: str) -> list[str]:
+    """The files the pairs came from: the JSONL itself, or the inputs a shard directory's
+    fingerprint.json records (what the task checker is recognised by, beside the prompt)."""
+    if os.path.isdir(path):
+        return sorted(read_fingerprint(path).get("sources", {}))
+    return [path]

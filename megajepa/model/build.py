@@ -142,6 +142,10 @@ def build_model(
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the mean-resizing notice
             model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+    if cfg.lora.rank > 0:
+        from megajepa.model.lora import apply_lora
+
+        apply_lora(model, cfg.lora, seed)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     model.config.use_cache = False

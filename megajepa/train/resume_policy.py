@@ -2,7 +2,7 @@
 
 A resumed run should be the uninterrupted run. Settings fall into four kinds:
 
-- identity (model architecture, tokenizer, [PRED] tokens, target, precision): refused, always;
+- identity (model architecture, LoRA, tokenizer, [PRED] tokens, target, precision): refused, always;
 - schedule: train.steps, the lr schedule, lambda warm-up, the EMA momentum schedule. Changing one
   changes every later step. Refused unless `train.keep_schedule=true` (train.steps may change;
   the lr and EMA schedules keep the checkpoint's length, so a longer run continues the original
@@ -30,6 +30,8 @@ from megajepa.config import RESUME_DATA_KEYS, RESUME_SCHEDULE_KEYS, Config, to_d
 
 SCHEDULE_KEYS, DATA_KEYS = RESUME_SCHEDULE_KEYS, RESUME_DATA_KEYS
 OPTIMIZER_KEYS = ("optim.beta1", "optim.beta2", "optim.eps", "optim.weight_decay")
+# config keys that change which parameters exist (the checkpoint could not be loaded)
+PARAMETER_KEYS = ("model.lora",)
 # meta.json entries besides the architecture and the config that must match exactly
 IDENTITY_KEYS = ("tokenizer_hash", "vocab_size", "predictor", "k", "target", "precision")
 # HF config keys that do not change a trained model's parameters or its forward pass
@@ -85,6 +87,9 @@ def check(saved_meta: dict, current_meta: dict, cfg: Config, where: str) -> int:
             problems.append(f"{key}: {saved_meta.get(key)!r} -> {current_meta[key]!r}")
 
     saved_cfg, now = saved_meta.get("config", {}), to_dict(cfg)
+    for key in PARAMETER_KEYS:
+        if _get(saved_cfg, key) != _get(now, key):
+            problems.append(f"{key}: {_get(saved_cfg, key)!r} -> {_get(now, key)!r} (other trainable parameters)")
     changed = {k: (_get(saved_cfg, k), _get(now, k)) for k in SCHEDULE_KEYS + DATA_KEYS + OPTIMIZER_KEYS}
     changed = {k: v for k, v in changed.items() if v[0] is not None and v[0] != v[1]}
     allowed = set(cfg.train.resume_allow)
