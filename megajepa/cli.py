@@ -2,10 +2,12 @@
 
     megajepa config  CONFIG [key=value ...]        print the resolved config
     megajepa prepare INPUT... --out DIR [...]      JSONL / HF dataset -> MDS shards
+    megajepa prepare-text INPUT... --out DIR       plain text (pretraining) -> CE-only shards, in parallel
     megajepa train   CONFIG [key=value ...]        train (single process, torchrun or deepspeed)
     megajepa demo    CONFIG [--nproc N] [...]      embedded data -> N CPU ranks -> summary table
     megajepa bench   CONFIG --modes ... [...]      throughput of ce/jepa/jepa-ema/ref3/ref2, FLOPs, memory
     megajepa bench   kernels [...]                 kernel benchmark (Triton vs torch reference)
+    megajepa plan    CONFIG --gpus N --gpu-memory GB   expected memory per rank, largest token budget
     megajepa export  CHECKPOINT --out HF_DIR       ZeRO-3 checkpoint -> Hugging Face model directory
     megajepa eval    CHECKPOINT_OR_HF_DIR --data   generation accuracy, held-out CE, JEPA metrics
     megajepa compare CONFIG --seeds N [...]        next-token vs JEPA over seeds, paired t-test
@@ -161,6 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--nproc", type=int, default=2, help="CPU ranks (anywhere among the overrides)")
     demo.set_defaults(func=cmd_demo)
     sub.add_parser("prepare", help="JSONL / HF dataset -> MDS shards", add_help=False)
+    sub.add_parser("plan", help="expected GPU memory per rank and the largest token budget", add_help=False)
+    sub.add_parser("prepare-text", help="plain text -> CE-only MDS shards, in parallel", add_help=False)
     bench = sub.add_parser("bench", help="benchmarks: the training modes side by side, or the kernels")
     bench.add_argument("target", help="a CONFIG (see `megajepa bench CONFIG --help`), or 'kernels'")
     bench.add_argument("rest", nargs=argparse.REMAINDER)
@@ -200,6 +204,14 @@ def main(argv: list[str] | None = None) -> int:
         from megajepa.data.prepare import main as prepare_main
 
         return prepare_main(argv[1:])
+    if argv and argv[0] == "plan":
+        from megajepa.plan import main as plan_main
+
+        return plan_main(argv[1:])
+    if argv and argv[0] == "prepare-text":
+        from megajepa.data.prepare_text import main as prepare_text_main
+
+        return prepare_text_main(argv[1:])
     if argv and argv[0] == "demo":
         # Options between the positional overrides: one parse_args pass stops at the first option.
         args = demo.parse_intermixed_args(argv[1:])

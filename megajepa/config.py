@@ -51,9 +51,29 @@ class ModelConfig:
 
 
 @dataclass
-class DataConfig:
+class SourceConfig:
+    """One source of a mixture (megajepa.data.mixture): at most one of proportion, repeat, choose."""
+
     shards: str = MISSING  # MDS directory (the local cache when `remote` is set)
     remote: Optional[str] = None
+    proportion: Optional[float] = None  # share of an epoch, relative to the other sources'
+    repeat: Optional[float] = None  # times each record is taken per epoch
+    choose: Optional[int] = None  # records taken per epoch
+    name: Optional[str] = None  # in per-source metrics; default: the directory's base name
+
+
+@dataclass
+class DataConfig:
+    # One source: `shards` (+ `remote`); a mixture: `sources` instead.
+    shards: Optional[str] = None  # MDS directory (the local cache when `remote` is set)
+    remote: Optional[str] = None
+    sources: list[SourceConfig] = field(default_factory=list)
+    # How batches mix the sources (streaming's batching_method): random (per record),
+    # stratified (each batch in the epoch's proportions), per_stream (each batch from one source)
+    mixing: str = "random"
+    # Micro-batches of records packed up to this many tokens (the same cuts on every rank) instead
+    # of pairs_per_batch records; a record costs len(full) + len(user) + len(assistant) + k.
+    tokens_per_batch: Optional[int] = None
     eval_shards: Optional[str] = None
     tokenizer: str = MISSING  # HF tokenizer directory
     # Root of the embedded default data: when set, the NL-regex pairs are generated, the tokenizer
@@ -89,7 +109,37 @@ class EmaConfig:
 
 
 @dataclass
+class StpConfig:
+    """Semantic Tube Prediction (galilai-group/llm-jepa, stp.py): the latent term from the
+    conversation's own hidden states, h[end - 1] - h[start - 1] as a span's embedding, no views.
+    The reference's flag each key stands for, and its default, is named beside it."""
+
+    # random_span (--linear=random_span): a random span of the user + assistant content predicted
+    # from the rest (before + after) | e2e (--linear=e2e): the assistant content from the user content
+    variant: str = "random_span"
+    linear_predictor: bool = False  # --linear_predictor: a learned d x d map (no bias) on the predicting side
+    # random_span only:
+    spans: int = 1  # --random_span_times: spans drawn per conversation
+    max_span: int = -1  # --random_span_max_length: longest span in tokens (-1: no limit)
+    # how [s, t) is drawn: start_end (s, then t after it; the default) | both (--random_span_draw_both:
+    # two points, ordered) | uniform (--random_span_uniform: uniform over all spans)
+    draw: str = "start_end"
+    from_start: bool = False  # --random_span_zero: every span starts at the first content token
+    between: bool = False  # --random_span_e2e: the template tokens between user and assistant content join the region
+    from_first_token: bool = False  # --random_span_all: the region opens at the conversation's second token
+    # weight of each span's term by its length: none (every span 1, the default) | cosine_like
+    # (2 r p / (r^2 + p^2)) | jaccard_like (1 - |r - p| / (r + p)); p the span's length, r the rest's
+    length_adjustment: str = "none"
+
+
+@dataclass
 class JepaConfig:
+    # llm_jepa: the reference's views (finetune.py, the paper) | stp: Semantic Tube Prediction
+    # (jepa.stp.*: spans of the conversation itself, no views; the reference runs it with
+    # lambda_=0.02 and k=0). STP reads jepa.lambda_, gamma, lambda_warmup_steps, dropout,
+    # embedding_layer (its --random_span_layer), stop_grad, and distance (cosine, or mse: --jepa_mse).
+    objective: str = "llm_jepa"
+    stp: StpConfig = field(default_factory=StpConfig)
     lambda_: float = 1.0  # weight of the latent term
     gamma: float = 1.0  # weight of the next-token CE term
     k: int = 1  # [PRED] tokens inserted in the user view (predictor: tokens)
@@ -182,7 +232,12 @@ class Config:
 CHOICES = {
     "model.attention": ("auto", "flex", "sdpa", "eager"),
     "data.labels": ("response", "all", "conversation", "content"),
+    "data.mixing": ("random", "stratified", "per_stream"),
     "jepa.views": ("reference", "shared_prefix"),
+    "jepa.objective": ("llm_jepa", "stp"),
+    "jepa.stp.variant": ("random_span", "e2e"),
+    "jepa.stp.draw": ("start_end", "both", "uniform"),
+    "jepa.stp.length_adjustment": ("none", "cosine_like", "jaccard_like"),
     "jepa.readout": ("offset", "content_end"),
     "jepa.predictor": ("tokens", "mlp", "linear", "identity"),
     "jepa.distance": ("cosine", "mse", "l2", "infonce"),
@@ -209,7 +264,7 @@ BOUNDS = {
         key: (0, None, False)
         for key in (
             "train.steps", "optim.grad_accum", "data.row_length", "data.pairs_per_batch",
-            "train.eval_batches", "logging.log_every", "jepa.infonce_temperature",
+            "train.eval_batches", "logging.log_every", "jepa.infonce_temperature", "jepa.stp.spans",
         )
     },
     **{
@@ -270,6 +325,8 @@ def _validate(cfg: Config, sources: list[tuple[str, DictConfig]]) -> None:
             _fail(key, f"must be in [0, 1), got {value}", sources)
     if cfg.jepa.readout == "offset" and cfg.jepa.last_token >= 0:
         _fail("jepa.last_token", f"an offset from the end of each view must be negative, got {cfg.jepa.last_token}", sources)
+    if cfg.jepa.objective == "stp":
+        _validate_stp(cfg, sources)
     needed = max_record_tokens(cfg)
     if needed is not None and cfg.data.row_length < needed:
         _fail(
@@ -278,6 +335,7 @@ def _validate(cfg: Config, sources: list[tuple[str, DictConfig]]) -> None:
             f"(data.max_length={cfg.data.max_length}, jepa.views={cfg.jepa.views}, jepa.k={cfg.jepa.k})",
             sources,
         )
+    _validate_sources(cfg, sources)
     lora = cfg.model.lora
     if lora.alpha is not None and not (math.isfinite(lora.alpha) and lora.alpha > 0):
         _fail("model.lora.alpha", f"must be > 0 (or null: 2 x rank), got {lora.alpha}", sources)
@@ -313,6 +371,34 @@ def _validate_paths(cfg: Config, sources: list[tuple[str, DictConfig]]) -> None:
         _fail("data.tokenizer", f"no such directory: {cfg.data.tokenizer}", sources)
 
 
+def _validate_sources(cfg: Config, sources: list[tuple[str, DictConfig]]) -> None:
+    data = cfg.data
+    if (data.shards is None) == (not data.sources):
+        _fail("data.shards", "set data.shards (one source) or data.sources (a mixture), not both or neither", sources)
+    if data.sources and data.remote is not None:
+        _fail("data.remote", "with data.sources, give each source its own remote", sources)
+    from megajepa.data.mixture import check_sources, sources_from_config
+
+    try:
+        check_sources(sources_from_config(data))
+    except ValueError as err:
+        raise ConfigError(f"{_source_of('data.sources', sources)}: {err}") from None
+    budget, needed = data.tokens_per_batch, max_record_tokens(cfg)
+    if budget is not None and budget < (needed or 1):
+        _fail("data.tokens_per_batch", f"{budget} cannot hold one record of up to {needed or 1} tokens "
+              f"(data.max_length={data.max_length})", sources)
+
+
+def _validate_stp(cfg: Config, sources: list[tuple[str, DictConfig]]) -> None:
+    """What STP (jepa.objective=stp) can run: the reference's cosine or MSE, an online target."""
+    if cfg.jepa.distance not in ("cosine", "mse"):
+        _fail("jepa.distance", f"STP uses cosine or mse (the reference's --jepa_mse), got {cfg.jepa.distance!r}", sources)
+    if cfg.jepa.target != "online":
+        _fail("jepa.target", "STP reads the conversation's own hidden states: only the online target", sources)
+    if cfg.jepa.stp.max_span == 0 or cfg.jepa.stp.max_span < -1:
+        _fail("jepa.stp.max_span", f"a span's longest length must be >= 1 (or -1: no limit), got {cfg.jepa.stp.max_span}", sources)
+
+
 def max_record_tokens(cfg: Config) -> Optional[int]:
     """The most tokens one record's packed sequences take in a row (None: no max_length cut).
 
@@ -321,7 +407,7 @@ def max_record_tokens(cfg: Config) -> Optional[int]:
     if cfg.data.max_length == 0:
         return None
     k = cfg.jepa.k if cfg.jepa.predictor == "tokens" else 0
-    if cfg.jepa.lambda_ == 0:
+    if cfg.jepa.lambda_ == 0 or cfg.jepa.objective == "stp":  # the conversation alone
         return cfg.data.max_length
     if cfg.jepa.views == "shared_prefix":
         return cfg.data.max_length + k
@@ -387,6 +473,8 @@ def load_config(path: Optional[str], overrides: list[str] = ()) -> Config:
             merged = OmegaConf.merge(merged, source)
         except OmegaConfBaseException as err:
             raise ConfigError(f"{name}: {_describe(err)}") from None
+        except TypeError as err:  # a dotted key into a list, e.g. data.sources.1.proportion=...
+            raise ConfigError(f"{name}: {err}; set a list whole, e.g. data.sources='[{{shards: a}}]'") from None
     # `key: ???` in a file asks for a value from a later file or the command line (a merge would
     # otherwise keep the schema default under it).
     for i, (name, source) in enumerate(sources):

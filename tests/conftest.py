@@ -13,17 +13,26 @@ import pytest  # noqa: E402
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped without one)")
     config.addinivalue_line("markers", "slow: longer than ~30 s; run with `make test-all`")
-    config.addinivalue_line("markers", "faults: fault injection (tests/test_faults.py): `pytest -m faults`")
+    config.addinivalue_line("markers", "faults: fault injection (tests/test_faults.py): `pytest -m "faults and (slow or not slow)"`")
+    config.addinivalue_line(
+        "markers",
+        "interpreter: runs Triton kernels on CPU tensors under TRITON_INTERPRET=1 (set above without a GPU); "
+        "skipped where the interpreter is off (a GPU machine), except tests also marked gpu",
+    )
 
 
 def pytest_collection_modifyitems(config, items):
     import torch
 
     run_slow = "slow" in (config.getoption("-m") or "")
+    interpreting = os.environ.get("TRITON_INTERPRET") == "1"
     for item in items:
-        if "gpu" in item.keywords and not torch.cuda.is_available():
+        # The markers themselves: item.keywords also holds the names of the test's directories.
+        if item.get_closest_marker("gpu") and not torch.cuda.is_available():
             item.add_marker(pytest.mark.skip(reason="needs a CUDA device"))
-        if "slow" in item.keywords and not run_slow:
+        if item.get_closest_marker("interpreter") and not item.get_closest_marker("gpu") and not interpreting:
+            item.add_marker(pytest.mark.skip(reason="needs TRITON_INTERPRET=1: CPU tensors cannot reach a compiled kernel"))
+        if item.get_closest_marker("slow") and not run_slow:
             item.add_marker(pytest.mark.skip(reason="slow: run with `make test-all`"))
 
 

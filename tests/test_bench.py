@@ -184,7 +184,7 @@ def test_bench_end_to_end_one_rank(demo_data, tmp_path):
     assert (out / "bench.md").read_text().strip() in result.stdout
     report = json.loads((out / "bench.json").read_text())
     modes = report["modes"]
-    assert list(modes) == ["ce", "jepa", "jepa-shared", "jepa-ema", "ref3", "ref2"]
+    assert list(modes) == ["ce", "jepa", "jepa-shared", "jepa-ema", "ref3", "ref2", "stp"]
     assert report["config"]["data"]["pairs_per_batch"] == 4 and report["versions"]["torch"] == torch.__version__
     assert report["order"] == ("sequence" if torch.cuda.is_available() else "alternate")
     # same init, same pairs: every layout computes the same CE and JEPA loss at the first step

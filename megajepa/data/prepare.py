@@ -60,6 +60,7 @@ from streaming import MDSWriter
 from tqdm import tqdm
 
 from megajepa.data.fingerprint import FINGERPRINT_FILE, FORMAT_VERSION, file_sha256, tokenizer_hash
+from megajepa.data.loader import write_record_lengths
 from megajepa.data.tokenizer import ROLES, chat_template, load_tokenizer
 
 COLUMNS = {
@@ -604,6 +605,8 @@ def prepare(
             },
             "token_lengths": {name: _percentiles(values) for name, values in lengths.items()},
         }
+        # the token-budget loader's costs, so it need not read every record
+        write_record_lengths(staging, np.stack([lengths[name] for name in ("full", "user", "assistant")], axis=1))
         with open(os.path.join(staging, FINGERPRINT_FILE), "w") as f:
             json.dump(fingerprint, f, indent=2, sort_keys=True)
             f.write("\n")

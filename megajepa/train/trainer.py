@@ -23,6 +23,7 @@ from megajepa.config import Config, deepspeed_config, precision, to_dict
 from megajepa.data.fingerprint import tokenizer_hash
 from megajepa.data.layout import Layout
 from megajepa.data.loader import PairLoader, build_loader, set_stream_env
+from megajepa.data.mixture import sources_from_config
 from megajepa.data.tokenizer import add_pred_tokens, pred_token_ids
 from megajepa.files import write_text
 from megajepa.jepa.objective import JepaModel, collapse_std
@@ -97,17 +98,25 @@ def layout_config(cfg: Config, pred_ids: list[int], pad_id: int) -> Layout:
 
 
 def config_loader(cfg: Config, shards: str, layout: Layout, tokenizer, **options) -> PairLoader:
-    """build_loader with this config's data settings; `options` override them (eval: in order)."""
+    """build_loader with this config's data settings; `options` override them (eval: in order).
+
+    shards None or data.shards: the training data (data.sources or the data.shards shorthand, with
+    data.mixing and data.tokens_per_batch); another directory (eval) is read on its own, by count."""
     settings = dict(
         batch_pairs=cfg.data.pairs_per_batch,
         layout=layout,
         tokenizer=tokenizer,
-        remote=cfg.data.remote,
         shuffle=cfg.data.shuffle,
         seed=cfg.data.seed,
         num_workers=cfg.data.num_workers,
     )
-    return build_loader(shards, **{**settings, **options})
+    if shards in (None, cfg.data.shards):
+        settings.update(
+            sources=sources_from_config(cfg.data), mixing=cfg.data.mixing, tokens_per_batch=cfg.data.tokens_per_batch
+        )
+    else:
+        settings.update(shards=shards, remote=cfg.data.remote)
+    return build_loader(**{**settings, **options})
 
 
 def run_config(cfg: Config, world: int, output_dir: str, schedule_steps: Optional[int] = None) -> dict:
