@@ -26,9 +26,16 @@ from megajepa.eval.checkers import CHOICES as CHECKER_CHOICES
 
 
 def _load(args) -> object:
+    """The validated config; an architecture the packed pass cannot run exactly is refused here,
+    by name, before any work starts."""
+    from megajepa.model.build import check_architecture
+    from megajepa.model.families import UnsupportedArchitecture
+
     try:
-        return load_config(args.config, args.overrides)
-    except ConfigError as err:
+        cfg = load_config(args.config, args.overrides)
+        check_architecture(cfg.model)
+        return cfg
+    except (ConfigError, UnsupportedArchitecture) as err:
         print(f"megajepa: config error: {err}", file=sys.stderr)
         sys.exit(2)
 

@@ -156,7 +156,7 @@ def _save_lm(lm_state: dict, info: CheckpointInfo, tokenizer, dtype: torch.dtype
 
     from megajepa.model.build import load_architecture
 
-    config = load_architecture(info.config.model, len(tokenizer))
+    config = load_architecture(info.config.model, len(tokenizer), tokenizer.pad_token_id)
     config.vocab_size = max(config.vocab_size, len(tokenizer))  # build_model grows, never shrinks
     config.use_cache = True
     config.eos_token_id = tokenizer.eos_token_id
