@@ -46,6 +46,7 @@ import copy
 import json
 import os
 import re
+import signal
 import sys
 import time
 from collections import Counter
@@ -598,6 +599,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _exit_on_sigterm(signum, frame) -> None:
+    raise SystemExit(128 + signum)  # unwinds through staged_directory, which removes its staging
+
+
 def main(argv: list[str], default_tokenizer: Optional[Callable[[], str]] = None) -> int:
     """`megajepa prepare`; `default_tokenizer` gives the directory used without --tokenizer (the
     command line passes the embedded one's builder, so that this module need not import it)."""
@@ -605,6 +610,7 @@ def main(argv: list[str], default_tokenizer: Optional[Callable[[], str]] = None)
     if args.tokenizer is None and default_tokenizer is None:
         print("megajepa prepare: error: --tokenizer DIR is required", file=sys.stderr)
         return 2
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         prepare(
             args.inputs,

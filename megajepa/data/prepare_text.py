@@ -43,8 +43,9 @@ from tqdm import tqdm
 
 from megajepa.data.fingerprint import FINGERPRINT_FILE, file_sha256, tokenizer_hash
 from megajepa.data.loader import RECORD_LENGTHS_FILE, write_record_lengths
-from megajepa.data.prepare import MAX_REPORTED, BadInput, BadRecord, DatasetInput, staged_directory
+from megajepa.data.prepare import MAX_REPORTED, BadInput, BadRecord, DatasetInput
 from megajepa.data.tokenizer import load_tokenizer
+from megajepa.files import staged_directory
 
 FORMAT_VERSION = 2
 COLUMNS = {
