@@ -116,7 +116,8 @@ def test_llama_configs_validate_and_their_micro_batch_fits(name):
     assert cfg.deepspeed.zero_stage == 3 and os.path.isfile(REPO / cfg.model.config)
     assert cfg.jepa.target == ("ema" if name.endswith("-ema") else "online")
     plan = make_plan(cfg, name, 8, 80, vocab_size=LLAMA3_VOCAB)
-    _, _, tokens = worst_case_tokens(cfg)
+    how, tokens = worst_case_tokens(cfg)
+    assert how.startswith("data.tokens_per_batch=")
     assert tokens <= plan.max_tokens(checkpointing=True, chunked=False)
     # the budget is used, not left mostly idle
     assert tokens >= 0.5 * plan.max_tokens(checkpointing=True, chunked=False)
