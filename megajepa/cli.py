@@ -26,9 +26,16 @@ from megajepa.eval.checkers import CHOICES as CHECKER_CHOICES
 
 
 def _load(args) -> object:
+    """The validated config; an architecture the packed pass cannot run exactly is refused here,
+    by name, before any work starts."""
+    from megajepa.model.build import check_architecture
+    from megajepa.model.families import UnsupportedArchitecture
+
     try:
-        return load_config(args.config, args.overrides)
-    except ConfigError as err:
+        cfg = load_config(args.config, args.overrides)
+        check_architecture(cfg.model)
+        return cfg
+    except (ConfigError, UnsupportedArchitecture) as err:
         print(f"megajepa: config error: {err}", file=sys.stderr)
         sys.exit(2)
 
@@ -40,9 +47,18 @@ def cmd_config(args) -> int:
 
 def cmd_train(args) -> int:
     cfg = _load(args)
-    from megajepa.train.trainer import train
+    from megajepa.train.checkpoint import CheckpointMismatch
+    from megajepa.train.resume_policy import ResumeRefused
+    from megajepa.train.trainer import TrainingDiverged, train
 
-    train(cfg)
+    try:
+        train(cfg)
+    except (CheckpointMismatch, ResumeRefused) as err:  # a refusal, before any training: no traceback
+        print(f"megajepa train: {type(err).__name__}: {err}", file=sys.stderr)
+        return 2
+    except TrainingDiverged as err:
+        print(f"megajepa train: {type(err).__name__}: {err}", file=sys.stderr)
+        return 3
     return 0
 
 
@@ -80,6 +96,9 @@ def cmd_demo(args) -> int:
 
         ensure_embedded(cfg.data.embedded, max_length=cfg.data.max_length)
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    overrides = list(args.overrides)
+    if not any(o.startswith("train.resume=") for o in overrides):
+        overrides.append("train.resume=restart")  # a demo run again starts over (the last one is moved aside)
     command = [
         torchrun,
         "--standalone",
@@ -88,7 +107,7 @@ def cmd_demo(args) -> int:
         "megajepa.cli",
         "train",
         args.config,
-        *args.overrides,
+        *overrides,
     ]
     print("+ " + " ".join(command), flush=True)
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))

@@ -182,7 +182,18 @@ class OptimConfig:
 class TrainConfig:
     steps: int = 100
     output_dir: str = "runs/demo"
-    resume: str = "none"  # none | auto | path to a checkpoint directory
+    # none: fresh (refused over existing checkpoints) | auto: the newest complete checkpoint |
+    # restart: move this run's outputs aside, then fresh | a checkpoint directory
+    resume: str = "none"
+    # resume with another train.steps on the checkpoint's lr and EMA schedule (its length):
+    # a longer run continues the original schedule to its old end, then holds the lr at its
+    # minimum and the momentum at its end value; a shorter one stops early on it
+    keep_schedule: bool = False
+    # schedule or data keys (megajepa.train.resume_policy) a resume may change, at the cost of exactness
+    resume_allow: list[str] = field(default_factory=list)
+    # consecutive optimizer steps DeepSpeed may skip (non-finite gradients) before the run stops
+    # as diverged; fp16's loss-scale skips do not count (DeepSpeed stops at its minimum scale)
+    max_skipped_steps: int = 2
     save_every: int = 0  # 0: only at the end
     eval_every: int = 0
     eval_batches: int = 4
@@ -246,7 +257,7 @@ BOUNDS = {
             "jepa.k", "jepa.lambda_", "jepa.gamma", "jepa.lambda_warmup_steps", "optim.lr",
             "optim.warmup_steps", "optim.weight_decay", "optim.grad_clip", "train.save_every",
             "train.eval_every", "data.num_workers", "data.row_multiple", "data.max_length",
-            "deepspeed.param_persistence_threshold", "model.lora.rank",
+            "deepspeed.param_persistence_threshold", "model.lora.rank", "train.max_skipped_steps", "train.seed",
         )
     },
     **{
@@ -263,7 +274,23 @@ BOUNDS = {
             "model.lora.dropout",
         )
     },
+    "optim.eps": (0.0, None, False),
+    # numpy and streaming seeds are 32-bit
+    "data.seed": (0, 2**32 - 1, True),
 }
+# Adam's betas: in [0, 1) (beta = 1 never forgets, the bias correction divides by zero)
+HALF_OPEN_UNIT = ("optim.beta1", "optim.beta2")
+RESUME_MODES = ("none", "auto", "restart")
+# The keys a resume may change only when train.resume_allow lists them (megajepa.train.resume_policy):
+# the schedule's, and those the loader's exact resume depends on.
+RESUME_SCHEDULE_KEYS = (
+    "train.steps", "optim.lr", "optim.min_lr_ratio", "optim.warmup_steps", "jepa.lambda_warmup_steps",
+    "jepa.ema.schedule", "jepa.ema.momentum_start", "jepa.ema.momentum_end",
+)
+RESUME_DATA_KEYS = (
+    "data.pairs_per_batch", "optim.grad_accum", "data.seed", "data.shuffle", "data.row_length",
+    "data.row_multiple", "data.labels", "data.max_length", "data.share_prefix", "jepa.views", "jepa.dropout",
+)
 
 
 def _source_of(key: str, sources: list[tuple[str, DictConfig]]) -> str:
@@ -292,6 +319,10 @@ def _validate(cfg: Config, sources: list[tuple[str, DictConfig]]) -> None:
             _fail(key, f"must be in [{low:g}, {high:g}], got {value}", sources)
         if value < low or (value == low and not low_allowed):
             _fail(key, f"must be {'>=' if low_allowed else '>'} {low}, got {value}", sources)
+    for key in HALF_OPEN_UNIT:
+        value = OmegaConf.select(resolved, key)
+        if not 0.0 <= value < 1.0:
+            _fail(key, f"must be in [0, 1), got {value}", sources)
     if cfg.jepa.readout == "offset" and cfg.jepa.last_token >= 0:
         _fail("jepa.last_token", f"an offset from the end of each view must be negative, got {cfg.jepa.last_token}", sources)
     if cfg.jepa.objective == "stp":
@@ -310,10 +341,34 @@ def _validate(cfg: Config, sources: list[tuple[str, DictConfig]]) -> None:
         _fail("model.lora.alpha", f"must be > 0 (or null: 2 x rank), got {lora.alpha}", sources)
     if lora.rank > 0 and not lora.target_modules:
         _fail("model.lora.target_modules", "must name at least one module (or all-linear)", sources)
+    _validate_resume(cfg, sources)
+    _validate_paths(cfg, sources)  # last: the value checks above need no files
+
+
+def _validate_resume(cfg: Config, sources: list[tuple[str, DictConfig]]) -> None:
+    resume = cfg.train.resume
+    if resume not in RESUME_MODES and not os.path.isdir(resume):
+        _fail("train.resume", f"{resume!r} is neither {', '.join(RESUME_MODES)} nor a checkpoint directory", sources)
+    allowable = RESUME_SCHEDULE_KEYS + RESUME_DATA_KEYS
+    for key in cfg.train.resume_allow:
+        if key not in allowable:
+            _fail("train.resume_allow", f"{key!r} cannot be allowed to change on resume (one of: "
+                  f"{', '.join(allowable)})", sources)
+
+
+def _validate_paths(cfg: Config, sources: list[tuple[str, DictConfig]]) -> None:
+    """Files and directories named by keys exist (data that data.embedded generates aside)."""
     if cfg.model.config is None and cfg.model.pretrained is None:
         _fail("model.config", "set model.config (an HF config JSON) or model.pretrained (a local directory)", sources)
+    if cfg.model.pretrained is not None:
+        if not os.path.isfile(os.path.join(cfg.model.pretrained, "config.json")):
+            _fail("model.pretrained", f"{cfg.model.pretrained}: no such directory with a config.json", sources)
+    elif not os.path.isfile(cfg.model.config):
+        _fail("model.config", f"no such file: {cfg.model.config}", sources)
     if cfg.deepspeed.config_file is not None and not os.path.isfile(cfg.deepspeed.config_file):
         _fail("deepspeed.config_file", f"no such file: {cfg.deepspeed.config_file}", sources)
+    if cfg.data.embedded is None and not os.path.isdir(cfg.data.tokenizer):
+        _fail("data.tokenizer", f"no such directory: {cfg.data.tokenizer}", sources)
 
 
 def _validate_sources(cfg: Config, sources: list[tuple[str, DictConfig]]) -> None:

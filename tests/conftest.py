@@ -13,6 +13,7 @@ import pytest  # noqa: E402
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped without one)")
     config.addinivalue_line("markers", "slow: longer than ~30 s; run with `make test-all`")
+    config.addinivalue_line("markers", "faults: fault injection (tests/test_faults.py): `pytest -m 'faults and (slow or not slow)'`")
     config.addinivalue_line(
         "markers",
         "interpreter: runs Triton kernels on CPU tensors under TRITON_INTERPRET=1 (set above without a GPU); "
