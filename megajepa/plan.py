@@ -164,7 +164,7 @@ class Plan:
     ce_chunk: int
     row_length: int
     checkpointing: bool  # model.gradient_checkpointing
-    config_tokens: tuple[int, int, int]  # (records per micro-batch, most tokens per record, their product)
+    config_tokens: tuple[str, int]  # (how the config sizes a micro-batch, the most tokens it holds)
     notes: list[str] = field(default_factory=list)
 
     def _logit_bytes(self, tokens: int, chunked: bool) -> float:
@@ -273,13 +273,17 @@ def parameter_numels(arch, predictor: str) -> dict[str, list[int]]:
     return modules
 
 
-def worst_case_tokens(cfg: Config) -> tuple[int, int, int]:
-    """(data.pairs_per_batch, the most online-row tokens one record can take, their product).
+def worst_case_tokens(cfg: Config) -> tuple[str, int]:
+    """(how the config sizes a micro-batch, the most online-row tokens it can hold).
 
-    A record's packed sequences (its conversation and views, each cut at data.max_length) share a
-    row: megajepa.config.max_record_tokens; without a cut, a record takes at most a row."""
+    data.tokens_per_batch counts every sequence of a record (the assistant view too, which the EMA
+    target moves to the teacher's rows): a bound on the online rows. Otherwise data.pairs_per_batch
+    records, each at most megajepa.config.max_record_tokens (without a max_length cut, a row)."""
+    if cfg.data.tokens_per_batch is not None:
+        return f"data.tokens_per_batch={cfg.data.tokens_per_batch:,}", cfg.data.tokens_per_batch
     per_record = max_record_tokens(cfg) or cfg.data.row_length
-    return cfg.data.pairs_per_batch, per_record, cfg.data.pairs_per_batch * per_record
+    how = f"data.pairs_per_batch={cfg.data.pairs_per_batch} records x at most {per_record:,} tokens each"
+    return how, cfg.data.pairs_per_batch * per_record
 
 
 def plan_precision(cfg: Config) -> str:
@@ -458,13 +462,13 @@ def render(plan: Plan) -> str:
             cells.append(f"{tokens:,} ({tokens // plan.row_length} rows; {_gib(peak)})" if tokens else "does not fit")
         mark = " (this config)" if ckpt == plan.checkpointing else ""
         lines.append(f"| {'on' if ckpt else 'off'}{mark} | {cells[0]} | {cells[1]} |")
-    pairs, per_pair, tokens = plan.config_tokens
+    how, tokens = plan.config_tokens
     budget = plan.max_tokens(plan.checkpointing, chunked=False)
     verdict = "fits" if tokens <= budget else "does NOT fit"
     lines += [
         "",
-        f"This config: at most {tokens:,} tokens per micro-batch per rank (data.pairs_per_batch={pairs} records x "
-        f"at most {per_pair:,} tokens each): {verdict} the full-logits budget of {budget:,} "
+        f"This config: at most {tokens:,} tokens per micro-batch per rank ({how}): "
+        f"{verdict} the full-logits budget of {budget:,} "
         f"(peak {_gib(plan.peak_bytes(tokens, plan.checkpointing, False))} GiB).",
         "",
         "Expected figures from formulas (see megajepa/plan.py); no GPU run measured them.",
@@ -525,5 +529,5 @@ def to_json(plan: Plan) -> dict:
             "no_checkpointing": plan.dims.activation_bytes_per_token(False),
         },
         "max_tokens": budgets,
-        "config_tokens": plan.config_tokens[2],
+        "config_tokens": plan.config_tokens[1],
     }

@@ -66,7 +66,7 @@ step flex-equivalence 120 "$PY" -m pytest -q -p no:cacheprovider tests/test_equi
 step bench-1b 360 "$MEGAJEPA" bench configs/llama-1b.yaml \
     data.embedded=data/demo data.shards=data/demo/shards/train data.eval_shards=data/demo/shards/eval \
     data.tokenizer=data/demo/tokenizer data.row_length=512 data.max_length=160 data.row_multiple=0 jepa.readout=content_end \
-    data.pairs_per_batch=128 \
+    data.pairs_per_batch=128 data.tokens_per_batch=null \
     --modes ce,jepa,jepa-ema --steps 5 --warmup 2 --scaling none --loader-batches 0 --out "$OUT/bench-1b"
 
 step kernel-bench 120 "$MEGAJEPA" bench kernels --json "$OUT/kernels.json"

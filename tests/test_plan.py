@@ -19,6 +19,13 @@ LLAMA_CONFIGS = ["llama-1b", "llama-1b-ema", "llama-8b", "llama-8b-ema"]
 LLAMA3_VOCAB = 128256  # the Llama 3 tokenizer's size, given as --vocab-size (no tokenizer here)
 
 
+@pytest.fixture
+def llama_overrides(demo_data):
+    """The configs name a Llama 3 tokenizer that is not on this machine: any tokenizer passes
+    validation, and --vocab-size gives the plan Llama 3's vocabulary."""
+    return [f"data.tokenizer={demo_data['tokenizer']}"]
+
+
 def _saved_bytes(run) -> int:
     """Bytes of the distinct storages autograd saves for backward while `run()` executes."""
     storages = {}
@@ -87,8 +94,8 @@ def test_parameter_count_is_the_models_own(demo_data):
 
 
 @pytest.mark.parametrize("name", LLAMA_CONFIGS)
-def test_budget_is_the_largest_that_fits(name):
-    cfg = load_config(str(REPO / "configs" / f"{name}.yaml"))
+def test_budget_is_the_largest_that_fits(name, llama_overrides):
+    cfg = load_config(str(REPO / "configs" / f"{name}.yaml"), llama_overrides)
     plan = make_plan(cfg, name, 8, 80, vocab_size=LLAMA3_VOCAB)
     for checkpointing in (True, False):
         for chunked in (True, False):
@@ -106,36 +113,38 @@ def test_budget_is_the_largest_that_fits(name):
 
 
 @pytest.mark.parametrize("name", LLAMA_CONFIGS)
-def test_llama_configs_validate_and_their_micro_batch_fits(name):
+def test_llama_configs_validate_and_their_micro_batch_fits(name, llama_overrides):
     """Each run config loads and validates as `megajepa config` does, asks for what the issue asks
     (bf16, FlexAttention, checkpointing, the EMA target in the -ema variants), and its worst-case
     micro-batch fits the memory plan of 8 x 80 GB with today's full-logit CE."""
     path = REPO / "configs" / f"{name}.yaml"
-    cfg = load_config(str(path))
+    cfg = load_config(str(path), llama_overrides)
     assert (cfg.deepspeed.precision, cfg.model.attention, cfg.model.gradient_checkpointing) == ("bf16", "flex", True)
     assert cfg.deepspeed.zero_stage == 3 and os.path.isfile(REPO / cfg.model.config)
     assert cfg.jepa.target == ("ema" if name.endswith("-ema") else "online")
     plan = make_plan(cfg, name, 8, 80, vocab_size=LLAMA3_VOCAB)
-    _, _, tokens = worst_case_tokens(cfg)
+    how, tokens = worst_case_tokens(cfg)
+    assert how.startswith("data.tokens_per_batch=")
     assert tokens <= plan.max_tokens(checkpointing=True, chunked=False)
     # the budget is used, not left mostly idle
     assert tokens >= 0.5 * plan.max_tokens(checkpointing=True, chunked=False)
 
 
-def test_config_and_plan_commands_on_a_llama_config(tmp_path, capsys, monkeypatch):
+def test_config_and_plan_commands_on_a_llama_config(tmp_path, capsys, monkeypatch, llama_overrides):
     from megajepa.cli import main
 
     monkeypatch.chdir(REPO)
-    assert main(["config", "configs/llama-8b-ema.yaml"]) == 0
+    assert main(["config", "configs/llama-8b-ema.yaml", *llama_overrides]) == 0
     shown = capsys.readouterr().out
     assert "target: ema" in shown and "gradient_checkpointing: true" in shown
     out = tmp_path / "plan.json"
-    argv = ["plan", "configs/llama-8b-ema.yaml", "--gpus", "8", "--gpu-memory", "80", "--vocab-size", str(LLAMA3_VOCAB)]
+    argv = ["plan", "configs/llama-8b-ema.yaml", *llama_overrides, "--gpus", "8", "--gpu-memory", "80",
+            "--vocab-size", str(LLAMA3_VOCAB)]
     assert main([*argv, "--json", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "| ema |" in printed and "| teacher |" in printed and "This config:" in printed
     figures = json.loads(out.read_text())
-    cfg = load_config("configs/llama-8b-ema.yaml")
+    cfg = load_config("configs/llama-8b-ema.yaml", llama_overrides)
     plan = make_plan(cfg, "llama-8b-ema", 8, 80, vocab_size=LLAMA3_VOCAB)
     assert figures["state_bytes"] == plan.state and figures["max_tokens"]["checkpointing/full_logits"] > 0
 
@@ -145,9 +154,9 @@ def test_plan_errors_name_the_key(capsys, monkeypatch):
 
     monkeypatch.chdir(REPO)
     assert main(["plan", "configs/llama-1b.yaml", "--gpus", "8", "--gpu-memory", "80"]) == 2
-    err = capsys.readouterr().err
-    assert "data.tokenizer" in err and "--vocab-size" in err
-    assert main(["plan", "configs/llama-1b.yaml", "--gpus", "0", "--gpu-memory", "80", "--vocab-size", "10"]) == 2
+    assert "data.tokenizer" in capsys.readouterr().err  # the configs' Llama 3 tokenizer is not here
+    argv = ["plan", "configs/demo.yaml", "--gpus", "0", "--gpu-memory", "80", "--vocab-size", "10"]
+    assert main(argv) == 2
     assert "--gpus" in capsys.readouterr().err
 
 

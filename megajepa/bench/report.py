@@ -29,7 +29,7 @@ def build_report(result: dict, scaling: dict[int, dict], config: dict, command: 
             if entry["cpu_seconds"] is not None:
                 entry["cpu_time_per_pair_vs_ce"] = _cpu_per_pair(entry) / _cpu_per_pair(modes["ce"])
         if "jepa" in modes:
-            # (a + 2b + k) / (a + b): the tokens jepa computes per pair over ce's, padding aside
+            # the tokens jepa computes per record (conversation + its two views) over ce's, padding aside
             ideal = modes["jepa"]["segment_tokens_per_step"] / modes["ce"]["segment_tokens_per_step"]
             report["jepa_vs_ce"] = {
                 "ideal_token_ratio": ideal,
@@ -137,15 +137,15 @@ def markdown(report: dict) -> str:
         "",
         *_mode_table(report),
         "",
-        "Rates use the median step time (per step, the slowest rank's). Useful tokens: view A + view B of "
-        "each pair (no padding, [PRED] or repeated views). Peak memory: " + report["peak_memory_kind"] + ", "
+        "Rates use the median step time (per step, the slowest rank's). Useful tokens: the conversations' "
+        "tokens (no padding, no views). Peak memory: " + report["peak_memory_kind"] + ", "
         "max over ranks. FLOPs per segment (megajepa/bench/flops.py); MFU only on a GPU with a known bf16 peak.",
     ]
     if "jepa_vs_ce" in report:
         r = report["jepa_vs_ce"]
         lines.append(
             f"jepa / ce time per pair: {r['measured_time_ratio']:.2f}x measured, "
-            f"{r['ideal_token_ratio']:.2f}x ideal token ratio (a + 2b + k) / (a + b): "
+            f"{r['ideal_token_ratio']:.2f}x ideal token ratio (conversation + views) / conversation: "
             f"{r['measured_over_ideal']:.2f} of ideal"
             + ("." if r["measured_cpu_time_ratio"] is None else f"; by CPU time {r['measured_cpu_time_ratio']:.2f}x.")
         )
