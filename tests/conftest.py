@@ -13,17 +13,21 @@ import pytest  # noqa: E402
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped without one)")
     config.addinivalue_line("markers", "slow: longer than ~30 s; run with `make test-all`")
+    config.addinivalue_line("markers", "slurm: brings up a one-node Slurm cluster; run with `make test-all` or `-m slurm`")
 
 
 def pytest_collection_modifyitems(config, items):
     import torch
 
-    run_slow = "slow" in (config.getoption("-m") or "")
+    selected = config.getoption("-m") or ""
+    run_slow = "slow" in selected
     for item in items:
         if "gpu" in item.keywords and not torch.cuda.is_available():
             item.add_marker(pytest.mark.skip(reason="needs a CUDA device"))
         if "slow" in item.keywords and not run_slow:
             item.add_marker(pytest.mark.skip(reason="slow: run with `make test-all`"))
+        if item.get_closest_marker("slurm") and not (run_slow or "slurm" in selected):
+            item.add_marker(pytest.mark.skip(reason="slurm: run with `make test-all` or `pytest -m slurm`"))
 
 
 @pytest.fixture(autouse=True)
