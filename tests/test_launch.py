@@ -33,12 +33,11 @@ if [[ -n "${DS_ENV_FILE:-}" && -f "$DS_ENV_FILE" ]]; then cp "$DS_ENV_FILE" "$lo
 NVIDIA_SMI = """#!/usr/bin/env bash
 for ((i = 0; i < ${FAKE_GPUS:-0}; i++)); do echo "GPU $i: Fake GPU (UUID: GPU-$i)"; done
 """
-# srun: records, then runs like a job step until Slurm's signals end it (USR1 from the batch
-# script, TERM from Slurm); the ranks it stands for exit with FAKE_RANK_STATUS.
+# srun: records, then runs like a job step until SIGTERM ends it (from the batch
+# script through scancel, or Slurm itself); the ranks it stands for exit with FAKE_RANK_STATUS.
 SRUN = RECORDER + """echo $$ >"$SHIM_LOG/srun.pid"
 sleep "${FAKE_SRUN_SECONDS:-0}" &
 sleeper=$!
-trap 'echo USR1 >"$SHIM_LOG/srun.signal"; kill $sleeper; exit "${FAKE_RANK_STATUS:-0}"' USR1
 trap 'echo TERM >"$SHIM_LOG/srun.signal"; kill $sleeper; exit "${FAKE_RANK_STATUS:-0}"' TERM
 wait $sleeper
 """
@@ -47,6 +46,9 @@ case "$1 $2" in
     "show hostnames") printf '%s\\n' $FAKE_HOSTS ;;
     "requeue "*) echo "$2" >"$SHIM_LOG/requeued" ;;
 esac
+"""
+# scancel --signal=SIG JOB: Slurm signals the job step's tasks (the srun stand-in here).
+SCANCEL = RECORDER + """kill -"${1#--signal=}" "$(cat "$SHIM_LOG/srun.pid")"
 """
 
 
@@ -57,7 +59,7 @@ def shims(tmp_path):
     bin_dir.mkdir()
     log_dir.mkdir()
     scripts = {name: RECORDER for name in ("megajepa", "torchrun", "deepspeed", "pdsh", "mpirun")}
-    scripts.update({"nvidia-smi": NVIDIA_SMI, "srun": SRUN, "scontrol": SCONTROL})
+    scripts.update({"nvidia-smi": NVIDIA_SMI, "srun": SRUN, "scontrol": SCONTROL, "scancel": SCANCEL})
     for name, text in scripts.items():
         (bin_dir / name).write_text(text)
         (bin_dir / name).chmod(0o755)
@@ -379,7 +381,8 @@ def test_slurm_time_limit_warning_stops_the_ranks_then_requeues(shims, tmp_path)
     finally:
         if job.poll() is None:
             job.kill()
-    assert (shims[1] / "srun.signal").read_text().strip() == "USR1", "the ranks were not told to stop"
+    assert call(shims, "scancel")[0] == ["--signal=TERM", "4242"]
+    assert (shims[1] / "srun.signal").read_text().strip() == "TERM", "the ranks were not told to stop"
     assert (shims[1] / "requeued").read_text().strip() == "4242"
     assert "job 4242 requeued: the ranks checkpointed and stopped cleanly" in stderr
     assert job.returncode == 0
