@@ -25,6 +25,7 @@ setup(
         "tensorboard",
         "matplotlib",
         "psutil",
+        "peft>=0.21,<0.22",  # LoRA (model.lora.*), injected in place
     ],
     extras_require={"test": ["pytest"]},
     entry_points={"console_scripts": ["megajepa=megajepa.cli:main"]},

@@ -20,6 +20,7 @@ import subprocess
 import sys
 
 from megajepa.config import ConfigError, load_config, to_yaml
+from megajepa.eval.checkers import CHOICES as CHECKER_CHOICES
 
 
 def _load(args) -> object:
@@ -75,7 +76,7 @@ def cmd_demo(args) -> int:
     if cfg.data.embedded is not None:
         from megajepa.data.embedded import ensure_embedded
 
-        ensure_embedded(cfg.data.embedded, max_pair_tokens=cfg.data.max_pair_tokens)
+        ensure_embedded(cfg.data.embedded, max_length=cfg.data.max_length)
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     command = [
         torchrun,
@@ -145,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     with_config("config", "print the fully resolved config").set_defaults(func=cmd_config)
     with_config("train", "train a model").set_defaults(func=cmd_train)
     demo = with_config("demo", "embedded data, training on N CPU ranks, summary")
-    demo.add_argument("--nproc", type=int, default=2)
+    demo.add_argument("--nproc", type=int, default=2, help="CPU ranks (anywhere among the overrides)")
     demo.set_defaults(func=cmd_demo)
     sub.add_parser("prepare", help="JSONL / HF dataset -> MDS shards", add_help=False)
     bench = sub.add_parser("bench", help="benchmarks: the training modes side by side, or the kernels")
@@ -167,7 +168,9 @@ def main(argv: list[str] | None = None) -> int:
     evaluate.add_argument("--limit", type=int, default=None, help="evaluate the first N pairs only")
     evaluate.add_argument("--batch-pairs", type=int, default=32, help="pairs per batch (retrieval candidates)")
     evaluate.add_argument("--max-new-tokens", type=int, default=None, help="default: 2x the longest reference")
-    evaluate.add_argument("--task", choices=("auto", "regex", "none"), default="auto", help="task checker")
+    evaluate.add_argument(
+        "--checker", choices=CHECKER_CHOICES, default="auto", help="task checker (auto: recognised from the data)"
+    )
     evaluate.add_argument("--json", default=None, help="write the metrics and settings here")
     evaluate.add_argument("--generations", default=None, help="write one JSON line per pair here")
     evaluate.add_argument("--no-progress", dest="progress", action="store_false")
@@ -185,6 +188,10 @@ def main(argv: list[str] | None = None) -> int:
         from megajepa.data.prepare import main as prepare_main
 
         return prepare_main(argv[1:])
+    if argv and argv[0] == "demo":
+        # Options between the positional overrides: one parse_args pass stops at the first option.
+        args = demo.parse_intermixed_args(argv[1:])
+        return args.func(args)
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -74,7 +74,7 @@ def held_out_data(config: str, overrides: list[str], data):
     if cfg.data.embedded is not None:
         from megajepa.data.embedded import ensure_embedded
 
-        ensure_embedded(cfg.data.embedded, max_pair_tokens=cfg.data.max_pair_tokens)
+        ensure_embedded(cfg.data.embedded, max_length=cfg.data.max_length)
     data = data or cfg.data.eval_shards
     if data is None:
         raise ConfigError(f"{config}: no data.eval_shards; pass --data")

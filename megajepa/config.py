@@ -3,7 +3,9 @@
     cfg = load_config("configs/demo.yaml", ["jepa.lambda_=2", "train.steps=50"])
 
 Every error names the offending key and where its value came from (a file or the command line),
-and is raised before any work starts.
+and is raised before any work starts. A YAML file may start from another one: a top-level
+`base: other.yaml` (relative to the file) is merged first, and the file's own keys over it; a
+file's `key: ???` must be set by a later file or on the command line.
 """
 
 from __future__ import annotations
@@ -23,14 +25,29 @@ class ConfigError(ValueError):
     """A configuration that cannot run. The message names the key and its source."""
 
 
+# The reference's LoRA targets (finetune.py): the attention and MLP projections of Llama-style models.
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass
+class LoraConfig:
+    rank: int = 0  # 0: full fine-tuning; N: LoRA of rank N on the target modules, the rest frozen
+    alpha: Optional[float] = None  # None: 2 x rank, as the reference
+    dropout: float = 0.1
+    # Module names (suffixes) to adapt; those of the list the model lacks are left out, and with none
+    # of them present every linear layer but the output head is adapted (peft's "all-linear").
+    target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
+
+
 @dataclass
 class ModelConfig:
     # An HF config JSON (architecture only, random init) or a local pretrained directory.
     config: Optional[str] = "configs/models/tiny-llama.json"
     pretrained: Optional[str] = None
-    attention: str = "auto"  # sdpa | flex | auto (flex on CUDA, sdpa elsewhere)
+    attention: str = "auto"  # auto (flex on CUDA where the model supports it, else sdpa, else eager) | flex | sdpa | eager
     trust_remote_code: bool = False
     gradient_checkpointing: bool = False
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
 
 @dataclass
@@ -42,11 +59,21 @@ class DataConfig:
     # Root of the embedded default data: when set, the NL-regex pairs are generated, the tokenizer
     # trained and the shards prepared there first if missing (shards/tokenizer point inside it).
     embedded: Optional[str] = None
-    row_length: int = 512
+    # Packed row length: a record's conversation and its two views share a row, so this must hold
+    # up to three sequences of max_length (two with the EMA target or the shared_prefix views).
+    row_length: int = 2048
     row_multiple: int = 16  # rows trimmed to a multiple of this (0: always row_length)
-    pairs_per_batch: int = 32  # pairs per micro-batch per rank
-    max_pair_tokens: int = 256  # longest view A + view B accepted by prepare and the loader
-    labels: str = "response"  # response: CE on view B only | all: CE on view A and view B
+    pairs_per_batch: int = 32  # records per micro-batch per rank
+    # Each sequence (conversation, user view with its [PRED] tokens, assistant view) is cut at this
+    # many tokens, as the reference's tokenizer call (truncation=True, max_length=512) does. 0: no cut.
+    max_length: int = 512
+    # CE labels: response (the assistant's reply and end of turn) | all (every token) |
+    # content (the assistant's content tokens only: the reference's finetune.py today) |
+    # conversation (every token but the pad token: the reference's earlier LM collator)
+    labels: str = "response"
+    # A view that opens with the conversation's tokens stores only its tail and reads the shared
+    # tokens in the conversation (exact; fewer tokens). false: every view is a sequence of its own.
+    share_prefix: bool = True
     shuffle: bool = True
     seed: int = 1234
     num_workers: int = 0
@@ -65,9 +92,20 @@ class EmaConfig:
 class JepaConfig:
     lambda_: float = 1.0  # weight of the latent term
     gamma: float = 1.0  # weight of the next-token CE term
-    k: int = 1  # [PRED] tokens appended after view A (predictor: tokens)
+    k: int = 1  # [PRED] tokens inserted in the user view (predictor: tokens)
+    # reference: the conversation, the user turn alone with its [PRED] tokens and the assistant
+    # message alone, as galilai-group/llm-jepa's finetune.py builds them (the paper) |
+    # shared_prefix: a cheaper deviation ([PRED] after the conversation's prompt; view B = its reply)
+    views: str = "reference"
+    # where z_a and z_b are read: offset (the reference's --last_token: len(sequence) + last_token)
+    # | content_end (the last token before each view's end-of-turn marker, from the tokenization)
+    readout: str = "offset"
+    last_token: int = -1
+    front_pred: bool = False  # the reference's --front_pred: [PRED] before the user content
+    reverse_pred: bool = False  # the reference's --reverse_pred: the assistant view predicts the user view
     predictor: str = "tokens"  # tokens | mlp | linear | identity
-    distance: str = "cosine"  # cosine | mse | l2
+    distance: str = "cosine"  # cosine | mse | l2 | infonce (in-batch negatives, the reference's --infonce)
+    infonce_temperature: float = 0.07
     target: str = "online"  # online | ema
     stop_grad: bool = False  # online target only; the EMA target never has a gradient
     dropout: float = 0.0  # fraction of pairs whose latent term is left out
@@ -131,10 +169,12 @@ class Config:
 
 
 CHOICES = {
-    "model.attention": ("sdpa", "flex", "auto"),
-    "data.labels": ("response", "all"),
+    "model.attention": ("auto", "flex", "sdpa", "eager"),
+    "data.labels": ("response", "all", "conversation", "content"),
+    "jepa.views": ("reference", "shared_prefix"),
+    "jepa.readout": ("offset", "content_end"),
     "jepa.predictor": ("tokens", "mlp", "linear", "identity"),
-    "jepa.distance": ("cosine", "mse", "l2"),
+    "jepa.distance": ("cosine", "mse", "l2", "infonce"),
     "jepa.target": ("online", "ema"),
     "jepa.pooling": ("last", "mean"),
     "jepa.ema.schedule": ("constant", "linear", "cosine"),
@@ -150,20 +190,23 @@ BOUNDS = {
         for key in (
             "jepa.k", "jepa.lambda_", "jepa.gamma", "jepa.lambda_warmup_steps", "optim.lr",
             "optim.warmup_steps", "optim.weight_decay", "optim.grad_clip", "train.save_every",
-            "train.eval_every", "data.num_workers", "data.row_multiple",
-            "deepspeed.param_persistence_threshold",
+            "train.eval_every", "data.num_workers", "data.row_multiple", "data.max_length",
+            "deepspeed.param_persistence_threshold", "model.lora.rank",
         )
     },
     **{
         key: (0, None, False)
         for key in (
             "train.steps", "optim.grad_accum", "data.row_length", "data.pairs_per_batch",
-            "data.max_pair_tokens", "train.eval_batches", "logging.log_every",
+            "train.eval_batches", "logging.log_every", "jepa.infonce_temperature",
         )
     },
     **{
         key: (0.0, 1.0, True)
-        for key in ("jepa.dropout", "optim.min_lr_ratio", "jepa.ema.momentum_start", "jepa.ema.momentum_end")
+        for key in (
+            "jepa.dropout", "optim.min_lr_ratio", "jepa.ema.momentum_start", "jepa.ema.momentum_end",
+            "model.lora.dropout",
+        )
     },
 }
 
@@ -194,19 +237,41 @@ def _validate(cfg: Config, sources: list[tuple[str, DictConfig]]) -> None:
             _fail(key, f"must be in [{low:g}, {high:g}], got {value}", sources)
         if value < low or (value == low and not low_allowed):
             _fail(key, f"must be {'>=' if low_allowed else '>'} {low}, got {value}", sources)
-    # The T, C and P segments of one pair share a row (C and P attend to T); C' may go elsewhere.
-    pred_tokens = cfg.jepa.k if cfg.jepa.predictor == "tokens" else 0
-    if cfg.data.row_length < cfg.data.max_pair_tokens + pred_tokens:
+    if cfg.jepa.readout == "offset" and cfg.jepa.last_token >= 0:
+        _fail("jepa.last_token", f"an offset from the end of each view must be negative, got {cfg.jepa.last_token}", sources)
+    needed = max_record_tokens(cfg)
+    if needed is not None and cfg.data.row_length < needed:
         _fail(
             "data.row_length",
-            f"{cfg.data.row_length} is shorter than the longest allowed pair "
-            f"(data.max_pair_tokens={cfg.data.max_pair_tokens} + jepa.k={pred_tokens} [PRED] tokens)",
+            f"{cfg.data.row_length} cannot hold a record's packed sequences: up to {needed} tokens "
+            f"(data.max_length={cfg.data.max_length}, jepa.views={cfg.jepa.views}, jepa.k={cfg.jepa.k})",
             sources,
         )
+    lora = cfg.model.lora
+    if lora.alpha is not None and not (math.isfinite(lora.alpha) and lora.alpha > 0):
+        _fail("model.lora.alpha", f"must be > 0 (or null: 2 x rank), got {lora.alpha}", sources)
+    if lora.rank > 0 and not lora.target_modules:
+        _fail("model.lora.target_modules", "must name at least one module (or all-linear)", sources)
     if cfg.model.config is None and cfg.model.pretrained is None:
         _fail("model.config", "set model.config (an HF config JSON) or model.pretrained (a local directory)", sources)
     if cfg.deepspeed.config_file is not None and not os.path.isfile(cfg.deepspeed.config_file):
         _fail("deepspeed.config_file", f"no such file: {cfg.deepspeed.config_file}", sources)
+
+
+def max_record_tokens(cfg: Config) -> Optional[int]:
+    """The most tokens one record's packed sequences take in a row (None: no max_length cut).
+
+    The conversation shares its row with the view carrying the [PRED] tokens and, with the
+    online target, the other view (shared_prefix: the [PRED] tokens; view B goes anywhere)."""
+    if cfg.data.max_length == 0:
+        return None
+    k = cfg.jepa.k if cfg.jepa.predictor == "tokens" else 0
+    if cfg.jepa.lambda_ == 0:
+        return cfg.data.max_length
+    if cfg.jepa.views == "shared_prefix":
+        return cfg.data.max_length + k
+    views = 1 if cfg.jepa.target == "ema" else 2
+    return cfg.data.max_length * (1 + views)
 
 
 def _read_yaml(path: str) -> DictConfig:
@@ -230,12 +295,30 @@ def _describe(err: OmegaConfBaseException) -> str:
     return f"{key}: {msg}"
 
 
+def _file_sources(path: str, including: tuple[str, ...] = ()) -> list[tuple[str, DictConfig]]:
+    """The YAML file at `path` after the chain of files its `base:` keys name, bases first."""
+    cfg = _read_yaml(path)
+    base = cfg.pop("base", None)
+    if base is None:
+        return [(path, cfg)]
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: base: must be the path of a YAML file, got {base!r}")
+    base_path = os.path.normpath(os.path.join(os.path.dirname(path), base))
+    if not os.path.isfile(base_path):
+        raise ConfigError(f"{path}: base: no such config file: {base_path}")
+    chain = (*including, os.path.abspath(path))
+    if os.path.abspath(base_path) in chain:
+        raise ConfigError(f"{path}: base: {base} includes itself (through {' -> '.join(chain)})")
+    return [*_file_sources(base_path, chain), (path, cfg)]
+
+
 def load_config(path: Optional[str], overrides: list[str] = ()) -> Config:
-    """Merge the schema defaults, the YAML file at `path` and dotted `overrides`; validate."""
+    """Merge the schema defaults, the YAML file at `path` (after its bases) and dotted
+    `overrides`; validate."""
     merged = OmegaConf.structured(Config)
     sources: list[tuple[str, DictConfig]] = []
     if path is not None:
-        sources.append((path, _read_yaml(path)))
+        sources.extend(_file_sources(path))
     if overrides:
         for item in overrides:
             if "=" not in item:
@@ -249,6 +332,12 @@ def load_config(path: Optional[str], overrides: list[str] = ()) -> Config:
             merged = OmegaConf.merge(merged, source)
         except OmegaConfBaseException as err:
             raise ConfigError(f"{name}: {_describe(err)}") from None
+    # `key: ???` in a file asks for a value from a later file or the command line (a merge would
+    # otherwise keep the schema default under it).
+    for i, (name, source) in enumerate(sources):
+        for key in sorted(OmegaConf.missing_keys(source)):
+            if all(OmegaConf.select(later, key, default=MISSING) is MISSING for _, later in sources[i + 1:]):
+                raise ConfigError(f"{name}: {key}: required (??? there): set it, e.g. {key}=... on the command line")
     try:
         missing = sorted(OmegaConf.missing_keys(merged))
         if missing:

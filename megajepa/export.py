@@ -11,8 +11,10 @@ The output loads with AutoModelForCausalLM.from_pretrained / AutoTokenizer.from_
 
 Weights are consolidated by DeepSpeed's own zero_to_fp32. `--weights ema` consolidates the EMA
 teacher instead: its per-rank shards (ema_rank{r}.pt, megajepa.jepa.ema_target) mirror the
-optimizer's fp32 master partitions, so the same merge applies to them. The directory appears only
-when complete (a temporary sibling, renamed at the end).
+optimizer's fp32 master partitions, so the same merge applies to them. A LoRA run's adapters
+(model.lora.rank > 0) are merged into plain weights, W + alpha / r * B @ A
+(megajepa.model.lora.merge_lora_weights). The directory appears only when complete (a temporary
+sibling, renamed at the end).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from megajepa.data.fingerprint import tokenizer_hash
 from megajepa.data.prepare import staged_directory
 from megajepa.data.tokenizer import add_pred_tokens, chat_template, load_tokenizer, pred_token_ids
 from megajepa.jepa.ema_target import STATE_FILE as EMA_FILE
+from megajepa.model.lora import merge_lora_weights
 from megajepa.model.predictor import uses_pred_tokens
 from megajepa.train.checkpoint import CHECKPOINT_SUBDIR
 
@@ -184,6 +187,8 @@ def _save_lm(lm_state: dict, info: CheckpointInfo, tokenizer, dtype: torch.dtype
     config.pad_token_id = tokenizer.pad_token_id
     with torch.device("meta"):  # no second copy of the weights: the consolidated tensors are assigned
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=info.config.model.trust_remote_code)
+    if info.config.model.lora.rank > 0:  # adapters into the plain weights
+        lm_state = merge_lora_weights(lm_state, model, info.config.model.lora)
     try:
         model.load_state_dict({k: v.to(dtype) for k, v in lm_state.items()}, strict=True, assign=True)
     except RuntimeError as err:

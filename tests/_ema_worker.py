@@ -19,8 +19,10 @@ import torch.distributed as dist
 from torch.distributed import distributed_c10d as c10d
 from deepspeed.utils import safe_get_full_fp32_param
 
-from megajepa.config import Config, EmaConfig, JepaConfig, ModelConfig, deepspeed_config
-from megajepa.data.layout import LayoutConfig, pack_pairs
+from _shards import pair_record
+
+from megajepa.config import Config, DataConfig, EmaConfig, JepaConfig, ModelConfig, deepspeed_config
+from megajepa.data.layout import Layout
 from megajepa.jepa.ema_target import EmaTeacher
 from megajepa.jepa.objective import JepaModel
 from megajepa.model.build import build_model
@@ -65,8 +67,8 @@ def make_batch(step: int, rank: int) -> dict:
     for _ in range(4):
         view_a.append(torch.randint(0, PRED_ID, (int(torch.randint(3, 12, (1,), generator=g)),), generator=g))
         view_b.append(torch.randint(0, PRED_ID, (int(torch.randint(2, 10, (1,), generator=g)),), generator=g))
-    layout = LayoutConfig(row_length=48, pred_token_ids=[PRED_ID], target="ema")
-    return pack_pairs([a.numpy() for a in view_a], [b.numpy() for b in view_b], list(range(4)), layout)
+    layout = Layout(DataConfig(shards="", tokenizer="", row_length=48, max_length=0), JEPA, [PRED_ID], 0)
+    return layout([{"sample_id": i, **pair_record(a.numpy(), b.numpy())} for i, (a, b) in enumerate(zip(view_a, view_b))])
 
 
 def build(model_json: str, ds_config: dict, dtype: torch.dtype, seed: int) -> JepaModel:

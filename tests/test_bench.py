@@ -10,16 +10,18 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+import numpy as np
+
+from _records import expected_views, layout, make_records
 from megajepa.bench.flops import FlopModel, attended_keys, batch_flops, peak_flops
+from megajepa.bench.reference_layouts import pack_reference
 from megajepa.config import JepaConfig
-from megajepa.data.layout import IGNORE_INDEX, SEG_PAD, LayoutConfig, pack_pairs
-from megajepa.data.reference_layout import pack_reference
+from megajepa.data.layout import SEG_PAD
 from megajepa.jepa.objective import JepaModel
-from megajepa.model.attention import dense_mask
+from megajepa.model.attention import attention_mask
 
 REPO = Path(__file__).resolve().parent.parent
 VOCAB, K, HIDDEN, INTERMEDIATE, LAYERS, HEADS, KV_HEADS = 101, 2, 64, 96, 2, 4, 2
-PRED_IDS = [VOCAB - 2, VOCAB - 1]
 
 
 def tiny_lm(seed: int = 0) -> LlamaForCausalLM:
@@ -38,99 +40,96 @@ def tiny_lm(seed: int = 0) -> LlamaForCausalLM:
     return LlamaForCausalLM(config).float()
 
 
-def random_pairs(n: int, seed: int = 1):
-    g = torch.Generator().manual_seed(seed)
-    draw = lambda low, high: int(torch.randint(low, high, (1,), generator=g))  # noqa: E731
-    lengths = [(draw(3, 30), draw(2, 20)) for _ in range(n)]
-    return [tuple(torch.randint(0, VOCAB - 2, (n,), generator=g) for n in pair) for pair in lengths]
+def records(n: int, seed: int = 1, **kwargs):
+    return make_records(n, seed, **kwargs)
 
 
-def both_views(pairs):
-    return [a for a, _ in pairs], [b for _, b in pairs], list(range(len(pairs)))
+def packer(**settings):
+    return layout(row_length=128, **settings)[0]
 
 
-ONLINE = LayoutConfig(row_length=128, pred_token_ids=PRED_IDS, target="online")
+def reference(recs, lay, kind, max_length=64):
+    return pack_reference(recs, lay.data, lay.jepa, lay.pred_token_ids, lay.pad_token_id, kind, max_length)
 
 
 @pytest.mark.parametrize("kind,rows_per_pair", [("ref3", 3), ("ref2", 2)])
-def test_reference_rows_are_padded_sequences_per_pair(kind, rows_per_pair):
-    pairs = random_pairs(6)
-    packed = pack_pairs(*both_views(pairs), ONLINE)
-    ref = pack_reference(*both_views(pairs), ONLINE, kind, max_length=64)
-    assert ref["input_ids"].shape == (rows_per_pair * len(pairs), 64)
-    assert int(ref["computed_tokens"]) == rows_per_pair * len(pairs) * 64
+def test_reference_rows_are_the_reference_sequences_padded(kind, rows_per_pair):
+    recs = records(6, shared=True)  # views opening like the conversation: still whole rows of their own
+    lay = packer()
+    packed = lay(recs)
+    ref = reference(recs, lay, kind)
+    assert ref["input_ids"].shape == (rows_per_pair * len(recs), 64)
+    assert int(ref["computed_tokens"]) == rows_per_pair * len(recs) * 64
     for key in ("useful_tokens", "num_pairs", "jepa_pairs", "sample_ids"):
         assert torch.equal(ref[key], packed[key]), key
-    # the same labels (CE over view B only), once per pair, and the same tokens in the segments
-    assert sorted(ref["labels"][ref["labels"] != IGNORE_INDEX].tolist()) == sorted(
-        packed["labels"][packed["labels"] != IGNORE_INDEX].tolist()
-    )
-    # block by block: the full conversation, view A + [PRED] (+ view B for ref2), view B alone
-    pred = torch.tensor(PRED_IDS)
-    expected = [[torch.cat([a, b]) for a, b in pairs]]
-    expected += [[torch.cat([a, pred]) for a, _ in pairs], [b for _, b in pairs]] if kind == "ref3" else []
-    expected += [[torch.cat([a, pred, b]) for a, b in pairs]] if kind == "ref2" else []
-    rows = [ids[seg != SEG_PAD] for ids, seg in zip(ref["input_ids"], ref["segment"])]
-    for row, want in zip(rows, [w for block in expected for w in block]):
-        assert torch.equal(row, want)
-    for i, row in enumerate(ref["pair_index"]):
-        assert set(row[row >= 0].tolist()) == {i % len(pairs)}
+    assert sorted(ref["ce_targets"].tolist()) == sorted(packed["ce_targets"].tolist())  # rows in another order
+    pred = np.array(lay.pred_token_ids)
+    want = [list(r["full"]) for r in recs]
+    for r in recs:
+        src, _, tgt, _ = expected_views(r, pred, lay.jepa, 0)
+        want += [list(src), list(tgt)] if kind == "ref3" else [list(src) + list(tgt)]
+    rows = sorted(ids[seg != SEG_PAD].tolist() for ids, seg in zip(ref["input_ids"], ref["segment"]))
+    assert rows == sorted(want)
+    assert not (ref["prefix_length"] > 0).any()
 
 
 @pytest.mark.parametrize("kind", ["ref3", "ref2"])
 def test_reference_layouts_give_the_packed_ce_and_embeddings(kind):
-    pairs = random_pairs(5, seed=4)
-    model = JepaModel(tiny_lm(), JepaConfig(k=K, predictor="tokens", distance="cosine", target="online"))
+    recs = records(5, seed=4, shared=True)
+    lay = packer()
+    model = JepaModel(tiny_lm(), lay.jepa)
     with torch.no_grad():
-        packed = model(pack_pairs(*both_views(pairs), ONLINE))
-        ref = model(pack_reference(*both_views(pairs), ONLINE, kind, max_length=64))
+        packed = model(lay(recs))
+        ref = model(reference(recs, lay, kind))
     for name in ("ce", "z_a", "z_b", "jepa"):
         torch.testing.assert_close(getattr(ref, name), getattr(packed, name), atol=1e-5, rtol=1e-5, msg=name)
 
 
 def test_reference_layout_keeps_dropout_and_refuses_what_it_cannot_lay_out():
-    pairs = random_pairs(20, seed=5)
-    dropout = LayoutConfig(row_length=128, pred_token_ids=PRED_IDS, target="online", dropout=0.5, seed=3)
-    packed = pack_pairs(*both_views(pairs), dropout)
-    ref = pack_reference(*both_views(pairs), dropout, "ref3", max_length=64)
-    kept = packed["jepa_pairs"]
-    assert 0 < kept.numel() < len(pairs)
+    recs = records(20, seed=5)
+    lay = packer(dropout=0.5)
+    kept = lay(recs)["jepa_pairs"]
+    ref = reference(recs, lay, "ref3")
+    assert 0 < kept.numel() < len(recs)
     assert torch.equal(ref["jepa_pairs"], kept)
-    assert ref["input_ids"].shape[0] == len(pairs) + 2 * kept.numel()
+    assert ref["input_ids"].shape[0] == len(recs) + 2 * kept.numel()
     with pytest.raises(ValueError, match="exceeds max_length=16"):
-        pack_reference(*both_views(pairs), ONLINE, "ref2", max_length=16)
-    ema = LayoutConfig(row_length=128, pred_token_ids=PRED_IDS, target="ema")
-    with pytest.raises(ValueError, match="target 'ema'"):
-        pack_reference(*both_views(pairs), ema, "ref3")
+        reference(recs, packer(), "ref2", max_length=16)
+    with pytest.raises(ValueError, match="jepa.target=online"):
+        reference(recs, packer(target="ema"), "ref3")
 
 
 def test_attended_keys_by_hand_and_against_the_mask():
-    a, b = torch.tensor([5, 6, 7]), torch.tensor([8, 9])
-    layout = LayoutConfig(row_length=16, pred_token_ids=[VOCAB - 1], target="online", row_multiple=0)
-    batch = pack_pairs([a], [b], [0], layout)
-    # T: 3 tokens causal = 6; C: 2 x 3 (T) + 3 = 9; P: 1 x 3 + 1 = 4; C': 3. Padding: none counted.
-    assert attended_keys(batch["pair_index"], batch["segment"]) == 22
-
-    pairs = random_pairs(9, seed=6)
-    for batch in (pack_pairs(*both_views(pairs), ONLINE), pack_reference(*both_views(pairs), ONLINE, "ref2", 64)):
-        mask = dense_mask(batch["pair_index"], batch["segment"])[:, 0]
+    one = {**records(1)[0], "full": np.array([1, 2, 5, 6, 7]), "prompt_len": 3}
+    one.update(user=np.array([1, 2, 5]), user_insert=np.array([2, 3]), assistant=np.array([8, 9]),
+               assistant_insert=np.array([0, 2]))
+    batch = layout(row_length=16, row_multiple=0, k=1)[0]([one])
+    # conversation 5 tokens: 15; user view [1 2 5 P] shares 3 tokens: its P sees 3 + 1 = 4;
+    # assistant view 2 tokens: 3. Padding is not counted.
+    assert attended_keys(batch["sequence"], batch["prefix_length"]) == 22
+    lay = packer()
+    recs = records(9, seed=6, shared=True)
+    for batch in (lay(recs), reference(recs, lay, "ref2")):
+        mask = attention_mask(batch, "sdpa")[:, 0]
         queries = (batch["segment"] != SEG_PAD)[:, :, None]
-        assert attended_keys(batch["pair_index"], batch["segment"]) == int((mask & queries).sum())
+        assert attended_keys(batch["sequence"], batch["prefix_length"]) == int((mask & queries).sum())
 
 
 def test_flops_formula_on_a_hand_computed_case():
     model = FlopModel(body_params=10, head_params=7, predictor_params=5, layers=2, attention_width=4)
-    a, b = torch.tensor([5, 6, 7]), torch.tensor([8, 9])
-    online = pack_pairs([a], [b], [0], LayoutConfig(row_length=16, pred_token_ids=[VOCAB - 1], row_multiple=0))
-    # 8 tokens (T3 C2 P1 C'2), 2 labelled (B's two tokens), 1 JEPA pair, 22 attended keys
+    one = {**records(1)[0], "full": np.array([1, 2, 5, 6, 7]), "prompt_len": 3}
+    one.update(user=np.array([1, 2, 5]), user_insert=np.array([2, 3]), assistant=np.array([8, 9]),
+               assistant_insert=np.array([0, 2]))
+    online = layout(row_length=16, row_multiple=0, k=1)[0]([one])
+    # 8 tokens (conversation 5, the user view's [PRED] 1, the assistant view 2), 2 labelled
+    # (the reply's two tokens), 1 JEPA pair, 22 attended keys
     assert batch_flops(online, model) == {
         "trained": 6 * 10 * 8 + 6 * 7 * 2 + 6 * 5 * 1 + 12 * 2 * 4 * 22,
         "teacher": 0,
         "total": 2676 + 30,
     }
-    ema_layout = LayoutConfig(row_length=16, pred_token_ids=[VOCAB - 1], target="ema", row_multiple=0)
-    ema = pack_pairs([a], [b], [0], ema_layout)
-    # online: T3 C2 P1 = 6 tokens, 19 keys; teacher: C'2, forward only, 3 keys
+    ema = layout(row_length=16, row_multiple=0, k=1, target="ema")[0]([one])
+    # online: 6 tokens, 19 keys; teacher: the assistant view, 2 tokens, forward only, 3 keys
     flops = batch_flops(ema, model)
     assert flops["trained"] == 6 * 10 * 6 + 6 * 7 * 2 + 6 * 5 + 12 * 2 * 4 * 19
     assert flops["teacher"] == 2 * 10 * 2 + 4 * 2 * 4 * 3
@@ -185,10 +184,11 @@ def test_bench_end_to_end_one_rank(demo_data, tmp_path):
     assert (out / "bench.md").read_text().strip() in result.stdout
     report = json.loads((out / "bench.json").read_text())
     modes = report["modes"]
-    assert list(modes) == ["ce", "jepa", "jepa-ema", "ref3", "ref2"]
+    assert list(modes) == ["ce", "jepa", "jepa-shared", "jepa-ema", "ref3", "ref2"]
     assert report["config"]["data"]["pairs_per_batch"] == 4 and report["versions"]["torch"] == torch.__version__
     assert report["order"] == ("sequence" if torch.cuda.is_available() else "alternate")
     # same init, same pairs: every layout computes the same CE and JEPA loss at the first step
+    assert modes["jepa-shared"]["first_step"]["ce"] == pytest.approx(modes["ce"]["first_step"]["ce"], rel=1e-4)
     for name in ("jepa-ema", "ref3", "ref2"):
         assert modes[name]["first_step"]["ce"] == pytest.approx(modes["ce"]["first_step"]["ce"], rel=1e-4)
         assert modes[name]["first_step"]["jepa"] == pytest.approx(modes["jepa"]["first_step"]["jepa"], rel=1e-3)

@@ -1,240 +1,164 @@
-"""The packer (megajepa.data.layout) against a per-pair construction written from DESIGN.md's table.
+"""The packer (megajepa.data.layout) read back through the attention mask.
 
-    T   view A                      positions 0 .. a-1      attends to T (causal)
-    C   view B after A, CE labels   positions a .. a+b-1    attends to T and C (causal)
-    P   k [PRED] tokens             positions a .. a+k-1    attends to T and P (causal)
-    C'  view B alone                positions 0 .. b-1      attends to C' (causal)
+The oracle is the definition of each sequence, built here from a record without the layout: the
+conversation `full`; the view with the [PRED] tokens (k of them, pred_k first, at the end of the
+user content or, with front_pred, at its start; the assistant view with reverse_pred), the other
+view, each cut at max_length. For every token the batch says the loss or an embedding is read at,
+the tokens it may attend to under megajepa.model.attention's dense mask, in row order, must be
+exactly that sequence's prefix up to the token, at positions 0, 1, ...: then the packed pass is
+each sequence's own forward, whatever rows, offsets and shared prefixes the packer chose.
 """
-
-import itertools
 
 import numpy as np
 import pytest
 import torch
 
-from megajepa.data.layout import IGNORE_INDEX, SEG_C, SEG_CB, SEG_P, SEG_PAD, SEG_T, LayoutConfig, pack_pairs
-from megajepa.model.attention import dense_mask
+from megajepa.data.layout import IGNORE_INDEX, SEG_PAD
+from megajepa.model.attention import attention_mask
+from _records import PAD, expected_views, layout, make_records
 
-ROW = 64
-PRED_IDS = (90, 91)
-
-
-def make_pairs(n, seed, max_view=20):
-    rng = np.random.default_rng(seed)
-
-    def view(length):
-        return rng.integers(2, 80, length)
-
-    pairs = [(view(rng.integers(1, max_view + 1)), view(rng.integers(1, max_view + 1))) for _ in range(n)]
-    # one pair that fills a row exactly with its [PRED] tokens (a + b + k = ROW)
-    pairs.append((view(ROW - 30 - len(PRED_IDS)), view(30)))
-    return pairs
+def context(batch, flat_index, prefix=""):
+    """(ids, positions) of the tokens the token at `flat_index` attends to, in row order."""
+    mask = attention_mask(batch, "sdpa", prefix)[:, 0]
+    width = batch[prefix + "input_ids"].shape[1]
+    row, col = divmod(int(flat_index), width)
+    keys = torch.nonzero(mask[row, col]).flatten()
+    return batch[prefix + "input_ids"][row, keys].tolist(), batch[prefix + "position_ids"][row, keys].tolist()
 
 
-def pack(pairs, cfg, sample_ids=None):
-    ids = list(range(len(pairs))) if sample_ids is None else sample_ids
-    return pack_pairs([a for a, _ in pairs], [b for _, b in pairs], ids, cfg)
+def assert_reads(batch, flat_index, sequence, index, prefix=""):
+    ids, positions = context(batch, flat_index, prefix)
+    assert ids == list(sequence[: index + 1])
+    assert positions == list(range(index + 1))
 
 
-def expected_segments(a, b, cfg, keeps_jepa):
-    """kind -> (token ids, positions, labels) for one pair, built straight from the table."""
-    k = len(cfg.pred_token_ids)
-    ignore_a = [IGNORE_INDEX] * (len(a) - 1)
-    segments = {
-        SEG_T: (list(a), list(range(len(a))), (list(a[1:]) if cfg.labels == "all" else ignore_a) + [b[0]]),
-        SEG_C: (list(b), list(range(len(a), len(a) + len(b))), list(b[1:]) + [IGNORE_INDEX]),
-    }
-    if keeps_jepa and k:
-        segments[SEG_P] = (list(cfg.pred_token_ids), list(range(len(a), len(a) + k)), [IGNORE_INDEX] * k)
-    if keeps_jepa:
-        segments[SEG_CB] = (list(b), list(range(len(b))), [IGNORE_INDEX] * len(b))
-    return segments
+SETTINGS = [
+    {},
+    {"target": "ema"},
+    {"front_pred": True},
+    {"reverse_pred": True},
+    {"readout": "offset", "last_token": -2},
+    {"k": 0},
+    {"max_length": 9},
+    {"share_prefix": False},
+    {"pooling": "mean"},
+]
 
 
-def segment_columns(pair_index, segment, pair, kind):
-    """(row, columns) of one pair's segment; asserts it lies in one row."""
-    rows, cols = torch.nonzero((pair_index == pair) & (segment == kind), as_tuple=True)
-    assert len(rows), f"pair {pair}: no segment {kind}"
-    assert rows.unique().numel() == 1, f"pair {pair}: segment {kind} split across rows"
-    return int(rows[0]), cols
-
-
-ROW_SETS = ("", "teacher_")  # key prefixes of the online and the teacher rows
-
-
-def rows_of(batch, kind, cfg):
-    """The rows (ids, positions, pair index, segment, labels) a segment kind is packed into."""
-    prefix = "teacher_" if kind == SEG_CB and cfg.target == "ema" else ""
-    keys = ("input_ids", "position_ids", "pair_index", "segment")
-    return (*(batch[prefix + key] for key in keys), batch["labels"] if not prefix else None)
-
-
-def check_batch(batch, pairs, cfg):
-    k = len(cfg.pred_token_ids)
-    jepa = batch["jepa_pairs"].tolist()
-    assert batch["num_pairs"] == len(pairs)
-    assert batch["sample_ids"].tolist() == list(range(len(pairs)))
-    width = batch["input_ids"].shape[1]
-    assert width <= cfg.row_length and (width == cfg.row_length or width % cfg.row_multiple == 0)
-    if cfg.target == "none":
-        assert jepa == [] and (batch["segment"] == SEG_P).sum() == 0 and (batch["segment"] == SEG_CB).sum() == 0
-    if cfg.target == "ema":
-        assert (batch["segment"] == SEG_CB).sum() == 0, "C' belongs in the teacher rows, not the online rows"
-    for i, (a, b) in enumerate(pairs):
-        placed = {}
-        for kind, (tokens, positions, labels) in expected_segments(a, b, cfg, i in jepa).items():
-            ids, pos, pair_index, segment, label_rows = rows_of(batch, kind, cfg)
-            row, cols = segment_columns(pair_index, segment, i, kind)
-            assert cols.tolist() == list(range(int(cols[0]), int(cols[0]) + len(tokens))), "not contiguous"
-            assert ids[row, cols].tolist() == tokens
-            assert pos[row, cols].tolist() == positions
-            if label_rows is not None:
-                assert label_rows[row, cols].tolist() == labels, f"pair {i} segment {kind} labels"
-            placed[kind] = (row, cols)
-        for kind in {SEG_P, SEG_CB} - placed.keys():
-            for prefix in ROW_SETS:
-                if prefix + "segment" in batch:
-                    unexpected = (batch[prefix + "pair_index"] == i) & (batch[prefix + "segment"] == kind)
-                    assert not unexpected.any(), f"pair {i}: segment {kind} without JEPA"
-        # T, C and P share a row, C and P after T
-        t_row, t_cols = placed[SEG_T]
-        for kind in (SEG_C, SEG_P):
-            if kind in placed:
-                assert placed[kind][0] == t_row and placed[kind][1].min() > t_cols.max()
-        if i in jepa:
-            j = jepa.index(i)
-            za_row, za_cols = placed[SEG_P] if k else placed[SEG_T]
-            assert batch["za_index"][j] == za_row * width + za_cols.max()
-            zb_row, zb_cols = placed[SEG_CB]
-            zb_width = rows_of(batch, SEG_CB, cfg)[0].shape[1]
-            assert batch["zb_index"][j] == zb_row * zb_width + zb_cols.max()
-    assert len(batch["za_index"]) == len(batch["zb_index"]) == len(jepa)
-    check_padding(batch, pairs, cfg)
-
-
-def check_padding(batch, pairs, cfg):
-    """Padding and token counts, and no row over-full or mergeable under first-fit."""
-    k = len(cfg.pred_token_ids)
-    jepa = set(batch["jepa_pairs"].tolist())
-    views = sum(len(a) + len(b) for a, b in pairs)
-    extra = sum(k + len(b) for i, (a, b) in enumerate(pairs) if i in jepa)
-    prefixes = [prefix for prefix in ROW_SETS if prefix + "segment" in batch]
-    slots = sum(batch[prefix + "segment"].numel() for prefix in prefixes)
-    pads = sum(int((batch[prefix + "segment"] == SEG_PAD).sum()) for prefix in prefixes)
-    assert batch["useful_tokens"] == views
-    assert batch["computed_tokens"] == slots
-    assert slots - pads == views + extra
-    assert (batch["labels"][batch["segment"] == SEG_PAD] == IGNORE_INDEX).all()
-    for prefix in prefixes:
-        seg, pair_index = batch[prefix + "segment"], batch[prefix + "pair_index"]
-        assert (batch[prefix + "input_ids"][seg == SEG_PAD] == cfg.pad_token_id).all()
-        assert (pair_index[seg == SEG_PAD] == -1).all()
-        # First-fit: a unit went to a later row only because it did not fit any earlier one.
-        free = (seg == SEG_PAD).sum(1).tolist()
-        for later in range(len(free)):
-            units = {}
-            for pair, kind in zip(pair_index[later].tolist(), seg[later].tolist()):
-                if kind != SEG_PAD:
-                    unit = (pair, kind == SEG_CB)
-                    units[unit] = units.get(unit, 0) + 1
-            assert units, "empty row"
-            assert all(min(units.values()) > free[earlier] for earlier in range(later))
-
-
-CASES = list(itertools.product((PRED_IDS, ()), ("online", "ema", "none"), ("response", "all")))
-
-
-@pytest.mark.parametrize("pred_ids,target,labels", CASES)
-def test_pairs_match_per_pair_construction(pred_ids, target, labels):
-    pairs = make_pairs(30, seed=CASES.index((pred_ids, target, labels)))
-    cfg = LayoutConfig(row_length=ROW, pred_token_ids=pred_ids, labels=labels, target=target)
-    batch = pack(pairs, cfg)
-    check_batch(batch, pairs, cfg)
-    if target != "none":
-        assert batch["jepa_pairs"].tolist() == list(range(len(pairs)))
-    if target == "ema":
-        assert batch["teacher_input_ids"].shape[1] <= ROW
+@pytest.mark.parametrize("settings", SETTINGS, ids=lambda s: ",".join(f"{k}={v}" for k, v in s.items()) or "default")
+@pytest.mark.parametrize("shared", [False, True], ids=["system", "no-system"])
+def test_every_read_sees_exactly_its_sequence(settings, shared):
+    lay, pred = layout(**settings)
+    records = make_records(9, seed=len(settings) + shared, shared=shared)
+    batch = lay(records)
+    assert batch["jepa_pairs"].tolist() == list(range(len(records)))
+    teacher = "teacher_" if lay.jepa.target == "ema" else ""
+    for j, record in enumerate(records):
+        src, src_read, tgt, tgt_read = expected_views(record, np.array(pred), lay.jepa, lay.data.max_length)
+        assert_reads(batch, batch["za_index"][j], src, src_read)
+        assert_reads(batch, batch["zb_index"][j], tgt, tgt_read, teacher)
+        if lay.jepa.pooling == "mean":
+            for name, seq, rows in (("za", src, ""), ("zb", tgt, teacher)):
+                places = batch[f"{name}_pool_index"][batch[f"{name}_pool_owner"] == j]
+                ids = batch[rows + "input_ids"].flatten()[places].tolist()
+                assert ids == list(seq), name
+    placed = int((batch["sequence"] != 0).sum()) + int((batch.get("teacher_sequence", torch.zeros(0)) != 0).sum())
+    cut = lay.data.max_length or 10**9
+    separate = sum(min(len(r["full"]), cut) + sum(len(v) for v in expected_views(r, np.array(pred), lay.jepa, lay.data.max_length)[::2]) for r in records)
+    if shared and lay.data.share_prefix:  # the user views read the conversation's opening there
+        assert placed < separate
     else:
-        assert "teacher_input_ids" not in batch
+        assert placed == separate
 
 
-def test_cross_entropy_over_labels_is_next_token_loss_on_view_b():
-    """labels="response": the loss the trainer computes equals CE of B's tokens given A ++ B."""
-    pairs = make_pairs(6, seed=3)
-    cfg = LayoutConfig(row_length=ROW, pred_token_ids=PRED_IDS)
-    batch = pack(pairs, cfg)
-    vocab = 100
-    logits = torch.randn(*batch["input_ids"].shape, vocab, generator=torch.Generator().manual_seed(0))
-    packed = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), reduction="sum")
-    expected = 0.0
-    for i, (a, b) in enumerate(pairs):
-        row, t_cols = segment_columns(batch["pair_index"], batch["segment"], i, SEG_T)
-        _, c_cols = segment_columns(batch["pair_index"], batch["segment"], i, SEG_C)
-        predicting = torch.cat([t_cols[-1:], c_cols[:-1]])  # A's last predicts b[0], then b[j] -> b[j+1]
-        expected += torch.nn.functional.cross_entropy(logits[row, predicting], torch.as_tensor(b), reduction="sum")
-    torch.testing.assert_close(packed, expected)
-
-
-def test_jepa_dropout_is_seeded_per_sample():
-    pairs = [(np.array([5]), np.array([6]))] * 2000
-    ids = list(range(2000))
-    cfg = LayoutConfig(row_length=ROW, pred_token_ids=PRED_IDS, dropout=0.3, seed=11)
-
-    def kept(sample_ids, batch_size, cfg):
-        out = set()
-        for start in range(0, len(sample_ids), batch_size):
-            chunk = sample_ids[start : start + batch_size]
-            batch = pack(pairs[: len(chunk)], cfg, chunk)
-            out |= {chunk[j] for j in batch["jepa_pairs"].tolist()}
-        return out
-
-    forward = kept(ids, 50, cfg)
-    assert kept(ids[::-1], 37, cfg) == forward, "the same sample must keep or drop JEPA in any batch"
-    assert abs(1 - len(forward) / len(ids) - 0.3) < 0.035
-    other_seed = kept(ids, 50, LayoutConfig(row_length=ROW, pred_token_ids=PRED_IDS, dropout=0.3, seed=12))
-    assert other_seed != forward
-    assert kept(ids[:200], 50, LayoutConfig(row_length=ROW, pred_token_ids=PRED_IDS)) == set(ids[:200])
-
-
-@pytest.mark.parametrize("target", ["online", "ema"])
-def test_dropped_pairs_keep_their_language_modelling_rows(target):
-    pairs = make_pairs(40, seed=5)
-    cfg = LayoutConfig(row_length=ROW, pred_token_ids=PRED_IDS, dropout=0.5, seed=2, target=target)
-    batch = pack(pairs, cfg)
-    assert 0 < len(batch["jepa_pairs"]) < len(pairs)
-    check_batch(batch, pairs, cfg)
-
-
-def test_bad_pairs_refused():
-    cfg = LayoutConfig(row_length=ROW, pred_token_ids=PRED_IDS)
-    with pytest.raises(ValueError, match="does not fit"):
-        pack([(np.arange(40), np.arange(23))], cfg)  # 40 + 23 + 2 > 64
-    with pytest.raises(ValueError, match="sample 0: empty view"):
-        pack([(np.arange(0), np.arange(3))], cfg)
-
-
-def reference_mask(pair_index, segment):
-    """Visibility straight from the table, one (query, key) at a time."""
-    reads = {SEG_T: {SEG_T}, SEG_C: {SEG_T, SEG_C}, SEG_P: {SEG_T, SEG_P}, SEG_CB: {SEG_CB}}
-    rows, length = pair_index.shape
-    mask = torch.zeros(rows, 1, length, length, dtype=torch.bool)
-    for r in range(rows):
-        pairs, kinds = pair_index[r].tolist(), segment[r].tolist()
-        for q in range(length):
-            if kinds[q] == SEG_PAD:
-                mask[r, 0, q, q] = True
+@pytest.mark.parametrize("labels", ["response", "all", "conversation", "content"])
+def test_every_labelled_token_predicts_the_next_token_of_its_conversation(labels):
+    lay, _ = layout(labels=labels)
+    records = make_records(7, seed=3)
+    records[0]["full"] = np.r_[records[0]["full"][:4], [PAD], records[0]["full"][4:]]  # a pad id inside
+    batch = lay(records)
+    width = batch["input_ids"].shape[1]
+    seen = set()
+    for index, target in zip(batch["ce_index"].tolist(), batch["ce_targets"].tolist()):
+        ids, positions = context(batch, index)
+        pair = int(batch["pair_index"].flatten()[index])
+        full = records[pair]["full"]
+        t = len(ids) - 1
+        assert ids == list(full[: t + 1]) and positions == list(range(t + 1))
+        assert target == full[t + 1]
+        seen.add((pair, t))
+        assert batch["labels"][index // width, index % width] == target
+    expected = set()
+    for pair, record in enumerate(records):
+        full = record["full"]
+        for t in range(len(full) - 1):
+            if labels == "response" and t + 1 < record["prompt_len"]:
                 continue
-            for key in range(q + 1):
-                mask[r, 0, q, key] = pairs[key] == pairs[q] and kinds[key] in reads[kinds[q]]
-    return mask
+            if labels == "conversation" and full[t + 1] == PAD:
+                continue
+            if labels == "content" and not record["full_spans"][2] <= t + 1 < record["full_spans"][3]:
+                continue
+            expected.add((pair, t))
+    assert seen == expected
+    assert (batch["labels"] != IGNORE_INDEX).sum() == len(expected)
 
 
-@pytest.mark.parametrize("target", ["online", "ema"])
-def test_dense_mask_matches_segment_table(target):
-    pairs = make_pairs(12, seed=9)
-    cfg = LayoutConfig(row_length=ROW, pred_token_ids=PRED_IDS, target=target)
-    batch = pack(pairs, cfg)
-    views = [("pair_index", "segment")] + ([("teacher_pair_index", "teacher_segment")] if target == "ema" else [])
-    for pair_name, seg_name in views:
-        pair_index, segment = batch[pair_name], batch[seg_name]
-        assert torch.equal(dense_mask(pair_index, segment), reference_mask(pair_index, segment))
+def test_shared_prefix_views_read_the_prompt_and_the_reply():
+    """The named deviation: [PRED] after the conversation's prompt, view B its reply alone."""
+    lay, pred = layout(views="shared_prefix")
+    records = make_records(6, seed=5)
+    batch = lay(records)
+    for j, record in enumerate(records):
+        full, cut = record["full"], record["prompt_len"]
+        assert_reads(batch, batch["za_index"][j], np.r_[full[:cut], np.array(pred)[::-1]], cut + len(pred) - 1)
+        reply = full[cut:]
+        assert_reads(batch, batch["zb_index"][j], reply, record["full_spans"][3] - cut - 1)
+
+
+def test_jepa_dropout_is_seeded_per_sample_and_keeps_the_conversation():
+    lay, _ = layout(dropout=0.5)
+    records = make_records(40, seed=7)
+    first = lay(records)["jepa_pairs"].tolist()
+    assert 5 < len(first) < 35
+    shuffled = lay(records[::-1])  # the same samples in another order: the same ones dropped
+    kept = {records[::-1][p]["sample_id"] for p in shuffled["jepa_pairs"].tolist()}
+    assert kept == {records[p]["sample_id"] for p in first}
+    assert lay(records)["ce_index"].numel() == layout()[0](records)["ce_index"].numel()
+
+
+def test_lambda_zero_packs_conversations_only_and_plain_records_carry_ce_only():
+    records = make_records(5, seed=9)
+    plain = {**records[0], "user": np.array([], dtype=np.int64), "assistant": np.array([], dtype=np.int64)}
+    lay, _ = layout()
+    batch = lay([plain] + records[1:])
+    assert batch["jepa_pairs"].tolist() == [1, 2, 3, 4]
+    assert set((batch["pair_index"].flatten()[batch["ce_index"]] == 0).nonzero().flatten().tolist())
+    off, _ = layout(lambda_=0.0)
+    batch = off(records)
+    assert batch["jepa_pairs"].numel() == 0
+    assert int((batch["segment"] != SEG_PAD).sum()) == sum(len(r["full"]) for r in records)
+
+
+def test_rows_are_trimmed_and_padding_sees_only_itself():
+    lay, _ = layout()
+    batch = lay(make_records(11, seed=11))
+    width = batch["input_ids"].shape[1]
+    assert width <= 128 and width % 16 == 0
+    mask = attention_mask(batch, "sdpa")[:, 0]
+    pad = batch["sequence"] == 0
+    rows, cols = torch.nonzero(pad, as_tuple=True)
+    for r, c in zip(rows.tolist(), cols.tolist()):
+        assert torch.nonzero(mask[r, c]).flatten().tolist() == [c]
+    assert (batch["input_ids"][pad] == PAD).all() and (batch["labels"][pad] == IGNORE_INDEX).all()
+
+
+def test_a_readout_outside_its_view_is_refused_with_the_sample():
+    lay, _ = layout(readout="offset", last_token=-50)
+    with pytest.raises(ValueError, match="sample 1000: jepa.last_token=-50"):
+        lay(make_records(2, seed=1))
+
+
+def test_a_record_longer_than_a_row_is_refused():
+    lay, _ = layout(row_length=32)
+    with pytest.raises(ValueError, match="more than data.row_length=32"):
+        lay(make_records(3, seed=2) + [{**make_records(1, seed=4)[0], "full": np.arange(3, 40)}])

@@ -14,7 +14,7 @@ from megajepa.data.embedded import ensure_embedded, ensure_tokenizer
 from megajepa.data.fingerprint import FINGERPRINT_FILE, check_fingerprint, file_sha256, tokenizer_hash
 from megajepa.data.prepare import BadInput, BadRecord, main, prepare, split_text
 from megajepa.data.synthetic import generate
-from megajepa.data.tokenizer import split_conversation, train_tokenizer
+from megajepa.data.tokenizer import train_tokenizer
 
 TEXT = "The first sentence is here. A second one follows! Is this the third? Yes, the fourth ends it."
 
@@ -58,6 +58,28 @@ def encode(tokenizer, text):
     return tokenizer.encode(text, add_special_tokens=False)
 
 
+def render(tokenizer, messages):
+    return tokenizer(tokenizer.apply_chat_template(messages, tokenize=False))["input_ids"]
+
+
+def with_pred(tokenizer, message, front=False):
+    """The reference's view with one predictor token added to its content."""
+    pred = "<|pred_0|>"
+    content = pred + message["content"] if front else message["content"] + pred
+    return render(tokenizer, [{**message, "content": content}])
+
+
+def check_view(tokenizer, sample, name, message):
+    """`name` is `message` rendered alone, and its insertion points put [PRED] where the reference does."""
+    tokens, (front, end) = sample[name].tolist(), sample[name + "_insert"].tolist()
+    pred = tokenizer.convert_tokens_to_ids("<|pred_0|>")
+    assert tokens == render(tokenizer, [message])
+    assert tokens[:end] + [pred] + tokens[end:] == with_pred(tokenizer, message)
+    if front >= 0:  # -1: a token there would change the tokens before it
+        assert tokens[:front] + [pred] + tokens[front:] == with_pred(tokenizer, message, front=True)
+    return front
+
+
 def test_chat_jsonl_round_trip_and_fingerprint(tmp_path, chat_jsonl, tokenizer_dir, tokenizer):
     summary = run([chat_jsonl], tmp_path / "out", tokenizer_dir)
     samples = read_back(str(tmp_path / "out"))
@@ -65,25 +87,33 @@ def test_chat_jsonl_round_trip_and_fingerprint(tmp_path, chat_jsonl, tokenizer_d
         records = [json.loads(line) for line in f]
     assert len(samples) == len(records) == summary["counts"]["written"] == summary["counts"]["read"]
     for i, (sample, record) in enumerate(zip(samples, records)):
-        view_a, view_b = split_conversation(tokenizer, record["messages"])
+        messages = record["messages"]
         assert sample["sample_id"] == i
         assert sample["source"] == f"{chat_jsonl}:{i + 1}"
-        assert sample["view_a"].dtype == np.int32
-        assert sample["view_a"].tolist() == view_a and sample["view_b"].tolist() == view_b
+        assert sample["full"].dtype == np.int32
+        full = render(tokenizer, messages)
+        assert sample["full"].tolist() == full
+        prompt = tokenizer(tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True))
+        assert sample["prompt_len"] == len(prompt["input_ids"])
+        assert check_view(tokenizer, sample, "user", messages[-2]) >= 0  # front_pred works with this template
+        assert check_view(tokenizer, sample, "assistant", messages[-1]) >= 0
+        user_start, user_end, reply_start, reply_end = sample["full_spans"].tolist()
+        assert tokenizer.decode(full[user_start:user_end]) == messages[-2]["content"]
+        assert tokenizer.decode(full[reply_start:reply_end]) == messages[-1]["content"]
 
     with open(tmp_path / "out" / FINGERPRINT_FILE) as f:
         fingerprint = json.load(f)
     assert check_fingerprint(str(tmp_path / "out"), tokenizer)["tokenizer_hash"] == tokenizer_hash(tokenizer)
-    assert fingerprint["format_version"] == 1
+    assert fingerprint["format_version"] == 2
     assert fingerprint["vocab_size"] == len(tokenizer)
     assert fingerprint["chat_template"] == tokenizer.chat_template
     assert fingerprint["sources"] == {chat_jsonl: file_sha256(chat_jsonl)}
-    assert fingerprint["max_pair_tokens"] == 256
-    assert fingerprint["counts"] == {"read": len(records), "written": len(records), "skipped": {}}
-    pair_lengths = [len(s["view_a"]) + len(s["view_b"]) for s in samples]
-    assert fingerprint["token_lengths"]["pair"]["max"] == max(pair_lengths)
-    assert fingerprint["token_lengths"]["pair"]["p50"] == sorted(pair_lengths)[(len(pair_lengths) + 1) // 2 - 1]
-    assert fingerprint["token_lengths"]["view_b"]["max"] == max(len(s["view_b"]) for s in samples)
+    assert fingerprint["max_length"] == 512
+    assert fingerprint["counts"] == {"read": len(records), "written": len(records), "truncated": 0, "skipped": {}}
+    lengths = [len(s["full"]) for s in samples]
+    assert fingerprint["token_lengths"]["full"]["max"] == max(lengths)
+    assert fingerprint["token_lengths"]["full"]["p50"] == sorted(lengths)[(len(lengths) + 1) // 2 - 1]
+    assert fingerprint["token_lengths"]["assistant"]["max"] == max(len(s["assistant"]) for s in samples)
 
 
 def test_pair_and_text_records(tmp_path, tokenizer_dir, tokenizer):
@@ -95,12 +125,66 @@ def test_pair_and_text_records(tmp_path, tokenizer_dir, tokenizer):
         ],
     )
     samples = read_back(run([path], tmp_path / "out", tokenizer_dir)["out"])
-    eos = tokenizer.eos_token_id
-    assert samples[0]["view_a"].tolist() == encode(tokenizer, "lines with a digit")
-    assert samples[0]["view_b"].tolist() == encode(tokenizer, ".*[0-9].*") + [eos]
+    user = {"role": "user", "content": "lines with a digit"}
+    assistant = {"role": "assistant", "content": ".*[0-9].*"}
+    assert samples[0]["full"].tolist() == render(tokenizer, [user, assistant])
+    check_view(tokenizer, samples[0], "user", user)
+    check_view(tokenizer, samples[0], "assistant", assistant)
+    # plain text: no template; CE over the text and eos, views its prefix and continuation
     prefix, continuation = split_text(TEXT, 0.5)
-    assert samples[1]["view_a"].tolist() == encode(tokenizer, prefix)
-    assert samples[1]["view_b"].tolist() == encode(tokenizer, continuation) + [eos]
+    assert samples[1]["full"].tolist() == encode(tokenizer, TEXT) + [tokenizer.eos_token_id]
+    assert samples[1]["user"].tolist() == encode(tokenizer, prefix)
+    assert samples[1]["user_insert"].tolist() == [0, len(samples[1]["user"])]
+    assert samples[1]["assistant"].tolist() == encode(tokenizer, continuation)
+    assert samples[1]["prompt_len"] == 0
+
+
+def test_field_overrides_detection_hellaswag_style(tmp_path, tokenizer_dir, tokenizer):
+    """hellaswag's records hold `messages` and views of their own (`text`, `code`: message lists)."""
+    messages = [{"role": "user", "content": "ctx"}, {"role": "assistant", "content": "ending"}]
+    text = [{"role": "user", "content": "the context, alone"}]
+    code = [{"role": "assistant", "content": "the ending, alone"}]
+    path = write_lines(tmp_path / "hs.jsonl", [{"messages": messages, "text": text, "code": code}])
+    samples = read_back(
+        run([path], tmp_path / "out", tokenizer_dir, field_map={"view_a": "text", "view_b": "code"})["out"]
+    )
+    assert samples[0]["full"].tolist() == render(tokenizer, messages)
+    check_view(tokenizer, samples[0], "user", text[0])
+    check_view(tokenizer, samples[0], "assistant", code[0])
+
+
+def test_plain_format_is_the_references_plain_train_all(tmp_path, tokenizer_dir, tokenizer):
+    record = {"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "one way to say it"},
+                           {"role": "assistant", "content": "another way to say it"}]}
+    path = write_lines(tmp_path / "plain.jsonl", [record])
+    sample = read_back(run([path], tmp_path / "out", tokenizer_dir, input_format="plain")["out"])[0]
+    assert sample["full"].tolist() == encode(tokenizer, "one way to say it") + [tokenizer.eos_token_id]
+    assert sample["user"].tolist() == encode(tokenizer, "one way to say it")
+    assert sample["assistant"].tolist() == encode(tokenizer, "another way to say it")
+
+
+def test_overlength_truncate_keeps_the_record_and_skip_drops_it(tmp_path, tokenizer_dir, tokenizer):
+    long = {"view_a": "word " * 40 + "end", "view_b": "b"}
+    path = write_lines(tmp_path / "in.jsonl", [long, {"view_a": "a", "view_b": "b"}])
+    cut = run([path], tmp_path / "cut", tokenizer_dir, max_length=16)
+    sample = read_back(cut["out"])[0]
+    full = render(tokenizer, [{"role": "user", "content": long["view_a"]}, {"role": "assistant", "content": "b"}])
+    assert sample["full"].tolist() == full[:16] and len(sample["user"]) == 16
+    assert cut["counts"]["truncated"] == 1 and cut["counts"]["written"] == 2
+    skipped = run([path], tmp_path / "skip", tokenizer_dir, max_length=16, overlength="skip")
+    assert skipped["counts"]["written"] == 1 and skipped["counts"]["skipped"] == {"too_long": 1}
+
+
+def test_a_template_that_rewrites_the_content_at_the_pred_position_is_a_bad_record(tmp_path, tokenizer_dir, capsys):
+    trimming = "{% for m in messages %}{{ m['role'] + ': ' + m['content'] | trim + eos_token }}{% endfor %}"
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tok.chat_template = trimming
+    out = tmp_path / "tok"
+    tok.save_pretrained(out)
+    path = write_lines(tmp_path / "in.jsonl", [{"view_a": "trailing space ", "view_b": "b"}, {"view_a": "a", "view_b": "b"}])
+    summary = run([path], tmp_path / "out", str(out))
+    assert summary["counts"]["skipped"] == {"template_rewrites_content": 1}
+    assert f"{path}:1: the chat template changes the content's tokens" in capsys.readouterr().err
 
 
 def test_split_text_at_the_boundary_nearest_the_fraction():
@@ -120,8 +204,8 @@ def test_hf_dataset_directories_with_field_map(tmp_path, tokenizer_dir, tokenize
     field_map = {"view_a": "question", "view_b": "answer"}
     samples = read_back(run([saved], tmp_path / "out", tokenizer_dir, field_map=field_map)["out"])
     assert [s["source"] for s in samples] == [f"{saved}:0", f"{saved}:1"]
-    assert samples[1]["view_a"].tolist() == encode(tokenizer, "q two")
-    assert samples[1]["view_b"].tolist() == encode(tokenizer, "a two") + [tokenizer.eos_token_id]
+    assert samples[1]["user"].tolist() == render(tokenizer, [{"role": "user", "content": "q two"}])
+    assert samples[1]["assistant"].tolist() == render(tokenizer, [{"role": "assistant", "content": "a two"}])
 
     # A directory of data files goes through load_dataset (its cache kept out of $HOME).
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
@@ -129,7 +213,7 @@ def test_hf_dataset_directories_with_field_map(tmp_path, tokenizer_dir, tokenize
     files.mkdir()
     write_lines(files / "part.jsonl", [{"body": "one doc. It has two sentences."}])
     samples = read_back(run([str(files)], tmp_path / "out2", tokenizer_dir, field_map={"text": "body"})["out"])
-    assert samples[0]["view_a"].tolist() == encode(tokenizer, "one doc.")
+    assert samples[0]["user"].tolist() == encode(tokenizer, "one doc.")
 
 
 NO_ROLE = {"messages": [{"content": "x"}, {"role": "assistant", "content": "y"}]}
@@ -139,8 +223,8 @@ BAD_LINES = [  # (line, reason counted, message)
     (NO_ROLE, "missing_field", "messages[0]: missing 'role'"),
     ({"view_a": "only one view"}, "missing_field", "missing field 'view_b'"),
     ({"view_a": "a", "view_b": "   "}, "empty_view", "empty view: 'view_b' is empty"),
-    (NO_ANSWER, "empty_view", "empty view B"),
-    ({"view_a": "word " * 300, "view_b": "b"}, "too_long", "longer than max_pair_tokens=256"),
+    (NO_ANSWER, "empty_view", "messages[1]: the assistant content is empty"),
+    ({"view_a": "a", "view_b": "b", "messages": None}, "missing_field", "missing field 'messages'"),
     ({"messages": [{"role": "user", "content": "q"}]}, "invalid", "must be the assistant's"),
     ({"unrelated": 1}, "missing_field", "no 'messages', 'view_a'/'view_b' or 'text' field"),
 ]
@@ -157,7 +241,9 @@ def test_bad_records_are_reported_and_skipped(tmp_path, tokenizer_dir, capsys):
     reasons = {}
     for _, reason, _ in BAD_LINES:
         reasons[reason] = reasons.get(reason, 0) + 1
-    assert summary["counts"] == {"read": len(BAD_LINES) + 2, "written": 2, "skipped": dict(sorted(reasons.items()))}
+    assert summary["counts"] == {
+        "read": len(BAD_LINES) + 2, "written": 2, "truncated": 0, "skipped": dict(sorted(reasons.items()))
+    }
     assert [s["source"] for s in read_back(summary["out"])] == [f"{path}:1", f"{path}:{len(lines)}"]
 
 
@@ -183,7 +269,7 @@ def test_strict_stops_at_the_first_bad_record_leaving_nothing(tmp_path, tokenize
 
 def test_no_usable_record_is_an_error(tmp_path, tokenizer_dir):
     path = write_lines(tmp_path / "in.jsonl", ["nope"])
-    with pytest.raises(BadInput, match="no usable pairs"):
+    with pytest.raises(BadInput, match="no usable records"):
         run([path], tmp_path / "out", tokenizer_dir)
     assert leftovers(tmp_path, "out") == []
 

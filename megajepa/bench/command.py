@@ -153,7 +153,7 @@ def launch(cfg, args, argv: list[str]) -> int:
     if cfg.data.embedded is not None:
         from megajepa.data.embedded import ensure_embedded
 
-        ensure_embedded(cfg.data.embedded, max_pair_tokens=cfg.data.max_pair_tokens)
+        ensure_embedded(cfg.data.embedded, max_length=cfg.data.max_length)
     main = _torchrun(
         args, nproc, os.path.join(args.out, f"world{nproc}"),
         args.modes, args.steps, args.warmup, args.loader_batches,

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from megajepa.data.layout import IGNORE_INDEX, SEG_C, SEG_P, SEG_PAD, SEG_T
+from megajepa.data.layout import SEG_PAD
 
 # Dense (no sparsity) bf16/fp16 tensor-core peak per GPU in TFLOP/s, matched on
 # torch.cuda.get_device_name(): the first entry whose words all appear wins; None: a part we
@@ -88,26 +88,18 @@ class FlopModel:
         )
 
 
-def attended_keys(pair_index: torch.Tensor, segment: torch.Tensor) -> int:
+def attended_keys(sequence: torch.Tensor, prefix_length: torch.Tensor) -> int:
     """Sum over non-padding tokens of the keys each attends to under megajepa.model.attention's mask.
 
-    Segments are contiguous runs of one (pair, kind) within a row. A run of n tokens sees itself
-    causally, n (n + 1) / 2 pairs, and a C or P run also sees all of its pair's T run in the row
-    (T comes first), n t more."""
+    A sequence's tokens are one contiguous run in its row: the j-th (from 0) sees j + 1 keys of its
+    own, plus the prefix_length shared tokens it reads in the sequence it opens like."""
     total = 0
-    for pairs, kinds in zip(pair_index.cpu().numpy(), segment.cpu().numpy()):
-        starts = np.flatnonzero(np.r_[True, (pairs[1:] != pairs[:-1]) | (kinds[1:] != kinds[:-1])])
-        lengths = np.diff(np.r_[starts, len(pairs)])
-        t_length: dict[int, int] = {}
-        for start, n in zip(starts.tolist(), lengths.tolist()):
-            pair, kind = int(pairs[start]), int(kinds[start])
-            if kind == SEG_PAD:
-                continue
-            total += n * (n + 1) // 2
-            if kind == SEG_T:
-                t_length[pair] = n
-            elif kind in (SEG_C, SEG_P):
-                total += n * t_length.get(pair, 0)
+    for seq, shared in zip(sequence.cpu().numpy(), prefix_length.cpu().numpy()):
+        real = seq != 0
+        starts = np.flatnonzero(np.r_[True, seq[1:] != seq[:-1]])
+        run_start = np.repeat(starts, np.diff(np.r_[starts, len(seq)]))
+        own = np.arange(len(seq)) - run_start + 1
+        total += int((own + shared)[real].sum())
     return total
 
 
@@ -117,8 +109,8 @@ def _tokens(segment: torch.Tensor) -> int:
 
 def batch_flops(batch: dict, model: FlopModel) -> dict[str, int]:
     """Model FLOPs of one micro-batch (the module docstring's formula), trained and teacher."""
-    keys = attended_keys(batch["pair_index"], batch["segment"])
-    labelled = int((batch["labels"] != IGNORE_INDEX).sum())
+    keys = attended_keys(batch["sequence"], batch["prefix_length"])
+    labelled = int(batch["ce_index"].numel())
     trained = (
         6 * model.body_params * _tokens(batch["segment"])
         + 6 * model.head_params * labelled
@@ -127,7 +119,7 @@ def batch_flops(batch: dict, model: FlopModel) -> dict[str, int]:
     )
     teacher = 0
     if "teacher_segment" in batch:
-        teacher_keys = attended_keys(batch["teacher_pair_index"], batch["teacher_segment"])
+        teacher_keys = attended_keys(batch["teacher_sequence"], batch["teacher_prefix_length"])
         teacher = 2 * model.body_params * _tokens(batch["teacher_segment"])
         teacher += 4 * model.layers * model.attention_width * teacher_keys
     return {"trained": trained, "teacher": teacher, "total": trained + teacher}

@@ -1,10 +1,11 @@
 """What a benchmark mode is: the config it trains with and the layout it packs (megajepa.bench.run).
 
-    ce        next-token only: the same pairs packed the same way, no [PRED] and no view B alone
-    jepa      the packed single pass, online target
-    jepa-ema  the packed pass, view B alone in teacher rows through the EMA teacher
-    ref3      the reference's three padded sequences per pair (megajepa.data.reference_layout)
-    ref2      its additive-mask layout, two padded sequences per pair
+    ce           next-token only: the same records packed the same way, no JEPA views
+    jepa         the packed single pass of the reference's views (jepa.views=reference), online target
+    jepa-shared  the cheaper shared-prefix deviation (jepa.views=shared_prefix), online target
+    jepa-ema     the packed pass, the assistant view in teacher rows through the EMA teacher
+    ref3         the reference's three padded sequences per record (megajepa.bench.reference_layouts)
+    ref2         its additive-mask layout, two padded sequences per record
 
 Light on imports, so that the command line parses without loading torch.
 """
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 
 from megajepa.config import Config
 
-MODES = ("ce", "jepa", "jepa-ema", "ref3", "ref2")
+MODES = ("ce", "jepa", "jepa-shared", "jepa-ema", "ref3", "ref2")
 ORDERS = ("auto", "sequence", "alternate")
 
 
@@ -42,6 +43,7 @@ def mode_config(cfg: Config, mode: str, total_steps: int) -> Config:
         cfg.jepa.lambda_ = 0.0
     else:
         cfg.jepa.target = "ema" if mode == "jepa-ema" else "online"
+        cfg.jepa.views = "shared_prefix" if mode == "jepa-shared" else "reference"
     cfg.train.steps = total_steps
     cfg.logging.tensorboard = cfg.logging.csv = False
     return cfg

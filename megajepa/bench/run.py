@@ -30,9 +30,9 @@ from megajepa.bench.flops import FlopModel, batch_flops, peak_flops
 from megajepa.bench.memory import PeakMemory, model_state_bytes
 from megajepa.bench.modes import BenchSettings, mode_config, validate
 from megajepa.config import Config, precision
-from megajepa.data.layout import SEG_PAD, LayoutConfig, pack_pairs
+from megajepa.bench.reference_layouts import REFERENCE_LAYOUTS, pack_reference
+from megajepa.data.layout import SEG_PAD, Layout
 from megajepa.data.loader import loader_throughput
-from megajepa.data.reference_layout import REFERENCE_LAYOUTS, pack_reference
 from megajepa.train.trainer import (
     build_engine,
     config_loader,
@@ -45,14 +45,15 @@ from megajepa.train.trainer import (
 )
 
 
-def pack(mode: str, pairs: list[dict], layout: LayoutConfig, max_length: int) -> dict:
-    views = ([p["view_a"] for p in pairs], [p["view_b"] for p in pairs], [int(p["sample_id"]) for p in pairs])
+def pack(mode: str, records: list[dict], layout: Layout, max_length: int) -> dict:
     if mode in REFERENCE_LAYOUTS:
-        return pack_reference(*views, layout, mode, max_length)
-    return pack_pairs(*views, layout)
+        return pack_reference(
+            records, layout.data, layout.jepa, layout.pred_token_ids, layout.pad_token_id, mode, max_length
+        )
+    return layout(records)
 
 
-def draw_pairs(cfg: Config, layout: LayoutConfig, tokenizer, count: int) -> list[list[dict]]:
+def draw_pairs(cfg: Config, layout: Layout, tokenizer, count: int) -> list[list[dict]]:
     """`count` micro-batches of raw pairs for this rank, read once and shared by every mode."""
     loader = config_loader(cfg, cfg.data.shards, layout, tokenizer)
     batches: list[list[dict]] = []
@@ -273,7 +274,7 @@ def _versions() -> dict:
     }
 
 
-def _loader_benchmark(cfg: Config, layout: LayoutConfig, tokenizer, batches: int, device) -> dict:
+def _loader_benchmark(cfg: Config, layout: Layout, tokenizer, batches: int, device) -> dict:
     stats = loader_throughput(
         cfg.data.shards,
         batch_pairs=cfg.data.pairs_per_batch,

@@ -17,6 +17,7 @@ import time
 
 from filelock import FileLock
 
+from megajepa.data.fingerprint import FINGERPRINT_FILE, FORMAT_VERSION
 from megajepa.data.prepare import prepare, staged_directory
 from megajepa.data.synthetic import generate
 from megajepa.data.tokenizer import train_tokenizer
@@ -42,6 +43,14 @@ def embedded_paths(root: str = DEFAULT_ROOT) -> dict[str, str]:
 def _lock(root: str) -> FileLock:
     os.makedirs(root, exist_ok=True)
     return FileLock(os.path.join(root, ".lock"))
+
+
+def _format_version(shards: str):
+    path = os.path.join(shards, FINGERPRINT_FILE)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f).get("format_version")
 
 
 def _log(message: str) -> None:
@@ -88,7 +97,7 @@ def ensure_embedded(
     seed: int = 0,
     n_train: int = 20000,
     n_eval: int = 1000,
-    max_pair_tokens: int = 256,
+    max_length: int = 512,
     progress: bool = True,
 ) -> dict[str, str]:
     """Build whatever of the embedded data is missing under root; return embedded_paths(root)."""
@@ -97,12 +106,13 @@ def ensure_embedded(
         _ensure_jsonl(paths, seed, n_train, n_eval)
         _ensure_tokenizer(paths)
         for split in ("train", "eval"):
-            if not os.path.isdir(paths[f"{split}_shards"]):
+            shards = paths[f"{split}_shards"]
+            stale = os.path.isdir(shards) and _format_version(shards) != FORMAT_VERSION
+            if stale:
+                _log(f"{shards}: prepared by an older megajepa (another record format); preparing again")
+            if stale or not os.path.isdir(shards):
                 prepare(
-                    [paths[f"{split}_jsonl"]],
-                    paths[f"{split}_shards"],
-                    paths["tokenizer"],
-                    max_pair_tokens=max_pair_tokens,
-                    progress=progress,
+                    [paths[f"{split}_jsonl"]], shards, paths["tokenizer"],
+                    max_length=max_length, overwrite=stale, progress=progress,
                 )
     return paths

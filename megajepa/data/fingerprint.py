@@ -12,6 +12,8 @@ import os
 from typing import Any
 
 FINGERPRINT_FILE = "fingerprint.json"
+# 2: the reference's three sequences per record (full, user, assistant); 1 had view A / view B
+FORMAT_VERSION = 2
 
 
 class FingerprintMismatch(RuntimeError):
@@ -42,6 +44,12 @@ def read_fingerprint(shard_dir: str) -> dict[str, Any]:
 def check_fingerprint(shard_dir: str, tokenizer) -> dict[str, Any]:
     """Raise FingerprintMismatch unless the shards were tokenized by `tokenizer`."""
     fingerprint = read_fingerprint(shard_dir)
+    if fingerprint.get("format_version") != FORMAT_VERSION:
+        raise FingerprintMismatch(
+            f"{os.path.join(shard_dir, FINGERPRINT_FILE)}: shards of format version "
+            f"{fingerprint.get('format_version')}, this megajepa reads version {FORMAT_VERSION}; re-run "
+            f"`megajepa prepare` on their source"
+        )
     expected = tokenizer_hash(tokenizer)
     if fingerprint.get("tokenizer_hash") != expected:
         raise FingerprintMismatch(

@@ -47,7 +47,7 @@ from streaming.base.storage import CloudDownloader
 from tqdm import tqdm
 
 from megajepa.data import fingerprint
-from megajepa.data.layout import SEG_PAD, LayoutConfig, PairCollator
+from megajepa.data.layout import SEG_PAD, Layout
 
 
 def set_stream_env() -> dict[str, int]:
@@ -72,37 +72,18 @@ def set_stream_env() -> dict[str, int]:
     return env
 
 
-def check_pair(view_a: np.ndarray, view_b: np.ndarray, max_pair_tokens: int, where: str) -> None:
-    """Refuse a pair the packer cannot place; `where` names the shard and sample."""
-    if len(view_a) == 0 or len(view_b) == 0:
-        raise ValueError(f"{where}: empty view (view A {len(view_a)} tokens, view B {len(view_b)} tokens)")
-    if len(view_a) + len(view_b) > max_pair_tokens:
-        raise ValueError(
-            f"{where}: view A + view B = {len(view_a)} + {len(view_b)} tokens exceeds "
-            f"max_pair_tokens={max_pair_tokens}; re-run `megajepa prepare` with that limit"
-        )
+RECORD_ARRAYS = ("full", "full_spans", "user", "user_insert", "assistant", "assistant_insert")
 
 
 class PairDataset(StreamingDataset):
-    """StreamingDataset of view pairs: {"view_a": int32 array, "view_b": int32 array, "sample_id": int}."""
-
-    def __init__(self, *, max_pair_tokens: int, **kwargs: Any):
-        super().__init__(**kwargs)
-        self.max_pair_tokens = max_pair_tokens
+    """StreamingDataset of prepared records (megajepa.data.prepare's columns, as numpy arrays)."""
 
     def get_item(self, sample_id: int, retry: int = 7) -> dict[str, Any]:
         sample = super().get_item(sample_id, retry)
-        view_a = np.asarray(sample["view_a"], dtype=np.int32)
-        view_b = np.asarray(sample["view_b"], dtype=np.int32)
-        stored_id = int(sample["sample_id"])
-        check_pair(view_a, view_b, self.max_pair_tokens, f"{self._shard_path(sample_id)}: sample {stored_id}")
-        return {"view_a": view_a, "view_b": view_b, "sample_id": stored_id}
-
-    def _shard_path(self, sample_id: int) -> str:
-        shard_id, _ = self.spanner[sample_id]
-        shard = self.shards[shard_id]
-        raw_info, _ = shard.file_pairs[0]
-        return os.path.join(shard.dirname, shard.split, raw_info.basename)
+        record = {name: np.asarray(sample[name], dtype=np.int64) for name in RECORD_ARRAYS}
+        record["prompt_len"] = int(sample["prompt_len"])
+        record["sample_id"] = int(sample["sample_id"])
+        return record
 
 
 class _PairDataLoader(StreamingDataLoader):
@@ -182,32 +163,21 @@ def build_loader(
     shards: str,
     *,
     batch_pairs: int,
-    layout: LayoutConfig,
+    layout: Layout,
     tokenizer=None,
     remote: Optional[str] = None,
     shuffle: bool = True,
     seed: int = 1234,
     num_workers: int = 0,
-    max_pair_tokens: Optional[int] = None,
     record_ids: bool = False,
 ) -> PairLoader:
     """Loader of packed view-pair batches for this rank (see the module docstring).
 
     shards: the MDS directory, or the local cache when `remote` is given.
     tokenizer: when given, the shards' fingerprint must match it (FingerprintMismatch otherwise).
-    max_pair_tokens: longest view A + view B accepted; default: what fits a row with the k [PRED]
-        tokens (layout.row_length - k).
     """
     if batch_pairs < 1:
         raise ValueError(f"batch_pairs must be at least 1, got {batch_pairs}")
-    fits = layout.row_length - len(layout.pred_token_ids)
-    if max_pair_tokens is None:
-        max_pair_tokens = fits
-    elif max_pair_tokens > fits:
-        raise ValueError(
-            f"max_pair_tokens={max_pair_tokens} plus {len(layout.pred_token_ids)} [PRED] tokens does not "
-            f"fit row_length={layout.row_length}"
-        )
     set_stream_env()
     if remote is None or os.path.isdir(remote):
         _require_index(remote or shards)
@@ -220,13 +190,12 @@ def build_loader(
         batch_size=batch_pairs,
         shuffle=shuffle,
         shuffle_seed=seed,
-        max_pair_tokens=max_pair_tokens,
     )
     loader = PairLoader(
         _PairDataLoader(
             dataset,
             batch_size=batch_pairs,
-            collate_fn=PairCollator(layout),
+            collate_fn=layout,
             num_workers=num_workers,
             drop_last=True,
         ),
@@ -244,7 +213,7 @@ def loader_throughput(
     shards: str,
     *,
     batch_pairs: int,
-    layout: LayoutConfig,
+    layout: Layout,
     seconds: Optional[float] = None,
     batches: Optional[int] = None,
     tokenizer=None,

@@ -1,22 +1,40 @@
-"""`megajepa prepare`: JSONL files or local HF datasets -> tokenized view pairs in MDS shards.
+"""`megajepa prepare`: JSONL files or local HF datasets -> tokenized records in MDS shards.
 
-    megajepa prepare train.jsonl --out data/train [--tokenizer DIR] [--strict] [--overwrite]
+    megajepa prepare train.jsonl --out data/train [--tokenizer DIR] [--max-length 512] [--strict]
 
-Input records, recognised per record (or fixed with --format):
+Each record becomes the sequences the published LLM-JEPA reference (galilai-group/llm-jepa,
+finetune.py) runs, tokenized as it tokenizes them (`tokenizer(chat_template(messages))`):
 
-    chat   {"messages": [{"role": ..., "content": ...}, ...]}  last message the assistant's; split
-           by megajepa.data.tokenizer.split_conversation (view A: prompt + assistant header,
-           view B: the answer and its end of turn)
-    pair   {"view_a": str, "view_b": str}    view B gets the eos token appended
-    text   {"text": str}                     split into prefix / continuation at the sentence or
-                                             paragraph boundary nearest --text-split (eos appended)
+    full              the whole conversation (the CE sequence); prompt_len: its tokens before the
+                      assistant's reply; full_spans: [user content start, end, assistant content
+                      start, end) in it (-1 where there is none)
+    user              the user turn rendered alone (no system message), without [PRED] tokens;
+                      user_insert: [start, end] of its content, where [PRED] tokens go
+    assistant         the assistant message rendered alone, role header included; assistant_insert
 
-A directory input is a local Hugging Face dataset (saved with save_to_disk, or a directory of data
-files for load_dataset); `--field view_a=question` maps its columns (or JSONL keys) to the names
-above. Sources are `FILE:LINE` (1-based) for JSONL and `DIR:ROW` (0-based) for datasets.
+The training layout (megajepa.data.layout) inserts the k [PRED] tokens at train time, so one
+preparation serves every k. Input records, recognised per record (or fixed with --format):
 
-Bad records are reported as `SOURCE: reason` on stderr and skipped (--strict: stop at the first,
-exit code 2). The output directory appears only when complete: shards are written into a
+    chat    {"messages": [{"role": ..., "content": ...}, ...]}   the last message the assistant's;
+            the views are the last user turn and the assistant message
+    pair    {"view_a": str, "view_b": str}   a conversation of a user and an assistant turn
+    text    {"text": str}   plain text (no template): the CE sequence is the text and the eos token,
+            the views its prefix and continuation, cut at the sentence or paragraph boundary
+            nearest --text-split
+    plain   chat records without the template, as the reference's --plain --train_all: the CE
+            sequence is the user content and the eos token, the views the two contents
+
+`--field NAME=COLUMN` takes NAME (messages, view_a, view_b, text) from COLUMN and wins over what a
+record happens to hold: `--field view_a=text --field view_b=code` gives hellaswag's records, whose
+views are message lists of their own, beside `messages` for the conversation. A directory input is
+a local Hugging Face dataset (saved with save_to_disk, or a directory of data files for
+load_dataset). Sources are `FILE:LINE` (1-based) for JSONL and `DIR:ROW` (0-based) for datasets.
+
+A sequence longer than --max-length is cut there and the record kept (--overlength truncate, the
+reference's tokenizer call) or the record skipped (--overlength skip); both are counted. Bad
+records (not JSON, a missing or empty content, a template that rewrites the content where the
+[PRED] tokens go) are reported as `SOURCE: reason` on stderr and skipped (--strict: stop at the
+first, exit code 2). The output directory appears only when complete: shards are written into a
 temporary sibling that is renamed at the end, and removed if anything fails. Re-running on the
 same input gives byte-identical files.
 """
@@ -24,6 +42,7 @@ same input gives byte-identical files.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import re
@@ -38,12 +57,22 @@ import numpy as np
 from streaming import MDSWriter
 from tqdm import tqdm
 
-from megajepa.data.fingerprint import FINGERPRINT_FILE, file_sha256, tokenizer_hash
-from megajepa.data.tokenizer import ROLES, chat_template, encode_text, load_tokenizer, split_conversation
+from megajepa.data.fingerprint import FINGERPRINT_FILE, FORMAT_VERSION, file_sha256, tokenizer_hash
+from megajepa.data.tokenizer import ROLES, chat_template, load_tokenizer
 
-COLUMNS = {"sample_id": "int64", "view_a": "ndarray:int32", "view_b": "ndarray:int32", "source": "str"}
-FORMAT_VERSION = 1
-FORMATS = ("auto", "chat", "pair", "text")
+COLUMNS = {
+    "sample_id": "int64",
+    "full": "ndarray:int32",
+    "prompt_len": "int32",
+    "full_spans": "ndarray:int32",
+    "user": "ndarray:int32",
+    "user_insert": "ndarray:int32",
+    "assistant": "ndarray:int32",
+    "assistant_insert": "ndarray:int32",
+    "source": "str",
+}
+FORMATS = ("auto", "chat", "pair", "text", "plain")
+OVERLENGTH = ("truncate", "skip")
 FIELDS = ("messages", "view_a", "view_b", "text")
 MAX_REPORTED = 20  # bad records printed before only counting them
 
@@ -198,50 +227,161 @@ def _string_field(fields: dict, name: str) -> str:
     return value
 
 
-class PairEncoder:
-    """One input record -> (view A ids, view B ids) of at most max_pair_tokens together, or BadRecord."""
+MARKS = ("<|megajepa_mark|>",)  # a temporary special token, never stored
+
+
+class RecordEncoder:
+    """One input record -> the schema's sequences (see the module docstring), or BadRecord.
+
+    Every sequence is rendered and tokenized as the reference does: the chat template applied to
+    the messages as text, then `tokenizer(text)` with the tokenizer's own special tokens. Where
+    the [PRED] tokens go (and where each content starts and ends) is found by rendering the same
+    messages with marker tokens at those places: a marker is a special token, so the tokenizer
+    splits there exactly as it will split around the [PRED] tokens. A template that rewrites the
+    content where the [PRED] tokens go at its end (say it trims trailing whitespace) makes the
+    record a bad record: its [PRED] positions would not be the reference's. Where a token at the
+    content's front would change the tokens before it, the front position is stored as -1 and
+    only jepa.front_pred refuses the record.
+    """
 
     def __init__(
         self,
         tokenizer,
-        max_pair_tokens: int,
+        max_length: int = 512,
+        overlength: str = "truncate",
         input_format: str = "auto",
         field_map: Optional[dict] = None,
         text_split: float = 0.5,
     ):
-        if tokenizer.eos_token_id is None:
-            raise ValueError("the tokenizer has no eos_token: view B must end with one")
+        if tokenizer.eos_token is None:
+            raise ValueError("the tokenizer has no eos_token, which ends each turn and each plain text")
         self.tokenizer = tokenizer
-        self.max_pair_tokens = max_pair_tokens
+        self.marked = copy.deepcopy(tokenizer)
+        self.marked.add_special_tokens({"additional_special_tokens": list(MARKS)}, replace_additional_special_tokens=False)
+        self.mark_ids = [self.marked.convert_tokens_to_ids(m) for m in MARKS]
+        self.template = chat_template(tokenizer)
+        self.max_length = max_length
+        self.overlength = overlength
         self.input_format = input_format
         self.field_map = field_map or {}
         self.text_split = text_split
 
-    def __call__(self, record: dict) -> tuple[list[int], list[int]]:
-        view_a, view_b = self._encode(record)
-        if len(view_a) + len(view_b) > self.max_pair_tokens:
+    def __call__(self, record: dict) -> tuple[dict, bool]:
+        """(the sample's columns, whether a sequence was cut at max_length)."""
+        sample = self._encode(record)
+        lengths = {name: len(sample[name]) for name in ("full", "user", "assistant")}
+        longest = max(lengths, key=lengths.get)
+        cut = self.max_length > 0 and lengths[longest] > self.max_length
+        if cut and self.overlength == "skip":
             raise BadRecord(
-                "too_long",
-                f"pair of {len(view_a) + len(view_b)} tokens (view A {len(view_a)} + view B {len(view_b)}) "
-                f"is longer than max_pair_tokens={self.max_pair_tokens}",
+                "too_long", f"the {longest} sequence has {lengths[longest]} tokens, more than --max-length={self.max_length}"
             )
-        return view_a, view_b
+        if cut:
+            for name in ("full", "user", "assistant"):
+                sample[name] = sample[name][: self.max_length]
+        return sample, cut
 
-    def _encode(self, record: dict) -> tuple[list[int], list[int]]:
+    # ---- rendering
+
+    def _render(self, messages: list[dict], plain: bool) -> str:
+        if plain:
+            return messages[0]["content"]
+        return self.tokenizer.apply_chat_template(messages, chat_template=self.template, tokenize=False)
+
+    def _tokens(self, text: str) -> list[int]:
+        return self.tokenizer(text)["input_ids"]
+
+    def _positions(self, messages: list[dict], marks: list, plain: bool, suffix: str = "") -> tuple[list[int], list[int]]:
+        """(tokens of the rendered messages, token index of each mark): a mark is (message index,
+        'front' or 'end') of the content it is placed at, and its index is -1 where placing a
+        token there changes the tokens around it (the template trims the content, or the text
+        before the content merges with it when it is not split off)."""
+        tokens = self._tokens(self._render(messages, plain) + suffix)
+        mark_id = self.mark_ids[0]
+        found = []
+        for index, side in marks:
+            marked = [dict(m) for m in messages]
+            content = marked[index]["content"]
+            marked[index]["content"] = MARKS[0] + content if side == "front" else content + MARKS[0]
+            ids = self.marked(self._render(marked, plain) + suffix)["input_ids"]
+            where = [j for j, t in enumerate(ids) if t == mark_id]
+            exact = len(where) == 1 and ids[: where[0]] + ids[where[0] + 1 :] == tokens
+            found.append(where[0] if exact else -1)
+        return tokens, found
+
+    def _view(self, messages: list[dict], plain: bool) -> tuple[list[int], list[int]]:
+        """A view rendered alone; its first message's content gets the [PRED] tokens (the reference
+        appends them to user_messages[0]). An unknown front position (-1) refuses front_pred only."""
+        tokens, (front, end) = self._positions(messages, [(0, "front"), (0, "end")], plain)
+        if end < 0:
+            raise BadRecord(
+                "template_rewrites_content",
+                "the chat template changes the content's tokens when [PRED] tokens are added to it "
+                "(leading or trailing whitespace that the template trims?)",
+            )
+        return tokens, [front, end]
+
+    def _conversation(self, messages: list[dict], user: int, plain: bool) -> tuple[list[int], int, list[int]]:
+        """(the conversation's tokens, its prompt length, [user start, user end, assistant start, end))."""
+        if plain:  # the reference's --plain --train_all: the user's text and the end of text
+            tokens, spans = self._positions([messages[user]], [(0, "front"), (0, "end")], True, self.tokenizer.eos_token)
+            return tokens, 0, spans + [-1, -1]
+        assistant = len(messages) - 1
+        marks = [(user, "front"), (user, "end"), (assistant, "front"), (assistant, "end")]
+        tokens, spans = self._positions(messages, marks, False)
+        prompt_len = spans[2]
+        if prompt_len < 0:  # where the reply starts, from the generation prompt instead
+            prompt = self._tokens(
+                self.tokenizer.apply_chat_template(
+                    messages[:-1], chat_template=self.template, tokenize=False, add_generation_prompt=True
+                )
+            )
+            if tokens[: len(prompt)] != prompt:
+                raise BadRecord("template_rewrites_content", "the conversation does not start with its generation prompt")
+            prompt_len = len(prompt)
+        return tokens, prompt_len, spans
+
+    # ---- records
+
+    def _encode(self, record: dict) -> dict:
         fields = {name: record[name] for name in FIELDS if name in record}
-        for name, column in self.field_map.items():
+        for name, column in self.field_map.items():  # --field wins over what a record happens to hold
             if column not in record:
                 raise BadRecord("missing_field", f"missing field '{column}' (--field {name}={column})")
             fields[name] = record[column]
         kind = self.input_format if self.input_format != "auto" else self._detect(fields)
-        if kind == "chat":
-            return self._chat(fields)
-        if kind == "pair":
-            view_a, view_b = _string_field(fields, "view_a"), _string_field(fields, "view_b")
+        if kind == "text":
+            prefix, continuation = split_text(_string_field(fields, "text"), self.text_split)
+            messages = [{"role": "user", "content": prefix}, {"role": "assistant", "content": continuation}]
+            full, _, _ = self._conversation([{"role": "user", "content": prefix + continuation}], 0, True)
+            return self._sample(full, 0, [-1, -1, -1, -1], [messages[:1], messages[1:]], True)
+        if kind == "pair" and "messages" not in fields:
+            messages = [
+                {"role": "user", "content": _string_field(fields, "view_a")},
+                {"role": "assistant", "content": _string_field(fields, "view_b")},
+            ]
         else:
-            view_a, view_b = split_text(_string_field(fields, "text"), self.text_split)
-        eos = self.tokenizer.eos_token_id
-        return encode_text(self.tokenizer, view_a), encode_text(self.tokenizer, view_b) + [eos]
+            messages = _messages(fields.get("messages"), "messages")
+        user = _last_user(messages)
+        views = [
+            _view_messages(fields["view_a"], "view_a", "user") if "view_a" in fields else [messages[user]],
+            _view_messages(fields["view_b"], "view_b", "assistant") if "view_b" in fields else [messages[-1]],
+        ]
+        plain = kind == "plain"
+        full, prompt_len, spans = self._conversation(messages, user, plain)
+        return self._sample(full, prompt_len, spans, views, plain)
+
+    def _sample(self, full, prompt_len, spans, views, plain: bool) -> dict:
+        (user, user_insert), (assistant, assistant_insert) = (self._view(v, plain) for v in views)
+        return {
+            "full": np.asarray(full, dtype=np.int32),
+            "prompt_len": prompt_len,
+            "full_spans": np.asarray(spans, dtype=np.int32),
+            "user": np.asarray(user, dtype=np.int32),
+            "user_insert": np.asarray(user_insert, dtype=np.int32),
+            "assistant": np.asarray(assistant, dtype=np.int32),
+            "assistant_insert": np.asarray(assistant_insert, dtype=np.int32),
+        }
 
     @staticmethod
     def _detect(fields: dict) -> str:
@@ -253,32 +393,47 @@ class PairEncoder:
             return "text"
         raise BadRecord("missing_field", "no 'messages', 'view_a'/'view_b' or 'text' field (see --format, --field)")
 
-    def _chat(self, fields: dict) -> tuple[list[int], list[int]]:
-        if "messages" not in fields:
-            raise BadRecord("missing_field", "missing field 'messages'")
-        messages = fields["messages"]
-        if not isinstance(messages, list) or not messages:
-            raise BadRecord("invalid", "'messages' must be a non-empty list")
-        turns = []
-        for i, message in enumerate(messages):
-            if not isinstance(message, dict):
-                raise BadRecord("invalid", f"messages[{i}] is not an object")
-            for key in ("role", "content"):
-                if key not in message:
-                    raise BadRecord("missing_field", f"messages[{i}]: missing '{key}'")
-            if message["role"] not in ROLES:
-                expected = ", ".join(ROLES)
-                raise BadRecord("invalid", f"messages[{i}]: unknown role {message['role']!r} (expected {expected})")
-            if not isinstance(message["content"], str):
-                raise BadRecord("invalid", f"messages[{i}]: 'content' must be a string")
-            turns.append({"role": message["role"], "content": message["content"]})
-        if turns[-1]["role"] != "assistant":
-            raise BadRecord("invalid", f"the last message must be the assistant's, not the {turns[-1]['role']}'s")
-        if not turns[-1]["content"].strip():
-            raise BadRecord("empty_view", "empty view B: the assistant message is empty")
-        if not any(turn["content"].strip() for turn in turns[:-1]):
-            raise BadRecord("empty_view", "empty view A: no non-empty message before the assistant's")
-        return split_conversation(self.tokenizer, turns)
+
+def _messages(value, name: str) -> list[dict]:
+    """A validated list of {role, content} messages."""
+    if value is None:
+        raise BadRecord("missing_field", f"missing field '{name}'")
+    if not isinstance(value, list) or not value:
+        raise BadRecord("invalid", f"'{name}' must be a non-empty list of messages")
+    turns = []
+    for i, message in enumerate(value):
+        if not isinstance(message, dict):
+            raise BadRecord("invalid", f"{name}[{i}] is not an object")
+        for key in ("role", "content"):
+            if key not in message:
+                raise BadRecord("missing_field", f"{name}[{i}]: missing '{key}'")
+        if message["role"] not in ROLES:
+            raise BadRecord("invalid", f"{name}[{i}]: unknown role {message['role']!r} (expected {', '.join(ROLES)})")
+        if not isinstance(message["content"], str):
+            raise BadRecord("invalid", f"{name}[{i}]: 'content' must be a string")
+        if not message["content"].strip():
+            raise BadRecord("empty_view", f"{name}[{i}]: the {message['role']} content is empty")
+        turns.append({"role": message["role"], "content": message["content"]})
+    return turns
+
+
+def _last_user(messages: list[dict]) -> int:
+    """Index of the user turn the JEPA views come from; the last message must be the assistant's."""
+    if messages[-1]["role"] != "assistant":
+        raise BadRecord("invalid", f"the last message must be the assistant's, not the {messages[-1]['role']}'s")
+    users = [i for i, m in enumerate(messages[:-1]) if m["role"] == "user"]
+    if not users:
+        raise BadRecord("invalid", "no user message before the assistant's")
+    return users[-1]
+
+
+def _view_messages(value, name: str, role: str) -> list[dict]:
+    """A view field: a string (one message of `role`) or a list of messages (hellaswag's text/code)."""
+    if isinstance(value, str):
+        if not value.strip():
+            raise BadRecord("empty_view", f"empty view: '{name}' is empty")
+        return [{"role": role, "content": value}]
+    return _messages(value, name)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -309,11 +464,11 @@ class _SkipReporter:
             print(f"... and {hidden} more skipped records", file=sys.stderr)
 
 
-def _write_pairs(sources, encoder: PairEncoder, writer, strict: bool, skip: _SkipReporter, progress: bool):
-    lengths_a: list[int] = []
-    lengths_b: list[int] = []
-    read = 0
-    with tqdm(total=sum(len(s) for s in sources), unit="pair", desc="prepare", disable=not progress) as bar:
+def _write_records(sources, encoder: RecordEncoder, writer, strict: bool, skip: _SkipReporter, progress: bool):
+    """Encode and write every usable record; (records read, sequence lengths by name, records cut)."""
+    lengths: dict[str, list[int]] = {"full": [], "user": [], "assistant": []}
+    read = cut = 0
+    with tqdm(total=sum(len(s) for s in sources), unit="record", desc="prepare", disable=not progress) as bar:
         for source_input in sources:
             for source, record in source_input:
                 read += 1
@@ -321,24 +476,18 @@ def _write_pairs(sources, encoder: PairEncoder, writer, strict: bool, skip: _Ski
                 try:
                     if isinstance(record, BadRecord):
                         raise record
-                    view_a, view_b = encoder(record)
+                    sample, was_cut = encoder(record)
                 except BadRecord as bad:
                     message = f"{source}: {bad}"
                     if strict:
                         raise BadInput(message) from None
                     skip(message, bad.reason)
                     continue
-                writer.write(
-                    {
-                        "sample_id": len(lengths_a),
-                        "view_a": np.asarray(view_a, dtype=np.int32),
-                        "view_b": np.asarray(view_b, dtype=np.int32),
-                        "source": source,
-                    }
-                )
-                lengths_a.append(len(view_a))
-                lengths_b.append(len(view_b))
-    return read, lengths_a, lengths_b
+                cut += was_cut
+                writer.write({"sample_id": len(lengths["full"]), **sample, "source": source})
+                for name, values in lengths.items():
+                    values.append(len(sample[name]))
+    return read, lengths, cut
 
 
 def prepare(
@@ -347,7 +496,8 @@ def prepare(
     tokenizer_dir: Optional[str] = None,
     *,
     strict: bool = False,
-    max_pair_tokens: int = 256,
+    max_length: int = 512,
+    overlength: str = "truncate",
     shard_size_limit: int = 1 << 26,
     input_format: str = "auto",
     field_map: Optional[dict[str, str]] = None,
@@ -367,13 +517,15 @@ def prepare(
         raise ValueError("no inputs given")
     if input_format not in FORMATS:
         raise ValueError(f"input_format {input_format!r}: expected one of {', '.join(FORMATS)}")
+    if overlength not in OVERLENGTH:
+        raise ValueError(f"overlength {overlength!r}: expected one of {', '.join(OVERLENGTH)}")
     unknown = sorted(set(field_map or {}) - set(FIELDS))
     if unknown:
         raise ValueError(f"--field {unknown[0]}=...: the name must be one of {', '.join(FIELDS)}")
     if not 0.0 < text_split < 1.0:
         raise ValueError(f"text_split={text_split}: expected a fraction strictly between 0 and 1")
-    if max_pair_tokens < 2:
-        raise ValueError(f"max_pair_tokens={max_pair_tokens}: a pair needs at least 2 tokens")
+    if max_length < 0:
+        raise ValueError(f"max_length={max_length}: expected 0 (no limit) or a positive number of tokens")
     with staged_directory(out_dir, overwrite) as staging:
         sources = [open_input(path, split) for path in inputs]
         if tokenizer_dir is None:
@@ -381,20 +533,21 @@ def prepare(
 
             tokenizer_dir = ensure_tokenizer()
         tokenizer = load_tokenizer(tokenizer_dir)
-        encoder = PairEncoder(tokenizer, max_pair_tokens, input_format, field_map, text_split)
+        encoder = RecordEncoder(tokenizer, max_length, overlength, input_format, field_map, text_split)
         skip = _SkipReporter()
         started = time.perf_counter()
         writer = MDSWriter(out=staging, columns=COLUMNS, compression="zstd", size_limit=shard_size_limit)
         try:
-            read, lengths_a, lengths_b = _write_pairs(sources, encoder, writer, strict, skip, progress)
-            if not lengths_a:
-                raise BadInput(f"no usable pairs in {', '.join(inputs)} ({read} read, all skipped)")
+            read, lengths, cut = _write_records(sources, encoder, writer, strict, skip, progress)
+            if not lengths["full"]:
+                raise BadInput(f"no usable records in {', '.join(inputs)} ({read} read, all skipped)")
             writer.finish()
         except BaseException:
             writer.cancel_future_jobs()
             raise
         finally:
             skip.close()
+        written = len(lengths["full"])
         fingerprint = {
             "format_version": FORMAT_VERSION,
             "tokenizer_hash": tokenizer_hash(tokenizer),
@@ -408,20 +561,22 @@ def prepare(
                 "field_map": dict(sorted((field_map or {}).items())),
                 "text_split": text_split,
                 "split": split,
+                "overlength": overlength,
             },
-            "max_pair_tokens": max_pair_tokens,
-            "counts": {"read": read, "written": len(lengths_a), "skipped": dict(sorted(skip.counts.items()))},
-            "token_lengths": {
-                "view_a": _percentiles(lengths_a),
-                "view_b": _percentiles(lengths_b),
-                "pair": _percentiles([a + b for a, b in zip(lengths_a, lengths_b)]),
+            "max_length": max_length,
+            "counts": {
+                "read": read,
+                "written": written,
+                "truncated": cut,
+                "skipped": dict(sorted(skip.counts.items())),
             },
+            "token_lengths": {name: _percentiles(values) for name, values in lengths.items()},
         }
         with open(os.path.join(staging, FINGERPRINT_FILE), "w") as f:
             json.dump(fingerprint, f, indent=2, sort_keys=True)
             f.write("\n")
     seconds = time.perf_counter() - started
-    summary = {**fingerprint, "out": out_dir, "seconds": seconds, "pairs_per_second": len(lengths_a) / seconds}
+    summary = {**fingerprint, "out": out_dir, "seconds": seconds, "records_per_second": written / seconds}
     if progress:
         print(format_summary(summary))
     return summary
@@ -431,12 +586,13 @@ def format_summary(summary: dict) -> str:
     counts = summary["counts"]
     skipped = ", ".join(f"{reason} {n}" for reason, n in counts["skipped"].items()) or "none"
     lines = [
-        f"prepared {counts['written']} pairs -> {summary['out']}  (read {counts['read']}, skipped: {skipped})",
+        f"prepared {counts['written']} records -> {summary['out']}  "
+        f"(read {counts['read']}, cut at {summary['max_length']} tokens: {counts['truncated']}, skipped: {skipped})",
         f"  {'tokens':8} {'p50':>6} {'p90':>6} {'p99':>6} {'max':>6}",
     ]
     for name, stats in summary["token_lengths"].items():
         lines.append(f"  {name:8} " + " ".join(f"{stats[k]:>6}" for k in ("p50", "p90", "p99", "max")))
-    lines.append(f"  {summary['pairs_per_second']:.0f} pairs/s ({summary['seconds']:.1f} s)")
+    lines.append(f"  {summary['records_per_second']:.0f} records/s ({summary['seconds']:.1f} s)")
     return "\n".join(lines)
 
 
@@ -461,7 +617,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tokenizer", metavar="DIR", help="HF tokenizer directory (default: the embedded one)")
     parser.add_argument("--strict", action="store_true", help="stop at the first bad record (exit code 2)")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
-    parser.add_argument("--max-pair-tokens", type=int, default=256, help="longest view A + view B kept")
+    parser.add_argument(
+        "--max-length", type=int, default=512, help="longest sequence, in tokens (0: no limit; default 512, the reference's)"
+    )
+    parser.add_argument(
+        "--overlength", choices=OVERLENGTH, default="truncate",
+        help="a longer sequence: truncate (cut it, keep the record: the reference) or skip the record",
+    )
     parser.add_argument("--shard-size", type=int, default=1 << 26, metavar="BYTES", help="shard size limit")
     parser.add_argument("--format", choices=FORMATS, default="auto", help="record format (default: per record)")
     parser.add_argument(
@@ -482,7 +644,8 @@ def main(argv: list[str]) -> int:
             args.out,
             args.tokenizer,
             strict=args.strict,
-            max_pair_tokens=args.max_pair_tokens,
+            max_length=args.max_length,
+            overlength=args.overlength,
             shard_size_limit=args.shard_size,
             input_format=args.format,
             field_map=dict(args.field),

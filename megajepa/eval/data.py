@@ -1,7 +1,8 @@
 """Held-out view pairs for `megajepa eval`, from MDS shards or a chat JSONL file.
 
-Each pair keeps its token ids (view A is the prompt: system + user + assistant header; view B the
-answer and its end-of-turn token) and the reference answer as text, for exact match and the task
+Each pair keeps its prepared record (megajepa.data.prepare's columns, for the teacher-forced
+metrics in the training layout), the prompt the model generates from (the conversation up to the
+assistant header) and the reply that follows it, as ids and as text, for exact match and the task
 checker. Shards must have been prepared with the model's tokenizer (their fingerprint says so).
 """
 
@@ -12,17 +13,33 @@ import os
 from dataclasses import dataclass
 from typing import Optional
 
-from megajepa.data.fingerprint import check_fingerprint
-from megajepa.data.tokenizer import split_conversation
+import numpy as np
+
+from megajepa.data.fingerprint import check_fingerprint, read_fingerprint
+from megajepa.data.loader import RECORD_ARRAYS
+from megajepa.data.prepare import BadRecord, RecordEncoder
 
 
 @dataclass
 class EvalPair:
     sample_id: int
-    view_a: list[int]
-    view_b: list[int]
-    prompt: str  # view A as text (special tokens kept), to recognise the task
-    reference: str  # view B as text, without special tokens
+    record: dict  # the prepared sequences
+    view_a: list[int]  # the prompt: the conversation up to and including the assistant header
+    view_b: list[int]  # the reply and its end of turn
+    prompt: str  # the prompt as text (special tokens kept), to recognise the task
+    reference: str  # the reply as text, without special tokens
+
+
+def _pair(record: dict, tokenizer, reference: Optional[str] = None) -> EvalPair:
+    full, cut = record["full"].tolist(), record["prompt_len"]
+    return EvalPair(
+        sample_id=record["sample_id"],
+        record=record,
+        view_a=full[:cut],
+        view_b=full[cut:],
+        prompt=tokenizer.decode(full[:cut]),
+        reference=reference if reference is not None else tokenizer.decode(full[cut:], skip_special_tokens=True),
+    )
 
 
 def _from_shards(path: str, tokenizer, limit: Optional[int]) -> list[EvalPair]:
@@ -34,20 +51,14 @@ def _from_shards(path: str, tokenizer, limit: Optional[int]) -> list[EvalPair]:
     pairs = []
     for i in range(count):
         sample = dataset.get_item(i)
-        view_a, view_b = sample["view_a"].tolist(), sample["view_b"].tolist()
-        pairs.append(
-            EvalPair(
-                sample_id=int(sample["sample_id"]),
-                view_a=view_a,
-                view_b=view_b,
-                prompt=tokenizer.decode(view_a),
-                reference=tokenizer.decode(view_b, skip_special_tokens=True),
-            )
-        )
+        record = {name: np.asarray(sample[name], dtype=np.int64) for name in RECORD_ARRAYS}
+        record.update(prompt_len=int(sample["prompt_len"]), sample_id=int(sample["sample_id"]))
+        pairs.append(_pair(record, tokenizer))
     return pairs
 
 
 def _from_jsonl(path: str, tokenizer, limit: Optional[int]) -> list[EvalPair]:
+    encoder = RecordEncoder(tokenizer, max_length=0)
     pairs = []
     with open(path) as f:
         for number, line in enumerate(f, 1):
@@ -57,18 +68,12 @@ def _from_jsonl(path: str, tokenizer, limit: Optional[int]) -> list[EvalPair]:
                 continue
             try:
                 messages = json.loads(line)["messages"]
-                view_a, view_b = split_conversation(tokenizer, messages)
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+                sample, _ = encoder({"messages": messages})
+            except (json.JSONDecodeError, KeyError, TypeError, BadRecord) as err:
                 raise ValueError(f"{path}:{number}: not a chat record ending with the assistant's: {err}") from None
-            pairs.append(
-                EvalPair(
-                    sample_id=number - 1,
-                    view_a=view_a,
-                    view_b=view_b,
-                    prompt=tokenizer.decode(view_a),
-                    reference=messages[-1]["content"],
-                )
-            )
+            record = {k: (np.asarray(v, dtype=np.int64) if k in RECORD_ARRAYS else v) for k, v in sample.items()}
+            record["sample_id"] = number - 1
+            pairs.append(_pair(record, tokenizer, reference=messages[-1]["content"]))
     return pairs
 
 
@@ -83,3 +88,11 @@ def load_eval_pairs(path: str, tokenizer, limit: Optional[int] = None) -> list[E
     if not pairs:
         raise ValueError(f"--data {path}: no pairs to evaluate")
     return pairs
+
+
+def data_sources(path: str) -> list[str]:
+    """The files the pairs came from: the JSONL itself, or the inputs a shard directory's
+    fingerprint.json records (what the task checker is recognised by, beside the prompt)."""
+    if os.path.isdir(path):
+        return sorted(read_fingerprint(path).get("sources", {}))
+    return [path]

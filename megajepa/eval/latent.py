@@ -1,20 +1,23 @@
 """Teacher-forced metrics of one batch of pairs, in the training's packed single pass.
 
-The batch is packed exactly as in training (megajepa.data.layout, online target, no JEPA dropout)
-and run through the JepaModel: CE over view B given view A, and pred(z_a), z_b for every pair.
+The batch is packed as in training (megajepa.data.layout with the model's own views and readout,
+online target, no JEPA dropout) and run through the JepaModel: CE over the reply given the prompt,
+and pred(z_a), z_b for every pair.
 From the embeddings: the cosine of pred(z_a) with its own z_b (matched) and with the batch's other
 z_b (mismatched), and where its own z_b ranks among all of the batch's by that cosine (1 = first).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 
-from megajepa.data.layout import IGNORE_INDEX, LayoutConfig, pack_pairs
+from megajepa.config import DataConfig
+from megajepa.data.layout import Layout
 from megajepa.eval.data import EvalPair
 from megajepa.jepa.objective import JepaModel
 
@@ -31,25 +34,25 @@ class BatchMetrics:
     ranks: list[int]  # per pair, 1-based
 
 
-def _layout(pairs: Sequence[EvalPair], pred_ids: list[int], pad_id: int) -> LayoutConfig:
-    longest = max(len(p.view_a) + len(p.view_b) for p in pairs) + len(pred_ids)
-    return LayoutConfig(
-        row_length=max(MIN_ROW_LENGTH, -(-longest // 16) * 16),
-        pred_token_ids=pred_ids,
-        labels="response",
-        target="online",
-        pad_token_id=pad_id,
+def _layout(model: JepaModel, pairs: Sequence[EvalPair], pred_ids: list[int], pad_id: int) -> Layout:
+    """The training layout for these pairs: one row can hold the longest record, nothing is cut."""
+    longest = max(len(p.record["full"]) + len(p.record["user"]) + len(p.record["assistant"]) for p in pairs)
+    data = DataConfig(
+        shards="", tokenizer="", row_length=max(MIN_ROW_LENGTH, -(-(longest + len(pred_ids)) // 16) * 16),
+        max_length=0, labels="response",
     )
+    jepa = dataclasses.replace(model.cfg, target="online", dropout=0.0, lambda_=max(model.cfg.lambda_, 1.0))
+    return Layout(data, jepa, pred_ids, pad_id)
 
 
 @torch.no_grad()
 def batch_metrics(model: JepaModel, pairs: Sequence[EvalPair], pred_ids: list[int], pad_id: int) -> BatchMetrics:
     device = next(model.parameters()).device
-    layout = _layout(pairs, pred_ids, pad_id)
-    batch = pack_pairs([p.view_a for p in pairs], [p.view_b for p in pairs], [p.sample_id for p in pairs], layout)
+    layout = _layout(model, pairs, pred_ids, pad_id)
+    batch = layout([p.record for p in pairs])
     batch = {k: v.to(device) for k, v in batch.items()}
     out = model(batch)
-    tokens = int((batch["labels"] != IGNORE_INDEX).sum())
+    tokens = batch["ce_index"].numel()
     z_a = F.normalize(out.z_a.float(), dim=-1)
     z_b = F.normalize(out.z_b.float(), dim=-1)
     cos = z_a @ z_b.T  # [pairs, pairs]: row i is pred(z_a_i) against every z_b

@@ -1,10 +1,10 @@
-"""The task checker of the embedded NL -> regex task: does a generated regex describe the same lines?
+"""The Python-regex task checker (the embedded data): does a generated regex describe the same lines?
 
 Two regexes are judged equal when `re.fullmatch` agrees on every string of a test set built to
 tell them apart: strings sampled from each regex's own syntax tree (so both have positives), one
 mutation of each (a character dropped, doubled, added or changed: near misses on counts and
-adjacency), and random strings of the task's pieces (letters, digits, vowels, the task's words and
-the reference's literals). The set is seeded by the pair, so a judgement is reproducible.
+adjacency), and random strings of the task's pieces (letters, digits, vowels and the literal
+words of both regexes). The set is seeded by the pair, so a judgement is reproducible.
 
 Agreement on a finite set is evidence, not proof: a candidate that differs only on strings the
 set never reaches passes. A candidate that does not compile, or that backtracks for longer than
@@ -25,8 +25,6 @@ from re import _constants as sre
 from re import _parser as sre_parse
 from typing import Iterator, Optional
 
-from megajepa.data.synthetic import SYSTEM_PROMPT, WORDS
-
 FILLER = string.ascii_letters + string.digits + " .-_"
 CLASSES = (string.ascii_lowercase, string.ascii_uppercase, string.digits, "AEIOUaeiou")
 MAX_EXTRA_REPEATS = 3  # a repeat {m,n} is sampled with m .. min(n, m + 3) copies
@@ -39,11 +37,6 @@ CATEGORIES = {
     sre.CATEGORY_SPACE: str.isspace,
     sre.CATEGORY_NOT_SPACE: lambda c: not c.isspace(),
 }
-
-
-def is_regex_task(prompt: str) -> bool:
-    """Whether a rendered prompt (view A) belongs to the embedded regex task."""
-    return SYSTEM_PROMPT in prompt
 
 
 class _Unsupported(Exception):
@@ -142,10 +135,12 @@ def _mutate(text: str, rng: random.Random) -> str:
     return text[:i] + char + text[i + 1:]  # change
 
 
-def task_words(regex: str) -> list[str]:
-    """The task's words and the literal words of the regex (outside character classes)."""
-    literals = re.findall(r"[A-Za-z]{2,}", re.sub(r"\[[^\]]*\]|\\.", " ", regex))
-    return sorted(set(WORDS) | set(literals))
+def task_words(*regexes: str) -> list[str]:
+    """The literal words of the regexes (outside character classes and escapes)."""
+    words = set()
+    for regex in regexes:
+        words.update(re.findall(r"[A-Za-z]{2,}", re.sub(r"\[[^\]]*\]|\\.", " ", regex)))
+    return sorted(words) or ["word"]
 
 
 def _random_piece(words: list[str], rng: random.Random) -> str:
@@ -166,7 +161,7 @@ def discriminating_strings(reference: str, candidate: Optional[str] = None, coun
     sampled = samples_of(reference, rng, count)
     if candidate is not None:
         sampled += samples_of(candidate, rng, count)
-    words = task_words(reference)
+    words = task_words(reference, *([candidate] if candidate is not None else []))
     pieces = ["".join(_random_piece(words, rng) for _ in range(rng.randint(0, 5))) for _ in range(count)]
     singles = [c for chars in CLASSES for c in rng.sample(chars, 2)]
     strings = sampled + [_mutate(s, rng) for s in sampled] + pieces + singles + [""]

@@ -8,8 +8,9 @@ numbers do not depend on the number of ranks. Per batch:
 
   - generation: greedy decoding of view B from the prompt (view A alone), capped at
     --max-new-tokens (default: twice the longest reference, at least 32); exact match after
-    whitespace normalisation, the task checker where the task has one (the embedded regex task:
-    same whole-line matches on a discriminating test set), and whether decoding stopped by itself;
+    whitespace normalisation, the task checker recognised from the data or named by --checker
+    (megajepa.eval.checkers), whether the generation starts with the reference (the reference's
+    --startswith score), and whether decoding stopped by itself;
   - teacher-forced (megajepa.eval.latent): CE and perplexity over view B, the latent loss, the
     cosine of pred(z_a) with matched and mismatched z_b, retrieval of the matched z_b among the
     batch's (only full batches count, so every query has --batch-pairs candidates).
@@ -26,6 +27,7 @@ import math
 import os
 import tempfile
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
@@ -35,10 +37,10 @@ from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from megajepa.config import JepaConfig
-from megajepa.eval.data import EvalPair, load_eval_pairs
+from megajepa.eval.checkers import AUTO, checker_for, startswith
+from megajepa.eval.data import EvalPair, data_sources, load_eval_pairs
 from megajepa.eval.generation import greedy_generate, normalize
 from megajepa.eval.latent import batch_metrics
-from megajepa.eval.regex_check import is_regex_task, regex_equivalent
 from megajepa.files import write_text
 from megajepa.jepa.objective import JepaModel
 
@@ -46,6 +48,7 @@ from megajepa.jepa.objective import JepaModel
 METRICS = {
     "exact_match": ("exact match", True),
     "task_accuracy": ("task checker", True),
+    "startswith": ("starts with the reference", True),
     "stop_rate": ("stops by itself", True),
     "ce": ("held-out CE (view B)", False),
     "perplexity": ("perplexity", False),
@@ -122,7 +125,8 @@ def evaluate_shard(
     *,
     batch_pairs: int,
     max_new_tokens: int,
-    task: str,
+    checker: str,
+    sources: Sequence[str],
     progress: bool,
 ) -> tuple[list[dict], dict]:
     """This rank's per-pair records and summed teacher-forced totals."""
@@ -139,14 +143,16 @@ def evaluate_shard(
         totals["latent_sum"] += metrics.latent_sum
         totals["pairs"] += len(batch)
         for i, (pair, gen) in enumerate(zip(batch, generations)):
-            checked = task == "regex" or (task == "auto" and is_regex_task(pair.prompt))
+            task = checker_for(checker, pair.prompt, sources)
             records.append(
                 {
                     "sample_id": pair.sample_id,
                     "reference": pair.reference,
                     "generated": gen.text,
                     "exact": normalize(gen.text) == normalize(pair.reference),
-                    "task_ok": regex_equivalent(gen.text.strip(), pair.reference.strip()) if checked else None,
+                    "checker": task.name if task else None,
+                    "task_ok": task.check(gen.text, pair.reference) if task else None,
+                    "startswith": startswith(gen.text, pair.reference),
                     "stopped": gen.stopped,
                     "new_tokens": gen.new_tokens,
                     "cos_matched": metrics.cos_matched[i],
@@ -170,6 +176,7 @@ def summarize(records: list[dict], totals: dict) -> dict:
     return {
         "exact_match": _mean([float(r["exact"]) for r in records]),
         "task_accuracy": _mean([float(ok) for ok in checked]),
+        "startswith": _mean([float(r["startswith"]) for r in records]),
         "stop_rate": _mean([float(r["stopped"]) for r in records]),
         "ce": ce,
         "perplexity": math.exp(ce) if ce < 700 else float("inf"),
@@ -191,11 +198,13 @@ def evaluate(
     *,
     batch_pairs: int = 32,
     max_new_tokens: Optional[int] = None,
-    task: str = "auto",
+    checker: str = AUTO,
+    sources: Sequence[str] = (),
     progress: bool = True,
 ) -> dict:
     """{"metrics", "settings", "records"}; under torch.distributed every rank calls it with the
-    same pairs and every rank gets the full result."""
+    same pairs and every rank gets the full result. checker: a name of megajepa.eval.checkers,
+    `auto` (recognised per pair from its prompt and the data files `sources`) or `none`."""
     if batch_pairs < 2:
         raise ValueError(f"--batch-pairs must be at least 2 (retrieval needs candidates), got {batch_pairs}")
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
@@ -206,7 +215,8 @@ def evaluate(
         _batches(pairs, batch_pairs, rank, world),
         batch_pairs=batch_pairs,
         max_new_tokens=max_new_tokens,
-        task=task,
+        checker=checker,
+        sources=sources,
         progress=progress and rank == 0,
     )
     if world > 1:
@@ -219,6 +229,7 @@ def evaluate(
         "batch_pairs": batch_pairs,
         "retrieval_queries": sum(r["rank"] is not None for r in records),
         "task_checked": sum(r["task_ok"] is not None for r in records),
+        "checkers": dict(Counter(r["checker"] for r in records if r["checker"])),
         "max_new_tokens": max_new_tokens,
         "view_b_tokens": totals["tokens"],
         "ranks": world,
@@ -259,7 +270,8 @@ def main(args) -> int:
         pairs,
         batch_pairs=args.batch_pairs,
         max_new_tokens=args.max_new_tokens,
-        task=args.task,
+        checker=args.checker,
+        sources=data_sources(args.data),
         progress=args.progress,
     )
     if rank == 0:

@@ -1,11 +1,14 @@
-"""The LLM-JEPA objective over one forward pass of packed rows:
+"""The LLM-JEPA objective over one forward pass of packed rows (megajepa.data.layout):
 
     L = gamma * CE  +  lambda(step) * D( pred(z_a), sg?(z_b) )
 
-CE runs over the labelled tokens of the rows (view B by default; A and B for pretraining text),
-z_a is read at the last [PRED] token (the last view-A token without [PRED] tokens), z_b at the
-last token of the view-B-alone segment C' (online target) or from the teacher's rows (EMA
-target, passed in already computed). The row layout is megajepa.data.layout's.
+as the published reference computes it (galilai-group/llm-jepa, finetune.py): CE is the mean over
+the labelled tokens of the conversations; z_a and z_b are the hidden states read in the user view
+(with its [PRED] tokens) and in the assistant view, each sequence seen alone; D is 1 - cos by
+default. With the EMA target z_b comes from the teacher's rows, passed in already computed.
+`jepa.distance=infonce` is the reference's --infonce: cross-entropy of the cosine similarities
+over temperature, each pair's own target its positive and the micro-batch's other targets its
+negatives.
 """
 
 from __future__ import annotations
@@ -20,9 +23,10 @@ from transformers.utils import ModelOutput
 
 from kernels.latent_loss import latent_loss
 from megajepa.config import JepaConfig
-from megajepa.data.layout import IGNORE_INDEX, SEG_CB, SEG_P, SEG_T
-from megajepa.model.attention import attention_mask
-from megajepa.model.predictor import build_predictor, uses_pred_tokens
+from megajepa.model.attention import MASK_KEYS, attention_mask, bucket_width
+from megajepa.model.families import decoder_of
+from megajepa.model.head import lm_cross_entropy
+from megajepa.model.predictor import build_predictor
 
 
 @dataclass
@@ -53,6 +57,12 @@ def collapse_std(z: torch.Tensor) -> torch.Tensor:
     return F.normalize(z.detach().float(), dim=-1).std(dim=0).mean()
 
 
+def infonce(z_a: torch.Tensor, z_b: torch.Tensor, temperature: float) -> torch.Tensor:
+    """InfoNCE with in-batch negatives: row i of z_a should pick row i of z_b."""
+    similarity = F.normalize(z_a.float(), dim=-1) @ F.normalize(z_b.float(), dim=-1).T
+    return F.cross_entropy(similarity / temperature, torch.arange(z_a.shape[0], device=z_a.device))
+
+
 class JepaModel(nn.Module):
     """What the DeepSpeed engine trains: the causal LM and the predictor head (if any).
 
@@ -63,78 +73,74 @@ class JepaModel(nn.Module):
         self.lm = lm
         self.cfg = cfg
         self.predictor = build_predictor(cfg.predictor, lm.config.hidden_size).to(lm.dtype)
-        self.za_kind = SEG_P if uses_pred_tokens(cfg.predictor, cfg.k) else SEG_T
 
-    def hidden_states(self, input_ids, position_ids, pair_index, segment):
-        """-> (final hidden [R, L, d] the LM head reads, embedding-layer hidden [R, L, d])."""
-        mask = attention_mask(pair_index, segment, self.lm.config._attn_implementation)
+    def hidden_states(self, batch: dict, prefix: str = ""):
+        """-> (final hidden [R, L, d] the LM head reads, embedding-layer hidden [R, L, d]) of the
+        batch's online rows (prefix '') or teacher rows (prefix 'teacher_')."""
+        rows = {key: batch[prefix + key] for key in ("input_ids", *MASK_KEYS)}
+        width = rows["input_ids"].shape[1]
+        if self.lm.config._attn_implementation == "flex_attention":
+            # a power-of-two number of tiles: few shapes for the compiled kernels, whole tiles for
+            # the BlockMask; the added columns are padding (sequence 0), cut off again below
+            extra = bucket_width(width) - width
+            rows = {key: F.pad(value, (0, extra)) for key, value in rows.items()}
+        mask = attention_mask(rows, self.lm)
         layer = self.cfg.embedding_layer
-        out = self.lm.base_model(
-            input_ids=input_ids,
-            position_ids=position_ids,
+        out = decoder_of(self.lm)(
+            input_ids=rows["input_ids"],
+            position_ids=rows["position_ids"],
             attention_mask=mask,
             output_hidden_states=layer != -1,
             use_cache=False,
         )
-        final = out.last_hidden_state
+        final = out.last_hidden_state[:, :width]
         # -1 is the final, normalised state; other indices are transformers' hidden_states tuple
-        return final, (final if layer == -1 else out.hidden_states[layer])
+        return final, (final if layer == -1 else out.hidden_states[layer][:, :width])
 
-    def read_embeddings(self, hidden, pair_index, segment, index, pairs, kind) -> torch.Tensor:
-        """Per-pair embeddings: the token at the flat `index` (pooling 'last') or the mean over
-        the pair's `kind` segment (pooling 'mean'), for the pairs in `pairs`."""
+    def read_embeddings(self, hidden: torch.Tensor, batch: dict, name: str) -> torch.Tensor:
+        """Per-pair embeddings `name` ('za' or 'zb'): the token at the layout's readout (pooling
+        'last') or the mean over the view's tokens (pooling 'mean'). Index tensors only: no
+        data-dependent shapes on the device."""
         flat = hidden.flatten(0, 1)
         if self.cfg.pooling == "last":
-            return flat[index]
-        selected = segment.flatten() == kind
-        owner = pair_index.flatten()[selected]
-        n = int(pair_index.max().item()) + 1 if pair_index.numel() else 0
-        sums = flat.new_zeros(n, flat.shape[-1]).index_add(0, owner, flat[selected])
-        counts = torch.bincount(owner, minlength=n).clamp_min(1).to(flat.dtype)
-        return (sums / counts[:, None])[pairs]
+            return flat[batch[name + "_index"]]
+        pairs = batch["jepa_pairs"].numel()
+        owner = batch[name + "_pool_owner"]
+        sums = flat.new_zeros(pairs, flat.shape[-1]).index_add(0, owner, flat[batch[name + "_pool_index"]])
+        counts = torch.zeros(pairs, device=flat.device, dtype=flat.dtype).index_add(
+            0, owner, torch.ones_like(owner, dtype=flat.dtype)
+        )
+        return sums / counts.clamp_min(1)[:, None]
 
     @torch.no_grad()
     def encode_targets(self, batch: dict) -> torch.Tensor:
         """z_b from the teacher rows (this model is then the EMA teacher)."""
-        _, emb = self.hidden_states(
-            batch["teacher_input_ids"],
-            batch["teacher_position_ids"],
-            batch["teacher_pair_index"],
-            batch["teacher_segment"],
-        )
-        return self.read_embeddings(
-            emb, batch["teacher_pair_index"], batch["teacher_segment"], batch["zb_index"], batch["jepa_pairs"], SEG_CB
-        )
+        _, emb = self.hidden_states(batch, "teacher_")
+        return self.read_embeddings(emb, batch, "zb")
+
+    def latent_loss(self, z_a: torch.Tensor, z_b: torch.Tensor) -> torch.Tensor:
+        if z_a.shape[0] == 0:
+            return z_a.sum() * 0.0
+        if self.cfg.distance == "infonce":
+            return infonce(z_a, z_b, self.cfg.infonce_temperature)
+        return latent_loss(z_a, z_b, self.cfg.distance)
 
     def forward(self, batch: dict, step: int = 0, target_embeddings: Optional[torch.Tensor] = None) -> JepaOutput:
-        final, emb = self.hidden_states(
-            batch["input_ids"], batch["position_ids"], batch["pair_index"], batch["segment"]
-        )
-        labels = batch["labels"].flatten()
-        labelled = labels != IGNORE_INDEX
-        # The LM head runs only where there is a label: a third of the tokens or fewer.
-        logits = self.lm.get_output_embeddings()(final.flatten(0, 1)[labelled]).float()
-        if labelled.any():
-            ce = F.cross_entropy(logits, labels[labelled])
-        else:
-            ce = logits.sum() * 0.0
+        final, emb = self.hidden_states(batch)
+        # The LM head runs only where there is a label (listed by the layout, so no host sync),
+        # exactly as the model's own forward applies it, in memory-bounded chunks.
+        ce = lm_cross_entropy(self.lm, final.flatten(0, 1)[batch["ce_index"]], batch["ce_targets"])
 
         lam = lambda_at(self.cfg, step)
-        pairs = batch["jepa_pairs"]
         # The predictor runs on every rank every step, even on zero pairs: under ZeRO-3 a module
         # one rank skips would leave the others waiting in its parameter all-gather.
-        z_a = self.predictor(
-            self.read_embeddings(emb, batch["pair_index"], batch["segment"], batch["za_index"], pairs, self.za_kind)
-        )
+        z_a = self.predictor(self.read_embeddings(emb, batch, "za"))
         if target_embeddings is not None:
             z_b = target_embeddings.to(z_a.dtype)
         else:
-            z_b = self.read_embeddings(emb, batch["pair_index"], batch["segment"], batch["zb_index"], pairs, SEG_CB)
+            z_b = self.read_embeddings(emb, batch, "zb")
             if self.cfg.stop_grad:
                 z_b = z_b.detach()
-        if pairs.numel() == 0:
-            jepa = z_a.sum() * 0.0
-        else:
-            jepa = latent_loss(z_a, z_b, self.cfg.distance)
+        jepa = self.latent_loss(z_a, z_b)
         loss = self.cfg.gamma * ce + lam * jepa
         return JepaOutput(loss=loss, ce=ce.detach(), jepa=jepa.detach(), lambda_=lam, z_a=z_a, z_b=z_b)

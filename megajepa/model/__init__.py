@@ -1,0 +1,13 @@
+"""The model side of the packed pass, for any supported Hugging Face causal-LM family.
+
+    build.build_model(cfg, tokenizer, dtype=, ds_config=, seed=)   the CausalLM (ZeRO-3 from birth);
+                                                  refuses a family it cannot run exactly, first
+    families.decoder_of(lm)                        the decoder body: (input_ids, position_ids,
+                                                  attention_mask) -> last_hidden_state
+    attention.attention_mask(batch, lm, prefix="") what that body takes as attention_mask for the
+                                                  batch's sequence / prefix_sequence / prefix_length
+                                                  / position_ids (prefix "teacher_" for the teacher)
+    head.lm_logits(lm, hidden)                     logits exactly as lm's own forward makes them
+    head.lm_cross_entropy(lm, hidden[N, d], labels[N])  mean CE at labelled tokens, memory-bounded
+    attention.bucket_width(width)                  the row width to pad to for FlexAttention
+"""

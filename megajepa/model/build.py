@@ -16,17 +16,15 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from megajepa.config import ModelConfig
+from megajepa.model.families import attention_implementation, check_supported
 
 
-def attention_implementation(cfg: ModelConfig) -> str:
-    """The transformers attn_implementation: FlexAttention on CUDA by default, SDPA elsewhere."""
-    if cfg.attention == "auto":
-        return "flex_attention" if torch.cuda.is_available() else "sdpa"
-    return {"sdpa": "sdpa", "flex": "flex_attention"}[cfg.attention]
+def load_architecture(cfg: ModelConfig, vocab_size: Optional[int], pad_token_id: Optional[int] = None):
+    """The HF config of the model to train, with its vocabulary sized for the tokenizer (None:
+    the config's own).
 
-
-def load_architecture(cfg: ModelConfig, vocab_size: int):
-    """The HF config of the model to train, with its vocabulary sized for the tokenizer."""
+    A config's pad id outside that vocabulary (phi3's default 32000 in a resized vocabulary)
+    becomes `pad_token_id` (the tokenizer's) if that one is inside it, else None."""
     if cfg.pretrained is not None:
         if not os.path.isdir(cfg.pretrained):
             raise FileNotFoundError(f"model.pretrained: no such directory: {cfg.pretrained}")
@@ -41,8 +39,39 @@ def load_architecture(cfg: ModelConfig, vocab_size: int):
     model_type = spec.pop("model_type", None)
     if model_type is None:
         raise ValueError(f"{cfg.config}: missing 'model_type' (e.g. \"llama\")")
-    spec["vocab_size"] = vocab_size
-    return AutoConfig.for_model(model_type, **spec)
+    if vocab_size is not None:
+        spec["vocab_size"] = vocab_size
+    config = AutoConfig.for_model(model_type, **spec)
+    vocab_size = config.vocab_size
+    if config.pad_token_id is not None and not 0 <= config.pad_token_id < vocab_size:
+        inside = pad_token_id is not None and 0 <= pad_token_id < vocab_size
+        config.pad_token_id = pad_token_id if inside else None
+    return config
+
+
+def check_architecture(cfg: ModelConfig) -> str:
+    """Refuse, from the config alone, a family the packed pass cannot run exactly or an explicit
+    model.attention the model lacks (UnsupportedArchitecture naming both): call it before any
+    work starts. Returns the attention implementation build_model will use."""
+    config = load_architecture(cfg, None)
+    check_supported(config)
+    return attention_implementation(cfg.attention, config)
+
+
+def _without_pad_id(config, build):
+    """`build()` with config.pad_token_id cleared, then the pad id put back on the config and the
+    input embedding. Under zero.Init post_init runs on already-partitioned (empty) weights, and
+    zeroing `weight[padding_idx]` of an empty shard raises IndexError; _initialize_partitioned
+    zeroes the row afterwards on the gathered weight."""
+    pad = config.pad_token_id
+    config.pad_token_id = None
+    model = build()
+    model.config.pad_token_id = pad
+    model.get_input_embeddings().padding_idx = pad
+    for module in model.modules():
+        if hasattr(module, "padding_idx") and not isinstance(module, torch.nn.Embedding):
+            module.padding_idx = pad  # the decoder body keeps a copy of the id
+    return model
 
 
 def _initialize_partitioned(model) -> None:
@@ -54,10 +83,12 @@ def _initialize_partitioned(model) -> None:
     DeepSpeed scatters the result."""
     import deepspeed
 
+    done: set[int] = set()
     for module in model.modules():
-        params = list(module.parameters(recurse=False))
+        params = [p for p in module.parameters(recurse=False) if id(p) not in done]
         if not params:
-            continue
+            continue  # a tied head: its weight was initialised as the input embedding (pad row zero)
+        done.update(id(p) for p in params)
         with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
             model._init_weights(module)
 
@@ -95,19 +126,26 @@ def build_model(
     zero3 = ds_config is not None and ds_config.get("zero_optimization", {}).get("stage") == 3
     # transformers consults this (weakly referenced) object while it lives.
     hf_ds_config = HfDeepSpeedConfig(ds_config) if zero3 else None
-    impl = attention_implementation(cfg)
+    config = load_architecture(cfg, len(tokenizer), getattr(tokenizer, "pad_token_id", None))
+    check_supported(config)  # before any weight is built or read
+    impl = attention_implementation(cfg.attention, config)
     torch.manual_seed(seed)  # every rank initialises identically
     common = dict(dtype=dtype, attn_implementation=impl, trust_remote_code=cfg.trust_remote_code)
     if cfg.pretrained is not None:
-        model = AutoModelForCausalLM.from_pretrained(cfg.pretrained, **common)
+        model = AutoModelForCausalLM.from_pretrained(cfg.pretrained, config=config, **common)
+    elif zero3:
+        model = _without_pad_id(config, lambda: AutoModelForCausalLM.from_config(config, **common))
+        _initialize_partitioned(model)
     else:
-        model = AutoModelForCausalLM.from_config(load_architecture(cfg, len(tokenizer)), **common)
-        if zero3:
-            _initialize_partitioned(model)
+        model = AutoModelForCausalLM.from_config(config, **common)
     if model.get_input_embeddings().num_embeddings < len(tokenizer):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the mean-resizing notice
             model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+    if cfg.lora.rank > 0:
+        from megajepa.model.lora import apply_lora
+
+        apply_lora(model, cfg.lora, seed)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     model.config.use_cache = False

@@ -19,7 +19,7 @@ from transformers import AutoTokenizer
 
 from megajepa.config import Config, deepspeed_config, precision, to_dict
 from megajepa.data.fingerprint import tokenizer_hash
-from megajepa.data.layout import LayoutConfig
+from megajepa.data.layout import Layout
 from megajepa.data.loader import PairLoader, build_loader, set_stream_env
 from megajepa.data.tokenizer import add_pred_tokens, pred_token_ids
 from megajepa.files import write_text
@@ -73,7 +73,7 @@ def prepare_embedded(cfg: Config, rank: int) -> None:
     if rank == 0:
         from megajepa.data.embedded import ensure_embedded
 
-        ensure_embedded(cfg.data.embedded, max_pair_tokens=cfg.data.max_pair_tokens)
+        ensure_embedded(cfg.data.embedded, max_length=cfg.data.max_length)
     dist.barrier()
 
 
@@ -89,21 +89,11 @@ def load_tokenizer(cfg: Config):
     return prepared, tokenizer, pred_token_ids(tokenizer, k)
 
 
-def layout_config(cfg: Config, pred_ids: list[int], pad_id: int) -> LayoutConfig:
-    target = "none" if cfg.jepa.lambda_ == 0 else cfg.jepa.target
-    return LayoutConfig(
-        row_length=cfg.data.row_length,
-        pred_token_ids=pred_ids,
-        labels=cfg.data.labels,
-        target=target,
-        dropout=cfg.jepa.dropout,
-        seed=cfg.data.seed,
-        pad_token_id=pad_id,
-        row_multiple=cfg.data.row_multiple,
-    )
+def layout_config(cfg: Config, pred_ids: list[int], pad_id: int) -> Layout:
+    return Layout(cfg.data, cfg.jepa, pred_ids, pad_id)
 
 
-def config_loader(cfg: Config, shards: str, layout: LayoutConfig, tokenizer, **options) -> PairLoader:
+def config_loader(cfg: Config, shards: str, layout: Layout, tokenizer, **options) -> PairLoader:
     """build_loader with this config's data settings; `options` override them (eval: in order)."""
     settings = dict(
         batch_pairs=cfg.data.pairs_per_batch,
@@ -113,7 +103,6 @@ def config_loader(cfg: Config, shards: str, layout: LayoutConfig, tokenizer, **o
         shuffle=cfg.data.shuffle,
         seed=cfg.data.seed,
         num_workers=cfg.data.num_workers,
-        max_pair_tokens=cfg.data.max_pair_tokens,
     )
     return build_loader(shards, **{**settings, **options})
 

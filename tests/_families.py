@@ -1,0 +1,173 @@
+"""The architecture matrix shared by tests/test_families.py and its 2-rank ZeRO-3 worker.
+
+Tiny (2-layer) configs of each Hugging Face causal-LM family, packed rows built by hand (several
+sequences per row, a tail that shares a prefix with an earlier sequence, padding), the packed
+pass through megajepa's decoder + mask + head, and the oracle: every sequence run alone through
+the model's own HF forward (`model(input_ids)`).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from megajepa.config import ModelConfig
+from megajepa.model.attention import attention_mask
+from megajepa.model.build import build_model
+from megajepa.model.families import decoder_of
+from megajepa.model.head import lm_cross_entropy, lm_logits
+
+VOCAB = 96
+WINDOW = 4  # shorter than most sequences below, so a dropped window shows
+_LLAMA_LIKE = dict(
+    hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, max_position_embeddings=64,
+)
+
+# family name -> HF config (model_type + arguments); every dropout is off in eval() mode.
+FAMILIES: dict[str, dict] = {
+    "llama": dict(model_type="llama", **_LLAMA_LIKE, tie_word_embeddings=False),
+    "llama_tied": dict(model_type="llama", **_LLAMA_LIKE, tie_word_embeddings=True),
+    "mistral": dict(model_type="mistral", **_LLAMA_LIKE, sliding_window=WINDOW),
+    "mixtral": dict(model_type="mixtral", **_LLAMA_LIKE, sliding_window=WINDOW, num_local_experts=4, num_experts_per_tok=2),
+    "qwen2": dict(model_type="qwen2", **_LLAMA_LIKE, use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1),
+    "qwen2_moe": dict(
+        model_type="qwen2_moe", **_LLAMA_LIKE, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24,
+        shared_expert_intermediate_size=24, use_sliding_window=True, sliding_window=WINDOW,
+    ),
+    "qwen3": dict(model_type="qwen3", **_LLAMA_LIKE, head_dim=8, use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1),
+    "qwen3_moe": dict(
+        model_type="qwen3_moe", **_LLAMA_LIKE, head_dim=8, num_experts=4, num_experts_per_tok=2,
+        moe_intermediate_size=24, use_sliding_window=True, sliding_window=WINDOW,
+    ),
+    "gemma": dict(model_type="gemma", **_LLAMA_LIKE, head_dim=8),
+    "gemma2": dict(model_type="gemma2", **_LLAMA_LIKE, head_dim=8, sliding_window=WINDOW, final_logit_softcapping=2.0),
+    "gemma3_text": dict(
+        model_type="gemma3_text", **_LLAMA_LIKE, head_dim=8, sliding_window=WINDOW, final_logit_softcapping=2.0,
+        layer_types=["sliding_attention", "full_attention"],
+    ),
+    "phi": dict(model_type="phi", hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                max_position_embeddings=64, partial_rotary_factor=0.5),
+    "phi3": dict(model_type="phi3", **_LLAMA_LIKE, sliding_window=WINDOW),  # default pad id 32000 > VOCAB
+    "olmo": dict(model_type="olmo", **_LLAMA_LIKE),
+    "olmo2": dict(model_type="olmo2", **_LLAMA_LIKE),
+    "gpt2": dict(model_type="gpt2", n_embd=32, n_layer=2, n_head=4, n_positions=64),
+    "gpt_neox": dict(model_type="gpt_neox", hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                     num_attention_heads=4, max_position_embeddings=64, rotary_pct=0.5),
+    "gptj": dict(model_type="gptj", n_embd=32, n_layer=2, n_head=4, n_positions=64, rotary_dim=4),
+    "opt": dict(model_type="opt", hidden_size=32, ffn_dim=48, num_hidden_layers=2, num_attention_heads=4,
+                max_position_embeddings=64, word_embed_proj_dim=32),
+    "falcon": dict(model_type="falcon", hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_kv_heads=2,
+                   new_decoder_architecture=True, alibi=False),
+    "starcoder2": dict(model_type="starcoder2", **_LLAMA_LIKE, sliding_window=WINDOW),
+    "granite": dict(model_type="granite", **_LLAMA_LIKE, logits_scaling=4.0, embedding_multiplier=2.0,
+                    residual_multiplier=0.5, attention_multiplier=0.3),
+    "cohere": dict(model_type="cohere", **_LLAMA_LIKE, logit_scale=0.5),
+}
+
+# Refused by name: ALiBi computes its bias from a 2D padding mask over the whole row.
+REFUSED: dict[str, dict] = {
+    "falcon_alibi": dict(model_type="falcon", hidden_size=32, num_hidden_layers=2, num_attention_heads=4, alibi=True),
+    "bloom": dict(model_type="bloom", hidden_size=32, n_layer=2, n_head=4),
+    "mpt": dict(model_type="mpt", d_model=32, n_layers=2, n_heads=4, max_seq_len=64),
+}
+
+
+def write_config(tmp_path, name: str, spec: dict) -> str:
+    path = tmp_path / f"{name}.json"
+    path.write_text(json.dumps(spec))
+    return str(path)
+
+
+def build(tmp_path, name: str, attention: str = "auto", ds_config=None, spec=None):
+    cfg = ModelConfig(config=write_config(tmp_path, name, spec or FAMILIES[name]), attention=attention)
+    return build_model(cfg, range(VOCAB), dtype=torch.float32, ds_config=ds_config, seed=0)
+
+
+@dataclass
+class Packed:
+    """Hand-packed rows and, per sequence, what its lone run is and where its tokens sit."""
+
+    batch: dict  # input_ids, position_ids, sequence, prefix_sequence, prefix_length, labels
+    alone: list  # per sequence: the token ids of its lone run [n]
+    where: list  # per sequence: (row, row indices [m], indices into its lone run [m])
+
+
+def pack(seed: int = 0, width: int = 40) -> Packed:
+    """Row 0: A (10 tokens), B (6), C = A[:5] + a 4-token tail stored as the tail only, padding.
+    Row 1: D (15 tokens), E (1 token), padding. Labels are each token's next token in its own
+    sequence (-100 at a sequence's last token, on padding and on C's shared part)."""
+    g = torch.Generator().manual_seed(seed)
+    a, b, tail, d, e = (torch.randint(0, VOCAB, (n,), generator=g) for n in (10, 6, 4, 15, 1))
+    shared = 5
+    c = torch.cat([a[:shared], tail])
+    keys = ("input_ids", "position_ids", "sequence", "prefix_sequence", "prefix_length")
+    batch = {k: torch.zeros(2, width, dtype=torch.long) for k in keys}
+    batch["labels"] = torch.full((2, width), -100, dtype=torch.long)
+    alone, where = [], []
+
+    def place(row, start, ids, seq_id, positions, first_in_alone, full, prefix=(0, 0)):
+        n = len(ids)
+        cols = torch.arange(start, start + n)
+        batch["input_ids"][row, cols] = ids
+        batch["position_ids"][row, cols] = positions
+        batch["sequence"][row, cols] = seq_id
+        batch["prefix_sequence"][row, cols] = prefix[0]
+        batch["prefix_length"][row, cols] = prefix[1]
+        nxt = torch.cat([full[first_in_alone + 1:first_in_alone + n], torch.tensor([-100])])
+        batch["labels"][row, cols] = nxt
+        alone.append(full)
+        where.append((row, cols, torch.arange(first_in_alone, first_in_alone + n)))
+        return start + n
+
+    s = place(0, 0, a, 1, torch.arange(10), 0, a)
+    s = place(0, s, b, 2, torch.arange(6), 0, b)
+    place(0, s, tail, 3, torch.arange(shared, shared + 4), shared, c, prefix=(1, shared))
+    s = place(1, 0, d, 1, torch.arange(15), 0, d)
+    place(1, s, e, 2, torch.arange(1), 0, e)
+    return Packed(batch, alone, where)
+
+
+def readout_weights(lm, n_sequences: int) -> torch.Tensor:
+    """Fixed weights for a term on each sequence's last hidden state (its 'embedding')."""
+    g = torch.Generator().manual_seed(7)
+    return torch.randn(n_sequences, lm.config.hidden_size, generator=g)
+
+
+def packed_pass(lm, packed: Packed):
+    """-> (loss, ce, final hidden [R, L, d], logits at labelled tokens [N, V]) of the packed pass."""
+    batch = packed.batch
+    out = decoder_of(lm)(
+        input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+        attention_mask=attention_mask(batch, lm), use_cache=False,
+    )
+    hidden = out.last_hidden_state
+    labels = batch["labels"].flatten()
+    labelled = torch.nonzero(labels != -100).squeeze(1)  # test-side selection, outside the CE
+    flat = hidden.flatten(0, 1)
+    ce = lm_cross_entropy(lm, flat[labelled], labels[labelled])
+    last = torch.stack([hidden[row, cols[-1]] for row, cols, _ in packed.where])
+    loss = ce + (last * readout_weights(lm, len(packed.where))).sum()
+    return loss, ce, hidden, lm_logits(lm, flat[labelled])
+
+
+def oracle_pass(lm, packed: Packed):
+    """The same quantities from each sequence run alone through `lm(input_ids)`:
+    -> (loss, ce, per sequence (hidden [m, d], logits [m, V]) at its packed tokens)."""
+    total, count, lasts, per_sequence = 0.0, 0, [], []
+    for ids, (row, cols, in_alone) in zip(packed.alone, packed.where):
+        out = lm(input_ids=ids[None], output_hidden_states=True, use_cache=False)
+        logits, hidden = out.logits[0], out.hidden_states[-1][0]
+        labels = packed.batch["labels"][row, cols]
+        keep = labels != -100
+        if keep.any():
+            total = total + F.cross_entropy(logits[in_alone][keep].float(), labels[keep], reduction="sum")
+            count += int(keep.sum())
+        lasts.append(hidden[in_alone[-1]])
+        per_sequence.append((hidden[in_alone], logits[in_alone]))
+    ce = total / count
+    loss = ce + (torch.stack(lasts) * readout_weights(lm, len(packed.where))).sum()
+    return loss, ce, per_sequence
