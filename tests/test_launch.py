@@ -35,10 +35,10 @@ for ((i = 0; i < ${FAKE_GPUS:-0}; i++)); do echo "GPU $i: Fake GPU (UUID: GPU-$i
 """
 # srun: records, then runs like a job step until SIGTERM ends it (from the batch
 # script through scancel, or Slurm itself); the ranks it stands for exit with FAKE_RANK_STATUS.
-SRUN = RECORDER + """echo $$ >"$SHIM_LOG/srun.pid"
-sleep "${FAKE_SRUN_SECONDS:-0}" &
+SRUN = RECORDER + """sleep "${FAKE_SRUN_SECONDS:-0}" &
 sleeper=$!
 trap 'echo TERM >"$SHIM_LOG/srun.signal"; kill $sleeper; exit "${FAKE_RANK_STATUS:-0}"' TERM
+echo $$ >"$SHIM_LOG/srun.pid.tmp" && mv "$SHIM_LOG/srun.pid.tmp" "$SHIM_LOG/srun.pid"  # ready for signals
 wait $sleeper
 """
 SCONTROL = """#!/usr/bin/env bash

@@ -8,7 +8,9 @@ two CPU ranks training configs/demo.yaml on a small data set.
   oracle's losses.
 
 Installs Debian's slurm-wlm and munge when missing. Marked `slurm` (and skipped unless selected:
-`make test-all`, or `pytest -m slurm tests/test_slurm.py`). Runtime: 5-15 minutes on 2 busy cores.
+`make test-all`, or `pytest -m slurm tests/test_slurm.py`). Runtime: about 19 minutes on 2 cores
+shared with other test runs (load average 15-20), most of it the ranks' start-up; the install, when
+needed, adds a minute or two.
 """
 
 from __future__ import annotations
