@@ -9,7 +9,7 @@ two CPU ranks training configs/demo.yaml on a small data set.
 
 Installs Debian's slurm-wlm and munge when missing. Marked `slurm` (and skipped unless selected:
 `make test-all`, or `pytest -m slurm tests/test_slurm.py`). Runtime: about 19 minutes on 2 cores
-shared with other test runs (load average 15-20), most of it the ranks' start-up; the install, when
+shared with other test runs (load average 15-20), 7.5 at load 4-10, most of it the ranks' start-up; the install, when
 needed, adds a minute or two.
 """
 
