@@ -8,7 +8,7 @@ PYTEST_ARGS ?=
 # DeepSpeed JIT-builds its CPU comm op once per venv; a shared cache is rebuilt by every checkout.
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/$(VENV)/torch_extensions
 
-.PHONY: venv demo test test-all clean-venv
+.PHONY: venv demo test test-all gpu-check clean-venv
 
 venv: $(STAMP)
 
@@ -29,6 +29,10 @@ test: venv
 # Heavier checks (slow, GPU, a one-node Slurm cluster) that `make test` leaves out.
 test-all: venv
 	$(PY) -m pytest -q -m "slow or gpu or not slow" $(PYTEST_ARGS) tests
+
+# Validate a GPU machine in under 10 minutes (GPU tests, a 1B bench, the kernel bench).
+gpu-check: venv
+	PY=$(PY) scripts/gpu_check.sh
 
 clean-venv:
 	rm -rf $(VENV)

@@ -2,10 +2,12 @@
 
     megajepa config  CONFIG [key=value ...]        print the resolved config
     megajepa prepare INPUT... --out DIR [...]      JSONL / HF dataset -> MDS shards
+    megajepa prepare-text INPUT... --out DIR       plain text (pretraining) -> CE-only shards, in parallel
     megajepa train   CONFIG [key=value ...]        train (single process, torchrun or deepspeed)
     megajepa demo    CONFIG [--nproc N] [...]      embedded data -> N CPU ranks -> summary table
     megajepa bench   CONFIG --modes ... [...]      throughput of ce/jepa/jepa-ema/ref3/ref2, FLOPs, memory
     megajepa bench   kernels [...]                 kernel benchmark (Triton vs torch reference)
+    megajepa plan    CONFIG --gpus N --gpu-memory GB   expected memory per rank, largest token budget
     megajepa export  CHECKPOINT --out HF_DIR       ZeRO-3 checkpoint -> Hugging Face model directory
     megajepa eval    CHECKPOINT_OR_HF_DIR --data   generation accuracy, held-out CE, JEPA metrics
     megajepa compare CONFIG --seeds N [...]        next-token vs JEPA over seeds, paired t-test
@@ -24,9 +26,16 @@ from megajepa.eval.checkers import CHOICES as CHECKER_CHOICES
 
 
 def _load(args) -> object:
+    """The validated config; an architecture the packed pass cannot run exactly is refused here,
+    by name, before any work starts."""
+    from megajepa.model.build import check_architecture
+    from megajepa.model.families import UnsupportedArchitecture
+
     try:
-        return load_config(args.config, args.overrides)
-    except ConfigError as err:
+        cfg = load_config(args.config, args.overrides)
+        check_architecture(cfg.model)
+        return cfg
+    except (ConfigError, UnsupportedArchitecture) as err:
         print(f"megajepa: config error: {err}", file=sys.stderr)
         sys.exit(2)
 
@@ -38,9 +47,18 @@ def cmd_config(args) -> int:
 
 def cmd_train(args) -> int:
     cfg = _load(args)
-    from megajepa.train.trainer import train
+    from megajepa.train.checkpoint import CheckpointMismatch
+    from megajepa.train.resume_policy import ResumeRefused
+    from megajepa.train.trainer import TrainingDiverged, train
 
-    train(cfg)
+    try:
+        train(cfg)
+    except (CheckpointMismatch, ResumeRefused) as err:  # a refusal, before any training: no traceback
+        print(f"megajepa train: {type(err).__name__}: {err}", file=sys.stderr)
+        return 2
+    except TrainingDiverged as err:
+        print(f"megajepa train: {type(err).__name__}: {err}", file=sys.stderr)
+        return 3
     return 0
 
 
@@ -78,6 +96,9 @@ def cmd_demo(args) -> int:
 
         ensure_embedded(cfg.data.embedded, max_length=cfg.data.max_length)
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    overrides = list(args.overrides)
+    if not any(o.startswith("train.resume=") for o in overrides):
+        overrides.append("train.resume=restart")  # a demo run again starts over (the last one is moved aside)
     command = [
         torchrun,
         "--standalone",
@@ -86,7 +107,7 @@ def cmd_demo(args) -> int:
         "megajepa.cli",
         "train",
         args.config,
-        *args.overrides,
+        *overrides,
     ]
     print("+ " + " ".join(command), flush=True)
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
@@ -149,6 +170,8 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--nproc", type=int, default=2, help="CPU ranks (anywhere among the overrides)")
     demo.set_defaults(func=cmd_demo)
     sub.add_parser("prepare", help="JSONL / HF dataset -> MDS shards", add_help=False)
+    sub.add_parser("plan", help="expected GPU memory per rank and the largest token budget", add_help=False)
+    sub.add_parser("prepare-text", help="plain text -> CE-only MDS shards, in parallel", add_help=False)
     bench = sub.add_parser("bench", help="benchmarks: the training modes side by side, or the kernels")
     bench.add_argument("target", help="a CONFIG (see `megajepa bench CONFIG --help`), or 'kernels'")
     bench.add_argument("rest", nargs=argparse.REMAINDER)
@@ -188,6 +211,14 @@ def main(argv: list[str] | None = None) -> int:
         from megajepa.data.prepare import main as prepare_main
 
         return prepare_main(argv[1:])
+    if argv and argv[0] == "plan":
+        from megajepa.plan import main as plan_main
+
+        return plan_main(argv[1:])
+    if argv and argv[0] == "prepare-text":
+        from megajepa.data.prepare_text import main as prepare_text_main
+
+        return prepare_text_main(argv[1:])
     if argv and argv[0] == "demo":
         # Options between the positional overrides: one parse_args pass stops at the first option.
         args = demo.parse_intermixed_args(argv[1:])

@@ -1,12 +1,21 @@
-"""`megajepa compare`: does the JEPA term help? The same config trained with and without it.
+"""`megajepa compare`: does the latent term help? The same config trained with and without it.
 
-    megajepa compare configs/demo.yaml --seeds 3 [--jobs 2] [--out DIR] [key=value ...]
+    megajepa compare configs/demo.yaml --seeds 3 [--arms next-token,jepa,stp] [--jobs 2] [--out DIR] [key=value ...]
 
-For each seed s (train.seed = data.seed = s) two single-process runs of `megajepa train`:
-next-token only (jepa.lambda_=0) and with the JEPA term (the config's jepa.lambda_). All runs are
-evaluated the same way (megajepa.eval on --data, default the config's data.eval_shards) and the
-table gives, per metric, mean ± std over seeds for both arms, the difference (JEPA - next-token)
-and the one-sided paired t-test p-value for "JEPA is better" (seeds are the pairs).
+For each seed s (train.seed = data.seed = s) one single-process run of `megajepa train` per arm
+(--arms, default next-token,jepa):
+
+    next-token   next-token only (jepa.lambda_=0)
+    jepa         LLM-JEPA (jepa.objective=llm_jepa) with the config's jepa.lambda_
+    stp          Semantic Tube Prediction (jepa.objective=stp, the config's jepa.stp.*) with
+                 jepa.lambda_=--stp-lambda (default 0.02, the weight the reference's run_stp.sh uses)
+
+All runs are evaluated the same way (megajepa.eval on --data, default the config's
+data.eval_shards) and the table gives, per metric, mean ± std over seeds for every arm and, for
+each arm after the first (the baseline), the difference (arm - baseline) and the one-sided paired
+t-test p-value for "the arm is better" (seeds are the pairs). The latent rows (JEPA loss, cosines,
+retrieval) are each model's own objective: LLM-JEPA's views for next-token and jepa, STP's spans
+for stp; read the generation and CE rows across all arms.
 
 Written under --out (default runs/compare): one directory per run (its train.output_dir, train.log,
 eval.json), compare.md (the table), compare.json (everything) and curves.png (training CE and JEPA
@@ -32,7 +41,11 @@ from megajepa.eval.run import METRICS
 from megajepa.files import atomic_path, write_text
 from megajepa.eval.stats import mean_std, paired_t_test
 
-ARMS = ("next-token", "jepa")
+ARMS = ("next-token", "jepa", "stp")
+DEFAULT_ARMS = ("next-token", "jepa")
+NAMES = {"next-token": "next-token", "jepa": "JEPA", "stp": "STP"}
+HEADERS = {"next-token": "next-token only", "jepa": "+ JEPA", "stp": "+ STP"}
+STP_LAMBDA = 0.02  # the weight the STP reference's driver (run_stp.sh) uses
 
 
 @dataclass
@@ -47,23 +60,41 @@ class Run:
         return f"{self.arm}-seed{self.seed}"
 
 
-def plan_runs(config: str, overrides: list[str], seeds: int, out: str) -> list[Run]:
-    """The 2 x seeds runs; refuses a config whose JEPA weight is 0 (nothing to compare)."""
+def arm_overrides(arm: str, jepa_lambda: float, stp_lambda: float) -> list[str]:
+    """What an arm sets on top of the user's config."""
+    if arm == "next-token":
+        return ["jepa.lambda_=0.0"]
+    if arm == "jepa":
+        return ["jepa.objective=llm_jepa", f"jepa.lambda_={jepa_lambda}"]
+    if arm == "stp":
+        return ["jepa.objective=stp", f"jepa.lambda_={stp_lambda}"]
+    raise ValueError(f"unknown arm {arm!r} (one of {', '.join(ARMS)})")
+
+
+def plan_runs(
+    config: str, overrides: list[str], seeds: int, out: str, arms=DEFAULT_ARMS, stp_lambda: float = STP_LAMBDA
+) -> list[Run]:
+    """The arms x seeds runs; refuses a JEPA arm whose weight is 0 (nothing to compare). Every
+    run's config is resolved here, so that one an arm cannot run fails before any training."""
     cfg = load_config(config, overrides)
-    if cfg.jepa.lambda_ <= 0:
+    if "jepa" in arms and cfg.jepa.lambda_ <= 0:
         raise ConfigError(f"{config}: jepa.lambda_ is {cfg.jepa.lambda_}; the JEPA arm needs a positive weight")
+    if "stp" in arms and stp_lambda <= 0:
+        raise ConfigError(f"--stp-lambda is {stp_lambda}; the STP arm needs a positive weight")
     runs = []
     for seed in range(seeds):
-        for arm, lam in zip(ARMS, (0.0, cfg.jepa.lambda_)):
+        for arm in arms:
             output_dir = os.path.join(out, f"{arm}-seed{seed}")
             extra = [
-                f"jepa.lambda_={lam}",
+                *arm_overrides(arm, cfg.jepa.lambda_, stp_lambda),
                 f"train.seed={seed}",
                 f"data.seed={seed}",
                 f"train.output_dir={output_dir}",
                 "logging.progress=false",  # the run's output goes to its train.log
             ]
             runs.append(Run(arm, seed, output_dir, [*overrides, *extra]))
+    for run in runs[: len(arms)]:
+        load_config(config, run.overrides)
     return runs
 
 
@@ -152,19 +183,28 @@ def evaluate_all(runs: list[Run], data: str, limit, batch_pairs: int, max_new_to
     return results
 
 
+def _arms(runs: list[Run]) -> list[str]:
+    """The arms of `runs`, in their order (the first is the baseline)."""
+    return list(dict.fromkeys(run.arm for run in runs))
+
+
 def summarize(runs: list[Run], results: dict[str, dict]) -> dict[str, dict]:
-    """Per metric: both arms' values by seed, mean, std, the difference and the p-value."""
+    """Per metric: every arm's values by seed, mean and std; for each arm after the baseline its
+    difference from the baseline and the p-value of "this arm is better"."""
     seeds = sorted({run.seed for run in runs})
+    arms = _arms(runs)
+    baseline = arms[0]
     rows = {}
     for name, (_, higher_is_better) in METRICS.items():
-        values = {arm: [results[f"{arm}-seed{s}"][name] for s in seeds] for arm in ARMS}
-        if any(v is None for arm in ARMS for v in values[arm]):
+        values = {arm: [results[f"{arm}-seed{s}"][name] for s in seeds] for arm in arms}
+        if any(v is None for arm in arms for v in values[arm]):
             continue  # e.g. no task checker for this data
-        row = {"higher_is_better": higher_is_better}
-        for arm in ARMS:
+        row = {"higher_is_better": higher_is_better, "baseline": baseline}
+        for arm in arms:
             row[arm] = {"values": values[arm], "mean": mean_std(values[arm])[0], "std": mean_std(values[arm])[1]}
-        row["difference"] = row["jepa"]["mean"] - row["next-token"]["mean"]
-        row["p_value"] = paired_t_test(values["jepa"], values["next-token"], higher_is_better)
+        for arm in arms[1:]:
+            row[arm]["difference"] = row[arm]["mean"] - row[baseline]["mean"]
+            row[arm]["p_value"] = paired_t_test(values[arm], values[baseline], higher_is_better)
         rows[name] = row
     return rows
 
@@ -173,16 +213,19 @@ def _cell(mean: float, std) -> str:
     return f"{mean:.4f}" if std is None else f"{mean:.4f} ± {std:.4f}"
 
 
-def format_table(rows: dict[str, dict], seeds: int) -> str:
-    lines = [
-        f"| metric ({seeds} seeds) | next-token only | + JEPA | difference | p (JEPA better) |",
-        "|---|---:|---:|---:|---:|",
-    ]
+def format_table(rows: dict[str, dict], seeds: int, arms=DEFAULT_ARMS) -> str:
+    baseline, others = arms[0], arms[1:]
+    header = [f"metric ({seeds} seeds)", *(HEADERS[arm] for arm in arms)]
+    for arm in others:
+        header += [f"{NAMES[arm]} - {NAMES[baseline]}", f"p ({NAMES[arm]} better)"]
+    lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
     for name, row in rows.items():
         label, higher = METRICS[name]
-        p = "n/a" if row["p_value"] is None else f"{row['p_value']:.3f}"
-        base, jepa = (_cell(row[arm]["mean"], row[arm]["std"]) for arm in ARMS)
-        lines.append(f"| {label} ({'↑' if higher else '↓'}) | {base} | {jepa} | {row['difference']:+.4f} | {p} |")
+        cells = [f"{label} ({'↑' if higher else '↓'})", *(_cell(row[arm]["mean"], row[arm]["std"]) for arm in arms)]
+        for arm in others:
+            p = row[arm]["p_value"]
+            cells += [f"{row[arm]['difference']:+.4f}", "n/a" if p is None else f"{p:.3f}"]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -192,14 +235,14 @@ def _read_metrics(output_dir: str) -> list[dict]:
 
 
 def plot_curves(runs: list[Run], path: str) -> None:
-    """Training CE (both arms) and JEPA loss (the JEPA arm: the next-token arm never computes it),
-    one thin line per seed."""
+    """Training CE (every arm) and latent loss (the arms with a latent term: the next-token arm
+    never computes it), one thin line per seed."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colors = {"next-token": "tab:blue", "jepa": "tab:orange"}
+    colors = {"next-token": "tab:blue", "jepa": "tab:orange", "stp": "tab:green"}
     fig, (ax_ce, ax_jepa) = plt.subplots(1, 2, figsize=(11, 4))
     for run in runs:
         rows = _read_metrics(run.output_dir)
@@ -208,10 +251,10 @@ def plot_curves(runs: list[Run], path: str) -> None:
         marker = "o" if len(rows) < 20 else None  # a handful of logged steps: show the points
         style = {"color": colors[run.arm], "lw": 1, "alpha": 0.8, "label": label, "marker": marker}
         ax_ce.plot(steps, [r["ce"] for r in rows], **style)
-        if run.arm == "jepa":
+        if run.arm != "next-token":
             ax_jepa.plot(steps, [r["jepa"] for r in rows], **style)
     ax_ce.set(title="training CE (view B)", xlabel="step", ylabel="CE")
-    ax_jepa.set(title="training JEPA loss", xlabel="step", ylabel="D(pred(z_a), z_b)", yscale="log")
+    ax_jepa.set(title="training latent loss (each arm's own)", xlabel="step", ylabel="D(pred(z_a), z_b)", yscale="log")
     for ax in (ax_ce, ax_jepa):
         ax.grid(alpha=0.3)
         ax.legend()
@@ -224,8 +267,13 @@ def plot_curves(runs: list[Run], path: str) -> None:
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="megajepa compare", description=__doc__.split("\n\n")[0])
     parser.add_argument("config", help="YAML config, e.g. configs/demo.yaml")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides for both arms, e.g. train.steps=500")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides for every arm, e.g. train.steps=500")
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument(
+        "--arms", default=",".join(DEFAULT_ARMS),
+        help=f"comma-separated, from {','.join(ARMS)}; the first is the baseline the others are tested against",
+    )
+    parser.add_argument("--stp-lambda", type=float, default=STP_LAMBDA, help="jepa.lambda_ of the stp arm")
     parser.add_argument("--out", default=os.path.join("runs", "compare"))
     parser.add_argument("--jobs", type=int, default=1, help="training runs at a time (one CPU thread each)")
     parser.add_argument("--data", default=None, help="held-out pairs (default: the config's data.eval_shards)")
@@ -235,6 +283,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args = parser.parse_intermixed_args(argv)
     if args.seeds < 1 or args.jobs < 1:
         parser.error("--seeds and --jobs must be at least 1")
+    args.arms = tuple(a.strip() for a in args.arms.split(","))
+    unknown = [a for a in args.arms if a not in ARMS]
+    if unknown or len(set(args.arms)) != len(args.arms) or len(args.arms) < 2:
+        parser.error(f"--arms: two or more distinct arms from {', '.join(ARMS)}, got {','.join(args.arms)}")
     return args
 
 
@@ -242,7 +294,7 @@ def main(argv: list[str]) -> int:
     args = parse_args(argv)
     start, load_before = time.perf_counter(), os.getloadavg()
     try:
-        runs = plan_runs(args.config, args.overrides, args.seeds, args.out)
+        runs = plan_runs(args.config, args.overrides, args.seeds, args.out, args.arms, args.stp_lambda)
         data = held_out_data(args.config, args.overrides, args.data)
         train_all(args.config, runs, args.jobs)
     except (ConfigError, FileExistsError, FileNotFoundError) as err:
@@ -256,12 +308,12 @@ def main(argv: list[str]) -> int:
     torch.set_num_threads(1)  # tiny models: on a shared CPU more threads only wait on each other
     results = evaluate_all(runs, data, args.limit, args.batch_pairs, args.max_new_tokens)
     rows = summarize(runs, results)
-    table = format_table(rows, args.seeds)
+    table = format_table(rows, args.seeds, args.arms)
     wall = time.perf_counter() - start
     load_after = os.getloadavg()
     command = "megajepa compare " + " ".join(argv)
     footer = (
-        f"\n\n{args.seeds} seeds x 2 arms, wall time {wall / 60:.1f} min (--jobs {args.jobs}); "
+        f"\n\n{args.seeds} seeds x {len(args.arms)} arms, wall time {wall / 60:.1f} min (--jobs {args.jobs}); "
         f"load average {load_before[0]:.2f} at the start, {load_after[0]:.2f} at the end ({os.cpu_count()} CPUs)\n"
         f"command: {command}\n"
     )
@@ -269,6 +321,7 @@ def main(argv: list[str]) -> int:
     report = {
         "command": command,
         "seeds": args.seeds,
+        "arms": list(args.arms),
         "data": data,
         "wall_seconds": wall,
         "load_average": {"start": load_before, "end": load_after},

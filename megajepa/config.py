@@ -51,9 +51,29 @@ class ModelConfig:
 
 
 @dataclass
-class DataConfig:
+class SourceConfig:
+    """One source of a mixture (megajepa.data.mixture): at most one of proportion, repeat, choose."""
+
     shards: str = MISSING  # MDS directory (the local cache when `remote` is set)
     remote: Optional[str] = None
+    proportion: Optional[float] = None  # share of an epoch, relative to the other sources'
+    repeat: Optional[float] = None  # times each record is taken per epoch
+    choose: Optional[int] = None  # records taken per epoch
+    name: Optional[str] = None  # in per-source metrics; default: the directory's base name
+
+
+@dataclass
+class DataConfig:
+    # One source: `shards` (+ `remote`); a mixture: `sources` instead.
+    shards: Optional[str] = None  # MDS directory (the local cache when `remote` is set)
+    remote: Optional[str] = None
+    sources: list[SourceConfig] = field(default_factory=list)
+    # How batches mix the sources (streaming's batching_method): random (per record),
+    # stratified (each batch in the epoch's proportions), per_stream (each batch from one source)
+    mixing: str = "random"
+    # Micro-batches of records packed up to this many tokens (the same cuts on every rank) instead
+    # of pairs_per_batch records; a record costs len(full) + len(user) + len(assistant) + k.
+    tokens_per_batch: Optional[int] = None
     eval_shards: Optional[str] = None
     tokenizer: str = MISSING  # HF tokenizer directory
     # Root of the embedded default data: when set, the NL-regex pairs are generated, the tokenizer
@@ -89,7 +109,37 @@ class EmaConfig:
 
 
 @dataclass
+class StpConfig:
+    """Semantic Tube Prediction (galilai-group/llm-jepa, stp.py): the latent term from the
+    conversation's own hidden states, h[end - 1] - h[start - 1] as a span's embedding, no views.
+    The reference's flag each key stands for, and its default, is named beside it."""
+
+    # random_span (--linear=random_span): a random span of the user + assistant content predicted
+    # from the rest (before + after) | e2e (--linear=e2e): the assistant content from the user content
+    variant: str = "random_span"
+    linear_predictor: bool = False  # --linear_predictor: a learned d x d map (no bias) on the predicting side
+    # random_span only:
+    spans: int = 1  # --random_span_times: spans drawn per conversation
+    max_span: int = -1  # --random_span_max_length: longest span in tokens (-1: no limit)
+    # how [s, t) is drawn: start_end (s, then t after it; the default) | both (--random_span_draw_both:
+    # two points, ordered) | uniform (--random_span_uniform: uniform over all spans)
+    draw: str = "start_end"
+    from_start: bool = False  # --random_span_zero: every span starts at the first content token
+    between: bool = False  # --random_span_e2e: the template tokens between user and assistant content join the region
+    from_first_token: bool = False  # --random_span_all: the region opens at the conversation's second token
+    # weight of each span's term by its length: none (every span 1, the default) | cosine_like
+    # (2 r p / (r^2 + p^2)) | jaccard_like (1 - |r - p| / (r + p)); p the span's length, r the rest's
+    length_adjustment: str = "none"
+
+
+@dataclass
 class JepaConfig:
+    # llm_jepa: the reference's views (finetune.py, the paper) | stp: Semantic Tube Prediction
+    # (jepa.stp.*: spans of the conversation itself, no views; the reference runs it with
+    # lambda_=0.02 and k=0). STP reads jepa.lambda_, gamma, lambda_warmup_steps, dropout,
+    # embedding_layer (its --random_span_layer), stop_grad, and distance (cosine, or mse: --jepa_mse).
+    objective: str = "llm_jepa"
+    stp: StpConfig = field(default_factory=StpConfig)
     lambda_: float = 1.0  # weight of the latent term
     gamma: float = 1.0  # weight of the next-token CE term
     k: int = 1  # [PRED] tokens inserted in the user view (predictor: tokens)
@@ -132,7 +182,18 @@ class OptimConfig:
 class TrainConfig:
     steps: int = 100
     output_dir: str = "runs/demo"
-    resume: str = "none"  # none | auto | path to a checkpoint directory
+    # none: fresh (refused over existing checkpoints) | auto: the newest complete checkpoint |
+    # restart: move this run's outputs aside, then fresh | a checkpoint directory
+    resume: str = "none"
+    # resume with another train.steps on the checkpoint's lr and EMA schedule (its length):
+    # a longer run continues the original schedule to its old end, then holds the lr at its
+    # minimum and the momentum at its end value; a shorter one stops early on it
+    keep_schedule: bool = False
+    # schedule or data keys (megajepa.train.resume_policy) a resume may change, at the cost of exactness
+    resume_allow: list[str] = field(default_factory=list)
+    # consecutive optimizer steps DeepSpeed may skip (non-finite gradients) before the run stops
+    # as diverged; fp16's loss-scale skips do not count (DeepSpeed stops at its minimum scale)
+    max_skipped_steps: int = 2
     save_every: int = 0  # 0: only at the end
     eval_every: int = 0
     eval_batches: int = 4
@@ -171,7 +232,12 @@ class Config:
 CHOICES = {
     "model.attention": ("auto", "flex", "sdpa", "eager"),
     "data.labels": ("response", "all", "conversation", "content"),
+    "data.mixing": ("random", "stratified", "per_stream"),
     "jepa.views": ("reference", "shared_prefix"),
+    "jepa.objective": ("llm_jepa", "stp"),
+    "jepa.stp.variant": ("random_span", "e2e"),
+    "jepa.stp.draw": ("start_end", "both", "uniform"),
+    "jepa.stp.length_adjustment": ("none", "cosine_like", "jaccard_like"),
     "jepa.readout": ("offset", "content_end"),
     "jepa.predictor": ("tokens", "mlp", "linear", "identity"),
     "jepa.distance": ("cosine", "mse", "l2", "infonce"),
@@ -191,14 +257,14 @@ BOUNDS = {
             "jepa.k", "jepa.lambda_", "jepa.gamma", "jepa.lambda_warmup_steps", "optim.lr",
             "optim.warmup_steps", "optim.weight_decay", "optim.grad_clip", "train.save_every",
             "train.eval_every", "data.num_workers", "data.row_multiple", "data.max_length",
-            "deepspeed.param_persistence_threshold", "model.lora.rank",
+            "deepspeed.param_persistence_threshold", "model.lora.rank", "train.max_skipped_steps", "train.seed",
         )
     },
     **{
         key: (0, None, False)
         for key in (
             "train.steps", "optim.grad_accum", "data.row_length", "data.pairs_per_batch",
-            "train.eval_batches", "logging.log_every", "jepa.infonce_temperature",
+            "train.eval_batches", "logging.log_every", "jepa.infonce_temperature", "jepa.stp.spans",
         )
     },
     **{
@@ -208,7 +274,23 @@ BOUNDS = {
             "model.lora.dropout",
         )
     },
+    "optim.eps": (0.0, None, False),
+    # numpy and streaming seeds are 32-bit
+    "data.seed": (0, 2**32 - 1, True),
 }
+# Adam's betas: in [0, 1) (beta = 1 never forgets, the bias correction divides by zero)
+HALF_OPEN_UNIT = ("optim.beta1", "optim.beta2")
+RESUME_MODES = ("none", "auto", "restart")
+# The keys a resume may change only when train.resume_allow lists them (megajepa.train.resume_policy):
+# the schedule's, and those the loader's exact resume depends on.
+RESUME_SCHEDULE_KEYS = (
+    "train.steps", "optim.lr", "optim.min_lr_ratio", "optim.warmup_steps", "jepa.lambda_warmup_steps",
+    "jepa.ema.schedule", "jepa.ema.momentum_start", "jepa.ema.momentum_end",
+)
+RESUME_DATA_KEYS = (
+    "data.pairs_per_batch", "optim.grad_accum", "data.seed", "data.shuffle", "data.row_length",
+    "data.row_multiple", "data.labels", "data.max_length", "data.share_prefix", "jepa.views", "jepa.dropout",
+)
 
 
 def _source_of(key: str, sources: list[tuple[str, DictConfig]]) -> str:
@@ -237,8 +319,14 @@ def _validate(cfg: Config, sources: list[tuple[str, DictConfig]]) -> None:
             _fail(key, f"must be in [{low:g}, {high:g}], got {value}", sources)
         if value < low or (value == low and not low_allowed):
             _fail(key, f"must be {'>=' if low_allowed else '>'} {low}, got {value}", sources)
+    for key in HALF_OPEN_UNIT:
+        value = OmegaConf.select(resolved, key)
+        if not 0.0 <= value < 1.0:
+            _fail(key, f"must be in [0, 1), got {value}", sources)
     if cfg.jepa.readout == "offset" and cfg.jepa.last_token >= 0:
         _fail("jepa.last_token", f"an offset from the end of each view must be negative, got {cfg.jepa.last_token}", sources)
+    if cfg.jepa.objective == "stp":
+        _validate_stp(cfg, sources)
     needed = max_record_tokens(cfg)
     if needed is not None and cfg.data.row_length < needed:
         _fail(
@@ -247,15 +335,68 @@ def _validate(cfg: Config, sources: list[tuple[str, DictConfig]]) -> None:
             f"(data.max_length={cfg.data.max_length}, jepa.views={cfg.jepa.views}, jepa.k={cfg.jepa.k})",
             sources,
         )
+    _validate_sources(cfg, sources)
     lora = cfg.model.lora
     if lora.alpha is not None and not (math.isfinite(lora.alpha) and lora.alpha > 0):
         _fail("model.lora.alpha", f"must be > 0 (or null: 2 x rank), got {lora.alpha}", sources)
     if lora.rank > 0 and not lora.target_modules:
         _fail("model.lora.target_modules", "must name at least one module (or all-linear)", sources)
+    _validate_resume(cfg, sources)
+    _validate_paths(cfg, sources)  # last: the value checks above need no files
+
+
+def _validate_resume(cfg: Config, sources: list[tuple[str, DictConfig]]) -> None:
+    resume = cfg.train.resume
+    if resume not in RESUME_MODES and not os.path.isdir(resume):
+        _fail("train.resume", f"{resume!r} is neither {', '.join(RESUME_MODES)} nor a checkpoint directory", sources)
+    allowable = RESUME_SCHEDULE_KEYS + RESUME_DATA_KEYS
+    for key in cfg.train.resume_allow:
+        if key not in allowable:
+            _fail("train.resume_allow", f"{key!r} cannot be allowed to change on resume (one of: "
+                  f"{', '.join(allowable)})", sources)
+
+
+def _validate_paths(cfg: Config, sources: list[tuple[str, DictConfig]]) -> None:
+    """Files and directories named by keys exist (data that data.embedded generates aside)."""
     if cfg.model.config is None and cfg.model.pretrained is None:
         _fail("model.config", "set model.config (an HF config JSON) or model.pretrained (a local directory)", sources)
+    if cfg.model.pretrained is not None:
+        if not os.path.isfile(os.path.join(cfg.model.pretrained, "config.json")):
+            _fail("model.pretrained", f"{cfg.model.pretrained}: no such directory with a config.json", sources)
+    elif not os.path.isfile(cfg.model.config):
+        _fail("model.config", f"no such file: {cfg.model.config}", sources)
     if cfg.deepspeed.config_file is not None and not os.path.isfile(cfg.deepspeed.config_file):
         _fail("deepspeed.config_file", f"no such file: {cfg.deepspeed.config_file}", sources)
+    if cfg.data.embedded is None and not os.path.isdir(cfg.data.tokenizer):
+        _fail("data.tokenizer", f"no such directory: {cfg.data.tokenizer}", sources)
+
+
+def _validate_sources(cfg: Config, sources: list[tuple[str, DictConfig]]) -> None:
+    data = cfg.data
+    if (data.shards is None) == (not data.sources):
+        _fail("data.shards", "set data.shards (one source) or data.sources (a mixture), not both or neither", sources)
+    if data.sources and data.remote is not None:
+        _fail("data.remote", "with data.sources, give each source its own remote", sources)
+    from megajepa.data.mixture import check_sources, sources_from_config
+
+    try:
+        check_sources(sources_from_config(data))
+    except ValueError as err:
+        raise ConfigError(f"{_source_of('data.sources', sources)}: {err}") from None
+    budget, needed = data.tokens_per_batch, max_record_tokens(cfg)
+    if budget is not None and budget < (needed or 1):
+        _fail("data.tokens_per_batch", f"{budget} cannot hold one record of up to {needed or 1} tokens "
+              f"(data.max_length={data.max_length})", sources)
+
+
+def _validate_stp(cfg: Config, sources: list[tuple[str, DictConfig]]) -> None:
+    """What STP (jepa.objective=stp) can run: the reference's cosine or MSE, an online target."""
+    if cfg.jepa.distance not in ("cosine", "mse"):
+        _fail("jepa.distance", f"STP uses cosine or mse (the reference's --jepa_mse), got {cfg.jepa.distance!r}", sources)
+    if cfg.jepa.target != "online":
+        _fail("jepa.target", "STP reads the conversation's own hidden states: only the online target", sources)
+    if cfg.jepa.stp.max_span == 0 or cfg.jepa.stp.max_span < -1:
+        _fail("jepa.stp.max_span", f"a span's longest length must be >= 1 (or -1: no limit), got {cfg.jepa.stp.max_span}", sources)
 
 
 def max_record_tokens(cfg: Config) -> Optional[int]:
@@ -266,7 +407,7 @@ def max_record_tokens(cfg: Config) -> Optional[int]:
     if cfg.data.max_length == 0:
         return None
     k = cfg.jepa.k if cfg.jepa.predictor == "tokens" else 0
-    if cfg.jepa.lambda_ == 0:
+    if cfg.jepa.lambda_ == 0 or cfg.jepa.objective == "stp":  # the conversation alone
         return cfg.data.max_length
     if cfg.jepa.views == "shared_prefix":
         return cfg.data.max_length + k
@@ -332,6 +473,8 @@ def load_config(path: Optional[str], overrides: list[str] = ()) -> Config:
             merged = OmegaConf.merge(merged, source)
         except OmegaConfBaseException as err:
             raise ConfigError(f"{name}: {_describe(err)}") from None
+        except TypeError as err:  # a dotted key into a list, e.g. data.sources.1.proportion=...
+            raise ConfigError(f"{name}: {err}; set a list whole, e.g. data.sources='[{{shards: a}}]'") from None
     # `key: ???` in a file asks for a value from a later file or the command line (a merge would
     # otherwise keep the schema default under it).
     for i, (name, source) in enumerate(sources):

@@ -34,7 +34,9 @@ from megajepa.data.tokenizer import add_pred_tokens, chat_template, load_tokeniz
 from megajepa.jepa.ema_target import STATE_FILE as EMA_FILE
 from megajepa.model.lora import merge_lora_weights
 from megajepa.model.predictor import uses_pred_tokens
-from megajepa.train.checkpoint import CHECKPOINT_SUBDIR
+from megajepa.train import pickle_guard
+from megajepa.train.checkpoint import CHECKPOINT_SUBDIR, incomplete_reason, newest_complete
+from megajepa.train.ema_shards import EmaShardsUnusable, consolidate_ema
 
 LM_PREFIX, PREDICTOR_PREFIX = "lm.", "predictor."
 PREDICTOR_FILE = "predictor.safetensors"
@@ -50,32 +52,29 @@ class ExportError(RuntimeError):
 class CheckpointInfo:
     tag_dir: str  # .../checkpoints/stepNNNNNNNN
     meta: dict  # meta.json
-    config: Config  # the resolved training config (DeepSpeed client_state)
+    config: Config  # the resolved training config (meta.json)
 
     @property
     def world_size(self) -> int:
         return int(self.meta["world_size"])
 
 
-def _read_tag(latest: str) -> str:
-    with open(latest) as f:
-        return f.read().strip()
-
-
 def resolve_checkpoint(path: str) -> str:
     """The checkpoint directory for a checkpoint, a checkpoints/ directory or a run's output_dir
-    (the last two through DeepSpeed's `latest` marker)."""
+    (the last two: its newest complete checkpoint, megajepa.train.checkpoint's marker)."""
     path = os.path.abspath(path.rstrip("/"))
     if os.path.isfile(os.path.join(path, "meta.json")):
+        reason = incomplete_reason(path)
+        if reason is not None:
+            raise ExportError(f"{path}: not a complete checkpoint: {reason}")
         return path
     for parent in (path, os.path.join(path, CHECKPOINT_SUBDIR)):
-        latest = os.path.join(parent, "latest")
-        if os.path.isfile(latest):
-            tag_dir = os.path.join(parent, _read_tag(latest))
-            if os.path.isfile(os.path.join(tag_dir, "meta.json")):
-                return tag_dir
-            raise ExportError(f"{latest} names {tag_dir}, which is not a complete checkpoint (no meta.json)")
-    raise ExportError(f"{path}: not a megajepa checkpoint (no meta.json, no checkpoints/latest)")
+        tag, skipped = newest_complete(parent)
+        if tag is not None:
+            return os.path.join(parent, tag)
+        if skipped:
+            raise ExportError(f"{parent}: no complete checkpoint ({'; '.join(skipped)})")
+    raise ExportError(f"{path}: not a megajepa checkpoint (no meta.json, no checkpoints/step*)")
 
 
 def is_checkpoint(path: str) -> bool:
@@ -90,38 +89,17 @@ def read_checkpoint(path: str) -> CheckpointInfo:
     tag_dir = resolve_checkpoint(path)
     with open(os.path.join(tag_dir, "meta.json")) as f:
         meta = json.load(f)
-    model_files = zero_to_fp32.get_model_state_files(tag_dir)
-    if not model_files:
-        raise ExportError(f"{tag_dir}: no DeepSpeed model state files (*_model_states.pt)")
-    client_state = torch.load(model_files[0], map_location="cpu", weights_only=False)
-    if "config" not in client_state:
-        raise ExportError(f"{model_files[0]}: no 'config' in the client state; not written by megajepa train")
-    return CheckpointInfo(tag_dir, meta, from_dict(client_state["config"]))
+    if "config" not in meta:
+        raise ExportError(f"{tag_dir}/meta.json: no 'config'; not written by this version of megajepa train")
+    # zero_to_fp32 unpickles DeepSpeed's files with weights_only=False: refuse planted code first
+    try:
+        pickle_guard.refuse_unsafe(pickle_guard.torch_files(tag_dir))
+    except pickle_guard.UnsafeCheckpointFile as err:
+        raise ExportError(str(err)) from None
+    return CheckpointInfo(tag_dir, meta, from_dict(meta["config"]))
 
 
 # ------------------------------------------------------------------------------ consolidation
-
-
-def _ema_flat_groups(info: CheckpointInfo, model_states) -> list[list[torch.Tensor]]:
-    """Per rank, the EMA shards laid out as the optimizer's fp32 flat groups."""
-    states = []
-    for rank in range(info.world_size):
-        path = os.path.join(info.tag_dir, EMA_FILE.format(rank=rank))
-        if not os.path.isfile(path):
-            raise ExportError(f"{path}: missing; --weights ema needs a run trained with jepa.target=ema")
-        states.append(torch.load(path, map_location="cpu", weights_only=True))
-    if states[0]["layout"] == "flat":  # one buffer per optimizer sub-group: the master's own layout
-        return [[t.view(-1) for t in s["ema"]] for s in states]
-    # per parameter: each rank's slice of each parameter, concatenated in DeepSpeed's order
-    names = [name for group in model_states[0].param_shapes for name in group]
-    groups = []
-    for rank, state in enumerate(states):
-        by_name = dict(zip(state["names"], state["ema"]))
-        missing = [n for n in names if n not in by_name]
-        if missing:
-            raise ExportError(f"ema_rank{rank}.pt has no EMA for {missing[:3]}")
-        groups.append([torch.cat([by_name[n].view(-1) for n in names])])
-    return groups
 
 
 def consolidate(info: CheckpointInfo, weights: str = "online") -> dict[str, torch.Tensor]:
@@ -133,12 +111,10 @@ def consolidate(info: CheckpointInfo, weights: str = "online") -> dict[str, torc
         return zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint(load_dir, tag=tag)
     if info.config.deepspeed.zero_stage != 3:
         raise ExportError(f"{info.tag_dir}: --weights ema supports ZeRO stage 3 checkpoints only")
-    model_states = zero_to_fp32.parse_model_states(zero_to_fp32.get_model_state_files(info.tag_dir))
-    flat = _ema_flat_groups(info, model_states)
-    merged = zero_to_fp32._get_fp32_state_dict_from_zero3_checkpoint(
-        info.world_size, flat, model_states, exclude_frozen_parameters=False
-    )
-    return zero_to_fp32.to_torch_tensor(merged)
+    try:
+        return consolidate_ema(info.tag_dir, info.world_size)
+    except EmaShardsUnusable as err:
+        raise ExportError(str(err)) from None
 
 
 def split_state_dict(state: dict[str, torch.Tensor]) -> tuple[dict, dict]:
@@ -180,7 +156,7 @@ def _save_lm(lm_state: dict, info: CheckpointInfo, tokenizer, dtype: torch.dtype
 
     from megajepa.model.build import load_architecture
 
-    config = load_architecture(info.config.model, len(tokenizer))
+    config = load_architecture(info.config.model, len(tokenizer), tokenizer.pad_token_id)
     config.vocab_size = max(config.vocab_size, len(tokenizer))  # build_model grows, never shrinks
     config.use_cache = True
     config.eos_token_id = tokenizer.eos_token_id

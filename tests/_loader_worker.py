@@ -11,8 +11,8 @@ import json
 
 import torch.distributed as dist
 
-from megajepa.data.layout import LayoutConfig
 from megajepa.data.loader import build_loader
+from _mixture_shards import make_layout
 
 
 def main() -> None:
@@ -27,8 +27,7 @@ def main() -> None:
     dist.init_process_group("gloo")
 
     def loader():
-        layout = LayoutConfig(row_length=64, pred_token_ids=(1,))
-        return build_loader(args.shards, batch_pairs=args.batch_pairs, layout=layout, seed=7, record_ids=True)
+        return build_loader(args.shards, batch_pairs=args.batch_pairs, layout=make_layout(), seed=7, record_ids=True)
 
     result = {}
     full = loader()

@@ -14,6 +14,12 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped without one)")
     config.addinivalue_line("markers", "slow: longer than ~30 s; run with `make test-all`")
     config.addinivalue_line("markers", "slurm: brings up a one-node Slurm cluster; run with `make test-all` or `-m slurm`")
+    config.addinivalue_line("markers", "faults: fault injection (tests/test_faults.py): `pytest -m 'faults and (slow or not slow)'`")
+    config.addinivalue_line(
+        "markers",
+        "interpreter: runs Triton kernels on CPU tensors under TRITON_INTERPRET=1 (set above without a GPU); "
+        "skipped where the interpreter is off (a GPU machine), except tests also marked gpu",
+    )
 
 
 def pytest_collection_modifyitems(config, items):
@@ -21,10 +27,14 @@ def pytest_collection_modifyitems(config, items):
 
     selected = config.getoption("-m") or ""
     run_slow = "slow" in selected
+    interpreting = os.environ.get("TRITON_INTERPRET") == "1"
     for item in items:
-        if "gpu" in item.keywords and not torch.cuda.is_available():
+        # The markers themselves: item.keywords also holds the names of the test's directories.
+        if item.get_closest_marker("gpu") and not torch.cuda.is_available():
             item.add_marker(pytest.mark.skip(reason="needs a CUDA device"))
-        if "slow" in item.keywords and not run_slow:
+        if item.get_closest_marker("interpreter") and not item.get_closest_marker("gpu") and not interpreting:
+            item.add_marker(pytest.mark.skip(reason="needs TRITON_INTERPRET=1: CPU tensors cannot reach a compiled kernel"))
+        if item.get_closest_marker("slow") and not run_slow:
             item.add_marker(pytest.mark.skip(reason="slow: run with `make test-all`"))
         if item.get_closest_marker("slurm") and not (run_slow or "slurm" in selected):
             item.add_marker(pytest.mark.skip(reason="slurm: run with `make test-all` or `pytest -m slurm`"))

@@ -18,7 +18,7 @@ from megajepa.bench.reference_layouts import pack_reference
 from megajepa.config import JepaConfig
 from megajepa.data.layout import SEG_PAD
 from megajepa.jepa.objective import JepaModel
-from megajepa.model.attention import attention_mask
+from megajepa.model.attention import MASK_KEYS, dense_mask
 
 REPO = Path(__file__).resolve().parent.parent
 VOCAB, K, HIDDEN, INTERMEDIATE, LAYERS, HEADS, KV_HEADS = 101, 2, 64, 96, 2, 4, 2
@@ -110,7 +110,7 @@ def test_attended_keys_by_hand_and_against_the_mask():
     lay = packer()
     recs = records(9, seed=6, shared=True)
     for batch in (lay(recs), reference(recs, lay, "ref2")):
-        mask = attention_mask(batch, "sdpa")[:, 0]
+        mask = dense_mask(*(batch[key] for key in MASK_KEYS))[:, 0]
         queries = (batch["segment"] != SEG_PAD)[:, :, None]
         assert attended_keys(batch["sequence"], batch["prefix_length"]) == int((mask & queries).sum())
 
@@ -184,7 +184,7 @@ def test_bench_end_to_end_one_rank(demo_data, tmp_path):
     assert (out / "bench.md").read_text().strip() in result.stdout
     report = json.loads((out / "bench.json").read_text())
     modes = report["modes"]
-    assert list(modes) == ["ce", "jepa", "jepa-shared", "jepa-ema", "ref3", "ref2"]
+    assert list(modes) == ["ce", "jepa", "jepa-shared", "jepa-ema", "ref3", "ref2", "stp"]
     assert report["config"]["data"]["pairs_per_batch"] == 4 and report["versions"]["torch"] == torch.__version__
     assert report["order"] == ("sequence" if torch.cuda.is_available() else "alternate")
     # same init, same pairs: every layout computes the same CE and JEPA loss at the first step

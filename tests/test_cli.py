@@ -34,3 +34,12 @@ def test_demo_still_rejects_unknown_options(demo_args, capsys):
         cli.main(["demo", "configs/demo.yaml", "a.b=1", "--nprocs", "2"])
     assert exit_info.value.code == 2
     assert "--nprocs" in capsys.readouterr().err
+
+
+def test_an_architecture_the_packed_pass_cannot_run_is_refused_by_name_before_any_work(tmp_path, capsys):
+    spec = tmp_path / "bloom.json"
+    spec.write_text('{"model_type": "bloom", "hidden_size": 32, "n_layer": 2, "n_head": 4}')
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["config", "configs/demo.yaml", f"model.config={spec}"])
+    assert stop.value.code == 2
+    assert "config error: model architecture bloom: its ALiBi attention bias" in capsys.readouterr().err

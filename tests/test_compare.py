@@ -8,7 +8,8 @@ import torch
 
 from _train_utils import demo_overrides
 from megajepa.cli import main as cli
-from megajepa.compare import ARMS, Run, format_table, summarize
+from megajepa.compare import ARMS, DEFAULT_ARMS, STP_LAMBDA, Run, format_table, parse_args, plan_runs, summarize
+from megajepa.config import ConfigError
 from megajepa.eval.run import METRICS
 from megajepa.eval.stats import betainc, mean_std, paired_t_test, t_sf
 
@@ -20,35 +21,48 @@ def restore_threads():
     torch.set_num_threads(threads)
 
 
-def test_compare_two_seeds_writes_table_json_and_png(demo_data, tmp_path, capsys, restore_threads):
+def test_compare_three_arms_two_seeds_writes_table_json_and_png(demo_data, tmp_path, capsys, restore_threads):
     out = tmp_path / "compare"
     overrides = demo_overrides(demo_data, tmp_path / "unused", **{"train.steps": 3, "train.eval_batches": 1})
     overrides = [o for o in overrides if not o.startswith("train.output_dir=")]
     options = ["--seeds", "2", "--jobs", "2", "--out", str(out), "--limit", "16", "--batch-pairs", "8"]
+    options += ["--arms", "next-token,jepa,stp"]
     assert cli(["compare", "configs/demo.yaml", *options, "--max-new-tokens", "8", *overrides]) == 0
 
     names = {f"{arm}-seed{seed}" for arm in ARMS for seed in (0, 1)}
     report = json.loads((out / "compare.json").read_text())
-    assert set(report["runs"]) == names and report["seeds"] == 2
+    assert set(report["runs"]) == names and report["seeds"] == 2 and report["arms"] == list(ARMS)
+    lambdas = {"next-token": 0.0, "jepa": 1.0, "stp": STP_LAMBDA}
     for name in names:
+        arm = name.rsplit("-seed", 1)[0]
         config = json.loads((out / name / "run.json").read_text())["config"]
-        assert config["jepa"]["lambda_"] == (0.0 if name.startswith("next-token") else 1.0)
+        assert config["jepa"]["lambda_"] == lambdas[arm]
+        assert config["jepa"]["objective"] == ("stp" if arm == "stp" else "llm_jepa")
         assert config["train"]["seed"] == config["data"]["seed"] == int(name[-1])
         assert config["train"]["steps"] == 3
     for name, row in report["summary"].items():
         for arm in ARMS:
             values = [report["runs"][f"{arm}-seed{s}"][name] for s in (0, 1)]
             assert row[arm]["values"] == values and row[arm]["mean"] == pytest.approx(sum(values) / 2)
-        assert row["p_value"] is None or 0.0 <= row["p_value"] <= 1.0
+        for arm in ("jepa", "stp"):
+            assert row[arm]["difference"] == pytest.approx(row[arm]["mean"] - row["next-token"]["mean"])
+            assert row[arm]["p_value"] is None or 0.0 <= row[arm]["p_value"] <= 1.0
     # the next-token arm never trained the latent term: the JEPA arm's is the smaller loss
     assert report["summary"]["jepa_loss"]["jepa"]["mean"] < report["summary"]["jepa_loss"]["next-token"]["mean"]
+    # the STP arm trained its own term, from the conversation alone (no view tokens computed)
+    for seed in (0, 1):
+        stp_rows = [json.loads(line) for line in (out / f"stp-seed{seed}" / "metrics.jsonl").read_text().splitlines()]
+        jepa_rows = [json.loads(line) for line in (out / f"jepa-seed{seed}" / "metrics.jsonl").read_text().splitlines()]
+        assert all(r["jepa"] > 0 for r in stp_rows)
+        assert stp_rows[0]["computed_tokens"] < jepa_rows[0]["computed_tokens"]
 
     table = (out / "compare.md").read_text()
     assert table in capsys.readouterr().out
-    assert "| metric (2 seeds) | next-token only | + JEPA | difference | p (JEPA better) |" in table
+    header = "| metric (2 seeds) | next-token only | + JEPA | + STP | JEPA - next-token | p (JEPA better) | STP - next-token | p (STP better) |"
+    assert header in table
     for label, _ in METRICS.values():
         assert f"| {label} (" in table
-    assert "load average" in table and "wall time" in table
+    assert "load average" in table and "2 seeds x 3 arms" in table
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     # the same directory with another config is refused before any training
@@ -56,28 +70,60 @@ def test_compare_two_seeds_writes_table_json_and_png(demo_data, tmp_path, capsys
     assert "a run of another config" in capsys.readouterr().err
 
 
-def _runs(seeds: int) -> list[Run]:
-    return [Run(arm, s, f"unused/{arm}-seed{s}", []) for s in range(seeds) for arm in ARMS]
+def _runs(seeds: int, arms=DEFAULT_ARMS) -> list[Run]:
+    return [Run(arm, s, f"unused/{arm}-seed{s}", []) for s in range(seeds) for arm in arms]
+
+
+def test_default_arms_are_next_token_and_jepa_with_todays_overrides(tmp_path):
+    assert parse_args(["configs/demo.yaml"]).arms == DEFAULT_ARMS == ("next-token", "jepa")
+    runs = plan_runs("configs/demo.yaml", ["jepa.lambda_=2"], 2, str(tmp_path))
+    assert [(r.arm, r.seed) for r in runs] == [("next-token", 0), ("jepa", 0), ("next-token", 1), ("jepa", 1)]
+    assert "jepa.lambda_=0.0" in runs[0].overrides and "jepa.lambda_=2.0" in runs[1].overrides
+    stp = plan_runs("configs/demo.yaml", [], 1, str(tmp_path), ("stp", "next-token"), stp_lambda=0.5)
+    assert stp[0].arm == "stp" and {"jepa.objective=stp", "jepa.lambda_=0.5"} <= set(stp[0].overrides)
+
+
+@pytest.mark.parametrize("arms", ["next-token", "jepa,jepa", "next-token,mlm"])
+def test_arms_option_refuses_unknown_repeated_or_single_arms(arms, capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["configs/demo.yaml", "--arms", arms])
+    assert "--arms" in capsys.readouterr().err
+
+
+def test_an_arm_the_config_cannot_run_fails_before_training(tmp_path):
+    with pytest.raises(ConfigError, match="jepa.target"):
+        plan_runs("configs/demo.yaml", ["jepa.target=ema"], 1, str(tmp_path), ("next-token", "stp"))
 
 
 def test_summary_and_table_from_known_values():
     base = {"exact_match": [0.10, 0.20, 0.30], "ce": [2.0, 2.2, 2.1]}
     jepa = {"exact_match": [0.15, 0.22, 0.38], "ce": [2.1, 2.3, 2.15]}
+    stp = {"exact_match": [0.10, 0.25, 0.30], "ce": [1.9, 2.0, 2.05]}
     results = {
         f"{arm}-seed{s}": {name: values[name][s] if name in values else None for name in METRICS}
-        for arm, values in (("next-token", base), ("jepa", jepa))
+        for arm, values in (("next-token", base), ("jepa", jepa), ("stp", stp))
         for s in range(3)
     }
     rows = summarize(_runs(3), results)
     assert list(rows) == ["exact_match", "ce"]  # metrics without values (no checker, ...) are left out
     gains = [0.05, 0.02, 0.08]
     t = mean_std(gains)[0] / (mean_std(gains)[1] / math.sqrt(3))
-    assert rows["exact_match"]["p_value"] == pytest.approx(t_sf(t, 2))
-    assert rows["exact_match"]["difference"] == pytest.approx(0.05)
-    assert rows["ce"]["p_value"] > 0.9  # CE went up in every seed: JEPA is not better
+    assert rows["exact_match"]["jepa"]["p_value"] == pytest.approx(t_sf(t, 2))
+    assert rows["exact_match"]["jepa"]["difference"] == pytest.approx(0.05)
+    assert rows["ce"]["jepa"]["p_value"] > 0.9  # CE went up in every seed: JEPA is not better
+    assert "stp" not in rows["ce"]  # only the arms that ran
     table = format_table(rows, 3)
+    assert "| metric (3 seeds) | next-token only | + JEPA | JEPA - next-token | p (JEPA better) |" in table
     assert "| exact match (↑) | 0.2000 ± 0.1000 | 0.2500 ± 0.1179 | +0.0500 |" in table
     assert "| held-out CE (view B) (↓) |" in table
+
+    three = summarize(_runs(3, ARMS), results)
+    drops = [0.1, 0.2, 0.05]  # STP's CE is lower in every seed
+    t = mean_std(drops)[0] / (mean_std(drops)[1] / math.sqrt(3))
+    assert three["ce"]["stp"]["p_value"] == pytest.approx(t_sf(t, 2))
+    assert three["ce"]["jepa"] == rows["ce"]["jepa"]  # the third arm changes nothing of the second's
+    table = format_table(three, 3, ARMS)
+    assert "| exact match (↑) | 0.2000 ± 0.1000 | 0.2500 ± 0.1179 | 0.2167 ± 0.1041 | +0.0500 |" in table
 
 
 def test_t_distribution_matches_closed_forms_and_tables():

@@ -91,3 +91,32 @@ def test_cli_config_prints_resolved_and_fails_cleanly(capsys):
         main(["config", DEMO, "jepa.distance=dot"])
     assert exit_info.value.code == 2
     assert "jepa.distance" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "override, fragment",
+    [
+        ("optim.beta1=2", "optim.beta1: must be in [0, 1), got 2.0"),
+        ("optim.beta2=1.0", "optim.beta2: must be in [0, 1), got 1.0"),
+        ("optim.eps=-1", "optim.eps: must be > 0.0, got -1.0"),
+        ("optim.eps=0", "optim.eps: must be > 0.0, got 0.0"),
+        ("data.seed=-3", "data.seed: must be in [0, 4.29497e+09], got -3"),
+        ("train.seed=-1", "train.seed: must be >= 0, got -1"),
+        ("train.max_skipped_steps=-1", "train.max_skipped_steps: must be >= 0"),
+        ("model.config=configs/models/nope.json", "model.config: no such file: configs/models/nope.json"),
+        ("model.pretrained=/nonexistent/model", "model.pretrained: /nonexistent/model: no such directory"),
+        ("train.resume=/nonexistent/step1", "train.resume: '/nonexistent/step1' is neither none, auto, restart"),
+        ("train.resume_allow=[train.output_dir]", "train.resume_allow: 'train.output_dir' cannot be allowed"),
+    ],
+)
+def test_values_that_used_to_fail_inside_training_fail_at_config_time(override, fragment):
+    with pytest.raises(ConfigError) as err:
+        load_config(DEMO, [override])
+    assert str(err.value).startswith("command line: ")
+    assert fragment in str(err.value)
+
+
+def test_missing_tokenizer_is_named_unless_embedded_data_builds_it(tmp_path):
+    with pytest.raises(ConfigError, match=f"data.tokenizer: no such directory: {tmp_path}/tok"):
+        load_config(DEMO, ["data.embedded=null", f"data.tokenizer={tmp_path}/tok"])
+    assert load_config(DEMO, [f"data.tokenizer={tmp_path}/tok"]).data.tokenizer == f"{tmp_path}/tok"

@@ -61,29 +61,34 @@ def test_packed_pass_equals_each_sequence_alone(attn, shared, settings):
     batch = lay(records)
     assert batch["input_ids"].shape[0] < len(records)  # several records share a row
 
-    packed_model = JepaModel(tiny_lm(attn), lay.jepa)
-    # FlexAttention has no backward on CPU: there its forward is checked, gradients on CUDA.
-    with_grad = attn == "sdpa" or torch.cuda.is_available()
+    # FlexAttention has no backward on CPU: there its forward is checked, gradients on CUDA
+    # (model and batch on the GPU; the fp32 reference stays on the CPU).
+    on_gpu = attn == "flex_attention" and torch.cuda.is_available()
+    device = "cuda" if on_gpu else "cpu"
+    packed_model = JepaModel(tiny_lm(attn), lay.jepa).to(device)
+    batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+    with_grad = attn == "sdpa" or on_gpu
     with torch.set_grad_enabled(with_grad):
         out = packed_model(batch)
     if with_grad:
         out.loss.backward()
+    out = {name: getattr(out, name).detach().cpu() for name in ("ce", "z_a", "z_b", "jepa")}
 
     ref_lm = tiny_lm("sdpa")
-    ref_lm.load_state_dict(packed_model.lm.state_dict())
+    ref_lm.load_state_dict({k: v.cpu() for k, v in packed_model.lm.state_dict().items()})
     ce, z_a, z_b = alone(ref_lm, records, lay)
     jepa = (1 - F.cosine_similarity(z_a, z_b, dim=-1)).mean()
     (ce + 1.5 * jepa).backward()
 
-    torch.testing.assert_close(out.ce, ce.detach(), atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(out.z_a, z_a, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(out.z_b, z_b, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(out.jepa, jepa.detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out["ce"], ce.detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out["z_a"], z_a.detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out["z_b"], z_b.detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out["jepa"], jepa.detach(), atol=1e-5, rtol=1e-5)
     if not with_grad:
         return
     ref_grads = dict(ref_lm.named_parameters())
     for name, param in packed_model.lm.named_parameters():
-        torch.testing.assert_close(param.grad, ref_grads[name].grad, atol=2e-5, rtol=1e-4, msg=name)
+        torch.testing.assert_close(param.grad.cpu(), ref_grads[name].grad, atol=2e-5, rtol=1e-4, msg=name)
 
 
 def test_teacher_rows_give_the_online_targets():

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from _train_utils import demo_overrides, run_train
+from _train_utils import demo_overrides, remark_complete, run_train
 from megajepa.cli import main as cli
 from megajepa.eval.data import load_eval_pairs
 from megajepa.eval.latent import batch_metrics
@@ -84,6 +84,7 @@ def test_ema_export_reads_the_ema_shards(ema_run, online_export, tmp_path):
     state = torch.load(ema_path, weights_only=True)
     assert state["layout"] == "flat"
     torch.save({**state, "ema": [2 * t for t in state["ema"]]}, ema_path)
+    remark_complete(checkpoint)
     doubled = _weights(export(str(checkpoint), str(tmp_path / "doubled"), "ema"))
     assert all(torch.allclose(v, 2 * online[k]) for k, v in doubled.items())
 
@@ -97,6 +98,7 @@ def test_ema_export_reads_the_ema_shards(ema_run, online_export, tmp_path):
         offset += shape.numel()
     names = list(reversed(slots))  # the file's order need not be DeepSpeed's
     torch.save({**state, "layout": "per_parameter", "names": names, "ema": [slots[n] for n in names]}, ema_path)
+    remark_complete(checkpoint)
     tripled = _weights(export(str(checkpoint), str(tmp_path / "tripled"), "ema"))
     assert all(torch.allclose(v, 3 * online[k]) for k, v in tripled.items())
 
@@ -105,6 +107,7 @@ def test_export_refusals(ema_run, online_export, tmp_path, capsys):
     checkpoint = tmp_path / "no-ema"
     shutil.copytree(ema_run / "checkpoints" / "step00000003", checkpoint)
     (checkpoint / EMA_FILE.format(rank=0)).unlink()
+    remark_complete(checkpoint)  # a complete checkpoint of a run without the EMA target
     with pytest.raises(ExportError, match="ema_rank0.pt: missing; --weights ema needs a run trained with jepa.target"):
         export(str(checkpoint), str(tmp_path / "out"), "ema")
     assert not (tmp_path / "out").exists()

@@ -9,6 +9,9 @@ import torch
 import kernels.ema as ema_module
 from kernels.ema import EMA_BLOCK_SIZE, ema_update, ema_update_reference, ema_update_triton
 
+# Triton on CPU tensors: the interpreter (conftest); the gpu tests below run the compiled kernel.
+pytestmark = pytest.mark.interpreter
+
 SIZES = [1, 1023, 4097, 3 * EMA_BLOCK_SIZE + 5]
 MOMENTA = [0.0, 0.5, 0.996, 1.0]
 TEACHER_DTYPES = [torch.bfloat16, torch.float16]

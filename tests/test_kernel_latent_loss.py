@@ -9,6 +9,9 @@ import torch
 import kernels.latent_loss as latent_loss_module
 from kernels.latent_loss import DISTANCES, EPS, latent_loss, latent_loss_reference, latent_loss_triton
 
+# Triton on CPU tensors: the interpreter (conftest); the gpu tests below run the compiled kernel.
+pytestmark = pytest.mark.interpreter
+
 SHAPES = [(41, 1271), (1, 4096), (257, 96)]  # several column blocks, one row, d not a power of two
 # Relative tolerances. The loss is always computed in fp32; gradients come back in the input dtype,
 # where rounding one value the other way is an ulp: 2**-8 for bf16, 2**-11 for fp16.

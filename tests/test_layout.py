@@ -14,12 +14,12 @@ import pytest
 import torch
 
 from megajepa.data.layout import IGNORE_INDEX, SEG_PAD
-from megajepa.model.attention import attention_mask
+from megajepa.model.attention import MASK_KEYS, dense_mask
 from _records import PAD, expected_views, layout, make_records
 
 def context(batch, flat_index, prefix=""):
     """(ids, positions) of the tokens the token at `flat_index` attends to, in row order."""
-    mask = attention_mask(batch, "sdpa", prefix)[:, 0]
+    mask = dense_mask(*(batch[prefix + key] for key in MASK_KEYS))[:, 0]
     width = batch[prefix + "input_ids"].shape[1]
     row, col = divmod(int(flat_index), width)
     keys = torch.nonzero(mask[row, col]).flatten()
@@ -144,7 +144,7 @@ def test_rows_are_trimmed_and_padding_sees_only_itself():
     batch = lay(make_records(11, seed=11))
     width = batch["input_ids"].shape[1]
     assert width <= 128 and width % 16 == 0
-    mask = attention_mask(batch, "sdpa")[:, 0]
+    mask = dense_mask(*(batch[key] for key in MASK_KEYS))[:, 0]
     pad = batch["sequence"] == 0
     rows, cols = torch.nonzero(pad, as_tuple=True)
     for r, c in zip(rows.tolist(), cols.tolist()):

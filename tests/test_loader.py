@@ -8,18 +8,18 @@ import sys
 from itertools import islice
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 from megajepa.data.fingerprint import FINGERPRINT_FILE, FingerprintMismatch, tokenizer_hash
-from megajepa.data.layout import SEG_C, SEG_T, LayoutConfig
-from megajepa.data.loader import build_loader, check_pair, loader_throughput, set_stream_env
-from _shards import random_pairs, tiny_tokenizer, write_pair_shards
+from megajepa.data.layout import SEG_FULL
+from megajepa.data.loader import build_loader, loader_throughput, set_stream_env
+from _mixture_shards import make_layout, random_records, write_records
+from _shards import tiny_tokenizer
 
 NUM_PAIRS = 203  # 25 batches of 8 and a dropped tail of 3 on one rank
 BATCH = 8
-LAYOUT = LayoutConfig(row_length=64, pred_token_ids=(1,))
+LAYOUT = make_layout()
 WORKER = Path(__file__).with_name("_loader_worker.py")
 
 
@@ -29,13 +29,13 @@ def tokenizer():
 
 
 @pytest.fixture(scope="module")
-def pairs():
-    return random_pairs(NUM_PAIRS, seed=0)
+def records():
+    return random_records(NUM_PAIRS, kind="pair", seed=0, name="train")
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory, pairs, tokenizer):
-    return write_pair_shards(str(tmp_path_factory.mktemp("shards") / "train"), pairs, tokenizer)
+def shards(tmp_path_factory, records, tokenizer):
+    return write_records(str(tmp_path_factory.mktemp("shards") / "train"), records, tokenizer, size_limit=4096)
 
 
 def loader_for(shards, **kwargs):
@@ -46,13 +46,12 @@ def flat(batches):
     return [sid for batch in batches for sid in batch]
 
 
-def views(batch, j):
-    """Pair j's view A and view B as packed (T and C tokens in column order)."""
-    of_pair = batch["pair_index"] == j
-    return [batch["input_ids"][of_pair & (batch["segment"] == kind)].tolist() for kind in (SEG_T, SEG_C)]
+def conversation(batch, j):
+    """Record j's conversation as packed (its `full` tokens in column order)."""
+    return batch["input_ids"][(batch["pair_index"] == j) & (batch["segment"] == SEG_FULL)].tolist()
 
 
-def test_one_epoch_yields_every_sample_once(shards, pairs, tokenizer):
+def test_one_epoch_yields_every_sample_once(shards, records, tokenizer):
     loader = loader_for(shards, tokenizer=tokenizer, seed=1)
     batches = list(loader.iter_epoch())
     ids = flat(loader.recorded_ids)
@@ -61,7 +60,8 @@ def test_one_epoch_yields_every_sample_once(shards, pairs, tokenizer):
     assert set(ids) <= set(range(NUM_PAIRS))  # the NUM_PAIRS % BATCH left out are the dropped tail
     for batch in batches[:3]:
         for j, sid in enumerate(batch["sample_ids"].tolist()):
-            assert views(batch, j) == [pairs[sid][0].tolist(), pairs[sid][1].tolist()]
+            assert conversation(batch, j) == records[sid]["full"].tolist()
+        assert batch["source_index"].tolist() == [0] * BATCH and batch["source_records"].tolist() == [BATCH]
 
 
 def test_iterating_goes_on_into_the_next_epoch_in_a_new_order(shards):
@@ -145,19 +145,6 @@ def test_missing_shards_named(tmp_path):
         loader_for(str(tmp_path / "empty"))
 
 
-def test_bad_pairs_named_by_shard_and_sample(tmp_path, tokenizer):
-    long_pairs = random_pairs(16, seed=1, max_view=10)
-    long_pairs[5] = (np.arange(2, 32, dtype=np.int32), np.arange(2, 32, dtype=np.int32))
-    shards = write_pair_shards(str(tmp_path / "long"), long_pairs, tokenizer)
-    loader = loader_for(shards, max_pair_tokens=40)
-    with pytest.raises(ValueError, match=r"shard\.\d{5}\.mds: sample 5: view A \+ view B = 30 \+ 30 tokens"):
-        list(loader.iter_epoch())
-    with pytest.raises(ValueError, match="empty view"):
-        check_pair(np.arange(0), np.arange(3), 40, "somewhere")
-    with pytest.raises(ValueError, match="does not fit row_length=64"):
-        loader_for(shards, max_pair_tokens=64)
-
-
 def test_stream_env_from_deepspeed_local_size(monkeypatch):
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "LOCAL_SIZE"):
         monkeypatch.setenv(name, "0")  # so that teardown also removes what set_stream_env adds
@@ -220,7 +207,7 @@ def run_ranks(tmp_path, name, shards, *extra, world=2, timeout=120):
 
 
 def test_two_ranks_partition_rerun_and_resume(tmp_path, tokenizer):
-    shards = write_pair_shards(str(tmp_path / "shards"), random_pairs(RANK_PAIRS, seed=2), tokenizer)
+    shards = write_records(str(tmp_path / "shards"), random_records(RANK_PAIRS, kind="pair", seed=2, name="r"), tokenizer)
     first = run_ranks(tmp_path, "first", shards)
     state_file = tmp_path / "state.json"
     assert first[0]["state"] == first[1]["state"]

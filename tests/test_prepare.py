@@ -363,3 +363,48 @@ def test_default_tokenizer_is_the_embedded_one(tmp_path, monkeypatch):
     run([path], tmp_path / "out", None)
     tokenizer = AutoTokenizer.from_pretrained(os.path.join("data", "demo", "tokenizer"))
     check_fingerprint(str(tmp_path / "out"), tokenizer)
+
+
+def test_stale_staging_of_dead_processes_is_removed_before_a_run(tmp_path, chat_jsonl, tokenizer_dir, capsys):
+    """What a SIGKILL-ed prepare leaves (staging named by host and pid) is removed by the next run;
+    a live process's staging and another host's are kept."""
+    import socket
+    import subprocess
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    alive = subprocess.Popen(["sleep", "60"])
+    host = socket.gethostname()
+    try:
+        stale = [tmp_path / f"out.tmp-{host}-{dead.pid}", tmp_path / f"out.old-{host}-{dead.pid}"]
+        kept = [tmp_path / f"out.tmp-{host}-{alive.pid}", tmp_path / f"out.tmp-elsewhere-{dead.pid}"]
+        for path in stale + kept:
+            path.mkdir()
+            (path / "shard.00000.mds").write_bytes(b"partial")
+        run([chat_jsonl], tmp_path / "out", tokenizer_dir)
+        assert [p.exists() for p in stale] == [False, False]
+        assert [p.exists() for p in kept] == [True, True]
+        assert f"removed {stale[0]}" in capsys.readouterr().err
+    finally:
+        alive.kill()
+        alive.wait()
+
+
+def test_sigterm_removes_the_staging_directory(tmp_path, tokenizer_dir):
+    import signal
+    import subprocess
+    import sys
+
+    big = write_lines(tmp_path / "big.jsonl", [{"view_a": f"question {i} " * 20, "view_b": f"answer {i}"} for i in range(20000)])
+    command = [sys.executable, "-m", "megajepa.cli", "prepare", big, "--out", str(tmp_path / "out"),
+               "--tokenizer", tokenizer_dir, "--no-progress"]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not leftovers(tmp_path, "out") and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.communicate()
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    assert leftovers(tmp_path, "out") == [] and not (tmp_path / "out").exists()

@@ -8,9 +8,9 @@ two CPU ranks training configs/demo.yaml on a small data set.
   oracle's losses.
 
 Installs Debian's slurm-wlm and munge when missing. Marked `slurm` (and skipped unless selected:
-`make test-all`, or `pytest -m slurm tests/test_slurm.py`). Runtime: about 19 minutes on 2 cores
-shared with other test runs (load average 15-20), 7.5 at load 4-10, most of it the ranks' start-up; the install, when
-needed, adds a minute or two.
+`make test-all`, or `pytest -m slurm tests/test_slurm.py`). Runtime on 2 cores: 18 minutes at a
+load average of 15-20 (other test runs), 7.5 minutes at 4-10, most of it the ranks' start-up; the
+install, when needed, adds a minute or two.
 """
 
 from __future__ import annotations

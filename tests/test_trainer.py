@@ -8,23 +8,21 @@ import time
 import pytest
 import torch
 
-from _train_utils import demo_overrides, metrics, run_train, start_train
+from _train_utils import demo_overrides, metrics, remark_complete, run_train, start_train
 
 
 def _ok(result):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
 
 
+SINGLE = {"train.steps": 30, "optim.warmup_steps": 3, "data.pairs_per_batch": 16, "train.eval_every": 15}
+
+
 @pytest.fixture(scope="module")
 def single_run(demo_data, tmp_path_factory):
     """One 1-rank run of 30 steps, shared by the tests that only read its outputs."""
     out = tmp_path_factory.mktemp("single")
-    result = run_train(
-        demo_overrides(
-            demo_data, out, **{"train.steps": 30, "optim.warmup_steps": 3, "data.pairs_per_batch": 16, "train.eval_every": 15}
-        ),
-        tmpdir=tmp_path_factory.mktemp("tmp"),
-    )
+    result = run_train(demo_overrides(demo_data, out, **SINGLE), tmpdir=tmp_path_factory.mktemp("tmp"))
     _ok(result)
     return out
 
@@ -45,15 +43,31 @@ def test_losses_fall_on_demo_data(single_run):
     assert (single_run / "checkpoints" / "latest").read_text().strip() == "step00000030"
 
 
-def test_resume_refuses_other_model_or_layout(single_run, demo_data, tmp_path):
-    other_model = tmp_path / "other.json"
+def test_resume_refuses_changes_naming_the_keys(single_run, demo_data, tmp_path):
+    """Identity, schedule and data keys that differ are refused before any training, each named
+    with both values, without a traceback; an extra key the model never reads does not count."""
     spec = json.loads(open("configs/models/tiny-llama.json").read())
-    other_model.write_text(json.dumps({**spec, "num_hidden_layers": 2}))
-    for change, key in (({"jepa.k": 2}, "k="), ({"model.config": str(other_model)}, "architecture=")):
-        overrides = demo_overrides(demo_data, single_run, **{"train.steps": 31, "train.resume": "auto", **change})
+    other_model, harmless_model = tmp_path / "other.json", tmp_path / "harmless.json"
+    other_model.write_text(json.dumps({**spec, "num_hidden_layers": 2, "an_extra_key": 1}))
+    harmless_model.write_text(json.dumps({**spec, "an_extra_key": 1, "initializer_range": 0.5, "use_cache": False}))
+    cases = [
+        ({"jepa.k": 2, "optim.lr": 0.01}, ["k: 1 -> 2", "optim.lr: 0.001 -> 0.01"]),
+        ({"model.config": str(other_model)}, ["the model architecture differs (num_hidden_layers: 4 -> 2)"]),
+        ({"train.steps": 40}, ["train.steps: 30 -> 40 (the lr and EMA schedules would change; train.keep_schedule=true"]),
+        ({"data.pairs_per_batch": 8}, ["data.pairs_per_batch: 16 -> 8 (the loader could no longer resume exactly"]),
+        ({"optim.beta2": 0.9}, ["optim.beta2: 0.95 -> 0.9 (DeepSpeed restores it from the optimizer state"]),
+    ]
+    for change, fragments in cases:
+        overrides = demo_overrides(demo_data, single_run, **{**SINGLE, "train.resume": "auto", **change})
         result = run_train(overrides, tmpdir=tmp_path)
-        assert result.returncode != 0
-        assert "meta.json: written with " + key in result.stderr
+        assert result.returncode == 2, result.stderr[-3000:]
+        assert "Traceback" not in result.stderr and "ResumeRefused: " in result.stderr
+        for fragment in fragments:
+            assert fragment in result.stderr, (fragment, result.stderr[-2000:])
+    overrides = demo_overrides(demo_data, single_run, **{**SINGLE, "train.resume": "auto", "model.config": str(harmless_model)})
+    result = run_train(overrides, tmpdir=tmp_path)
+    _ok(result)
+    assert "at step 30" in result.stdout
 
 
 def test_nan_guard_stops_with_step_and_last_checkpoint(single_run, demo_data, tmp_path):
@@ -66,11 +80,11 @@ def test_nan_guard_stops_with_step_and_last_checkpoint(single_run, demo_data, tm
     with torch.no_grad():
         state["optimizer_state_dict"]["fp32_flat_groups"][0].fill_(float("nan"))
     torch.save(state, optim_file)
-    overrides = demo_overrides(
-        demo_data, out, **{"train.steps": 31, "train.resume": "auto", "optim.warmup_steps": 3, "data.pairs_per_batch": 16}
-    )
+    remark_complete(optim_file.parent)
+    overrides = demo_overrides(demo_data, out, **{**SINGLE, "train.steps": 31, "train.resume": "auto", "train.keep_schedule": "true"})
     result = run_train(overrides, tmpdir=tmp_path)
     assert result.returncode != 0
+    assert result.returncode == 3 and "Traceback" not in result.stderr
     assert "TrainingDiverged: step 31: loss is nan" in result.stderr
     assert f"Last good checkpoint: {out / 'checkpoints' / 'step00000030'}" in result.stderr
     assert not (out / "checkpoints" / "step00000031").exists()
@@ -100,7 +114,8 @@ def test_ema_target_trains_checkpoints_and_resumes(demo_data, tmp_path):
     common = {"jepa.target": "ema", "deepspeed.precision": "bf16", "train.save_every": 2}
     _ok(run_train(demo_overrides(demo_data, out, **{"train.steps": 2, **common}), tmp_path))
     assert (out / "checkpoints" / "step00000002" / "ema_rank0.pt").is_file()
-    result = run_train(demo_overrides(demo_data, out, **{"train.steps": 3, "train.resume": "auto", **common}), tmp_path)
+    resumed = {"train.steps": 3, "train.resume": "auto", "train.keep_schedule": "true", **common}  # one step more
+    result = run_train(demo_overrides(demo_data, out, **resumed), tmp_path)
     _ok(result)
     rows = metrics(out)
     assert [r["step"] for r in rows] == [1, 2, 3]
@@ -128,6 +143,7 @@ def test_sigterm_checkpoints_and_exits_cleanly(demo_data, tmp_path):
     stopped_at = metrics(out)[-1]["step"]
     assert 2 <= stopped_at < 500
     assert (out / "checkpoints" / "latest").read_text().strip() == f"step{stopped_at:08d}"
-    result = run_train(demo_overrides(demo_data, out, **{"train.steps": stopped_at + 1, "train.resume": "auto"}), tmp_path)
+    resumed = {"train.steps": stopped_at + 1, "train.resume": "auto", "train.keep_schedule": "true"}
+    result = run_train(demo_overrides(demo_data, out, **resumed), tmp_path)
     _ok(result)
     assert metrics(out)[-1]["step"] == stopped_at + 1

@@ -6,6 +6,8 @@
     jepa-ema     the packed pass, the assistant view in teacher rows through the EMA teacher
     ref3         the reference's three padded sequences per record (megajepa.bench.reference_layouts)
     ref2         its additive-mask layout, two padded sequences per record
+    stp          Semantic Tube Prediction (jepa.objective=stp, the config's jepa.stp.*): the ce rows
+                 themselves, the latent term read from their hidden states (ideal cost: ce's)
 
 Light on imports, so that the command line parses without loading torch.
 """
@@ -17,7 +19,7 @@ from dataclasses import dataclass
 
 from megajepa.config import Config
 
-MODES = ("ce", "jepa", "jepa-shared", "jepa-ema", "ref3", "ref2")
+MODES = ("ce", "jepa", "jepa-shared", "jepa-ema", "ref3", "ref2", "stp")
 ORDERS = ("auto", "sequence", "alternate")
 
 
@@ -41,6 +43,8 @@ def mode_config(cfg: Config, mode: str, total_steps: int) -> Config:
     cfg = copy.deepcopy(cfg)
     if mode == "ce":
         cfg.jepa.lambda_ = 0.0
+    elif mode == "stp":
+        cfg.jepa.objective, cfg.jepa.target = "stp", "online"
     else:
         cfg.jepa.target = "ema" if mode == "jepa-ema" else "online"
         cfg.jepa.views = "shared_prefix" if mode == "jepa-shared" else "reference"

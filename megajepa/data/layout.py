@@ -41,6 +41,8 @@ A batch is a dict of tensors:
     ce_index, ce_targets                                     [N]     labelled tokens (flat index)
     za_index, zb_index, jepa_pairs                           [J]     pairs that keep the JEPA term
     za_pool_index, za_pool_owner, zb_pool_...                [M]     jepa.pooling "mean" only
+    stp_index, stp_sign, stp_slot                            [S]     jepa.objective "stp" only:
+    stp_weight, stp_pairs                                    [E]     see stp_reads
     sample_ids                                               [B]     one per record, record order
     num_pairs, useful_tokens, computed_tokens                 0-d
 
@@ -62,6 +64,7 @@ import numpy as np
 import torch
 
 from megajepa.config import DataConfig, JepaConfig
+from megajepa.jepa.stp import record_terms, span_seed
 
 SEG_PAD, SEG_FULL, SEG_SOURCE, SEG_TARGET = 0, 1, 2, 3
 SEGMENT_NAMES = {SEG_FULL: "conversation", SEG_SOURCE: "view with [PRED]", SEG_TARGET: "target view"}
@@ -115,7 +118,9 @@ class Layout:
         self.pred_token_ids = list(pred_token_ids)
         self.pred = np.asarray(self.pred_token_ids[::-1], dtype=np.int64)  # in insertion order
         self.pad_token_id = pad_token_id
-        self.with_views = jepa.lambda_ > 0
+        # STP (jepa.objective=stp) reads spans of the conversation itself: no views are built
+        self.stp = jepa.objective == "stp"
+        self.with_views = jepa.lambda_ > 0 and not self.stp
         self.teacher_rows = self.with_views and jepa.target == "ema"
 
     # ----------------------------------------------------------------------------------------
@@ -123,7 +128,7 @@ class Layout:
 
     def keeps_jepa(self, sample_id: int) -> bool:
         """Seeded per-sample JEPA dropout: the same record is dropped wherever and whenever read."""
-        if not self.with_views:
+        if not (self.with_views or (self.stp and self.jepa.lambda_ > 0)):
             return False
         if self.jepa.dropout <= 0.0:
             return True
@@ -196,6 +201,9 @@ class Layout:
         has_views = len(record["user"]) > 0 and len(record["assistant"]) > 0
         root = Segment(i, SEG_FULL, full, targets=self._targets(full, record, has_views))
         unit = Unit([root])
+        if self.stp:
+            unit.reads["conversation"] = (0, 0)  # where stp_reads' token indices count from
+            return unit, None
         if not (has_views and self.keeps_jepa(sid)):
             return unit, None
         if self.jepa.views == "shared_prefix":
@@ -329,12 +337,48 @@ class Layout:
             useful_tokens=torch.tensor(sum(len(u.segments[0].tokens) for u in online if u.segments[0].kind == SEG_FULL)),
             computed_tokens=torch.tensor(computed),
         )
+        if self.stp:
+            batch.update(self.stp_reads(samples, reads))
         if self.jepa.pooling == "mean":
             for name, source in (("za", pools), ("zb", zb_pools)):
                 places = [source[(p, name)] for p in jepa_pairs]
                 batch[f"{name}_pool_index"] = as_long([i for group in places for i in group])
                 batch[f"{name}_pool_owner"] = as_long([j for j, group in enumerate(places) for _ in group])
         return batch
+
+    def stp_reads(self, samples: list[dict], reads: dict[tuple[int, str], int]) -> dict[str, torch.Tensor]:
+        """The flat rows the STP loss (megajepa.jepa.stp) reads, from each record's full_spans.
+
+        Term e (E in all, record stp_pairs[e], weight stp_weight[e]) embeds its predicting side as
+        the sum of stp_sign * hidden[stp_index] over the entries with stp_slot == e, its predicted
+        side over stp_slot == E + e. A record's random spans come from its own generator
+        (span_seed of data.seed, sample_id and the epoch its record carries, 0 if none), so they are
+        the same wherever and whenever the record is packed. Records without usable spans, or
+        dropped by jepa.dropout, carry CE only."""
+        sides: tuple[list, list] = ([], [])  # (flat index, sign, term) per side
+        weights, pairs = [], []
+        for i, record in enumerate(samples):
+            sid = int(record["sample_id"])
+            if not self.keeps_jepa(sid):
+                continue
+            generator = torch.Generator().manual_seed(span_seed(self.data.seed, sid, int(record.get("epoch", 0))))
+            length = len(self._cut(np.asarray(record["full"])))
+            base = reads[(i, "conversation")]
+            for term in record_terms(record["full_spans"], length, self.jepa.stp, generator):
+                for side, terms in zip(sides, (term.source, term.target)):
+                    side.extend((base + index, sign, len(weights)) for index, sign in terms.items())
+                weights.append(term.weight)
+                pairs.append(i)
+        count = len(weights)
+        entries = sides[0] + [(index, sign, count + e) for index, sign, e in sides[1]]
+        as_long = lambda column: torch.tensor([entry[column] for entry in entries], dtype=torch.long)  # noqa: E731
+        return {
+            "stp_index": as_long(0),
+            "stp_sign": as_long(1),
+            "stp_slot": as_long(2),
+            "stp_weight": torch.tensor(weights, dtype=torch.float32),
+            "stp_pairs": torch.tensor(pairs, dtype=torch.long),
+        }
 
 
 def pack_rows(sizes: list[int], row_length: int, multiple: int) -> tuple[list[list[int]], int]:

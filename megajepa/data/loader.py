@@ -1,4 +1,4 @@
-"""View-pair loader: MDS shards -> StreamingDataset -> packed batches (megajepa.data.layout).
+"""Record loader: MDS shards (one or a mixture of sources) -> StreamingDataset -> packed batches.
 
     loader = build_loader("data/demo/shards/train", batch_pairs=32, layout=layout, tokenizer=tok)
     for batch in loader:            # never ends; loader.epoch says which epoch a batch came from
@@ -6,21 +6,49 @@
     state = loader.state_dict()     # after a batch: exactly where this run stands in its epoch
     loader.load_state_dict(state)   # on a fresh loader, before iterating: yields the rest
 
-Order and resumption are mosaicml-streaming's own. Each epoch the dataset shuffles the global sample
-order from the seed and the epoch, pads it with repeats so it divides evenly over the ranks, and
-deals it out in batches of `batch_pairs` per rank; with drop_last a rank's last partial batch
-(fewer than batch_pairs pairs) is left out of that epoch. StreamingDataLoader counts the pairs
-this rank has yielded since its epoch began; state_dict() reports them as sample_in_epoch
-(times the world size), and after load_state_dict() the next epoch pass re-deals the epoch without
-its first sample_in_epoch samples: with the same world size and batch_pairs (num_workers may
-differ) the resumed loader yields exactly the batches the interrupted one had not yet yielded.
+Order and resumption are mosaicml-streaming's own. Each epoch the dataset samples its sources
+(megajepa.data.mixture: proportion / repeat / choose per source), shuffles the global record order
+from the seed and the epoch, pads it with repeats so it divides evenly over the ranks, and deals it
+out per rank. The loader counts the records this rank has yielded since its epoch began;
+state_dict() reports them as sample_in_epoch (times the world size), and after load_state_dict()
+the next epoch pass re-deals the epoch without its first sample_in_epoch records: with the same
+world size and batch settings (num_workers may differ) the resumed loader yields exactly the
+batches the interrupted one had not yet yielded.
+
+Two ways to cut micro-batches:
+
+  - by count (`batch_pairs` records per batch; a rank's last partial batch is left out of its
+    epoch), packed by the collate function, in the DataLoader workers when num_workers > 0;
+  - by token budget (`tokens_per_batch`): records are taken in order until the next one would take
+    the batch past the budget, counting a record as len(full) + len(user) + len(assistant) + k (k
+    [PRED] tokens for a pair, none for a CE-only record; views only when the layout builds them;
+    each sequence cut at data.max_length as the layout cuts it): an upper bound of its packed cost.
+    Every rank must take the same number of micro-batches, and streaming's resumption assumes every
+    rank consumed the same number of records, so the cuts are the same on every rank: each rank
+    knows every rank's records of the epoch (streaming's partition) and their lengths (the
+    record_lengths.npy beside the shards, written by prepare or by the first loader that reads the
+    source), and cuts where the fullest rank reaches the budget. Streaming deals each rank a
+    "window" of records at a time (its batch_size, about WINDOW_MICRO_BATCHES micro-batches' worth);
+    each rank takes its window's records longest first (a stable sort by cost), so that the ranks'
+    records line up by size and a cut wastes little on the others (with a mixture of 80-token pairs
+    and 2048-token texts on 8 ranks, 89% of the budget filled instead of 66% in dealt order; the
+    price: a micro-batch holds records of similar length, as length-grouped batching does). The
+    worker that reads a window packs all its micro-batches (off the training thread when
+    num_workers > 0) and the main process hands them out one by one. A checkpoint inside a window
+    records the window's start and how many of its micro-batches were taken. A window the epoch
+    leaves incomplete on any rank is left out, like the last partial batch by count.
+
+Every record carries `source_index` (its source in the list) and every batch `source_index` [N]
+in record order, with per-source counts `source_records`, `source_pairs`, `source_tokens` [S]
+(megajepa.data.mixture.per_source_ce gives the per-source CE on the device). `sample_ids` are
+streaming's global record indices (unique across sources; the stored id for one source).
 
 Where the shards may live:
   - a local directory (`shards`), which must be writable: streaming decompresses each zstd shard
     beside itself;
   - `remote` (any location streaming can download from, or a mounted directory) with `shards` as
     the local cache. The fingerprint is read from `remote` when it is a directory, otherwise it is
-    downloaded into the cache with streaming's own downloader.
+    downloaded into the cache with streaming's own downloader (record_lengths.npy likewise).
 
 Ranks, shared memory and locks: StreamingDataset reads RANK, WORLD_SIZE, LOCAL_RANK and
 LOCAL_WORLD_SIZE (set_stream_env fills the last from DeepSpeed's LOCAL_SIZE), builds its
@@ -37,17 +65,26 @@ from __future__ import annotations
 import os
 import time
 import warnings
-from typing import Any, Iterator, Optional
+from itertools import chain
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
 from streaming import StreamingDataLoader, StreamingDataset
 from streaming.base.format import get_index_basename
 from streaming.base.storage import CloudDownloader
+from streaming.base.world import World
 from tqdm import tqdm
 
 from megajepa.data import fingerprint
 from megajepa.data.layout import SEG_PAD, Layout
+from megajepa.data.mixture import MIXING, Source, check_sources, to_stream
+from megajepa.files import atomic_path
+
+RECORD_LENGTHS_FILE = "record_lengths.npy"  # int32 [records, 3]: len(full), len(user), len(assistant)
+RECORD_ARRAYS = ("full", "full_spans", "user", "user_insert", "assistant", "assistant_insert")
+VIEW_COLUMNS = ("full", "user", "assistant")
+WINDOW_MICRO_BATCHES = 16  # a token-budget window holds about this many micro-batches
 
 
 def set_stream_env() -> dict[str, int]:
@@ -72,25 +109,174 @@ def set_stream_env() -> dict[str, int]:
     return env
 
 
-RECORD_ARRAYS = ("full", "full_spans", "user", "user_insert", "assistant", "assistant_insert")
+
+def decode_record(sample: dict) -> dict[str, Any]:
+    """A stored record as the layout takes it (megajepa.data.prepare's columns as int64 arrays,
+    prompt_len, sample_id, source). A view stored as `bytes` (raw little-endian int32: how
+    prepare-text stores the empty views of a CE-only record, since MDS cannot encode an empty
+    ndarray) is decoded to its array."""
+    record = {}
+    for name in RECORD_ARRAYS:
+        value = sample[name]
+        if isinstance(value, bytes):
+            value = np.frombuffer(value, dtype="<i4")
+        record[name] = np.asarray(value, dtype=np.int64)
+    record["prompt_len"] = int(sample["prompt_len"])
+    record["sample_id"] = int(sample["sample_id"])
+    record["source"] = sample.get("source", "")
+    return record
+
+
+def record_lengths(sample: dict) -> tuple[int, int, int]:
+    """(full, user, assistant) token counts of a record."""
+    return len(sample["full"]), len(sample["user"]), len(sample["assistant"])
+
+
+def record_costs(lengths: np.ndarray, k: int, *, views: bool = True, max_length: int = 0) -> np.ndarray:
+    """Token cost of each record packed, an upper bound: full + user + k [PRED] tokens + assistant
+    for a pair (both views non-empty) when the layout builds views, full alone otherwise; each
+    sequence cut at max_length as the layout cuts it (0: no cut)."""
+    lengths = np.asarray(lengths, dtype=np.int64).reshape(-1, 3)
+    cut = (lambda n: np.minimum(n, max_length)) if max_length > 0 else (lambda n: n)  # noqa: E731
+    pair = views & (lengths[:, 1] > 0) & (lengths[:, 2] > 0)
+    return cut(lengths[:, 0]) + np.where(pair, cut(lengths[:, 1] + k) + cut(lengths[:, 2]), 0)
+
+
+def plan_windows(costs: np.ndarray, budget: int) -> list[Optional[list[int]]]:
+    """Micro-batch cuts per window, the same for every rank.
+
+    costs: [windows, ranks, window] record costs in each rank's order, -1 where streaming padded
+    the epoch with no record. Returns per window the end positions of its micro-batches (the last
+    is the window size), each the furthest at which no rank's records exceed `budget` (at least
+    one record), or None for a window that is incomplete on some rank.
+    """
+    plans: list[Optional[list[int]]] = []
+    for window in costs:
+        if (window < 0).any():
+            plans.append(None)
+            continue
+        prefix = np.concatenate([np.zeros((len(window), 1), np.int64), np.cumsum(window, axis=1)], axis=1)
+        cuts, start, size = [], 0, window.shape[1]
+        while start < size:
+            # per rank: the last end whose records since `start` still fit the budget
+            ends = [int(np.searchsorted(p, p[start] + budget, side="right")) - 1 for p in prefix]
+            start = max(min(ends), start + 1)
+            cuts.append(start)
+        plans.append(cuts)
+    return plans
+
+
+def _identity(item):
+    return item
+
+
+class SourceCollator:
+    """The layout's collate function, plus each record's source and per-source counts."""
+
+    def __init__(self, collate: Callable[[list[dict]], dict], num_sources: int):
+        self.collate = collate
+        self.num_sources = num_sources
+
+    def __call__(self, samples: list[dict]) -> dict[str, torch.Tensor]:
+        batch = self.collate(samples)
+        sources = np.asarray([s["source_index"] for s in samples], dtype=np.int64)
+        lengths = np.asarray([record_lengths(s) for s in samples], dtype=np.int64).reshape(-1, 3)
+        pairs = lengths[:, 1] > 0
+        batch["source_index"] = torch.from_numpy(sources)
+        batch["source_records"] = torch.from_numpy(np.bincount(sources, minlength=self.num_sources))
+        batch["source_pairs"] = torch.from_numpy(np.bincount(sources[pairs], minlength=self.num_sources))
+        batch["source_tokens"] = torch.from_numpy(
+            np.bincount(sources, weights=lengths[:, 0], minlength=self.num_sources).astype(np.int64)
+        )
+        batch.setdefault("sample_ids", torch.as_tensor([int(s["sample_id"]) for s in samples], dtype=torch.long))
+        return batch
 
 
 class PairDataset(StreamingDataset):
-    """StreamingDataset of prepared records (megajepa.data.prepare's columns, as numpy arrays)."""
+    """StreamingDataset of records from one or more sources (decode_record's dict, with sample_id =
+    streaming's global index and source_index); with a token budget it yields one item per window:
+    {"micro_batches": [packed batch, ...], "records": n}."""
+
+    def __init__(self, *, sources: Sequence[Source], **kwargs: Any):
+        super().__init__(streams=[to_stream(s) for s in sources], **kwargs)
+        self.sources = list(sources)
+        self.costs: Optional[np.ndarray] = None  # per record, set by use_token_budget
+        self.budget = 0
+        self.collate: Optional[Callable] = None
+        self._plan: Optional[list] = None  # per window: micro-batch ends, or None (left out)
+        self._order: Optional[np.ndarray] = None  # per window: this rank's records, longest first
+
+    def raw_item(self, sample_id: int) -> dict[str, Any]:
+        return decode_record(super().get_item(sample_id))
 
     def get_item(self, sample_id: int, retry: int = 7) -> dict[str, Any]:
-        sample = super().get_item(sample_id, retry)
-        record = {name: np.asarray(sample[name], dtype=np.int64) for name in RECORD_ARRAYS}
-        record["prompt_len"] = int(sample["prompt_len"])
-        record["sample_id"] = int(sample["sample_id"])
-        return record
+        sample = decode_record(super().get_item(sample_id, retry))
+        shard_id, _ = self.spanner[sample_id]
+        sample["sample_id"] = sample_id
+        sample["source_index"] = int(self.stream_per_shard[shard_id])
+        sample["epoch"] = max(self.next_epoch - 1, 0)  # STP draws a record's spans anew each epoch
+        return sample
+
+    def shard_path(self, sample_id: int) -> str:
+        shard_id, _ = self.spanner[sample_id]
+        shard = self.shards[shard_id]
+        raw_info, _ = shard.file_pairs[0]
+        return os.path.join(shard.dirname, shard.split, raw_info.basename)
+
+    def use_token_budget(self, costs: np.ndarray, budget: int, window: int, collate: Callable) -> None:
+        self.costs, self.budget, self.collate = costs, budget, collate
+        self.batch_size = window  # streaming deals records to ranks and workers in windows
+
+    # Streaming computes the epoch's partition of all ranks once per node (the local leader shares
+    # it, the others attach to it); the token-budget plan needs every rank's part, so it is made
+    # from the partition here, in each worker, before streaming keeps only this worker's part.
+    def _share_work(self, sample_ids: np.ndarray):
+        self._make_plan(sample_ids)
+        return super()._share_work(sample_ids)
+
+    def _attach_work(self):
+        sample_ids, shape_shm, data_shm = super()._attach_work()
+        self._make_plan(sample_ids)
+        return sample_ids, shape_shm, data_shm
+
+    def _make_plan(self, sample_ids: np.ndarray) -> None:
+        if self.costs is None:
+            return
+        info = torch.utils.data.get_worker_info()
+        work = sample_ids[:, :, info.id if info is not None else 0]  # [nodes, ranks, windows, window]
+        work = work.reshape(-1, *work.shape[2:]).transpose(1, 0, 2)  # [windows, all ranks, window]
+        costs = np.where(work >= 0, self.costs[np.maximum(work, 0)], -1)
+        order = np.argsort(-costs, axis=2, kind="stable")
+        self._plan = plan_windows(np.take_along_axis(costs, order, axis=2), self.budget)
+        self._order = order[:, World.detect().rank]
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        if self.costs is None:
+            yield from super().__iter__()
+            return
+        self._plan = None
+        samples = super().__iter__()
+        first = next(samples, None)  # streaming partitions the epoch (and we plan it) here
+        if first is None:
+            return
+        samples = chain([first], samples)
+        for cuts, order in zip(self._plan, self._order):
+            if cuts is None:  # incomplete windows come last
+                return
+            dealt = [next(samples) for _ in range(cuts[-1])]
+            records = [dealt[i] for i in order]
+            bounds = zip([0] + cuts[:-1], cuts)
+            yield {"micro_batches": [self.collate(records[a:b]) for a, b in bounds], "records": len(records)}
 
 
 class _PairDataLoader(StreamingDataLoader):
-    """StreamingDataLoader that counts pairs, not rows: a packed batch's first tensor has R rows."""
+    """StreamingDataLoader that counts records, not rows: by count a batch holds N records, by
+    token budget an item is a window of them."""
 
-    def _get_batch_size(self, batch: dict[str, torch.Tensor]) -> int:
-        return int(batch["num_pairs"])
+    def _get_batch_size(self, batch: dict) -> int:
+        if "micro_batches" in batch:
+            return int(batch["records"])
+        return len(batch["source_index"])
 
 
 class PairLoader:
@@ -99,23 +285,49 @@ class PairLoader:
     def __init__(self, dataloader: _PairDataLoader, *, record_ids: bool = False):
         self.dataloader = dataloader
         self.dataset: PairDataset = dataloader.dataset
-        self.batch_pairs: int = dataloader.batch_size
+        self.batch_pairs: Optional[int] = dataloader.batch_size  # None with a token budget
         self.epoch = 0  # the epoch of the last batch yielded (or of the loaded state)
         # record_ids: one list of sample_ids per yielded batch, to check coverage across ranks
         self.recorded_ids: Optional[list[list[int]]] = [] if record_ids else None
+        # token budget: where this rank stands inside the window it is handing out
+        self._window_records = 0
+        self._window_taken = 0
+        self._window_left = 0
+        self._skip = 0  # micro-batches of the first window to leave out after a resume
+        self._resumed_at_end = False  # a state saved at an epoch's very end resumes to an empty pass
+
+    @property
+    def by_tokens(self) -> bool:
+        return self.dataset.costs is not None
 
     @property
     def batches_per_epoch(self) -> int:
-        """Full batches this rank yields in a complete epoch (the last partial one is dropped)."""
+        """Full batches this rank yields in a complete epoch (by count; the last partial one is dropped)."""
+        if self.by_tokens:
+            raise ValueError("batches_per_epoch: with a token budget the epoch's batches are known only once planned")
         return len(self.dataset) // self.batch_pairs
 
     @property
     def pairs_per_epoch(self) -> int:
         return self.batches_per_epoch * self.batch_pairs
 
+    @property
+    def num_sources(self) -> int:
+        return len(self.dataset.sources)
+
+    @property
+    def source_names(self) -> list[str]:
+        return [s.label for s in self.dataset.sources]
+
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         while True:
-            yield from self.iter_epoch()
+            empty = True
+            for batch in self.iter_epoch():
+                empty = False
+                yield batch
+            if empty and not self._resumed_at_end:
+                raise RuntimeError(f"an epoch of {self.dataset.size} records gave this rank no batch")
+            self._resumed_at_end = False
 
     def iter_epoch(self) -> Iterator[dict[str, torch.Tensor]]:
         """One pass: the rest of the current epoch after a resume, otherwise the next whole epoch.
@@ -123,18 +335,38 @@ class PairLoader:
         Starting a pass before the previous one finished abandons the previous one (streaming
         moves on to the next epoch).
         """
-        for batch in self.dataloader:
+        self._window_left = 0
+        for item in self.dataloader:
             self.epoch = self.dataset.next_epoch - 1
-            if self.recorded_ids is not None:
-                self.recorded_ids.append(batch["sample_ids"].tolist())
-            yield batch
+            if "micro_batches" not in item:
+                yield self._record(item)
+                continue
+            batches, skip, self._skip = item["micro_batches"], self._skip, 0
+            self._window_records = int(item["records"])
+            for i in range(skip, len(batches)):
+                self._window_taken, self._window_left = i + 1, len(batches) - i - 1
+                yield self._record(batches[i])
+        self._window_left = 0
+
+    def _record(self, batch: dict) -> dict:
+        if self.recorded_ids is not None:
+            self.recorded_ids.append(batch["sample_ids"].tolist())
+        return batch
 
     def state_dict(self) -> dict[str, Any]:
-        """Where this run stands: epoch, sample_in_epoch (all ranks), shuffle seed, canonical nodes."""
-        return self.dataloader.state_dict()
+        """Where this run stands: epoch, sample_in_epoch (all ranks), shuffle seed, canonical nodes;
+        with a token budget inside a window, the window's start and micro_batches_in_window."""
+        state = self.dataloader.state_dict()
+        if self._window_left:
+            state["sample_in_epoch"] -= self._window_records * World.detect().num_ranks
+            state["micro_batches_in_window"] = self._window_taken
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resume from `state` on the next pass; call before iterating (on every rank)."""
+        state = dict(state)
+        self._skip = int(state.pop("micro_batches_in_window", 0))
+        self._resumed_at_end = True
         self.dataloader.load_state_dict(state)
         self.epoch = max(int(state["epoch"]), 0)
 
@@ -147,20 +379,74 @@ def _require_index(directory: str) -> None:
         raise FileNotFoundError(f"{index}: missing; {directory} is not an MDS shard directory")
 
 
-def _fingerprint_dir(shards: str, remote: Optional[str]) -> str:
-    """The directory holding fingerprint.json: the shards, a mounted remote, or the local cache."""
-    if remote is None or os.path.isdir(remote):
-        return remote or shards
-    os.makedirs(shards, exist_ok=True)
-    target = os.path.join(shards, fingerprint.FINGERPRINT_FILE)
+def _beside_index(source: Source, name: str) -> Optional[str]:
+    """The path of `name` beside the source's index: in the shards, a mounted remote, or downloaded
+    into the local cache (None when a remote lacks it)."""
+    if source.remote is None or os.path.isdir(source.remote):
+        path = os.path.join(source.remote or source.shards, name)
+        return path if os.path.isfile(path) else None
+    os.makedirs(source.shards, exist_ok=True)
+    target = os.path.join(source.shards, name)
     partial = f"{target}.{os.getpid()}.part"  # every rank downloads; each renames its own copy
-    CloudDownloader.direct_download(f"{remote.rstrip('/')}/{fingerprint.FINGERPRINT_FILE}", partial)
+    try:
+        CloudDownloader.direct_download(f"{source.remote.rstrip('/')}/{name}", partial)
+    except Exception:  # noqa: BLE001 - streaming raises whatever its backend raises for a missing file
+        if name == fingerprint.FINGERPRINT_FILE:
+            raise
+        return None
     os.replace(partial, target)
-    return shards
+    return target
+
+
+def _fingerprint_dir(source: Source) -> str:
+    path = _beside_index(source, fingerprint.FINGERPRINT_FILE)
+    return os.path.dirname(path) if path else (source.remote or source.shards)
+
+
+def source_lengths(dataset: PairDataset, stream_id: int) -> np.ndarray:
+    """record_lengths of one source: its record_lengths.npy, or read from every record once and
+    saved in its local directory for the next run."""
+    source = dataset.sources[stream_id]
+    count = int(dataset.samples_per_stream[stream_id])
+    path = _beside_index(source, RECORD_LENGTHS_FILE)
+    if path is not None:
+        lengths = np.load(path)
+        if lengths.shape != (count, 3):
+            raise ValueError(f"{path}: shape {lengths.shape}, but the index has {count} records; prepare it again")
+        return lengths
+    first = int(dataset.sample_offset_per_stream[stream_id])
+    lengths = np.asarray([record_lengths(dataset.raw_item(i)) for i in range(first, first + count)], np.int32)
+    return write_record_lengths(source.shards, lengths)
+
+
+def write_record_lengths(directory: str, lengths) -> np.ndarray:
+    """Save record_lengths.npy (int32 [records, 3]: full, user, assistant, in index order) beside an
+    index, atomically; prepare calls it so that the token-budget loader need not read every record."""
+    lengths = np.asarray(lengths, dtype=np.int32).reshape(-1, 3)
+    with atomic_path(os.path.join(directory, RECORD_LENGTHS_FILE)) as tmp:
+        with open(tmp, "wb") as f:
+            np.save(f, lengths)
+    return lengths
+
+
+def _token_budget_window(dataset: PairDataset, budget: int, layout: Layout, collate: Callable) -> None:
+    lengths = np.concatenate([source_lengths(dataset, i) for i in range(dataset.num_streams)])
+    views = bool(getattr(layout, "with_views", True))
+    k = len(layout.pred_token_ids) if views else 0
+    costs = record_costs(lengths, k, views=views, max_length=layout.data.max_length)
+    worst = int(np.argmax(costs))
+    if costs[worst] > budget:
+        raise ValueError(
+            f"{dataset.shard_path(worst)}: a record of {costs[worst]} tokens (full + views + [PRED]) "
+            f"exceeds data.tokens_per_batch={budget}"
+        )
+    window = max(1, round(WINDOW_MICRO_BATCHES * budget / max(float(costs.mean()), 1.0)))
+    window = min(window, len(dataset))  # at least one whole window per rank and epoch
+    dataset.use_token_budget(costs, budget, window, collate)
 
 
 def build_loader(
-    shards: str,
+    shards: Optional[str] = None,
     *,
     batch_pairs: int,
     layout: Layout,
@@ -170,47 +456,67 @@ def build_loader(
     seed: int = 1234,
     num_workers: int = 0,
     record_ids: bool = False,
+    sources: Optional[Sequence[Source]] = None,
+    mixing: str = "random",
+    tokens_per_batch: Optional[int] = None,
+    collate: Optional[Callable[[list[dict]], dict]] = None,
 ) -> PairLoader:
-    """Loader of packed view-pair batches for this rank (see the module docstring).
+    """Loader of packed batches for this rank (see the module docstring).
 
-    shards: the MDS directory, or the local cache when `remote` is given.
-    tokenizer: when given, the shards' fingerprint must match it (FingerprintMismatch otherwise).
+    shards (+ remote): one source; or `sources`, a mixture (megajepa.data.mixture.Source).
+    layout: the packer (megajepa.data.layout.Layout), the collate function.
+    tokenizer: when given, every source's fingerprint must match it (FingerprintMismatch otherwise).
+    mixing: streaming's batching_method (random: per record; stratified; per_stream: per batch).
+    tokens_per_batch: cut micro-batches by this token budget instead of batch_pairs records.
+    collate: packs instead of `layout` (tests).
     """
+    if sources is None:
+        if shards is None:
+            raise ValueError("give shards (one source) or sources (a mixture)")
+        sources = [Source(shards=shards, remote=remote)]
+    elif shards is not None or remote is not None:
+        raise ValueError("give either shards/remote or sources, not both")
+    check_sources(sources)
+    if mixing not in MIXING:
+        raise ValueError(f"mixing={mixing!r}: expected one of {', '.join(MIXING)}")
     if batch_pairs < 1:
         raise ValueError(f"batch_pairs must be at least 1, got {batch_pairs}")
+    if tokens_per_batch is not None and tokens_per_batch < 1:
+        raise ValueError(f"tokens_per_batch must be at least 1, got {tokens_per_batch}")
     set_stream_env()
-    if remote is None or os.path.isdir(remote):
-        _require_index(remote or shards)
-    if tokenizer is not None:
-        fingerprint.check_fingerprint(_fingerprint_dir(shards, remote), tokenizer)
+    for source in sources:
+        if source.remote is None or os.path.isdir(source.remote):
+            _require_index(source.remote or source.shards)
+        if tokenizer is not None:
+            fingerprint.check_fingerprint(_fingerprint_dir(source), tokenizer)
 
     dataset = PairDataset(
-        local=shards,
-        remote=remote,
+        sources=sources,
         batch_size=batch_pairs,
         shuffle=shuffle,
         shuffle_seed=seed,
+        batching_method=mixing,
     )
-    loader = PairLoader(
-        _PairDataLoader(
-            dataset,
-            batch_size=batch_pairs,
-            collate_fn=layout,
-            num_workers=num_workers,
-            drop_last=True,
-        ),
-        record_ids=record_ids,
-    )
-    if loader.batches_per_epoch == 0:
+    collate_fn = SourceCollator(collate or layout, len(sources))
+    if tokens_per_batch is not None:
+        _token_budget_window(dataset, tokens_per_batch, layout, collate_fn)
+        dataloader = _PairDataLoader(dataset, batch_size=None, collate_fn=_identity, num_workers=num_workers)
+    else:
+        dataloader = _PairDataLoader(
+            dataset, batch_size=batch_pairs, collate_fn=collate_fn, num_workers=num_workers, drop_last=True
+        )
+    loader = PairLoader(dataloader, record_ids=record_ids)
+    if tokens_per_batch is None and loader.batches_per_epoch == 0:
+        names = ", ".join(s.shards for s in sources)
         raise ValueError(
-            f"{shards}: {dataset.size} pairs give this rank {len(dataset)} per epoch, fewer than "
+            f"{names}: {dataset.size} records give this rank {len(dataset)} per epoch, fewer than "
             f"batch_pairs={batch_pairs}"
         )
     return loader
 
 
 def loader_throughput(
-    shards: str,
+    shards: Optional[str] = None,
     *,
     batch_pairs: int,
     layout: Layout,
@@ -219,24 +525,28 @@ def loader_throughput(
     tokenizer=None,
     num_workers: int = 0,
     seed: int = 1234,
+    **options: Any,
 ) -> dict[str, float]:
     """What the loader delivers to this rank from local shards, for `seconds` or `batches`.
 
     padding_fraction: row slots holding padding / all row slots (online and teacher rows).
-    view_token_fraction: the layout's useful_tokens / computed_tokens, i.e. view A + view B tokens
-    over all slots; it also leaves out the [PRED] and view-B-alone (C') tokens the JEPA term adds.
+    view_token_fraction: the layout's useful_tokens / computed_tokens.
+    record_tokens_per_s: the records' `full` tokens delivered per second.
+    options: more build_loader arguments (sources, mixing, tokens_per_batch).
     """
     if (seconds is None) == (batches is None):
         raise ValueError("give exactly one of seconds or batches")
     loader = build_loader(
-        shards, batch_pairs=batch_pairs, layout=layout, tokenizer=tokenizer, num_workers=num_workers, seed=seed
+        shards, batch_pairs=batch_pairs, layout=layout, tokenizer=tokenizer, num_workers=num_workers, seed=seed,
+        **options,
     )
-    pairs = useful = computed = padding = rows = count = 0
+    pairs = useful = computed = padding = rows = count = record_tokens = 0
     start = time.perf_counter()
     with tqdm(total=batches, desc="loader", unit="batch", disable=int(os.environ.get("RANK", 0)) > 0) as bar:
         for batch in loader:
             count += 1
-            pairs += int(batch["num_pairs"])
+            pairs += len(batch["source_index"])
+            record_tokens += int(batch["source_tokens"].sum())
             useful += int(batch["useful_tokens"])
             computed += int(batch["computed_tokens"])
             padding += int((batch["segment"] == SEG_PAD).sum())
@@ -253,6 +563,7 @@ def loader_throughput(
         "seconds": elapsed,
         "pairs_per_s": pairs / elapsed,
         "tokens_per_s": computed / elapsed,
+        "record_tokens_per_s": record_tokens / elapsed,
         "padding_fraction": padding / computed,
         "view_token_fraction": useful / computed,
         "rows_per_batch": rows / count,

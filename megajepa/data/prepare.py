@@ -47,6 +47,8 @@ import json
 import os
 import re
 import shutil
+import signal
+import socket
 import sys
 import time
 from collections import Counter
@@ -58,6 +60,7 @@ from streaming import MDSWriter
 from tqdm import tqdm
 
 from megajepa.data.fingerprint import FINGERPRINT_FILE, FORMAT_VERSION, file_sha256, tokenizer_hash
+from megajepa.data.loader import write_record_lengths
 from megajepa.data.tokenizer import ROLES, chat_template, load_tokenizer
 
 COLUMNS = {
@@ -100,23 +103,53 @@ def _is_nonempty(path: str) -> bool:
     return os.path.exists(path) and (not os.path.isdir(path) or bool(os.listdir(path)))
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def remove_stale_staging(final: str) -> list[str]:
+    """Remove the staging siblings of `final` (`final.tmp-HOST-PID`, `final.old-HOST-PID`) left by
+    dead processes of this host, e.g. a run killed by SIGKILL; returns what was removed. Another
+    host's directories are left alone: its processes cannot be checked from here."""
+    parent, base = os.path.split(final)
+    pattern = re.compile(rf"^{re.escape(base)}\.(?:tmp|old)-{re.escape(socket.gethostname())}-(\d+)$")
+    removed = []
+    for name in os.listdir(parent or "."):
+        match = pattern.match(name)
+        if match and int(match.group(1)) != os.getpid() and not _pid_alive(int(match.group(1))):
+            shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+            removed.append(os.path.join(parent, name))
+    return removed
+
+
 @contextmanager
 def staged_directory(final: str, overwrite: bool = False) -> Iterator[str]:
     """Yield a fresh temporary sibling of `final`; when the block completes it becomes `final`.
 
-    If the block raises (KeyboardInterrupt included) the temporary directory is removed and
-    `final` is left as it was.
+    If the block raises (KeyboardInterrupt included; SIGTERM too, see main) the temporary
+    directory is removed and `final` is left as it was. Stale siblings that dead processes left
+    behind are removed first.
     """
     final = os.path.normpath(final)
     if _is_nonempty(final) and not overwrite:
         raise FileExistsError(f"{final}: exists and is not empty; pass --overwrite to replace it")
-    staging = f"{final}.tmp-{os.getpid()}"
+    if os.path.isdir(os.path.dirname(final) or "."):
+        for path in remove_stale_staging(final):
+            print(f"removed {path}: staging directory of a process that no longer runs", file=sys.stderr)
+    owner = f"{socket.gethostname()}-{os.getpid()}"
+    staging = f"{final}.tmp-{owner}"
     shutil.rmtree(staging, ignore_errors=True)
     os.makedirs(staging)
     try:
         yield staging
         if _is_nonempty(final):  # --overwrite: retire the old one only once the new one is complete
-            retired = f"{final}.old-{os.getpid()}"
+            retired = f"{final}.old-{owner}"
             os.replace(final, retired)
             os.replace(staging, final)
             shutil.rmtree(retired)
@@ -572,6 +605,8 @@ def prepare(
             },
             "token_lengths": {name: _percentiles(values) for name, values in lengths.items()},
         }
+        # the token-budget loader's costs, so it need not read every record
+        write_record_lengths(staging, np.stack([lengths[name] for name in ("full", "user", "assistant")], axis=1))
         with open(os.path.join(staging, FINGERPRINT_FILE), "w") as f:
             json.dump(fingerprint, f, indent=2, sort_keys=True)
             f.write("\n")
@@ -636,8 +671,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _exit_on_sigterm(signum, frame) -> None:
+    raise SystemExit(128 + signum)  # unwinds through staged_directory, which removes its staging
+
+
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         prepare(
             args.inputs,

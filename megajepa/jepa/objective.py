@@ -23,6 +23,7 @@ from transformers.utils import ModelOutput
 
 from kernels.latent_loss import latent_loss
 from megajepa.config import JepaConfig
+from megajepa.jepa import stp
 from megajepa.model.attention import MASK_KEYS, attention_mask, bucket_width
 from megajepa.model.families import decoder_of
 from megajepa.model.head import lm_cross_entropy
@@ -72,7 +73,9 @@ class JepaModel(nn.Module):
         super().__init__()
         self.lm = lm
         self.cfg = cfg
-        self.predictor = build_predictor(cfg.predictor, lm.config.hidden_size).to(lm.dtype)
+        hidden = lm.config.hidden_size
+        predictor = stp.build_predictor(cfg, hidden) if cfg.objective == "stp" else build_predictor(cfg.predictor, hidden)
+        self.predictor = predictor.to(lm.dtype)
 
     def hidden_states(self, batch: dict, prefix: str = ""):
         """-> (final hidden [R, L, d] the LM head reads, embedding-layer hidden [R, L, d]) of the
@@ -132,6 +135,9 @@ class JepaModel(nn.Module):
         ce = lm_cross_entropy(self.lm, final.flatten(0, 1)[batch["ce_index"]], batch["ce_targets"])
 
         lam = lambda_at(self.cfg, step)
+        if self.cfg.objective == "stp":  # Semantic Tube Prediction: spans of the conversation's own states
+            jepa, z_a, z_b = stp.stp_loss(emb, batch, self.predictor, self.cfg)
+            return JepaOutput(loss=self.cfg.gamma * ce + lam * jepa, ce=ce.detach(), jepa=jepa.detach(), lambda_=lam, z_a=z_a, z_b=z_b)
         # The predictor runs on every rank every step, even on zero pairs: under ZeRO-3 a module
         # one rank skips would leave the others waiting in its parameter all-gather.
         z_a = self.predictor(self.read_embeddings(emb, batch, "za"))

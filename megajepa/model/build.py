@@ -17,6 +17,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from megajepa.config import ModelConfig
 from megajepa.model.families import attention_implementation, check_supported
+from megajepa.model.pretrained import load_partitions, partitioned_loading
 
 
 def load_architecture(cfg: ModelConfig, vocab_size: Optional[int], pad_token_id: Optional[int] = None):
@@ -131,7 +132,11 @@ def build_model(
     impl = attention_implementation(cfg.attention, config)
     torch.manual_seed(seed)  # every rank initialises identically
     common = dict(dtype=dtype, attn_implementation=impl, trust_remote_code=cfg.trust_remote_code)
-    if cfg.pretrained is not None:
+    if cfg.pretrained is not None and partitioned_loading(cfg.pretrained, zero3):
+        # each rank reads only its own partitions of the checkpoint (megajepa.model.pretrained)
+        model = _without_pad_id(config, lambda: AutoModelForCausalLM.from_config(config, **common))
+        load_partitions(model, cfg.pretrained)
+    elif cfg.pretrained is not None:
         model = AutoModelForCausalLM.from_pretrained(cfg.pretrained, config=config, **common)
     elif zero3:
         model = _without_pad_id(config, lambda: AutoModelForCausalLM.from_config(config, **common))

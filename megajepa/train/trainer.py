@@ -12,6 +12,8 @@ import os
 import signal
 import socket
 import time
+from typing import Optional
+
 import deepspeed
 import torch
 import torch.distributed as dist
@@ -21,12 +23,14 @@ from megajepa.config import Config, deepspeed_config, precision, to_dict
 from megajepa.data.fingerprint import tokenizer_hash
 from megajepa.data.layout import Layout
 from megajepa.data.loader import PairLoader, build_loader, set_stream_env
+from megajepa.data.mixture import sources_from_config
 from megajepa.data.tokenizer import add_pred_tokens, pred_token_ids
 from megajepa.files import write_text
 from megajepa.jepa.objective import JepaModel, collapse_std
 from megajepa.model.build import architecture_spec, build_model
 from megajepa.model.predictor import uses_pred_tokens
-from megajepa.train import checkpoint
+from megajepa.train import checkpoint, elastic, resume_policy
+from megajepa.train.divergence import DivergenceGuard
 from megajepa.train.metrics import MetricsLogger
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -94,21 +98,30 @@ def layout_config(cfg: Config, pred_ids: list[int], pad_id: int) -> Layout:
 
 
 def config_loader(cfg: Config, shards: str, layout: Layout, tokenizer, **options) -> PairLoader:
-    """build_loader with this config's data settings; `options` override them (eval: in order)."""
+    """build_loader with this config's data settings; `options` override them (eval: in order).
+
+    shards None or data.shards: the training data (data.sources or the data.shards shorthand, with
+    data.mixing and data.tokens_per_batch); another directory (eval) is read on its own, by count."""
     settings = dict(
         batch_pairs=cfg.data.pairs_per_batch,
         layout=layout,
         tokenizer=tokenizer,
-        remote=cfg.data.remote,
         shuffle=cfg.data.shuffle,
         seed=cfg.data.seed,
         num_workers=cfg.data.num_workers,
     )
-    return build_loader(shards, **{**settings, **options})
+    if shards in (None, cfg.data.shards):
+        settings.update(
+            sources=sources_from_config(cfg.data), mixing=cfg.data.mixing, tokens_per_batch=cfg.data.tokens_per_batch
+        )
+    else:
+        settings.update(shards=shards, remote=cfg.data.remote)
+    return build_loader(**{**settings, **options})
 
 
-def run_config(cfg: Config, world: int, output_dir: str) -> dict:
-    """The DeepSpeed JSON for this run: derived (or the user's), with our monitor and scheduler."""
+def run_config(cfg: Config, world: int, output_dir: str, schedule_steps: Optional[int] = None) -> dict:
+    """The DeepSpeed JSON for this run: derived (or the user's), with our monitor and scheduler
+    (over `schedule_steps`, default train.steps; an extended run keeps its original length)."""
     ds = deepspeed_config(cfg, world)
     logs = os.path.join(output_dir, "logs")
     ds.setdefault("tensorboard", {"enabled": cfg.logging.tensorboard, "output_path": logs, "job_name": "tb"})
@@ -118,7 +131,7 @@ def run_config(cfg: Config, world: int, output_dir: str) -> dict:
         {
             "type": "WarmupCosineLR",
             "params": {
-                "total_num_steps": cfg.train.steps,
+                "total_num_steps": schedule_steps or cfg.train.steps,
                 "warmup_num_steps": max(1, cfg.optim.warmup_steps),
                 "warmup_type": "linear",
                 "cos_min_ratio": cfg.optim.min_lr_ratio,
@@ -146,9 +159,10 @@ def to_device(batch: dict, device) -> dict:
     return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
 
 
-def build_engine(cfg: Config, tokenizer, ds_config: dict):
+def build_engine(cfg: Config, tokenizer, ds_config: dict, schedule_steps: Optional[int] = None):
     """(the online DeepSpeed engine, its EMA teacher or None): the teacher exists with target: ema
-    and lambda > 0. Both are built from the same seed, so every call gives the same model."""
+    and lambda > 0. Both are built from the same seed, so every call gives the same model.
+    `schedule_steps` is the EMA momentum schedule's length (default train.steps)."""
     dtype = DTYPES[precision(cfg)]
     torch.manual_seed(cfg.train.seed)
     model = JepaModel(build_model(cfg.model, tokenizer, dtype=dtype, ds_config=ds_config, seed=cfg.train.seed), cfg.jepa)
@@ -159,7 +173,7 @@ def build_engine(cfg: Config, tokenizer, ds_config: dict):
         from megajepa.jepa.ema_target import EmaTeacher
 
         twin = JepaModel(build_model(cfg.model, tokenizer, dtype=dtype, ds_config=ds_config, seed=cfg.train.seed), cfg.jepa)
-        teacher = EmaTeacher(engine, twin, cfg.jepa.ema, cfg.train.steps, ds_config)
+        teacher = EmaTeacher(engine, twin, cfg.jepa.ema, schedule_steps or cfg.train.steps, ds_config)
     return engine, teacher
 
 
@@ -213,6 +227,36 @@ def evaluate(engine, teacher, loader, batches: int, device) -> dict:
     return {"eval_ce": totals[0].item() / n, "eval_jepa": totals[1].item() / n, "eval_batches": int(totals[2].item())}
 
 
+def choose_resume(cfg: Config, meta: dict, rank: int, world: int) -> tuple[Optional[checkpoint.ResumePoint], int, int]:
+    """(the checkpoint to resume from or None, the lr/EMA schedule length, the world size that
+    wrote it), after every check that needs no engine; refusals raise on every rank
+    (CheckpointMismatch, ResumeRefused)."""
+    if cfg.train.resume == "restart":
+        if rank == 0:
+            moved = checkpoint.start_over(cfg.train.output_dir)
+            if moved:
+                print(f"train.resume=restart: moved the previous run's outputs to {moved}", flush=True)
+        dist.barrier()
+    error: Optional[Exception] = None
+    point, schedule_steps, saved_world = None, cfg.train.steps, world
+    try:
+        point, notes = checkpoint.resolve_resume(cfg.train.resume, cfg.train.output_dir)
+        if rank == 0:
+            for note in notes:
+                print(f"train.resume={cfg.train.resume}: {note}", flush=True)
+        if point is not None:
+            saved = checkpoint.read_meta(point)
+            schedule_steps = resume_policy.check(saved, meta, cfg, point.tag_dir)
+            saved_world = int(saved["world_size"])
+            checkpoint.check_files(point, rank, saved_world, ema=cfg.jepa.target == "ema" and cfg.jepa.lambda_ > 0)
+    except (checkpoint.CheckpointMismatch, resume_policy.ResumeRefused) as err:
+        error = err
+    # a refusal on any rank (its own files) stops every rank before the engine's collectives
+    if agree(error is not None)[0]:
+        raise error or checkpoint.CheckpointMismatch(f"{point.tag_dir if point else 'resume'}: refused by another rank")
+    return point, schedule_steps, saved_world
+
+
 def train(cfg: Config) -> dict:
     rank, world, _ = init_distributed()
     output_dir = cfg.train.output_dir
@@ -235,31 +279,40 @@ def train(cfg: Config) -> dict:
         "k": cfg.jepa.k,
         "target": cfg.jepa.target,
         "precision": precision(cfg),
+        "config": to_dict(cfg),
     }
-    resume = checkpoint.resolve_resume(cfg.train.resume, output_dir)
-    if resume is not None:
-        checkpoint.validate(*resume, current_meta=meta)
+    resume, schedule_steps, saved_world = choose_resume(cfg, meta, rank, world)
+    meta["schedule_steps"] = schedule_steps
+    resharding = resume is not None and saved_world != world
 
-    ds_config = run_config(cfg, world, output_dir)
-    engine, teacher = build_engine(cfg, tokenizer, ds_config)
+    ds_config = run_config(cfg, world, output_dir, schedule_steps)
+    universal = None
+    if resharding:  # another world size: DeepSpeed's universal checkpoint (megajepa.train.elastic)
+        universal = elastic.universal_point(resume, rank)
+        ds_config["checkpoint"] = {**ds_config.get("checkpoint", {}), "load_universal": True}
+    engine, teacher = build_engine(cfg, tokenizer, ds_config, schedule_steps)
     device = engine.device
 
     start_step, last_good = 0, None
     if resume is not None:
-        client_state, last_good = checkpoint.load(engine, *resume, rank=rank)
+        client_state = checkpoint.load(engine, resume, rank=rank, deepspeed_point=universal)
+        last_good = resume.tag_dir
         start_step = int(client_state["step"])
         loader.load_state_dict(client_state["loader"])
-        if teacher is not None:
+        if teacher is not None and resharding:
+            elastic.reshard_ema(teacher, resume, saved_world, start_step)
+        elif teacher is not None:
             teacher.load(last_good, rank)
         if rank == 0:
-            print(f"resumed from {last_good} at step {start_step}", flush=True)
+            change = f" (world size {saved_world} -> {world})" if resharding else ""
+            print(f"resumed from {last_good} at step {start_step}{change}", flush=True)
 
     saved_step = start_step if resume is not None else -1
 
     def save(step: int) -> str:
         nonlocal saved_step
         saved_step = step
-        client_state = {"step": step, "loader": loader.state_dict(), "config": to_dict(cfg)}
+        client_state = {"step": step, "loader": loader.state_dict()}
         extra = (lambda tag_dir: teacher.save(tag_dir, rank)) if teacher is not None else None
         return checkpoint.save(engine, output_dir, step, meta, client_state, rank, extra)
 
@@ -276,6 +329,8 @@ def train(cfg: Config) -> dict:
     logger = MetricsLogger(engine, output_dir, cfg.train.steps, start_step, cfg.logging.log_every, cfg.logging.progress)
     batches = iter(loader)
     stop = StopSignal()
+    guard = DivergenceGuard(cfg.train.max_skipped_steps, precision(cfg))
+    stop_requested = False
     step = start_step
     try:
         while step < cfg.train.steps:
@@ -300,10 +355,14 @@ def train(cfg: Config) -> dict:
                 values["useful_tokens"] += batch["useful_tokens"].item()
                 values["pairs"] += batch["num_pairs"].item()
             step += 1
+            grad_norm = engine.get_global_grad_norm()
+            trouble = guard.check(engine.was_step_applied(), None if grad_norm is None else float(grad_norm))
+            if trouble is not None:
+                raise TrainingDiverged(f"step {step}: {trouble}. Last good checkpoint: {last_good or 'none saved yet'}")
             if teacher is not None:
                 values["ema_seconds"] = teacher.update(step)["seconds"]
             values["lr"] = engine.get_lr()[0]
-            values["grad_norm"] = float(engine.get_global_grad_norm() or 0.0)
+            values["grad_norm"] = float(grad_norm or 0.0)
             values["lambda"] = out.lambda_
             values["z_a_std"] = collapse_std(out.z_a).item()
             values["z_b_std"] = collapse_std(out.z_b).item()
@@ -314,13 +373,16 @@ def train(cfg: Config) -> dict:
             if eval_loader is not None and cfg.train.eval_every and step % cfg.train.eval_every == 0:
                 logger.write_eval(step, evaluate(engine, teacher, eval_loader, cfg.train.eval_batches, device))
             if cfg.train.save_every and step % cfg.train.save_every == 0 and step < cfg.train.steps:
-                last_good = save(step)
+                saved = save(step)
+                last_good = saved if guard.healthy else last_good
             if stop_requested:
                 if rank == 0:
-                    print(f"stop requested (signal {stop.received}): checkpointing step {step} and exiting", flush=True)
+                    who = f"signal {stop.received}" if stop.received is not None else "a signal to another rank"
+                    print(f"stop requested ({who}): checkpointing step {step} and exiting", flush=True)
                 break
         if saved_step != step:
-            last_good = save(step)
+            saved = save(step)
+            last_good = saved if guard.healthy else last_good
     finally:
         logger.close()
 
@@ -328,8 +390,9 @@ def train(cfg: Config) -> dict:
     if logger.history:
         summary["first"] = logger.history[0]
         summary["last"] = logger.history[-1]
-    summary["stopped_by_signal"] = stop.received
-    if eval_loader is not None and stop.received is None:
+    # the signal number where it arrived here, "another rank" where it arrived elsewhere
+    summary["stopped_by_signal"] = (stop.received or "another rank") if stop_requested else None
+    if eval_loader is not None and not stop_requested:  # the agreed flag: every rank evaluates, or none
         summary.update(evaluate(engine, teacher, eval_loader, cfg.train.eval_batches, device))
     if rank == 0:
         write_text(os.path.join(output_dir, "summary.json"), json.dumps(summary, indent=2, sort_keys=True))
