@@ -26,7 +26,7 @@ demo: venv
 test: venv
 	$(PY) -m pytest -q $(PYTEST_ARGS) tests
 
-# Heavier checks (slow, GPU) that `make test` leaves out.
+# Heavier checks (slow, GPU, a one-node Slurm cluster) that `make test` leaves out.
 test-all: venv
 	$(PY) -m pytest -q -m "slow or gpu or not slow" $(PYTEST_ARGS) tests
 

@@ -33,3 +33,14 @@ check_config_and_megajepa() {
     megajepa=$(command -v megajepa) ||
         die "megajepa is not on PATH: activate its environment (source .venv/bin/activate) or pip install -e ."
 }
+
+# The prefix of every rank's command: the rank gets SIGTERM when the process that started it (its
+# agent: torchrun, DeepSpeed's per-node launcher, orted) dies, even by SIGKILL, and stops as on any
+# SIGTERM (a checkpoint at the end of the step, or at once before training starts). Sets
+# `orphan_guard` for the caller.
+# shellcheck disable=SC2034
+set_orphan_guard() {
+    command -v setpriv >/dev/null ||
+        die "setpriv is not on PATH (util-linux): it ends the ranks when their launcher dies"
+    orphan_guard=(setpriv --pdeathsig TERM --)
+}

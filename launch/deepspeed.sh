@@ -26,6 +26,8 @@
 # StreamingDataset assumes the same number of ranks on every node. The launcher sets LOCAL_SIZE
 # but not LOCAL_WORLD_SIZE, which StreamingDataset reads: this script sets LOCAL_WORLD_SIZE in
 # the environment of every rank (and MASTER_ADDR/MASTER_PORT, which mpirun does not set).
+# The ranks do not outlive the process that started them (DeepSpeed's per-node launcher, or
+# mpirun's daemon): each gets SIGTERM when it dies (setpriv --pdeathsig).
 #
 # Examples:
 #   launch/deepspeed.sh configs/demo.yaml train.steps=50                    # this node, all GPUs
@@ -79,6 +81,7 @@ write_env_file() {
 }
 
 check_config_and_megajepa "$@"
+set_orphan_guard
 deepspeed=$(command -v deepspeed) || die "deepspeed is not on PATH (pip install deepspeed)"
 
 gpus=$(visible_gpus)
@@ -103,7 +106,7 @@ if [[ -z "${HOSTFILE:-}" ]]; then
     export LOCAL_WORLD_SIZE=$nproc
     # /dev/null: DeepSpeed's default hostfile (/job/hostfile) must not turn this into a multi-node run.
     command=("$deepspeed" --hostfile /dev/null "${placement[@]}" --master_port "$port" "${extra[@]}"
-        --no_python --no_local_rank "$megajepa" train "$@")
+        --no_python --no_local_rank "${orphan_guard[@]}" "$megajepa" train "$@")
     echo "+ ${command[*]}" >&2
     exec "${command[@]}"
 fi
@@ -114,7 +117,7 @@ nproc=${NPROC_PER_NODE:-${slots[0]}}
 is_positive_int "$nproc" || die "NPROC_PER_NODE must be a positive integer, got '$nproc'"
 ((nproc <= slots[0])) || die "NPROC_PER_NODE=$nproc but $HOSTFILE offers slots=${slots[0]} per host"
 launcher=${LAUNCHER:-pdsh}
-program=("$megajepa")
+program=("${orphan_guard[@]}" "$megajepa")
 case "$launcher" in
     pdsh)
         command -v pdsh >/dev/null || die "LAUNCHER=pdsh but pdsh is not installed (apt-get install pdsh)"
@@ -129,7 +132,7 @@ case "$launcher" in
         # variables torch.distributed and StreamingDataset read.
         # shellcheck disable=SC2016  # expanded by each rank's shell
         program=(bash -c 'export RANK=$OMPI_COMM_WORLD_RANK WORLD_SIZE=$OMPI_COMM_WORLD_SIZE \
-LOCAL_RANK=$OMPI_COMM_WORLD_LOCAL_RANK LOCAL_WORLD_SIZE=$OMPI_COMM_WORLD_LOCAL_SIZE; exec "$0" "$@"' "$megajepa")
+LOCAL_RANK=$OMPI_COMM_WORLD_LOCAL_RANK LOCAL_WORLD_SIZE=$OMPI_COMM_WORLD_LOCAL_SIZE; exec "$0" "$@"' "${orphan_guard[@]}" "$megajepa")
         ;;
     *) die "LAUNCHER must be pdsh or openmpi, got '$launcher'" ;;
 esac

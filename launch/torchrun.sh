@@ -21,6 +21,7 @@
 #   TORCHRUN_ARGS   extra torchrun flags, e.g. "--max-restarts 3" []
 #
 # Each node becomes one StreamingDataset node: torchrun sets LOCAL_WORLD_SIZE=NPROC_PER_NODE.
+# The ranks do not outlive the torchrun agent: each gets SIGTERM when it dies (setpriv --pdeathsig).
 #
 # Examples:
 #   launch/torchrun.sh configs/demo.yaml train.steps=50            # this node, all its GPUs
@@ -34,6 +35,7 @@ SCRIPT_NAME=launch/torchrun.sh
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 check_config_and_megajepa "$@"
+set_orphan_guard
 torchrun=$(command -v torchrun) || die "torchrun is not on PATH (it comes with torch)"
 
 nnodes=${NNODES:-1}
@@ -65,6 +67,6 @@ fi
 
 read -r -a extra <<<"${TORCHRUN_ARGS:-}"
 command=("$torchrun" "${rendezvous[@]}" --nnodes "$nnodes" --nproc-per-node "$nproc" "${extra[@]}"
-    --no-python "$megajepa" train "$@")
+    --no-python "${orphan_guard[@]}" "$megajepa" train "$@")
 echo "+ ${command[*]}" >&2
 exec "${command[@]}"

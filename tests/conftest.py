@@ -13,6 +13,7 @@ import pytest  # noqa: E402
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped without one)")
     config.addinivalue_line("markers", "slow: longer than ~30 s; run with `make test-all`")
+    config.addinivalue_line("markers", "slurm: brings up a one-node Slurm cluster; run with `make test-all` or `-m slurm`")
     config.addinivalue_line("markers", "faults: fault injection (tests/test_faults.py): `pytest -m 'faults and (slow or not slow)'`")
     config.addinivalue_line(
         "markers",
@@ -24,7 +25,8 @@ def pytest_configure(config):
 def pytest_collection_modifyitems(config, items):
     import torch
 
-    run_slow = "slow" in (config.getoption("-m") or "")
+    selected = config.getoption("-m") or ""
+    run_slow = "slow" in selected
     interpreting = os.environ.get("TRITON_INTERPRET") == "1"
     for item in items:
         # The markers themselves: item.keywords also holds the names of the test's directories.
@@ -34,6 +36,8 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.skip(reason="needs TRITON_INTERPRET=1: CPU tensors cannot reach a compiled kernel"))
         if item.get_closest_marker("slow") and not run_slow:
             item.add_marker(pytest.mark.skip(reason="slow: run with `make test-all`"))
+        if item.get_closest_marker("slurm") and not (run_slow or "slurm" in selected):
+            item.add_marker(pytest.mark.skip(reason="slurm: run with `make test-all` or `pytest -m slurm`"))
 
 
 @pytest.fixture(autouse=True)

@@ -2,14 +2,18 @@
 overrides to `megajepa train` untouched.
 
 The tools the scripts start (torchrun, deepspeed, pdsh, srun, scontrol, nvidia-smi, megajepa) are
-stand-ins on PATH that record how they were called, so nothing real starts. Runtime: a few seconds.
+stand-ins on PATH that record how they were called, so nothing real starts; except in the last
+tests, where the real torchrun and DeepSpeed launchers start stand-in ranks and are killed.
+Runtime: about 20 seconds. The real Slurm is in tests/test_slurm.py.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -29,15 +33,22 @@ if [[ -n "${DS_ENV_FILE:-}" && -f "$DS_ENV_FILE" ]]; then cp "$DS_ENV_FILE" "$lo
 NVIDIA_SMI = """#!/usr/bin/env bash
 for ((i = 0; i < ${FAKE_GPUS:-0}; i++)); do echo "GPU $i: Fake GPU (UUID: GPU-$i)"; done
 """
-# srun: records, then runs until the job ends (as Slurm ends it: scontrol requeue kills it).
-SRUN = RECORDER + """echo $$ >"$SHIM_LOG/srun.pid"
-exec sleep "${FAKE_SRUN_SECONDS:-0}"
+# srun: records, then runs like a job step until SIGTERM ends it (from the batch
+# script through scancel, or Slurm itself); the ranks it stands for exit with FAKE_RANK_STATUS.
+SRUN = RECORDER + """sleep "${FAKE_SRUN_SECONDS:-0}" &
+sleeper=$!
+trap 'echo TERM >"$SHIM_LOG/srun.signal"; kill $sleeper; exit "${FAKE_RANK_STATUS:-0}"' TERM
+echo $$ >"$SHIM_LOG/srun.pid.tmp" && mv "$SHIM_LOG/srun.pid.tmp" "$SHIM_LOG/srun.pid"  # ready for signals
+wait $sleeper
 """
 SCONTROL = """#!/usr/bin/env bash
 case "$1 $2" in
     "show hostnames") printf '%s\\n' $FAKE_HOSTS ;;
-    "requeue "*) echo "$2" >"$SHIM_LOG/requeued"; kill "$(cat "$SHIM_LOG/srun.pid")" ;;
+    "requeue "*) echo "$2" >"$SHIM_LOG/requeued" ;;
 esac
+"""
+# scancel --signal=SIG JOB: Slurm signals the job step's tasks (the srun stand-in here).
+SCANCEL = RECORDER + """kill -"${1#--signal=}" "$(cat "$SHIM_LOG/srun.pid")"
 """
 
 
@@ -48,11 +59,17 @@ def shims(tmp_path):
     bin_dir.mkdir()
     log_dir.mkdir()
     scripts = {name: RECORDER for name in ("megajepa", "torchrun", "deepspeed", "pdsh", "mpirun")}
-    scripts.update({"nvidia-smi": NVIDIA_SMI, "srun": SRUN, "scontrol": SCONTROL})
+    scripts.update({"nvidia-smi": NVIDIA_SMI, "srun": SRUN, "scontrol": SCONTROL, "scancel": SCANCEL})
     for name, text in scripts.items():
         (bin_dir / name).write_text(text)
         (bin_dir / name).chmod(0o755)
     return bin_dir, log_dir
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def run(script: str, args: list[str], shims, tmp_path, timeout: float = 20, **env: str) -> subprocess.CompletedProcess:
@@ -172,7 +189,7 @@ def test_slurm_outside_a_job(shims, tmp_path):
 
 
 def slurm_env(**extra: str) -> dict[str, str]:
-    env = {"SLURM_JOB_ID": "4242", "SLURM_SUBMIT_DIR": str(REPO), "SLURM_JOB_NODELIST": "gpu[07-08]"}
+    env = {"SLURM_JOB_ID": "4242", "SLURM_SUBMIT_DIR": str(REPO), "SLURM_JOB_NODELIST": "gpu[07-08]", "SLURM_CPUS_ON_NODE": "16"}
     env["FAKE_HOSTS"] = "gpu07 gpu08"
     return {**env, **extra}
 
@@ -291,39 +308,167 @@ def test_deepspeed_openmpi_ranks_get_the_rank_variables(shims, tmp_path):
     assert [env[k] for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")] == ["3", "4", "1", "2"]
 
 
-def test_slurm_runs_torchrun_on_every_node(shims, tmp_path):
+def test_slurm_header_leaves_resources_to_the_user():
+    directives = [line.split()[1] for line in (REPO / "launch/slurm.sbatch").read_text().splitlines() if line.startswith("#SBATCH")]
+    resources = ("--nodes", "--ntasks", "--gpus", "--gres", "--exclusive", "--cpus", "--mem", "--time", "--partition")
+    assert directives and not [d for d in directives if d.startswith(resources)], directives
+
+
+def test_slurm_runs_one_task_per_rank(shims, tmp_path):
     result = run("slurm.sbatch", [CONFIG, *OVERRIDES], shims, tmp_path, SLURM_GPUS_ON_NODE="4", **slurm_env())
     assert result.returncode == 0, result.stderr
+    assert "job 4242 finished" in result.stderr
     args, env = call(shims, "srun")
-    launcher = args.index("launch/torchrun.sh")
-    assert args[:launcher] == ["--nodes=2", "--ntasks-per-node=1", "--kill-on-bad-exit=1"]
-    assert args[launcher + 1 :] == [CONFIG, *OVERRIDES, "train.resume=auto"]
-    assert (env["NNODES"], env["NPROC_PER_NODE"], env["MASTER_ADDR"], env["RDZV_ID"]) == ("2", "4", "gpu07", "4242")
-    assert env["MASTER_PORT"] == str(20000 + 4242 % 20000)
+    program = args.index("bash")
+    assert args[:program] == ["--nodes=2", "--ntasks=8", "--ntasks-per-node=4", "--cpus-per-task=4", "--kill-on-bad-exit=1"]
+    assert (env["MASTER_ADDR"], env["MASTER_PORT"], env["LOCAL_WORLD_SIZE"]) == ("gpu07", str(20000 + 4242 % 20000), "4")
+    assert env["OMP_NUM_THREADS"] == "4"
+    # What srun would start as the sixth task, the second on the second node:
+    task = {**env, "SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1"}
+    subprocess.run(args[program:], env=task, timeout=10, check=True)
+    rank_args, rank_env = call(shims, "megajepa")
+    assert rank_args == ["train", CONFIG, *OVERRIDES, "train.resume=auto"]
+    assert [rank_env[k] for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")] == ["5", "8", "1", "4"]
 
 
-@pytest.mark.parametrize("gpus, ranks", [("a100:8", "8"), ("h100:4,a100:4", "8"), ("", "1")])
-def test_slurm_gpus_per_node(gpus, ranks, shims, tmp_path):
-    result = run("slurm.sbatch", [CONFIG], shims, tmp_path, SLURM_GPUS_PER_NODE=gpus, **slurm_env())
+@pytest.mark.parametrize(
+    "job, ranks",
+    [
+        ({"SLURM_GPUS_PER_NODE": "a100:8"}, "8"),
+        ({"SLURM_GPUS_PER_NODE": "h100:4,a100:4"}, "8"),
+        ({}, "1"),
+        ({"SLURM_NTASKS_PER_NODE": "2"}, "2"),
+        ({"SLURM_NTASKS_PER_NODE": "2", "NPROC_PER_NODE": "3"}, "3"),
+    ],
+)
+def test_slurm_ranks_per_node(job, ranks, shims, tmp_path):
+    result = run("slurm.sbatch", [CONFIG], shims, tmp_path, **slurm_env(**job))
     assert result.returncode == 0, result.stderr
-    assert call(shims, "srun")[1]["NPROC_PER_NODE"] == ranks
+    args, env = call(shims, "srun")
+    assert f"--ntasks-per-node={ranks}" in args and env["LOCAL_WORLD_SIZE"] == ranks
+    assert f"--cpus-per-task={16 // int(ranks)}" in args
 
 
-def test_slurm_requeues_on_usr1(shims, tmp_path):
+@pytest.mark.parametrize(
+    "job, message",
+    [
+        ({"SLURM_GPUS_ON_NODE": "8", "SLURM_CPUS_ON_NODE": "1"}, "8 ranks per node (from GPUs per node) but the job has 1 CPU(s) on this node: submit with --ntasks-per-node=8"),
+        ({"SLURM_GPUS_ON_NODE": "2", "NPROC_PER_NODE": "4"}, "4 ranks per node (from NPROC_PER_NODE) but the job has 2 GPU(s) per node: one rank per GPU"),
+        ({"NPROC_PER_NODE": "two"}, "ranks per node must be a positive integer, got 'two' (from NPROC_PER_NODE)"),
+    ],
+)
+def test_slurm_refuses_a_job_that_cannot_hold_its_ranks(job, message, shims, tmp_path):
+    assert_refused(run("slurm.sbatch", [CONFIG], shims, tmp_path, **slurm_env(**job)), message, shims)
+
+
+def start_batch_job(shims, tmp_path, **extra: str) -> subprocess.Popen:
     bin_dir, log_dir = shims
     env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "HOME": str(tmp_path), "SHIM_LOG": str(log_dir)}
-    env.update(slurm_env(FAKE_SRUN_SECONDS="30"))
+    env.update(slurm_env(FAKE_SRUN_SECONDS="30", **extra))
     job = subprocess.Popen(["bash", "launch/slurm.sbatch", CONFIG], cwd=REPO, env=env, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 15
+    while not (log_dir / "srun.pid").exists():
+        assert time.monotonic() < deadline and job.poll() is None, "srun never started"
+        time.sleep(0.05)
+    return job
+
+
+def test_slurm_time_limit_warning_stops_the_ranks_then_requeues(shims, tmp_path):
+    job = start_batch_job(shims, tmp_path)
     try:
-        deadline = time.monotonic() + 15
-        while not (log_dir / "srun.pid").exists():
-            assert time.monotonic() < deadline and job.poll() is None, "srun never started"
-            time.sleep(0.05)
+        job.send_signal(signal.SIGUSR1)  # Slurm's --signal=B:USR1@120
+        stderr = job.communicate(timeout=15)[1]
+    finally:
+        if job.poll() is None:
+            job.kill()
+    assert call(shims, "scancel")[0] == ["--signal=TERM", "4242"]
+    assert (shims[1] / "srun.signal").read_text().strip() == "TERM", "the ranks were not told to stop"
+    assert (shims[1] / "requeued").read_text().strip() == "4242"
+    assert "job 4242 requeued: the ranks checkpointed and stopped cleanly" in stderr
+    assert job.returncode == 0
+
+
+def test_slurm_requeue_after_a_failed_stop_says_so(shims, tmp_path):
+    job = start_batch_job(shims, tmp_path, FAKE_RANK_STATUS="1")
+    try:
         job.send_signal(signal.SIGUSR1)
         stderr = job.communicate(timeout=15)[1]
     finally:
         if job.poll() is None:
             job.kill()
-    assert (log_dir / "requeued").read_text().strip() == "4242"
-    assert "requeueing job 4242" in stderr
-    assert job.returncode == 128 + signal.SIGTERM, "the job should end with the status srun ended with"
+    assert (shims[1] / "requeued").read_text().strip() == "4242"
+    assert "job 4242 requeued: the ranks stopped with status 1; it resumes from the last complete checkpoint" in stderr
+
+
+def test_slurm_stopped_by_slurm(shims, tmp_path):
+    job = start_batch_job(shims, tmp_path)
+    try:
+        # scancel: Slurm sends SIGTERM to the batch script and to the job step's tasks.
+        job.send_signal(signal.SIGTERM)
+        os.kill(int((shims[1] / "srun.pid").read_text()), signal.SIGTERM)
+        stderr = job.communicate(timeout=15)[1]
+    finally:
+        if job.poll() is None:
+            job.kill()
+    assert not (shims[1] / "requeued").exists()
+    assert "job 4242 stopped by Slurm (scancel, preemption or time limit): the ranks exited with status 0" in stderr
+    assert job.returncode == 0
+
+
+# --- the ranks do not outlive their agent (real torchrun and DeepSpeed launchers) -------------
+
+# A rank that records its pid and waits, as a training rank would.
+SLEEPING_RANK = """#!/usr/bin/env bash
+echo $$ >"$SHIM_LOG/rank${RANK:-x}.pid"
+exec sleep 300
+"""
+
+
+def alive(pid: int) -> bool:
+    """Running, and not a zombie waiting for a parent that will not reap it."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, IndexError):
+        return False
+
+
+def parent(pid: int) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("PPid:")))
+
+
+def wait_until(condition, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out after {timeout:.0f} s waiting for {what}"
+        time.sleep(0.1)
+
+
+@pytest.mark.parametrize("script", ["torchrun.sh", "deepspeed.sh"])
+def test_ranks_die_with_their_agent(script, shims, tmp_path):
+    bin_dir, log_dir = shims
+    for tool in ("torchrun", "deepspeed"):  # the real launchers, from the venv
+        (bin_dir / tool).unlink()
+    (bin_dir / "megajepa").write_text(SLEEPING_RANK)
+    venv_bin = Path(sys.executable).parent
+    env = {"PATH": f"{bin_dir}:{venv_bin}:/usr/bin:/bin", "HOME": str(tmp_path), "TMPDIR": str(tmp_path), "SHIM_LOG": str(log_dir)}
+    env.update(NPROC_PER_NODE="2", MASTER_PORT=str(free_port()), TORCH_EXTENSIONS_DIR=str(tmp_path / "ext"))
+    launcher = subprocess.Popen(["bash", f"launch/{script}", CONFIG], cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    ranks: list[int] = []
+    try:
+        pid_files = [log_dir / f"rank{r}.pid" for r in (0, 1)]
+        wait_until(lambda: all(p.exists() and p.read_text().strip() for p in pid_files) or launcher.poll() is not None, 60, "both ranks")
+        assert launcher.poll() is None, launcher.communicate()[1][-2000:]
+        ranks = [int(p.read_text()) for p in pid_files]
+        # The agent: torchrun itself; DeepSpeed's per-node launcher (launch.py) under its runner.
+        agent = parent(ranks[0])
+        assert parent(ranks[1]) == agent and agent != os.getpid()
+        os.kill(agent, signal.SIGKILL)
+        wait_until(lambda: not any(alive(pid) for pid in ranks), 15, "the ranks to die with their agent")
+    finally:
+        for pid in ranks:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        if launcher.poll() is None:
+            os.killpg(launcher.pid, signal.SIGKILL)
+        launcher.wait()
