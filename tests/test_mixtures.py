@@ -298,7 +298,7 @@ def test_config_sources_and_budget(tmp_path):
 
     path = tmp_path / "mix.yaml"
     path.write_text(
-        "data:\n  tokenizer: t\n  tokens_per_batch: 4096\n  mixing: per_stream\n  sources:\n"
+        f"data:\n  tokenizer: {tmp_path}\n  tokens_per_batch: 4096\n  mixing: per_stream\n  sources:\n"
         "    - {shards: a, proportion: 0.7}\n    - {shards: b, remote: 's3://bucket/b', proportion: 0.3, name: web}\n"
     )
     cfg = load_config(str(path))
@@ -306,7 +306,7 @@ def test_config_sources_and_budget(tmp_path):
         ("a", None, 0.7, "a"), ("b", "s3://bucket/b", 0.3, "web"),
     ]
     assert cfg.data.tokens_per_batch == 4096 and cfg.data.mixing == "per_stream"
-    one = load_config(None, ["data.shards=s", "data.tokenizer=t"])
+    one = load_config(None, ["data.shards=s", f"data.tokenizer={tmp_path}"])
     assert [(s.shards, s.remote) for s in sources_from_config(one.data)] == [("s", None)]
     unweighted = tmp_path / "unweighted.yaml"
     unweighted.write_text(path.read_text().replace(", proportion: 0.3", ""))

@@ -81,7 +81,7 @@ def write(path: Path, text: str) -> str:
 
 
 def test_a_file_merges_over_its_base_chain(tmp_path):
-    write(tmp_path / "a.yaml", "data: {shards: s, tokenizer: t}\njepa: {k: 3, lambda_: 2.0}\ntrain: {steps: 7}\n")
+    write(tmp_path / "a.yaml", "data: {shards: s, tokenizer: " + str(tmp_path) + "}\n" + "jepa: {k: 3, lambda_: 2.0}\ntrain: {steps: 7}\n")
     write(tmp_path / "sub" / "b.yaml", "base: ../a.yaml\njepa: {k: 2}\n")
     cfg = load_config(write(tmp_path / "sub" / "c.yaml", "base: b.yaml\ntrain: {steps: 9}\n"), ["jepa.lambda_=4"])
     assert (cfg.jepa.k, cfg.train.steps, cfg.data.shards) == (2, 9, "s")  # nearest file wins
@@ -89,14 +89,14 @@ def test_a_file_merges_over_its_base_chain(tmp_path):
 
 
 def test_errors_name_the_file_that_set_the_key(tmp_path):
-    write(tmp_path / "a.yaml", "data: {shards: s, tokenizer: t}\njepa: {k: -1}\n")
+    write(tmp_path / "a.yaml", "data: {shards: s, tokenizer: " + str(tmp_path) + "}\n" + "jepa: {k: -1}\n")
     child = write(tmp_path / "b.yaml", "base: a.yaml\ntrain: {steps: 3}\n")
     with pytest.raises(ConfigError, match=r"a\.yaml: jepa\.k: must be >= 0, got -1"):
         load_config(child)
 
 
 def test_a_required_key_must_be_set_later(tmp_path):
-    base = write(tmp_path / "a.yaml", "data: {shards: s, tokenizer: t}\ntrain:\n  steps: ???\n")
+    base = write(tmp_path / "a.yaml", "data: {shards: s, tokenizer: " + str(tmp_path) + "}\n" + "train:\n  steps: ???\n")
     with pytest.raises(ConfigError, match=r"a\.yaml: train\.steps: required"):
         load_config(base)
     assert load_config(base, ["train.steps=5"]).train.steps == 5
