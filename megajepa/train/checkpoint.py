@@ -296,6 +296,14 @@ def load(engine, point: ResumePoint, rank: int, deepspeed_point: Optional[Resume
     path, client_state = engine.load_checkpoint(ds_point.load_dir, tag=ds_point.tag)
     if path is None:
         raise CheckpointMismatch(f"{ds_point.tag_dir}: DeepSpeed could not load this checkpoint")
+    restore_rng(point, rank)
+    return client_state
+
+
+def restore_rng(point: ResumePoint, rank: int) -> None:
+    """This rank's RNG as it was at the checkpoint. The trainer calls it again right before the
+    first step: starting the loader's iterator draws from torch's RNG, which the uninterrupted run
+    did before its first step, not at the checkpoint."""
     rng_path = os.path.join(point.tag_dir, RNG_FILE.format(rank=rank))
     if not os.path.isfile(rng_path):
         rng_path = os.path.join(point.tag_dir, RNG_FILE.format(rank=0))
@@ -303,4 +311,3 @@ def load(engine, point: ResumePoint, rank: int, deepspeed_point: Optional[Resume
         set_rng_state(pickle_guard.load_plain(rng_path))
     except pickle_guard.UnsafeCheckpointFile as err:
         raise CheckpointMismatch(str(err)) from None
-    return client_state
