@@ -67,7 +67,6 @@ from megajepa.config import DataConfig, JepaConfig
 from megajepa.jepa.stp import record_terms, span_seed
 
 SEG_PAD, SEG_FULL, SEG_SOURCE, SEG_TARGET = 0, 1, 2, 3
-SEGMENT_NAMES = {SEG_FULL: "conversation", SEG_SOURCE: "view with [PRED]", SEG_TARGET: "target view"}
 IGNORE_INDEX = -100
 FRONT, END = 0, 1  # columns of a record's *_insert arrays
 
