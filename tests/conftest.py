@@ -50,6 +50,32 @@ def private_tmpdir(tmp_path, monkeypatch):
     yield path
 
 
+class _ExitHooks:
+    """Stands in for the atexit module inside streaming.base.shared.memory: collects the hooks."""
+
+    def __init__(self):
+        self.hooks = []
+
+    def register(self, hook, *args, **kwargs):
+        self.hooks.append((hook, args, kwargs))
+        return hook
+
+
+@pytest.fixture(autouse=True)
+def release_streaming_shared_memory(monkeypatch):
+    """Every StreamingDataset opens six shared-memory blocks and registers their release with
+    atexit, which keeps them (and their file descriptors) alive until the process exits; over a
+    whole suite in one process that runs out of descriptors. The blocks a test's datasets open are
+    released when the test ends instead (no test keeps a dataset past its own end)."""
+    from streaming.base.shared import memory
+
+    hooks = _ExitHooks()
+    monkeypatch.setattr(memory, "atexit", hooks)
+    yield
+    for hook, args, kwargs in hooks.hooks:
+        hook(*args, **kwargs)
+
+
 @pytest.fixture(scope="session")
 def demo_data(tmp_path_factory):
     """A small embedded dataset (2,000 training pairs), built once per test session."""

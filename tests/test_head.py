@@ -1,11 +1,12 @@
-"""lm_logits and the memory-bounded lm_cross_entropy against the plain full-logits CE."""
+"""lm_logits and the memory-bounded lm_cross_entropy / token_cross_entropy against the plain
+full-logits CE."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from _families import build
-from megajepa.model.head import lm_cross_entropy, lm_logits
+from megajepa.model.head import lm_cross_entropy, lm_logits, token_cross_entropy
 
 
 def full_logits_ce(lm, hidden, labels):
@@ -63,6 +64,32 @@ def test_chunks_bound_the_logits_in_memory(tmp_path, monkeypatch):
     hidden = torch.randn(50, lm.config.hidden_size, requires_grad=True)
     lm_cross_entropy(lm, hidden, torch.randint(0, 96, (50,)), max_logit_bytes=96 * 4 * 8).backward()
     assert max(seen) == 8 and sum(seen) == 2 * 50  # forward, then recomputed in the backward
+
+
+def test_one_chunk_runs_the_head_once(tmp_path):
+    """Within the budget the logits are kept for the backward: no recompute of the head."""
+    lm = build(tmp_path, "llama")
+    seen = []
+    lm.get_output_embeddings().register_forward_hook(lambda m, args, out: seen.append(args[0].shape[0]))
+    hidden = torch.randn(50, lm.config.hidden_size, requires_grad=True)
+    lm_cross_entropy(lm, hidden, torch.randint(0, 96, (50,))).backward()
+    assert seen == [50]
+
+
+@pytest.mark.parametrize("max_logit_bytes", [96 * 4 * 7, 1 << 28])
+def test_token_ce_equals_unreduced_full_logits_ce(max_logit_bytes, tmp_path):
+    lm = build(tmp_path, "gemma2")
+    g = torch.Generator().manual_seed(5)
+    hidden = torch.randn(23, lm.config.hidden_size, generator=g, requires_grad=True)
+    labels = torch.randint(0, 96, (23,), generator=g)
+    weights = torch.rand(23, generator=g)  # a backward through every token's own loss
+    token_ce = token_cross_entropy(lm, hidden, labels, max_logit_bytes=max_logit_bytes)
+    (grad,) = torch.autograd.grad((token_ce * weights).sum(), hidden)
+    expected = F.cross_entropy(lm_logits(lm, hidden).float(), labels, reduction="none")
+    (expected_grad,) = torch.autograd.grad((expected * weights).sum(), hidden)
+    assert token_ce.shape == (23,)
+    torch.testing.assert_close(token_ce, expected)
+    torch.testing.assert_close(grad, expected_grad)
 
 
 @pytest.mark.gpu

@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from megajepa.data.loader import RECORD_LENGTHS_FILE, build_loader, plan_windows, record_costs
-from megajepa.data.mixture import IGNORE_INDEX, Source, per_source_ce
+from megajepa.data.mixture import Source
+from megajepa.jepa.objective import JepaModel, per_source_ce
 from _mixture_shards import cost, make_layout, random_records, summary_collate, write_records
 from _shards import tiny_tokenizer
 
@@ -98,35 +99,73 @@ def test_mixture_errors_name_the_source(corpus, tmp_path):
         build_loader(sources=[Source(shards=str(tmp_path / "nowhere"))], batch_pairs=4, layout=LAYOUT)
 
 
+def batch_records(corpus, batch):
+    """The corpus records of a batch, in its record order."""
+    sources = batch["source_index"].tolist()
+    return [corpus["AB"[s]][1][sid - (40 if s else 0)] for s, sid in zip(sources, batch["sample_ids"].tolist())]
+
+
 def test_text_records_packed_beside_pairs_carry_ce_only(corpus):
-    """Through the real layout: B's texts get no JEPA term and labels on every token; per_source_ce
-    counts each source's labelled tokens as the records define them."""
+    """Through the real layout: B's texts get no JEPA term and labels on every token; each
+    labelled token's source (ce_source) counts each source's labelled tokens as the records
+    define them."""
     loader = mixture_loader(corpus, {"A": {}, "B": {}}, collate=None, batch_pairs=8)
     for batch in islice(loader.iter_epoch(), 4):
         sources = batch["source_index"].tolist()
         assert set(batch["jepa_pairs"].tolist()) == {j for j, s in enumerate(sources) if s == 0}
         assert set(sources) == {0, 1}  # both kinds share the batch's rows
-        records = [corpus["AB"[s]][1][sid - (40 if s else 0)] for s, sid in zip(sources, batch["sample_ids"].tolist())]
+        records = batch_records(corpus, batch)
         # response labels for a pair (from the assistant header on), every next token for a text
         want = [len(r["full"]) - r["prompt_len"] if s == 0 else len(r["full"]) - 1 for r, s in zip(records, sources)]
-        ones = torch.ones(batch["labels"].shape)
-        _, tokens = per_source_ce(ones, batch["labels"], batch["pair_index"], batch["source_index"], 2)
-        assert tokens.tolist() == [sum(w for w, s in zip(want, sources) if s == i) for i in (0, 1)]
+        assert batch["ce_source"].shape == batch["ce_targets"].shape
+        counts = torch.bincount(batch["ce_source"], minlength=2).tolist()
+        assert counts == [sum(w for w, s in zip(want, sources) if s == i) for i in (0, 1)]
+
+
+def test_one_source_has_no_ce_source(corpus):
+    loader = build_loader(sources=[Source(shards=corpus["A"][0])], batch_pairs=4, layout=LAYOUT, seed=5)
+    assert "ce_source" not in next(iter(loader.iter_epoch()))
+
+
+def test_per_source_ce_is_each_records_own_ce(corpus):
+    """The objective's per-source CE of a mixed batch against the oracle: a Hugging Face model's
+    own forward on each record alone, its CE at the positions the record labels (a pair from the
+    assistant header on, a text every next token), summed by source. The sums add up to the
+    batch's CE."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    config._attn_implementation = "sdpa"
+    lm = LlamaForCausalLM(config).eval()
+    model = JepaModel(lm, LAYOUT.jepa)
+    loader = mixture_loader(corpus, {"A": {}, "B": {}}, collate=None, batch_pairs=8)
+    for batch in islice(loader.iter_epoch(), 2):
+        with torch.no_grad():
+            out = model(batch)
+        want = torch.zeros(2, 2, dtype=torch.float64)
+        for record, source in zip(batch_records(corpus, batch), batch["source_index"].tolist()):
+            full = torch.as_tensor(record["full"], dtype=torch.long)
+            with torch.no_grad():
+                logits = lm(input_ids=full[None]).logits[0].double()
+            first = record["prompt_len"] - 1 if source == 0 else 0
+            losses = torch.nn.functional.cross_entropy(logits[first:-1], full[first + 1:], reduction="none")
+            want[:, source] += torch.tensor([losses.sum().item(), losses.numel()], dtype=torch.float64)
+        torch.testing.assert_close(out.source_ce.double(), want, rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(out.ce.double(), want[0].sum() / want[1].sum(), rtol=1e-5, atol=1e-6)
 
 
 def test_per_source_ce_matches_a_loop():
     gen = torch.Generator().manual_seed(0)
-    token_ce = torch.rand(3, 10, generator=gen)
-    record_index = torch.randint(-1, 5, (3, 10), generator=gen)
-    labels = torch.where(torch.rand(3, 10, generator=gen) < 0.3, IGNORE_INDEX, 7)
-    source_index = torch.tensor([2, 0, 2, 1, 0])
-    sums, tokens = per_source_ce(token_ce, labels, record_index, source_index, 4)
-    want_sums, want_tokens = [0.0] * 4, [0] * 4
-    for value, record, label in zip(token_ce.flatten().tolist(), record_index.flatten().tolist(), labels.flatten().tolist()):
-        if record >= 0 and label != IGNORE_INDEX:
-            want_sums[source_index[record]] += value
-            want_tokens[source_index[record]] += 1
-    assert torch.allclose(sums, torch.tensor(want_sums)) and tokens.tolist() == want_tokens
+    token_ce = torch.rand(30, generator=gen)
+    ce_source = torch.randint(0, 4, (30,), generator=gen)
+    got = per_source_ce(token_ce, ce_source, 5)
+    want = [[0.0] * 5, [0.0] * 5]
+    for value, source in zip(token_ce.tolist(), ce_source.tolist()):
+        want[0][source] += value
+        want[1][source] += 1
+    torch.testing.assert_close(got, torch.tensor(want))
 
 
 # --- token budget ------------------------------------------------------------------------------
@@ -326,9 +365,8 @@ def test_config_sources_and_budget(tmp_path):
 def test_source_step_values_and_mean_ce():
     from megajepa.data.mixture import source_step_values, with_source_ce
 
-    batch = {"source_records": torch.tensor([3, 1]), "source_pairs": torch.tensor([3, 0]),
-             "source_tokens": torch.tensor([40, 12])}
-    values = source_step_values(["chat", "web"], batch, torch.tensor([6.0, 2.5]), torch.tensor([4.0, 0.0]))
+    counts = torch.tensor([[3, 1], [3, 0], [40, 12]])  # records, pairs, tokens of "chat" and "web"
+    values = source_step_values(["chat", "web"], counts, torch.tensor([[6.0, 2.5], [4.0, 0.0]]))
     assert {k: float(v) for k, v in values.items()} == {
         "source/chat/records": 3, "source/chat/pairs": 3, "source/chat/tokens": 40, "source/chat/ce_sum": 6.0,
         "source/chat/ce_tokens": 4.0, "source/web/records": 1, "source/web/pairs": 0, "source/web/tokens": 12,

@@ -109,6 +109,45 @@ def test_two_ranks_resume_exactly(demo_data, tmp_path):
             assert row[key] == full_rows[row["step"]][key], (row["step"], key)
 
 
+def test_mixture_reports_each_source_and_resumes_exactly(demo_data, tmp_path):
+    """data.sources: the demo pairs ("chat") and plain text ("web", CE only) on 2 ranks. Each step
+    logs per-source records, pairs, tokens and CE summed over both ranks; a run resumed at step 2
+    logs what the uninterrupted run logged for steps 3 and 4."""
+    from megajepa.data.prepare_text import prepare_text
+
+    rng = torch.Generator().manual_seed(0)
+    words = ["alpha", "beta", "gamma", "delta", "match", "letters", "lines", "with", "the", "word"]
+    lines = [" ".join(words[i] for i in torch.randint(0, len(words), (int(n),), generator=rng))
+             for n in torch.randint(3, 40, (120,), generator=rng)]
+    (tmp_path / "web.txt").write_text("\n".join(lines) + "\n")
+    web = tmp_path / "web"
+    prepare_text([str(tmp_path / "web.txt")], str(web), demo_data["tokenizer"], max_tokens=48, progress=False)
+    sources = f"[{{shards: {demo_data['train_shards']}, name: chat}}, {{shards: {web}, name: web}}]"
+    common = {"data.shards": "null", "data.sources": sources, "train.steps": 4, "data.eval_shards": "null"}
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    _ok(run_train(demo_overrides(demo_data, full, **{**common, "train.save_every": 2}), tmp_path, nproc=2))
+    rows = metrics(full)
+    for row in rows:
+        # 8 records per rank and micro-batch, from either source; texts carry no pair
+        assert row["source/chat/records"] + row["source/web/records"] == 2 * 8
+        assert row["source/chat/pairs"] == row["source/chat/records"] == row["pairs"]
+        assert row["source/web/pairs"] == 0
+        for name in ("chat", "web"):
+            if row[f"source/{name}/records"]:
+                assert row[f"source/{name}/ce_tokens"] > 0 and row[f"source/{name}/tokens"] > 0
+                assert row[f"source/{name}/ce"] == row[f"source/{name}/ce_sum"] / row[f"source/{name}/ce_tokens"]
+    assert sum(r["source/web/records"] for r in rows) > 0 and sum(r["source/chat/records"] for r in rows) > 0
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copytree(full / "checkpoints" / "step00000002", resumed / "checkpoints" / "step00000002")
+    (resumed / "checkpoints" / "latest").write_text("step00000002")
+    _ok(run_train(demo_overrides(demo_data, resumed, **{**common, "train.resume": "auto"}), tmp_path, nproc=2))
+    resumed_rows = metrics(resumed)
+    assert [r["step"] for r in resumed_rows] == [3, 4]
+    for row, want in zip(resumed_rows, rows[2:]):
+        for key in [k for k in want if k.startswith("source/")] + ["loss", "ce", "jepa"]:
+            assert row[key] == want[key] or (row[key] != row[key] and want[key] != want[key]), (row["step"], key)
+
+
 def test_ema_target_resumes_exactly(demo_data, tmp_path):
     """target: ema, bf16: a run of 4 steps and a run of 2 resumed for 2 more give the same losses
     and, at step 4, the same EMA (so the same teacher weights, which are the EMA rounded)."""

@@ -44,7 +44,7 @@ A batch is a dict of tensors:
     stp_index, stp_sign, stp_slot                            [S]     jepa.objective "stp" only:
     stp_weight, stp_pairs                                    [E]     see stp_reads
     sample_ids                                               [B]     one per record, record order
-    num_pairs, useful_tokens, computed_tokens                 0-d
+    num_pairs, useful_tokens, computed_tokens                 0-d     (num_pairs: records with views)
 
 `labels` is shifted: labels[r, t] is the token predicted at t (-100: no loss); ce_index/ce_targets
 list the same labelled tokens so the loss needs no data-dependent indexing on the device.
@@ -102,6 +102,11 @@ def _common_prefix(a: np.ndarray, b: np.ndarray) -> int:
     differ = np.flatnonzero(a[:n] != b[:n])
     return int(differ[0]) if len(differ) else n
 
+
+
+def is_pair(record: dict) -> bool:
+    """A record with both views; a plain-text record (no views) carries CE only."""
+    return len(record["user"]) > 0 and len(record["assistant"]) > 0
 
 class Layout:
     """Packs records into rows. Reads its settings from the typed config directly.
@@ -197,7 +202,7 @@ class Layout:
         """(the online unit of record i, its teacher unit or None)."""
         sid = int(record["sample_id"])
         full = self._cut(np.asarray(record["full"], dtype=np.int64))
-        has_views = len(record["user"]) > 0 and len(record["assistant"]) > 0
+        has_views = is_pair(record)
         root = Segment(i, SEG_FULL, full, targets=self._targets(full, record, has_views))
         unit = Unit([root])
         if self.stp:
@@ -332,7 +337,7 @@ class Layout:
             zb_index=as_long([zb_reads[(p, "zb")] for p in jepa_pairs]),
             jepa_pairs=as_long(jepa_pairs),
             sample_ids=as_long([int(s["sample_id"]) for s in samples]),
-            num_pairs=torch.tensor(len(samples)),
+            num_pairs=torch.tensor(sum(is_pair(s) for s in samples)),  # records with views, not texts
             useful_tokens=torch.tensor(sum(len(u.segments[0].tokens) for u in online if u.segments[0].kind == SEG_FULL)),
             computed_tokens=torch.tensor(computed),
         )

@@ -40,7 +40,8 @@ Two ways to cut micro-batches:
 
 Every record carries `source_index` (its source in the list) and every batch `source_index` [N]
 in record order, with per-source counts `source_records`, `source_pairs`, `source_tokens` [S]
-(megajepa.data.mixture.per_source_ce gives the per-source CE on the device). `sample_ids` are
+and, with more than one source, `ce_source` (the source of each of the batch's `ce_targets`), from
+which the objective sums the CE per source on the device. `sample_ids` are
 streaming's global record indices (unique across sources; the stored id for one source).
 
 Where the shards may live:
@@ -188,6 +189,8 @@ class SourceCollator:
         batch["source_tokens"] = torch.from_numpy(
             np.bincount(sources, weights=lengths[:, 0], minlength=self.num_sources).astype(np.int64)
         )
+        if self.num_sources > 1 and "ce_index" in batch:  # each labelled token's source, for the per-source CE
+            batch["ce_source"] = batch["source_index"][batch["pair_index"].flatten()[batch["ce_index"]]]
         batch.setdefault("sample_ids", torch.as_tensor([int(s["sample_id"]) for s in samples], dtype=torch.long))
         return batch
 

@@ -16,8 +16,9 @@ gives every batch the sources in their epoch proportions, `per_stream` draws eac
 rank) from one source.
 
 Every record the loader yields carries `source_index` (its source's position in the list), and
-each batch carries `source_index` [N] (record order) with per-source counts; `per_source_ce` turns
-per-token losses into per-source sums on the device, with no host synchronisation.
+each batch carries `source_index` [N] (record order) with per-source counts and, with several
+sources, each labelled token's source (`ce_source`); the objective sums its per-token CE by source
+on the device, and `source_step_values` / `with_source_ce` turn both into metrics.
 """
 
 from __future__ import annotations
@@ -30,7 +31,6 @@ if TYPE_CHECKING:  # torch and streaming load on first use: the config validates
     import torch
     from streaming import Stream
 
-IGNORE_INDEX = -100
 MIXING = ("random", "stratified", "per_stream")
 
 
@@ -91,62 +91,23 @@ def to_stream(source: Source) -> Stream:
     )
 
 
-def per_source_sums(
-    values: torch.Tensor, record_index: torch.Tensor, source_index: torch.Tensor, num_sources: int
-) -> torch.Tensor:
-    """Sum of `values` per source, [num_sources], on the values' device.
-
-    values and record_index have the same shape; record_index is each position's record in the
-    batch (-1: no record, e.g. padding), source_index [N] each record's source.
-    """
-    import torch
-
-    valid = record_index >= 0
-    source = torch.where(valid, source_index[record_index.clamp(min=0)], num_sources)  # bin S: none
-    sums = torch.zeros(num_sources + 1, dtype=values.dtype, device=values.device)
-    sums.index_add_(0, source.flatten(), torch.where(valid, values, 0).flatten().to(values.dtype))
-    return sums[:num_sources]
-
-
-def per_source_ce(
-    token_ce: torch.Tensor,
-    labels: torch.Tensor,
-    record_index: torch.Tensor,
-    source_index: torch.Tensor,
-    num_sources: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(CE sum, labelled tokens) per source, both [num_sources] on the device.
-
-    token_ce: the per-token CE, same shape as `labels` (any value where labels is IGNORE_INDEX);
-    record_index: the batch's record index per token (the collator's pair_index), -1 on padding.
-    The per-source mean is sum / tokens, once both are summed across ranks and steps.
-    """
-    import torch
-
-    labelled = labels != IGNORE_INDEX
-    index = torch.where(labelled, record_index, -1)
-    sums = per_source_sums(token_ce.float(), index, source_index, num_sources)
-    tokens = per_source_sums(labelled.float(), index, source_index, num_sources)
-    return sums, tokens
-
-
 SOURCE_PREFIX = "source/"
+SOURCE_COUNTS = ("records", "pairs", "tokens")  # a batch's source_records, source_pairs, source_tokens
 
 
-def source_step_values(
-    names: Sequence[str], batch: dict, ce_sums: Optional[torch.Tensor] = None, ce_tokens: Optional[torch.Tensor] = None
-) -> dict[str, torch.Tensor]:
-    """One micro-step's per-source metrics as 0-d tensors (no host read), for the metrics logger:
-    source/NAME/records, /pairs, /tokens (the batch's counts) and, given per_source_ce's output,
-    /ce_sum and /ce_tokens. Sum them over a logging window and across ranks, then
+def source_step_values(names: Sequence[str], counts: torch.Tensor, ce: Optional[torch.Tensor] = None) -> dict:
+    """One step's per-source metrics for the metrics logger: source/NAME/records, /pairs, /tokens
+    from `counts` [3, S] (host, the batches' source_records / source_pairs / source_tokens) and,
+    given the objective's per-source CE [2, S] (device: sums, labelled tokens), /ce_sum and
+    /ce_tokens as 0-d device tensors (no host read). Summed over a logging window and across ranks,
     with_source_ce(row) adds source/NAME/ce = ce_sum / ce_tokens."""
-    values = {}
+    values: dict = {}
     for i, name in enumerate(names):
-        for key in ("records", "pairs", "tokens"):
-            values[f"{SOURCE_PREFIX}{name}/{key}"] = batch[f"source_{key}"][i]
-        if ce_sums is not None:
-            values[f"{SOURCE_PREFIX}{name}/ce_sum"] = ce_sums[i]
-            values[f"{SOURCE_PREFIX}{name}/ce_tokens"] = ce_tokens[i]
+        for j, key in enumerate(SOURCE_COUNTS):
+            values[f"{SOURCE_PREFIX}{name}/{key}"] = float(counts[j, i])
+        if ce is not None:
+            values[f"{SOURCE_PREFIX}{name}/ce_sum"] = ce[0, i]
+            values[f"{SOURCE_PREFIX}{name}/ce_tokens"] = ce[1, i]
     return values
 
 

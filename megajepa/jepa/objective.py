@@ -26,7 +26,7 @@ from megajepa.config import JepaConfig
 from megajepa.jepa import stp
 from megajepa.model.attention import MASK_KEYS, attention_mask, bucket_width
 from megajepa.model.families import decoder_of
-from megajepa.model.head import lm_cross_entropy
+from megajepa.model.head import lm_cross_entropy, mean_of, token_cross_entropy
 from megajepa.model.predictor import build_predictor
 
 
@@ -40,6 +40,7 @@ class JepaOutput(ModelOutput):
     lambda_: Optional[float] = None
     z_a: Optional[torch.Tensor] = None  # pred(z_a), [J, d]
     z_b: Optional[torch.Tensor] = None  # the target, [J, d]
+    source_ce: Optional[torch.Tensor] = None  # with several sources: [2, S] CE sum, labelled tokens
 
 
 def lambda_at(cfg: JepaConfig, step: int) -> float:
@@ -56,6 +57,13 @@ def collapse_std(z: torch.Tensor) -> torch.Tensor:
     if z.shape[0] < 2:
         return torch.zeros((), device=z.device)
     return F.normalize(z.detach().float(), dim=-1).std(dim=0).mean()
+
+
+def per_source_ce(token_ce: torch.Tensor, ce_source: torch.Tensor, num_sources: int) -> torch.Tensor:
+    """[2, S]: the sum of the per-token CE and the number of labelled tokens of each source, on the
+    device (the mean per source is sum / tokens once both are summed over steps and ranks)."""
+    values = torch.stack([token_ce.detach().float(), torch.ones_like(token_ce, dtype=torch.float32)])
+    return values.new_zeros(2, num_sources).index_add_(1, ce_source, values)
 
 
 def infonce(z_a: torch.Tensor, z_b: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -132,12 +140,22 @@ class JepaModel(nn.Module):
         final, emb = self.hidden_states(batch)
         # The LM head runs only where there is a label (listed by the layout, so no host sync),
         # exactly as the model's own forward applies it, in memory-bounded chunks.
-        ce = lm_cross_entropy(self.lm, final.flatten(0, 1)[batch["ce_index"]], batch["ce_targets"])
+        hidden, targets = final.flatten(0, 1)[batch["ce_index"]], batch["ce_targets"]
+        source_ce = None
+        if "ce_source" in batch:  # a mixture: the CE per source needs each token's loss
+            token_ce = token_cross_entropy(self.lm, hidden, targets)
+            ce = mean_of(token_ce)
+            source_ce = per_source_ce(token_ce, batch["ce_source"], batch["source_records"].numel())
+        else:
+            ce = lm_cross_entropy(self.lm, hidden, targets)
 
         lam = lambda_at(self.cfg, step)
         if self.cfg.objective == "stp":  # Semantic Tube Prediction: spans of the conversation's own states
             jepa, z_a, z_b = stp.stp_loss(emb, batch, self.predictor, self.cfg)
-            return JepaOutput(loss=self.cfg.gamma * ce + lam * jepa, ce=ce.detach(), jepa=jepa.detach(), lambda_=lam, z_a=z_a, z_b=z_b)
+            return JepaOutput(
+                loss=self.cfg.gamma * ce + lam * jepa, ce=ce.detach(), jepa=jepa.detach(), lambda_=lam, z_a=z_a, z_b=z_b,
+                source_ce=source_ce,
+            )
         # The predictor runs on every rank every step, even on zero pairs: under ZeRO-3 a module
         # one rank skips would leave the others waiting in its parameter all-gather.
         z_a = self.predictor(self.read_embeddings(emb, batch, "za"))
@@ -149,4 +167,6 @@ class JepaModel(nn.Module):
                 z_b = z_b.detach()
         jepa = self.latent_loss(z_a, z_b)
         loss = self.cfg.gamma * ce + lam * jepa
-        return JepaOutput(loss=loss, ce=ce.detach(), jepa=jepa.detach(), lambda_=lam, z_a=z_a, z_b=z_b)
+        return JepaOutput(
+            loss=loss, ce=ce.detach(), jepa=jepa.detach(), lambda_=lam, z_a=z_a, z_b=z_b, source_ce=source_ce
+        )

@@ -9,5 +9,6 @@
                                                   / position_ids (prefix "teacher_" for the teacher)
     head.lm_logits(lm, hidden)                     logits exactly as lm's own forward makes them
     head.lm_cross_entropy(lm, hidden[N, d], labels[N])  mean CE at labelled tokens, memory-bounded
+    head.token_cross_entropy(lm, hidden, labels)   the same, per token [N] (per-source metrics)
     attention.bucket_width(width)                  the row width to pad to for FlexAttention
 """

@@ -7,10 +7,12 @@ gemma2/gemma3 soft-cap the logits (`final_logit_softcapping`), granite divides t
 CE of the model that is exported.
 
 `lm_cross_entropy` never holds the fp32 logits of all tokens at once: it runs the head over chunks
-of tokens, each under activation checkpointing (its logits are recomputed in the backward instead
-of kept), or Liger-Kernel's fused linear cross-entropy on CUDA where it is installed and the head
-weight is materialised on this rank. Neither reads a value back to the host, except what
-Liger-Kernel does itself (one count of the non-ignored labels).
+of tokens, each under activation checkpointing when there is more than one (its logits are
+recomputed in the backward instead of kept), or Liger-Kernel's fused linear cross-entropy on CUDA
+where it is installed and the head weight is materialised on this rank. `token_cross_entropy` is
+the chunked path's per-token losses (what per-source metrics need; Liger's fused kernel gives only
+their mean). Neither reads a value back to the host, except what Liger-Kernel does itself (one
+count of the non-ignored labels).
 """
 
 from __future__ import annotations
@@ -50,33 +52,42 @@ def lm_logits(lm, hidden: torch.Tensor) -> torch.Tensor:
     return _transform(lm, lm.get_output_embeddings()(hidden))
 
 
-def _ce_sum(lm, hidden, labels):
-    return F.cross_entropy(lm_logits(lm, hidden).float(), labels, reduction="sum")
+def _token_ce(lm, hidden, labels):
+    return F.cross_entropy(lm_logits(lm, hidden).float(), labels, reduction="none")
+
+
+def token_cross_entropy(lm, hidden: torch.Tensor, labels: torch.Tensor, max_logit_bytes: int = MAX_LOGIT_BYTES):
+    """Next-token CE of each of N labelled tokens, [N] fp32: `hidden` [N, d] final hidden states at
+    the tokens, `labels` [N] the token each predicts (all valid: select labelled tokens first).
+
+    Equals F.cross_entropy(lm_logits(lm, hidden).float(), labels, reduction="none") with at most
+    `max_logit_bytes` of fp32 logits alive at a time. With N = 0 it still runs the head (under
+    ZeRO-3 a module one rank skips leaves the others waiting in its all-gather)."""
+    n = hidden.shape[0]
+    vocab = lm.get_output_embeddings().out_features
+    chunk = max(1, max_logit_bytes // (4 * vocab))
+    if n <= chunk:  # one chunk: its logits fit the bound, so keep them rather than recompute the head
+        return _token_ce(lm, hidden, labels)
+    chunks = []
+    for start in range(0, n, chunk):
+        h, y = hidden[start:start + chunk], labels[start:start + chunk]
+        chunks.append(checkpoint(_token_ce, lm, h, y, use_reentrant=False) if torch.is_grad_enabled() else _token_ce(lm, h, y))
+    return torch.cat(chunks)
 
 
 def lm_cross_entropy(lm, hidden: torch.Tensor, labels: torch.Tensor, max_logit_bytes: int = MAX_LOGIT_BYTES):
-    """Mean next-token CE over N labelled tokens: `hidden` [N, d] final hidden states at the
-    tokens, `labels` [N] the token each predicts (all valid: select labelled tokens first).
+    """Mean next-token CE over N labelled tokens (the arguments as token_cross_entropy's): Liger's
+    fused kernel where it applies, else the mean of token_cross_entropy. With N = 0 it is 0."""
+    if hidden.shape[0] > 0:
+        fused = _liger_loss(lm, hidden, labels)
+        if fused is not None:
+            return fused
+    return mean_of(token_cross_entropy(lm, hidden, labels, max_logit_bytes))
 
-    Equals F.cross_entropy(lm_logits(lm, hidden).float(), labels) with at most `max_logit_bytes`
-    of fp32 logits alive at a time. With N = 0 it is 0 and still runs the head (under ZeRO-3 a
-    module one rank skips leaves the others waiting in its all-gather)."""
-    n = hidden.shape[0]
-    if n == 0:
-        return lm_logits(lm, hidden).float().sum() * 0.0
-    fused = _liger_loss(lm, hidden, labels)
-    if fused is not None:
-        return fused
-    vocab = lm.get_output_embeddings().out_features
-    chunk = max(1, max_logit_bytes // (4 * vocab))
-    total = hidden.new_zeros((), dtype=torch.float32)
-    for start in range(0, n, chunk):
-        h, y = hidden[start:start + chunk], labels[start:start + chunk]
-        if torch.is_grad_enabled():
-            total = total + checkpoint(_ce_sum, lm, h, y, use_reentrant=False)
-        else:
-            total = total + _ce_sum(lm, h, y)
-    return total / n
+
+def mean_of(token_ce: torch.Tensor) -> torch.Tensor:
+    """The mean of per-token losses; 0 (still connected to the graph) for none."""
+    return token_ce.sum() / max(token_ce.shape[0], 1)
 
 
 def _liger_loss(lm, hidden, labels):

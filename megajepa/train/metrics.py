@@ -16,9 +16,14 @@ import torch
 from tqdm import tqdm
 
 from megajepa import dist
+from megajepa.data.mixture import SOURCE_PREFIX, with_source_ce
 
-# summed across ranks; the rest are averaged
+# summed across ranks (so are the per-source figures, source/...); the rest are averaged
 SUMMED = ("computed_tokens", "useful_tokens", "pairs")
+
+
+def summed(key: str) -> bool:
+    return key in SUMMED or key.startswith(SOURCE_PREFIX)
 
 
 class MetricsLogger:
@@ -64,7 +69,8 @@ class MetricsLogger:
         elapsed = time.perf_counter() - self._window_start
         row = {"step": step}
         for key, total in zip(keys, totals):
-            row[key] = total / self._window_steps if key in SUMMED else total / (self._window_steps * self.world)
+            row[key] = total / self._window_steps if summed(key) else total / (self._window_steps * self.world)
+        row = with_source_ce(row)
         for key in SUMMED:
             if key in row:
                 row[f"{key}_per_s"] = row[key] * self._window_steps / elapsed

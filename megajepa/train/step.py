@@ -28,6 +28,7 @@ from typing import Any, Callable, ContextManager, Optional, Sequence
 import torch
 
 from megajepa import dist
+from megajepa.data.mixture import SOURCE_COUNTS
 from megajepa.jepa.objective import JepaOutput, collapse_std
 
 # Summed over the micro-batches of a step, from the CPU batches.
@@ -56,6 +57,10 @@ class StepResult:
     updated: bool  # False: a non-finite loss stopped the update (on every rank)
     last: JepaOutput  # the last micro-batch's output
     device_metrics: dict[str, torch.Tensor] = field(default_factory=dict)
+    # summed over the micro-batches: [3, S] records, pairs, tokens per source (host); with several
+    # sources [2, S] CE sum and labelled tokens per source (device), else None
+    source_counts: Optional[torch.Tensor] = None
+    source_ce: Optional[torch.Tensor] = None
 
 
 def _no_section(name: str) -> ContextManager:
@@ -79,9 +84,13 @@ def train_step(
     counts = {key: 0.0 for key in COUNTS}
     sums = torch.zeros(3, device=device)  # loss, ce, jepa
     finite = torch.ones((), dtype=torch.bool, device=device)
+    source_counts, source_ce = None, None
     for i, cpu_batch in enumerate(micro_batches):
         for key in COUNTS:
             counts[key] += float(cpu_batch[key])  # CPU tensors: no device wait
+        if "source_records" in cpu_batch:
+            batch_counts = torch.stack([cpu_batch[f"source_{key}"] for key in SOURCE_COUNTS]).double()
+            source_counts = batch_counts if source_counts is None else source_counts + batch_counts
         batch = to_device(cpu_batch, device)
         target = None
         if teacher is not None:
@@ -90,16 +99,18 @@ def train_step(
         out = engine(batch, step=step, target_embeddings=target)
         finite &= torch.isfinite(out.loss.detach())
         sums += torch.stack([out.loss.detach(), out.ce, out.jepa]).float()
+        if out.source_ce is not None:
+            source_ce = out.source_ce if source_ce is None else source_ce + out.source_ce
         engine.backward(out.loss)
         if i == accumulation - 1:
             agreed = dist.agree({"nonfinite": ~finite, **(flags or {})}, device)
             if agreed["nonfinite"]:
                 means = sums / accumulation
-                return StepResult(*means, out.lambda_, counts, agreed, False, out)
+                return StepResult(*means, out.lambda_, counts, agreed, False, out, {}, source_counts, source_ce)
         engine.step()
     if teacher is not None:
         with section("ema"):
             teacher.update(step + 1)
     loss, ce, jepa = sums / accumulation
     metrics = {"z_a_std": collapse_std(out.z_a), "z_b_std": collapse_std(out.z_b)}
-    return StepResult(loss, ce, jepa, out.lambda_, counts, agreed, True, out, metrics)
+    return StepResult(loss, ce, jepa, out.lambda_, counts, agreed, True, out, metrics, source_counts, source_ce)

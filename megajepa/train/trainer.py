@@ -23,7 +23,7 @@ from megajepa.config import Config, precision, to_dict
 from megajepa.data.fingerprint import tokenizer_hash
 from megajepa.data.layout import Layout
 from megajepa.data.loader import PairLoader, build_loader, set_stream_env
-from megajepa.data.mixture import sources_from_config
+from megajepa.data.mixture import source_step_values, sources_from_config
 from megajepa.data.tokenizer import add_pred_tokens, pred_token_ids
 from megajepa.files import write_text
 from megajepa.jepa.objective import JepaModel
@@ -318,6 +318,8 @@ def train(cfg: Config) -> dict:
                 "compute_seconds": time.perf_counter() - step_start,
                 **device_values,
             }
+            if loader.num_sources > 1:
+                values.update(source_step_values(loader.source_names, result.source_counts, result.source_ce))
             logger.step(step, values, always=step == cfg.train.steps)
             if cfg.data.record_ids_dir is not None:  # debug only: reads this rank's loss every step
                 record_step(cfg.data.record_ids_dir, rank, step, loader, result.loss.item())
