@@ -166,7 +166,8 @@ def test_bench_end_to_end_one_rank(demo_data, tmp_path):
     out = tmp_path / "bench"
     overrides = [
         f"data.embedded={demo_data['root']}",
-        f"data.shards={demo_data['train_shards']}",
+        "data.shards=null",  # the training data as data.sources: the loader figures read them too
+        f"data.sources=[{{shards: {demo_data['train_shards']}, name: chat}}]",
         f"data.eval_shards={demo_data['eval_shards']}",
         f"data.tokenizer={demo_data['tokenizer']}",
         "data.pairs_per_batch=4",
@@ -188,6 +189,7 @@ def test_bench_end_to_end_one_rank(demo_data, tmp_path):
     assert list(modes) == ["ce", "jepa", "jepa-shared", "jepa-ema", "ref3", "ref2", "stp"]
     assert report["config"]["data"]["pairs_per_batch"] == 4 and report["versions"]["torch"] == torch.__version__
     assert report["order"] == ("sequence" if torch.cuda.is_available() else "alternate")
+    assert report["loader"]["batches"] == 2 and report["loader"]["pairs_per_s_per_rank"][0] > 0
     # same init, same pairs: every layout computes the same CE and JEPA loss at the first step
     assert modes["jepa-shared"]["first_step"]["ce"] == pytest.approx(modes["ce"]["first_step"]["ce"], rel=1e-4)
     for name in ("jepa-ema", "ref3", "ref2"):

@@ -13,7 +13,8 @@ import torch
 
 from megajepa.data.fingerprint import FINGERPRINT_FILE, FingerprintMismatch, tokenizer_hash
 from megajepa.data.layout import SEG_FULL
-from megajepa.data.loader import build_loader, loader_throughput, set_stream_env
+from megajepa.bench.loader import loader_throughput
+from megajepa.data.loader import build_loader, set_stream_env
 from _mixture_shards import make_layout, random_records, write_records
 from _shards import tiny_tokenizer
 
@@ -160,11 +161,17 @@ def test_stream_env_from_deepspeed_local_size(monkeypatch):
     assert set_stream_env()["LOCAL_WORLD_SIZE"] == 2
 
 
-def test_throughput_reports_rates_and_padding(shards):
-    stats = loader_throughput(shards, batch_pairs=BATCH, layout=LAYOUT, batches=30)
-    assert stats["batches"] == 30 and stats["last_epoch"] == 1
-    assert stats["pairs_per_s"] > 0 and stats["tokens_per_s"] > stats["pairs_per_s"]
-    assert 0 <= stats["padding_fraction"] < 1 - stats["view_token_fraction"]
+def test_throughput_counts_what_the_loader_delivered(shards, records):
+    """The bench's loader figures, against the records the loader says it yielded."""
+    loader = loader_for(shards)
+    stats = loader_throughput(loader, batches=30)
+    delivered = flat(loader.recorded_ids)
+    assert stats["batches"] == 30 and len(delivered) == 30 * BATCH
+    assert stats["pairs_per_s"] * stats["seconds"] == pytest.approx(30 * BATCH)
+    full_tokens = sum(len(records[i]["full"]) for i in delivered)
+    assert stats["record_tokens_per_s"] * stats["seconds"] == pytest.approx(full_tokens)
+    assert stats["last_epoch"] == (30 * BATCH - 1) // loader.pairs_per_epoch
+    assert 0 < stats["padding_fraction"] < 1 - stats["view_token_fraction"]
 
 
 # --- two ranks, each its own process -----------------------------------------------------------

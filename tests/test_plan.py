@@ -83,7 +83,7 @@ def test_activation_formula_counts_what_autograd_saves(dims, checkpointing):
 def test_parameter_count_is_the_models_own(demo_data):
     """The plan's parameters against a real model built as training builds it (no ZeRO)."""
     from megajepa.model.build import build_model
-    from megajepa.train.trainer import load_tokenizer
+    from megajepa.train.setup import load_tokenizer
 
     cfg = load_config(str(REPO / "configs/demo.yaml"), [f"data.tokenizer={demo_data['tokenizer']}"])
     _, tokenizer, _ = load_tokenizer(cfg)

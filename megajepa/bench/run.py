@@ -35,15 +35,8 @@ from megajepa.bench.modes import BenchSettings, mode_config, validate
 from megajepa.config import Config, precision
 from megajepa.bench.reference_layouts import REFERENCE_LAYOUTS, pack_reference
 from megajepa.data.layout import SEG_PAD, Layout
-from megajepa.data.loader import loader_throughput
-from megajepa.train.trainer import (
-    build_engine,
-    config_loader,
-    init_distributed,
-    layout_config,
-    load_tokenizer,
-    prepare_embedded,
-)
+from megajepa.bench.loader import loader_throughput
+from megajepa.train.setup import build_engine, config_loader, init_distributed, load_tokenizer, prepare_embedded
 from megajepa.train.deepspeed_json import online_config
 from megajepa.train.step import train_step
 
@@ -58,7 +51,7 @@ def pack(mode: str, records: list[dict], layout: Layout, max_length: int) -> dic
 
 def draw_pairs(cfg: Config, layout: Layout, tokenizer, count: int) -> list[list[dict]]:
     """`count` micro-batches of raw pairs for this rank, read once and shared by every mode."""
-    loader = config_loader(cfg, cfg.data.shards, layout, tokenizer)
+    loader = config_loader(cfg, None, layout, tokenizer)
     batches: list[list[dict]] = []
     current: list[dict] = []
     while len(batches) < count:
@@ -98,7 +91,7 @@ class ModeRun:
     def __init__(self, mode: str, cfg: Config, settings: BenchSettings, tokenizer, pred_ids, pad_id, pairs):
         self.mode, self.cfg, self.settings = mode, cfg, settings
         mcfg = mode_config(cfg, mode, settings.warmup + settings.steps)
-        layout = layout_config(mcfg, pred_ids, pad_id)
+        layout = Layout(mcfg.data, mcfg.jepa, pred_ids, pad_id)
         self.batches = [pack(mode, p, layout, settings.max_length) for p in pairs]
         world = dist.world_size()
         self.engine, self.teacher = build_engine(mcfg, tokenizer, online_config(mcfg, world))
@@ -271,15 +264,7 @@ def _versions() -> dict:
 
 
 def _loader_benchmark(cfg: Config, layout: Layout, tokenizer, batches: int) -> dict:
-    stats = loader_throughput(
-        cfg.data.shards,
-        batch_pairs=cfg.data.pairs_per_batch,
-        layout=layout,
-        batches=batches,
-        tokenizer=tokenizer,
-        num_workers=cfg.data.num_workers,
-        seed=cfg.data.seed,
-    )
+    stats = loader_throughput(config_loader(cfg, None, layout, tokenizer), batches=batches)
     per_rank = [0.0] * dist.world_size()
     per_rank[dist.rank()] = stats["pairs_per_s"]
     per_rank = dist.reduce_values(per_rank, "sum")
@@ -301,7 +286,8 @@ def run(cfg: Config, settings: BenchSettings) -> dict | None:
     prepare_embedded(cfg, rank)
     prepared, tokenizer, pred_ids = load_tokenizer(cfg)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id or 0
-    jepa_layout = layout_config(mode_config(cfg, "jepa", 1), pred_ids, pad_id)
+    jepa_config = mode_config(cfg, "jepa", 1)
+    jepa_layout = Layout(jepa_config.data, jepa_config.jepa, pred_ids, pad_id)
 
     load_before = os.getloadavg()
     loader = None

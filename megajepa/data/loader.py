@@ -64,7 +64,6 @@ machine shared with other jobs.
 from __future__ import annotations
 
 import os
-import time
 import warnings
 from itertools import chain
 from typing import Any, Callable, Iterator, Optional, Sequence
@@ -75,10 +74,9 @@ from streaming import StreamingDataLoader, StreamingDataset
 from streaming.base.format import get_index_basename
 from streaming.base.storage import CloudDownloader
 from streaming.base.world import World
-from tqdm import tqdm
 
 from megajepa.data import fingerprint
-from megajepa.data.layout import SEG_PAD, Layout
+from megajepa.data.layout import Layout
 from megajepa.data.mixture import MIXING, Source, check_sources, to_stream
 from megajepa.files import atomic_path
 
@@ -516,59 +514,3 @@ def build_loader(
             f"batch_pairs={batch_pairs}"
         )
     return loader
-
-
-def loader_throughput(
-    shards: Optional[str] = None,
-    *,
-    batch_pairs: int,
-    layout: Layout,
-    seconds: Optional[float] = None,
-    batches: Optional[int] = None,
-    tokenizer=None,
-    num_workers: int = 0,
-    seed: int = 1234,
-    **options: Any,
-) -> dict[str, float]:
-    """What the loader delivers to this rank from local shards, for `seconds` or `batches`.
-
-    padding_fraction: row slots holding padding / all row slots (online and teacher rows).
-    view_token_fraction: the layout's useful_tokens / computed_tokens.
-    record_tokens_per_s: the records' `full` tokens delivered per second.
-    options: more build_loader arguments (sources, mixing, tokens_per_batch).
-    """
-    if (seconds is None) == (batches is None):
-        raise ValueError("give exactly one of seconds or batches")
-    loader = build_loader(
-        shards, batch_pairs=batch_pairs, layout=layout, tokenizer=tokenizer, num_workers=num_workers, seed=seed,
-        **options,
-    )
-    pairs = useful = computed = padding = rows = count = record_tokens = 0
-    start = time.perf_counter()
-    with tqdm(total=batches, desc="loader", unit="batch", disable=int(os.environ.get("RANK", 0)) > 0) as bar:
-        for batch in loader:
-            count += 1
-            pairs += len(batch["source_index"])
-            record_tokens += int(batch["source_tokens"].sum())
-            useful += int(batch["useful_tokens"])
-            computed += int(batch["computed_tokens"])
-            padding += int((batch["segment"] == SEG_PAD).sum())
-            rows += batch["segment"].shape[0]
-            if "teacher_segment" in batch:
-                padding += int((batch["teacher_segment"] == SEG_PAD).sum())
-                rows += batch["teacher_segment"].shape[0]
-            bar.update()
-            elapsed = time.perf_counter() - start
-            if count == batches or (seconds is not None and elapsed >= seconds):
-                break
-    return {
-        "batches": count,
-        "seconds": elapsed,
-        "pairs_per_s": pairs / elapsed,
-        "tokens_per_s": computed / elapsed,
-        "record_tokens_per_s": record_tokens / elapsed,
-        "padding_fraction": padding / computed,
-        "view_token_fraction": useful / computed,
-        "rows_per_batch": rows / count,
-        "last_epoch": loader.epoch,
-    }
