@@ -276,7 +276,7 @@ def test_no_usable_record_is_an_error(tmp_path, tokenizer_dir):
 
 def test_cli_errors(tmp_path, tokenizer_dir, capsys):
     assert main([str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "out"), "--tokenizer", tokenizer_dir]) == 2
-    assert "no such input file or directory" in capsys.readouterr().err
+    assert capsys.readouterr().err.startswith("megajepa prepare: error: no such input file or directory")
     with pytest.raises(SystemExit):
         main(["in.jsonl", "--out", "x", "--field", "prompt=question"])
     assert "expected NAME=COLUMN" in capsys.readouterr().err

@@ -130,6 +130,13 @@ def test_strict_stops_at_the_first_bad_line(corpus, tokenizer_dir, tmp_path, cap
     assert code == 2 and "a.jsonl:7: unreadable" in capsys.readouterr().err
 
 
+def test_cli_error_names_the_command(tokenizer_dir, tmp_path, capsys):
+    missing = tmp_path / "missing"
+    code = cli_main(["prepare-text", str(missing), "--out", str(tmp_path / "out"), "--tokenizer", tokenizer_dir])
+    assert code == 2
+    assert capsys.readouterr().err == f"megajepa prepare-text: error: no such input file or directory: {missing}\n"
+
+
 def test_hf_dataset_rows_and_cli(tokenizer_dir, tmp_path, capsys):
     import datasets
 

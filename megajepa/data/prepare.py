@@ -599,6 +599,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def exit_code(command: str, work: Callable[[], object]) -> int:
+    """Runs one prepare command's `work`: 0, or 2 with the reason on stderr, no traceback, for input
+    it cannot use. BadInput's message names the record already (FILE:LINE: reason); the other
+    errors get the command's name in front, as argparse's do. Shared by prepare and prepare-text."""
+    try:
+        work()
+    except BadInput as err:
+        print(err, file=sys.stderr)
+        return 2
+    except (ValueError, FileNotFoundError, FileExistsError) as err:
+        print(f"{command}: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def _exit_on_sigterm(signum, frame) -> None:
     raise SystemExit(128 + signum)  # unwinds through staged_directory, which removes its staging
 
@@ -611,29 +626,21 @@ def main(argv: list[str], default_tokenizer: Optional[Callable[[], str]] = None)
         print("megajepa prepare: error: --tokenizer DIR is required", file=sys.stderr)
         return 2
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
-    try:
-        prepare(
-            args.inputs,
-            args.out,
-            args.tokenizer or default_tokenizer(),
-            strict=args.strict,
-            max_length=args.max_length,
-            overlength=args.overlength,
-            shard_size_limit=args.shard_size,
-            input_format=args.format,
-            field_map=dict(args.field),
-            text_split=args.text_split,
-            split=args.split,
-            overwrite=args.overwrite,
-            progress=not args.no_progress,
-        )
-    except BadInput as err:
-        print(err, file=sys.stderr)
-        return 2
-    except (ValueError, FileNotFoundError, FileExistsError) as err:
-        print(f"megajepa prepare: error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return exit_code("megajepa prepare", lambda: prepare(
+        args.inputs,
+        args.out,
+        args.tokenizer or default_tokenizer(),
+        strict=args.strict,
+        max_length=args.max_length,
+        overlength=args.overlength,
+        shard_size_limit=args.shard_size,
+        input_format=args.format,
+        field_map=dict(args.field),
+        text_split=args.text_split,
+        split=args.split,
+        overwrite=args.overwrite,
+        progress=not args.no_progress,
+    ))
 
 
 if __name__ == "__main__":

@@ -43,7 +43,7 @@ from tqdm import tqdm
 
 from megajepa.data.fingerprint import FINGERPRINT_FILE, file_sha256, tokenizer_hash
 from megajepa.data.loader import RECORD_LENGTHS_FILE, write_record_lengths
-from megajepa.data.prepare import MAX_REPORTED, BadInput, BadRecord, DatasetInput
+from megajepa.data.prepare import MAX_REPORTED, BadInput, BadRecord, DatasetInput, exit_code
 from megajepa.data.tokenizer import load_tokenizer
 from megajepa.files import staged_directory
 
@@ -449,20 +449,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        prepare_text(
-            args.inputs, args.out, args.tokenizer, workers=args.workers, max_tokens=args.max_tokens,
-            text_field=args.field, split=args.split, strict=args.strict, overwrite=args.overwrite,
-            part_bytes=args.part_bytes, rows_per_part=args.rows_per_part, shard_size_limit=args.shard_size,
-            progress=not args.no_progress,
-        )
-    except BadInput as err:
-        print(err, file=sys.stderr)
-        return 2
-    except (ValueError, FileNotFoundError, FileExistsError) as err:
-        print(f"megajepa prepare-text: error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return exit_code("megajepa prepare-text", lambda: prepare_text(
+        args.inputs, args.out, args.tokenizer, workers=args.workers, max_tokens=args.max_tokens,
+        text_field=args.field, split=args.split, strict=args.strict, overwrite=args.overwrite,
+        part_bytes=args.part_bytes, rows_per_part=args.rows_per_part, shard_size_limit=args.shard_size,
+        progress=not args.no_progress,
+    ))
 
 
 if __name__ == "__main__":
