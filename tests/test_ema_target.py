@@ -7,15 +7,11 @@ with it, say what they should hold.
 """
 
 import math
-import os
-import socket
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
 from _ema_worker import EMA, FROZEN, JEPA, MODEL, VOCAB
+from _ranks import run_worker
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from megajepa.config import EmaConfig
@@ -23,48 +19,12 @@ from megajepa.jepa.ema_target import momentum_at
 from megajepa.train.deepspeed_json import teacher_config
 from megajepa.jepa.objective import JepaModel
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 4
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def run_ranks(out, world: int, *args: str, timeout: float = 600.0) -> list[dict]:
-    """Run the worker on `world` ranks; each rank's record. One rank failing stops the others,
-    which would otherwise wait in a collective until gloo's timeout."""
-    tmpdir = out / "tmp"
-    tmpdir.mkdir(parents=True)
-    env = dict(
-        os.environ,
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(free_port()),
-        WORLD_SIZE=str(world),
-        LOCAL_WORLD_SIZE=str(world),
-        OMP_NUM_THREADS="1",
-        TMPDIR=str(tmpdir),
-        PYTHONPATH=ROOT,
-    )
-    cmd = [sys.executable, os.path.join(ROOT, "tests", "_ema_worker.py"), "--out", str(out), *args]
-    logs = [out / f"log{r}.txt" for r in range(world)]
-    procs = []
-    for r, log in enumerate(logs):
-        with open(log, "w") as f:
-            procs.append(subprocess.Popen(cmd, env=dict(env, RANK=str(r), LOCAL_RANK=str(r)), stdout=f, stderr=f))
-    deadline = time.monotonic() + timeout
-    while any(p.poll() is None for p in procs):
-        if any(p.returncode not in (None, 0) for p in procs) or time.monotonic() > deadline:
-            for p in procs:
-                if p.poll() is None:
-                    p.kill()
-                    p.wait()
-            break
-        time.sleep(0.2)
-    for r, (p, log) in enumerate(zip(procs, logs)):
-        assert p.returncode == 0, f"rank {r} exited with {p.returncode}:\n{log.read_text()[-4000:]}"
+def run_ranks(out, world: int, *args: str) -> list[dict]:
+    """tests/_ema_worker.py on `world` ranks; each rank's record."""
+    run_worker("_ema_worker.py", out, world, *args, timeout=600.0)
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(world)]
 
 

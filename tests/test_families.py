@@ -6,21 +6,16 @@ attention_mask(batch, lm), lm_logits and lm_cross_entropy. fp32, dropout off.
 """
 
 import json
-import os
-import socket
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
 
 from _families import FAMILIES, REFUSED, VOCAB, build, oracle_pass, pack, packed_pass, write_config
+from _ranks import run_worker
 from megajepa.config import ModelConfig
 from megajepa.model.build import check_architecture
 from megajepa.model.families import TESTED_FAMILIES, UnsupportedArchitecture, decoder_of
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOL = dict(rtol=1e-4, atol=1e-5)
 # eager attention (additive mask) beside SDPA: gptj has no SDPA; gemma2 soft-caps attention
 # scores only in eager and flex, so eager is where its attention soft-capping is checked.
@@ -129,30 +124,7 @@ def test_packed_pass_flex_attention_forward(family, tmp_path):
 
 
 def run_two_ranks(out, families) -> list[dict]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    (out / "tmp").mkdir(parents=True)
-    env = dict(
-        os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
-        OMP_NUM_THREADS="1", TMPDIR=str(out / "tmp"), PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "tests")]),
-    )
-    cmd = [sys.executable, os.path.join(ROOT, "tests", "_families_worker.py"), "--out", str(out), "--families", *families]
-    procs = []
-    for r in range(2):
-        with open(out / f"log{r}.txt", "w") as f:
-            procs.append(subprocess.Popen(cmd, env=dict(env, RANK=str(r), LOCAL_RANK=str(r)), stdout=f, stderr=f))
-    deadline = time.monotonic() + 900
-    while any(p.poll() is None for p in procs):
-        if any(p.returncode not in (None, 0) for p in procs) or time.monotonic() > deadline:
-            for p in procs:
-                if p.poll() is None:
-                    p.kill()
-                    p.wait()
-            break
-        time.sleep(0.2)
-    for r, p in enumerate(procs):
-        assert p.returncode == 0, f"rank {r}: exit {p.returncode}\n{(out / f'log{r}.txt').read_text()[-4000:]}"
+    run_worker("_families_worker.py", out, 2, "--families", *families, timeout=900.0)
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
 
 

@@ -7,19 +7,15 @@ resident memory per rank at load is compared with transformers' loader on a mode
 
 import json
 import os
-import socket
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
+from _ranks import run_worker
 from safetensors.torch import load_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from megajepa.model.pretrained import CheckpointError, read_elements, read_index
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MIB = 2**20
 
 
@@ -40,37 +36,9 @@ def _checkpoint(directory) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def run_ranks(out, world: int, *args: str, timeout: float = 900.0) -> list[dict]:
-    """The worker on `world` ranks; each rank's record. One rank failing stops the others."""
-    tmpdir = out / "tmp"
-    tmpdir.mkdir(parents=True)
-    env = dict(
-        os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE=str(world),
-        LOCAL_WORLD_SIZE=str(world), OMP_NUM_THREADS="1", TMPDIR=str(tmpdir), PYTHONPATH=ROOT,
-    )  # fmt: skip
-    cmd = [sys.executable, os.path.join(ROOT, "tests", "_pretrained_worker.py"), "--out", str(out), *args]
-    logs = [out / f"log{r}.txt" for r in range(world)]
-    procs = []
-    for r, log in enumerate(logs):
-        with open(log, "w") as f:
-            procs.append(subprocess.Popen(cmd, env=dict(env, RANK=str(r), LOCAL_RANK=str(r)), stdout=f, stderr=f))
-    deadline = time.monotonic() + timeout
-    while any(p.poll() is None for p in procs):
-        if any(p.returncode not in (None, 0) for p in procs) or time.monotonic() > deadline:
-            for p in procs:
-                if p.poll() is None:
-                    p.kill()
-                    p.wait()
-            break
-        time.sleep(0.2)
-    for r, (p, log) in enumerate(zip(procs, logs)):
-        assert p.returncode == 0, f"rank {r} exited with {p.returncode}:\n{log.read_text()[-4000:]}"
+def run_ranks(out, world: int, *args: str) -> list[dict]:
+    """tests/_pretrained_worker.py on `world` ranks; each rank's record."""
+    run_worker("_pretrained_worker.py", out, world, *args, timeout=900.0)
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(world)]
 
 
