@@ -15,32 +15,21 @@ parameter's gradient must agree to fp32 rounding.
 from __future__ import annotations
 
 import copy
-import json
-import os
 
 import pytest
 import torch
 import torch.nn.functional as F
+from _tiny_chat import DEMO_CONFIG, assert_gradients_close, gradients, regex_conversations, tiny_llama
+from _tiny_chat import tokenizer  # noqa: F401  (a fixture)
 from tokenizers import processors
-from transformers import AutoConfig, AutoModelForCausalLM
 
 from megajepa.config import load_config
-from megajepa.data.embedded import ensure_tokenizer
 from megajepa.data.layout import Layout
 from megajepa.data.prepare import RecordEncoder
-from megajepa.data.tokenizer import add_pred_tokens, load_tokenizer, pred_token_ids
+from megajepa.data.tokenizer import add_pred_tokens, pred_token_ids
 from megajepa.jepa.objective import JepaModel
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAX_LENGTH = 96  # the reference's --max_length (512 there); every record here is shorter
-SYSTEM = "Translate the description into a regular expression."
-RECORDS = [
-    ("lines containing the word 'dog'", ".*dog.*"),
-    ("lines that start with a vowel", "[AEIOUaeiou].*"),
-    ("lines ending in 'cloud' or 'rain'", ".*(cloud|rain)"),
-    ("lines with a number followed by a letter, anywhere in the line", ".*[0-9][A-Za-z].*"),
-    ("the word 'tree' two times", ".*tree.*tree.*"),
-]
 
 # A Llama-3-style template (header ids, <|eot_id|>, a default system block when none is given,
 # contents trimmed), with a post-processor that adds BOS as Llama's tokenizer does: the reference
@@ -57,12 +46,8 @@ LLAMA3_TEMPLATE = (
 )
 
 
-@pytest.fixture(scope="module")
-def base_tokenizer():
-    return load_tokenizer(ensure_tokenizer())
-
-
-def _tokenizer(base, template: str):
+def _with_template(base, template: str):
+    """A copy of `base` with 4 [PRED] tokens and, for "llama3", that template and BOS handling."""
     tokenizer = copy.deepcopy(base)
     add_pred_tokens(tokenizer, 4)
     if template == "llama3":
@@ -79,21 +64,7 @@ def _tokenizer(base, template: str):
 
 
 def _messages(system: bool):
-    out = []
-    for user, assistant in RECORDS:
-        turns = [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
-        out.append(([{"role": "system", "content": SYSTEM}] if system else []) + turns)
-    return out
-
-
-def _model(vocab_size: int, seed: int = 0):
-    with open(os.path.join(REPO, "configs", "models", "tiny-llama.json")) as f:
-        spec = json.load(f)
-    model_type = spec.pop("model_type")
-    spec.update(vocab_size=vocab_size, attention_dropout=0.0)
-    torch.manual_seed(seed)
-    lm = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **spec), attn_implementation="sdpa")
-    return lm.float().eval()  # eval: no dropout anywhere
+    return regex_conversations(system)[:5]  # the five this comparison was written with (test_stp's rows take seven)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -174,7 +145,7 @@ def reference_loss(
 
 def packed_loss(lm, tokenizer, conversations, k, overrides, max_length=MAX_LENGTH):
     cfg = load_config(
-        os.path.join(REPO, "configs", "demo.yaml"),
+        DEMO_CONFIG,
         [f"jepa.k={k}", f"data.max_length={max_length}", "data.row_length=512", "jepa.lambda_=1", "jepa.gamma=1",
          *overrides],
     )
@@ -189,30 +160,22 @@ def packed_loss(lm, tokenizer, conversations, k, overrides, max_length=MAX_LENGT
     return out.loss, out.ce, out.jepa, batch
 
 
-def _gradients(lm, loss):
-    lm.zero_grad(set_to_none=True)
-    loss.backward()
-    return {name: p.grad.detach().clone() for name, p in lm.named_parameters() if p.grad is not None}
-
-
 def _assert_same(ref, ours, lm):
     (ref_loss, ref_ce, ref_jepa), (loss, ce, jepa) = ref, ours
     assert abs(ce.item() - ref_ce.item()) < 2e-5, (ce.item(), ref_ce.item())
     assert abs(jepa.item() - ref_jepa.item()) < 2e-5, (jepa.item(), ref_jepa.item())
-    ref_grads, grads = _gradients(lm, ref_loss), _gradients(lm, loss)
+    ref_grads, grads = gradients(lm, ref_loss), gradients(lm, loss)
     assert ref_grads.keys() == grads.keys()
-    for name, g in ref_grads.items():
-        scale = g.abs().max().item() + 1e-12
-        assert (grads[name] - g).abs().max().item() / scale < 1e-4, name
+    assert_gradients_close(ref_grads, grads)
 
 
 @pytest.mark.parametrize("template", ["embedded", "llama3"])
 @pytest.mark.parametrize("system", [True, False], ids=["system", "no-system"])
 @pytest.mark.parametrize("k", [0, 1, 3])
 @pytest.mark.parametrize("last_token", [-1, -2, -3])
-def test_packed_pass_is_the_reference_objective(base_tokenizer, template, system, k, last_token):
-    tokenizer = _tokenizer(base_tokenizer, template)
-    lm = _model(len(tokenizer))
+def test_packed_pass_is_the_reference_objective(tokenizer, template, system, k, last_token):
+    tokenizer = _with_template(tokenizer, template)
+    lm = tiny_llama(len(tokenizer))
     conversations = _messages(system)
     ref = reference_loss(lm, tokenizer, conversations, k, last_token, "conversation")
     loss, ce, jepa, _ = packed_loss(
@@ -224,9 +187,9 @@ def test_packed_pass_is_the_reference_objective(base_tokenizer, template, system
 
 
 @pytest.mark.parametrize("template", ["embedded", "llama3"])
-def test_content_labels_are_the_references_masked_labels(base_tokenizer, template):
-    tokenizer = _tokenizer(base_tokenizer, template)
-    lm = _model(len(tokenizer))
+def test_content_labels_are_the_references_masked_labels(tokenizer, template):
+    tokenizer = _with_template(tokenizer, template)
+    lm = tiny_llama(len(tokenizer))
     conversations = _messages(True)
     ref = reference_loss(lm, tokenizer, conversations, 1, -1, "content")
     loss, ce, jepa, _ = packed_loss(
@@ -236,10 +199,10 @@ def test_content_labels_are_the_references_masked_labels(base_tokenizer, templat
 
 
 @pytest.mark.parametrize("template,offset", [("embedded", -3), ("llama3", -2)])
-def test_content_end_readout_is_the_offset_for_the_template(base_tokenizer, template, offset):
+def test_content_end_readout_is_the_offset_for_the_template(tokenizer, template, offset):
     """README's table: where the readout that needs no per-family number reads, per template."""
-    tokenizer = _tokenizer(base_tokenizer, template)
-    lm = _model(len(tokenizer))
+    tokenizer = _with_template(tokenizer, template)
+    lm = tiny_llama(len(tokenizer))
     conversations = _messages(True)
     ref = reference_loss(lm, tokenizer, conversations, 1, offset, "response")
     loss, ce, jepa, _ = packed_loss(lm, tokenizer, conversations, 1, ["jepa.readout=content_end", "data.labels=response"])
@@ -247,9 +210,9 @@ def test_content_end_readout_is_the_offset_for_the_template(base_tokenizer, temp
 
 
 @pytest.mark.parametrize("template", ["embedded", "llama3"])
-def test_sequences_longer_than_max_length_are_cut_as_the_reference_cuts_them(base_tokenizer, template):
-    tokenizer = _tokenizer(base_tokenizer, template)
-    lm = _model(len(tokenizer))
+def test_sequences_longer_than_max_length_are_cut_as_the_reference_cuts_them(tokenizer, template):
+    tokenizer = _with_template(tokenizer, template)
+    lm = tiny_llama(len(tokenizer))
     conversations = _messages(True)
     full_lengths = [len(tokenizer(tokenizer.apply_chat_template(m, tokenize=False))["input_ids"]) for m in conversations]
     max_length = min(full_lengths) - 3  # every conversation is cut, some views too
@@ -261,9 +224,9 @@ def test_sequences_longer_than_max_length_are_cut_as_the_reference_cuts_them(bas
 
 @pytest.mark.parametrize("template", ["embedded", "llama3"])
 @pytest.mark.parametrize("option", ["front_pred", "reverse_pred"])
-def test_front_and_reverse_pred_are_the_references(base_tokenizer, template, option):
-    tokenizer = _tokenizer(base_tokenizer, template)
-    lm = _model(len(tokenizer))
+def test_front_and_reverse_pred_are_the_references(tokenizer, template, option):
+    tokenizer = _with_template(tokenizer, template)
+    lm = tiny_llama(len(tokenizer))
     conversations = _messages(True)
     ref = reference_loss(lm, tokenizer, conversations, 3, -1, "conversation", **{option: True})
     settings = ["jepa.readout=offset", "jepa.last_token=-1", "data.labels=conversation", f"jepa.{option}=true"]
@@ -271,9 +234,9 @@ def test_front_and_reverse_pred_are_the_references(base_tokenizer, template, opt
     _assert_same(ref, (loss, ce, jepa), lm)
 
 
-def test_the_user_view_shares_the_conversation_prefix_only_without_a_system_message(base_tokenizer):
-    tokenizer = _tokenizer(base_tokenizer, "embedded")
-    lm = _model(len(tokenizer))
+def test_the_user_view_shares_the_conversation_prefix_only_without_a_system_message(tokenizer):
+    tokenizer = _with_template(tokenizer, "embedded")
+    lm = tiny_llama(len(tokenizer))
     *_, with_system = packed_loss(lm, tokenizer, _messages(True), 1, [])
     *_, without = packed_loss(lm, tokenizer, _messages(False), 1, [])
     # without a system message the user view's opening tokens are read in the conversation

@@ -19,55 +19,21 @@ blake2b-64 of "stp:{data.seed}:{sample_id}:{epoch}", shifted right by one bit.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
-import os
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import AutoConfig, AutoModelForCausalLM
+from _tiny_chat import DEMO_CONFIG, assert_gradients_close, gradients, regex_conversations, tiny_llama
+from _tiny_chat import tokenizer  # noqa: F401  (a fixture)
 
 from megajepa.config import ConfigError, load_config
-from megajepa.data.embedded import ensure_tokenizer
 from megajepa.data.layout import Layout
 from megajepa.data.prepare import RecordEncoder
-from megajepa.data.tokenizer import load_tokenizer
 from megajepa.jepa.objective import JepaModel
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SYSTEM = "Translate the description into a regular expression."
-RECORDS = [
-    ("lines containing the word 'dog'", ".*dog.*"),
-    ("lines that start with a vowel", "[AEIOUaeiou].*"),
-    ("lines ending in 'cloud' or 'rain'", ".*(cloud|rain)"),
-    ("lines with a number followed by a letter, anywhere in the line", ".*[0-9][A-Za-z].*"),
-    ("the word 'tree' two times", ".*tree.*tree.*"),
-    ("lines having a capital letter before the word 'sun'", ".*[A-Z].*sun.*"),
-    ("lines with 'x'", ".*x.*"),
-]
 SEED, EPOCH = 77, 3
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return load_tokenizer(ensure_tokenizer())
-
-
-def _conversations(system: bool):
-    head = [{"role": "system", "content": SYSTEM}] if system else []
-    return [head + [{"role": "user", "content": u}, {"role": "assistant", "content": a}] for u, a in RECORDS]
-
-
-def _model(vocab_size: int):
-    with open(os.path.join(REPO, "configs", "models", "tiny-llama.json")) as f:
-        spec = json.load(f)
-    model_type = spec.pop("model_type")
-    spec.update(vocab_size=vocab_size, attention_dropout=0.0)
-    torch.manual_seed(0)
-    lm = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **spec), attn_implementation="sdpa")
-    return lm.float().eval()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -214,17 +180,11 @@ def _samples(tokenizer, conversations, epoch=EPOCH):
 
 
 def packed(lm, tokenizer, conversations, overrides):
-    cfg = load_config(os.path.join(REPO, "configs", "demo.yaml"), overrides)
+    cfg = load_config(DEMO_CONFIG, overrides)
     layout = Layout(cfg.data, cfg.jepa, [], tokenizer.pad_token_id)
     batch = layout(_samples(tokenizer, conversations))
     model = JepaModel(lm, cfg.jepa)
     return model, model(batch), batch
-
-
-def _gradients(model, loss):
-    model.zero_grad(set_to_none=True)
-    loss.backward()
-    return {name: p.grad.detach().clone() for name, p in model.named_parameters() if p.grad is not None}
 
 
 KNOBS = {
@@ -247,8 +207,8 @@ CASES += [("random_span", "default", False, False), ("e2e", "default", True, Fal
     ids=[f"{v}-{k}-{'linear' if lin else 'identity'}-{'system' if sys_ else 'no-system'}" for v, k, lin, sys_ in CASES],
 )
 def test_packed_stp_is_the_reference_loss(tokenizer, variant, knobs, linear, system):
-    conversations = _conversations(system)
-    lm = _model(len(tokenizer))
+    conversations = regex_conversations(system)
+    lm = tiny_llama(len(tokenizer))
     gamma, lam = 0.7, 1.3
     model, out, batch = packed(lm, tokenizer, conversations, _overrides(variant, linear, KNOBS[knobs], gamma, lam))
     assert 1 < batch["input_ids"].shape[0] < len(conversations), "several conversations per row, several rows"
@@ -260,39 +220,33 @@ def test_packed_stp_is_the_reference_loss(tokenizer, variant, knobs, linear, sys
     assert abs(out.ce.item() - ref_ce.item()) < 2e-5, (out.ce.item(), ref_ce.item())
     assert abs(out.jepa.item() - ref_jepa.item()) < 2e-5, (out.jepa.item(), ref_jepa.item())
     assert abs(out.loss.item() - ref_loss.item()) < 4e-5
-    ref_grads, grads = _gradients(model, ref_loss), _gradients(model, out.loss)
+    ref_grads, grads = gradients(model, ref_loss), gradients(model, out.loss)
     assert ref_grads.keys() == grads.keys() and ("predictor.weight" in grads) == linear
-    for name, g in ref_grads.items():
-        scale = g.abs().max().item() + 1e-12
-        assert (grads[name] - g).abs().max().item() / scale < 1e-4, name
+    assert_gradients_close(ref_grads, grads)
 
 
 def test_latent_term_alone_has_the_reference_gradients(tokenizer):
     """gamma 0: the gradients are the STP term's alone, not hidden under CE's."""
-    conversations = _conversations(True)
-    lm = _model(len(tokenizer))
+    conversations = regex_conversations(True)
+    lm = tiny_llama(len(tokenizer))
     knobs = KNOBS["three-short-spans-cosine-weights"]
     model, out, _ = packed(lm, tokenizer, conversations, _overrides("random_span", True, knobs, 0.0, 1.0))
     ref_loss, _, _ = reference_loss(lm, model.predictor.weight, tokenizer, conversations, "random_span", knobs, 0.0, 1.0)
-    ref_grads, grads = _gradients(model, ref_loss), _gradients(model, out.loss)
-    for name, g in ref_grads.items():
-        scale = g.abs().max().item() + 1e-12
-        assert (grads[name] - g).abs().max().item() / scale < 1e-4, name
+    ref_grads, grads = gradients(model, ref_loss), gradients(model, out.loss)
+    assert_gradients_close(ref_grads, grads)
 
 
 def test_mse_distance_is_the_reference_jepa_mse(tokenizer):
-    conversations = _conversations(True)
-    lm = _model(len(tokenizer))
+    conversations = regex_conversations(True)
+    lm = tiny_llama(len(tokenizer))
     overrides = _overrides("random_span", True, {"spans": 2}, 1.0, 1.0) + ["jepa.distance=mse"]
     model, out, _ = packed(lm, tokenizer, conversations, overrides)
     ref_loss, _, ref_jepa = reference_loss(
         lm, model.predictor.weight, tokenizer, conversations, "random_span", {"spans": 2}, 1.0, 1.0, mse=True
     )
     assert abs(out.jepa.item() - ref_jepa.item()) < 1e-5 * max(1.0, ref_jepa.item())
-    ref_grads, grads = _gradients(model, ref_loss), _gradients(model, out.loss)
-    for name, g in ref_grads.items():
-        scale = g.abs().max().item() + 1e-12
-        assert (grads[name] - g).abs().max().item() / scale < 1e-4, name
+    ref_grads, grads = gradients(model, ref_loss), gradients(model, out.loss)
+    assert_gradients_close(ref_grads, grads)
 
 
 def _terms(batch) -> list[tuple]:
@@ -315,8 +269,8 @@ def _terms(batch) -> list[tuple]:
 
 
 def test_spans_depend_on_the_record_and_epoch_only(tokenizer):
-    cfg = load_config(os.path.join(REPO, "configs", "demo.yaml"), _overrides("random_span", False, {}, 1.0, 1.0))
-    samples = _samples(tokenizer, _conversations(True))
+    cfg = load_config(DEMO_CONFIG, _overrides("random_span", False, {}, 1.0, 1.0))
+    samples = _samples(tokenizer, regex_conversations(True))
     layout = Layout(cfg.data, cfg.jepa, [], tokenizer.pad_token_id)
     whole = _terms(layout(samples))
     # another batch composition and order, another row length: the same spans
@@ -328,13 +282,13 @@ def test_spans_depend_on_the_record_and_epoch_only(tokenizer):
     for sid, source, target in whole:
         assert all(0 <= i < len(samples[sid]["full"]) for i, _ in source + target)
     # another epoch draws other spans
-    later = _terms(layout(_samples(tokenizer, _conversations(True), epoch=EPOCH + 1)))
+    later = _terms(layout(_samples(tokenizer, regex_conversations(True), epoch=EPOCH + 1)))
     assert later != whole and [t[0] for t in later] == [t[0] for t in whole]
 
 
 def test_records_without_usable_spans_carry_ce_only(tokenizer):
-    cfg = load_config(os.path.join(REPO, "configs", "demo.yaml"), _overrides("random_span", False, {}, 1.0, 1.0))
-    samples = _samples(tokenizer, _conversations(True))[:3]
+    cfg = load_config(DEMO_CONFIG, _overrides("random_span", False, {}, 1.0, 1.0))
+    samples = _samples(tokenizer, regex_conversations(True))[:3]
     samples[0]["full_spans"] = np.full(4, -1, dtype=np.int32)  # plain text: spans unknown
     samples[1]["full"] = samples[1]["full"][: int(samples[1]["full_spans"][3]) - 1]  # the reply cut off
     batch = Layout(cfg.data, cfg.jepa, [], tokenizer.pad_token_id)(samples)
@@ -344,7 +298,7 @@ def test_records_without_usable_spans_carry_ce_only(tokenizer):
     cfg.jepa.lambda_ = 0.0
     batch = Layout(cfg.data, cfg.jepa, [], tokenizer.pad_token_id)(samples)
     assert batch["stp_weight"].numel() == 0
-    out = JepaModel(_model(len(tokenizer)), cfg.jepa)(batch)
+    out = JepaModel(tiny_llama(len(tokenizer)), cfg.jepa)(batch)
     assert out.jepa.item() == 0.0 and math.isfinite(out.loss.item())
 
 
@@ -360,15 +314,15 @@ def test_records_without_usable_spans_carry_ce_only(tokenizer):
 )
 def test_config_refuses_what_stp_cannot_run(override, message):
     with pytest.raises(ConfigError, match=message):
-        load_config(os.path.join(REPO, "configs", "demo.yaml"), ["jepa.objective=stp", override])
+        load_config(DEMO_CONFIG, ["jepa.objective=stp", override])
 
 
 def test_bench_stp_mode_packs_the_ce_rows(tokenizer):
     from megajepa.bench.modes import mode_config
 
-    cfg = load_config(os.path.join(REPO, "configs", "demo.yaml"), ["data.max_length=96", "data.row_length=288"])
+    cfg = load_config(DEMO_CONFIG, ["data.max_length=96", "data.row_length=288"])
     cfg.data.row_length = 160  # several rows, as in the oracle test
-    samples = _samples(tokenizer, _conversations(True))
+    samples = _samples(tokenizer, regex_conversations(True))
     ce, stp = (
         Layout(mode_config(cfg, mode, 1).data, mode_config(cfg, mode, 1).jepa, [], tokenizer.pad_token_id)(samples)
         for mode in ("ce", "stp")
