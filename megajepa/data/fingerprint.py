@@ -41,6 +41,13 @@ def read_fingerprint(shard_dir: str) -> dict[str, Any]:
         return json.load(f)
 
 
+def write_fingerprint(shard_dir: str, fingerprint: dict[str, Any]) -> None:
+    """fingerprint.json in shard_dir (prepare's staging directory, which appears whole or not at all)."""
+    with open(os.path.join(shard_dir, FINGERPRINT_FILE), "w") as f:
+        json.dump(fingerprint, f, indent=2, sort_keys=True)
+        f.write("\n")
+
+
 def check_fingerprint(shard_dir: str, tokenizer) -> dict[str, Any]:
     """Raise FingerprintMismatch unless the shards were tokenized by `tokenizer`."""
     fingerprint = read_fingerprint(shard_dir)

@@ -56,7 +56,7 @@ import numpy as np
 from streaming import MDSWriter
 from tqdm import tqdm
 
-from megajepa.data.fingerprint import FINGERPRINT_FILE, FORMAT_VERSION, file_sha256, tokenizer_hash
+from megajepa.data.fingerprint import FORMAT_VERSION, file_sha256, tokenizer_hash, write_fingerprint
 from megajepa.data.loader import write_record_lengths
 from megajepa.data.tokenizer import ROLES, chat_template, load_tokenizer
 from megajepa.files import staged_directory
@@ -535,9 +535,7 @@ def prepare(
         }
         # the token-budget loader's costs, so it need not read every record
         write_record_lengths(staging, np.stack([lengths[name] for name in ("full", "user", "assistant")], axis=1))
-        with open(os.path.join(staging, FINGERPRINT_FILE), "w") as f:
-            json.dump(fingerprint, f, indent=2, sort_keys=True)
-            f.write("\n")
+        write_fingerprint(staging, fingerprint)
     seconds = time.perf_counter() - started
     summary = {**fingerprint, "out": out_dir, "seconds": seconds, "records_per_second": written / seconds}
     if progress:

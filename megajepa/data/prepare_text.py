@@ -41,13 +41,12 @@ from streaming import MDSWriter
 from streaming.base.util import merge_index
 from tqdm import tqdm
 
-from megajepa.data.fingerprint import FINGERPRINT_FILE, file_sha256, tokenizer_hash
+from megajepa.data.fingerprint import FORMAT_VERSION, file_sha256, tokenizer_hash, write_fingerprint
 from megajepa.data.loader import RECORD_LENGTHS_FILE, write_record_lengths
 from megajepa.data.prepare import MAX_REPORTED, BadInput, BadRecord, DatasetInput, exit_code
 from megajepa.data.tokenizer import load_tokenizer
 from megajepa.files import staged_directory
 
-FORMAT_VERSION = 2
 COLUMNS = {
     "sample_id": "int64",
     "full": "ndarray:int32",
@@ -397,9 +396,7 @@ def prepare_text(
             "tokens": int(lengths.sum()),
             "token_lengths": {"record": _percentiles(lengths)},
         }
-        with open(os.path.join(staging, FINGERPRINT_FILE), "w") as f:
-            json.dump(fingerprint, f, indent=2, sort_keys=True)
-            f.write("\n")
+        write_fingerprint(staging, fingerprint)
     summary = {**fingerprint, "out": out_dir, "seconds": seconds, "parts": len(parts), "workers": workers,
                "tokens_per_second": fingerprint["tokens"] / seconds}
     if progress:
