@@ -33,16 +33,6 @@ def _reset_high_water_mark() -> None:
         f.write("5")
 
 
-class _Vocabulary:
-    """What build_model asks of a tokenizer: its length."""
-
-    def __init__(self, size: int):
-        self.size = size
-
-    def __len__(self) -> int:
-        return self.size
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", required=True)
@@ -65,8 +55,9 @@ def main() -> None:
     _reset_high_water_mark()
     before = _status("VmRSS")
     if args.method == "megajepa":
+        # range(vocab) stands in for the tokenizer: its length is all build_model asks of it
         model = build_model(
-            ModelConfig(config=None, pretrained=args.model, attention="sdpa"), _Vocabulary(vocab), ds_config=ds_config
+            ModelConfig(config=None, pretrained=args.model, attention="sdpa"), range(vocab), ds_config=ds_config
         )
     else:
         live = HfDeepSpeedConfig(ds_config)  # noqa: F841  (transformers reads it while it lives)
