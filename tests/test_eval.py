@@ -18,7 +18,8 @@ from megajepa.eval.checkers import CHECKERS, checker_for, recognise
 from megajepa.eval.data import data_sources, load_eval_pairs
 from megajepa.eval.nlrx import difference_witness, nlrx_equivalent, parse
 from megajepa.eval.regex_check import regex_equivalent, discriminating_strings
-from megajepa.eval.regex_sampler import FILLER, UnsupportedSyntax, parse, samples_of
+from megajepa.eval.regex_sampler import FILLER, UnsupportedSyntax, samples_of
+from megajepa.eval.regex_sampler import parse as parse_python_regex
 from megajepa.eval.latent import similarity_ranks
 from megajepa.eval.run import evaluate, load_model
 from megajepa.export import export
@@ -229,7 +230,7 @@ def test_a_back_reference_repeats_the_group():
 def test_unsupported_syntax_gives_no_samples(regex):
     re.compile(regex)  # valid Python: the sampler, not the regex, gives up
     with pytest.raises(UnsupportedSyntax):
-        parse(regex)
+        parse_python_regex(regex)
     assert samples_of(regex, random.Random(0), 10) == []
 
 
