@@ -12,7 +12,8 @@ is what the embedded data and the checker's tests use:
 
 Anything else (inline flags, conditionals, comments) raises UnsupportedSyntax. A one-character
 atom other than a literal (a class, `.`, `\\d`...) is not interpreted: Python's own re.fullmatch
-says which FILLER characters it accepts, so only its extent is parsed here.
+says which FILLER characters it accepts (or, where it accepts none, which printable ones), so
+only its extent is parsed here.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ class UnsupportedSyntax(Exception):
 
 @dataclass(frozen=True)
 class Chars:
-    choices: str  # one character out of these; none: the atom matches no FILLER character
+    choices: str  # one character out of these; empty: the atom accepts none of those tried
 
 
 @dataclass(frozen=True)
