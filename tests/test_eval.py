@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import random
 import re
 import subprocess
 import time
@@ -17,6 +18,8 @@ from megajepa.eval.checkers import CHECKERS, checker_for, recognise
 from megajepa.eval.data import data_sources, load_eval_pairs
 from megajepa.eval.nlrx import difference_witness, nlrx_equivalent, parse
 from megajepa.eval.regex_check import regex_equivalent, discriminating_strings
+from megajepa.eval.regex_sampler import FILLER, UnsupportedSyntax, samples_of
+from megajepa.eval.regex_sampler import parse as parse_python_regex
 from megajepa.eval.latent import similarity_ranks
 from megajepa.eval.run import evaluate, load_model
 from megajepa.export import export
@@ -182,6 +185,98 @@ def test_test_strings_are_reproducible_and_cover_both_answers():
     assert strings == discriminating_strings(reference, r"truck.*")
     matches = sum(bool(re.fullmatch(reference, s)) for s in strings)
     assert 0 < matches < len(strings)
+
+
+# Regexes without lookaround, one or more per construct the sampler reads; each can match a
+# non-empty line, and every string its tree gives must be a match (anchors are placed where they
+# hold, possessive repeats where they give up nothing).
+SAMPLED_REGEXES = [
+    r"dog", r"a\.b\-c\\d", r"tab\there", r"\x41\u0042\101\0", r"\N{LATIN SMALL LETTER A}b",
+    r"\(\)\[\]\{\}\*\+\?\|\^\$", r"d.g", r"...",
+    r"[a-z]", r"[A-Za-z0-9_]", r"[^a-z0-9]", r"[\d_]", r"[\]\-x]", r"[]a]", r"[^]a]", r"[a\-z]", r"[.*+?]",
+    r"[^\w .-]",  # accepts no FILLER character
+    r"\d\w\s\D\W\S",
+    r"(ab)+", r"()x", r"(?:ab|cd){2}", r"(?>ab|cd)+e", r"(?P<word>[a-z]+)-(?P=word)", r"(?P<x>a|b)(?P=x)\1",
+    r"((a)|b)c", r"(a)(b)(c)(d)(e)(f)(g)(h)(i)(j)\10",
+    r"dog|cat|", r"a(b|c|d)e",
+    r"a*b+c?", r"[0-9]{3}", r"x{2,}", r"x{2,4}", r"x{,3}", r"x{,}", r"a*?b+?c??d{2,3}?", r"[0-9]++x", r"(ab){2}+c",
+    r"a{x}", r"a{}", r"{", r"a{1,x}", r"x{ 2}", r"}{2}", r"a{{2}",  # a { that is no quantifier is a literal
+    r"^dog$", r"\Adog\Z", r"\bdog\b", r"[a-z]\B[a-z]", r"^(a|b)*$",
+    r".*[0-9]{3}.*", r"[A-Za-z].*|.*[0-9]", r".*(dog){2,}.*[AEIOUaeiou]+",
+]
+
+
+@pytest.mark.parametrize("regex", SAMPLED_REGEXES)
+def test_samples_of_a_regex_match_it(regex):
+    samples = samples_of(regex, random.Random(0), 40)
+    assert samples and any(samples)
+    assert [s for s in samples if not re.fullmatch(regex, s)] == []
+
+
+@pytest.mark.parametrize("atom", [r".", r"[^a-z0-9]", r"[\d_]", r"\W", r"\S", r"[]aeiou-]"])
+def test_a_character_atom_draws_every_filler_character_it_accepts(atom):
+    accepted = {c for c in FILLER if re.fullmatch(atom, c)}
+    assert set(samples_of(atom, random.Random(0), 3000)) == accepted  # missing one: odds below 1e-17
+
+
+def test_a_back_reference_repeats_the_group():
+    samples = samples_of(r"(a|b)\1", random.Random(0), 40)
+    assert set(samples) == {"aa", "bb"}
+    named = samples_of(r"(?P<w>[a-z]{1,3})\d(?P=w)", random.Random(0), 40)
+    assert all(s[:len(s) // 2] == s[len(s) // 2 + 1:] for s in named) and len(set(named)) > 1
+
+
+@pytest.mark.parametrize("regex", [r"(?i)dog", r"(?i:dog)", r"(a)?(?(1)b|c)", r"(?#note)x", r"(?s).*"])
+def test_unsupported_syntax_gives_no_samples(regex):
+    re.compile(regex)  # valid Python: the sampler, not the regex, gives up
+    with pytest.raises(UnsupportedSyntax):
+        parse_python_regex(regex)
+    assert samples_of(regex, random.Random(0), 10) == []
+
+
+@pytest.mark.parametrize("regex", [r"([a-z]", r"a**", r"[z-a]", r"(?P=w)(?P<w>a)"])
+def test_a_regex_python_rejects_gives_no_samples(regex):
+    assert samples_of(regex, random.Random(0), 10) == []
+
+
+def _without_lookarounds(regex: str) -> tuple[str, list[str]]:
+    """The regex with its (?=...) and (?!...) groups cut out, and their bodies (cut likewise).
+    Parentheses are counted as they stand: the embedded data escapes none and has none in a class."""
+    kept, bodies, i = "", [], 0
+    while i < len(regex):
+        if not regex.startswith(("(?=", "(?!"), i):
+            kept, i = kept + regex[i], i + 1
+            continue
+        depth, end = 0, i
+        while depth or end == i:
+            depth += {"(": 1, ")": -1}.get(regex[end], 0)
+            end += 1
+        body, nested = _without_lookarounds(regex[i + 3:end - 1])
+        bodies += [body, *nested]
+        i = end
+    return kept, bodies
+
+
+def test_samples_of_the_embedded_eval_regexes(demo_data):
+    """Per draw (samples_of with count 1): the sample S matches the regex without its lookarounds,
+    and each lookaround body, sampled as L, comes as S + L and L + S (samples_of's docstring)."""
+    with open(demo_data["eval_jsonl"]) as f:
+        regexes = [json.loads(line)["messages"][-1]["content"] for line in f]
+    assert len(regexes) == 200 and sum("(?" in r for r in regexes) > 20
+    rng = random.Random(0)
+    for regex in regexes:
+        kept, bodies = _without_lookarounds(regex)
+        texts = []
+        for _ in range(10):
+            text, *extras = samples_of(regex, rng, 1)
+            assert re.fullmatch(kept, text), (regex, text)
+            assert len(extras) == 2 * len(bodies)  # no lookaround of this data sits under a repeat or branch
+            for after, before in zip(extras[::2], extras[1::2]):
+                body_sample = after[len(text):]
+                assert after == text + body_sample and before == body_sample + text
+                assert any(re.fullmatch(body, body_sample) for body in bodies), (regex, body_sample)
+            texts.append(text)
+        assert any(texts), regex
 
 
 def test_embedded_data_gets_the_regex_checker(demo_data):

@@ -58,9 +58,7 @@ ALLOWED = {
 
 
 # Known exceptions, each to be removed when fixed (README.md names them too).
-EXCEPTIONS = {
-    ("megajepa.data.layout", "megajepa.jepa.stp"),  # STP's span drawing, used by the layout
-}
+EXCEPTIONS: set[tuple[str, str]] = set()
 
 
 def folder(module: str) -> str:

@@ -64,7 +64,7 @@ import numpy as np
 import torch
 
 from megajepa.config import DataConfig, JepaConfig
-from megajepa.jepa.stp import record_terms, span_seed
+from megajepa.data.stp_spans import record_terms, span_seed
 
 SEG_PAD, SEG_FULL, SEG_SOURCE, SEG_TARGET = 0, 1, 2, 3
 IGNORE_INDEX = -100

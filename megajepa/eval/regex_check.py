@@ -1,10 +1,11 @@
 """The Python-regex task checker (the embedded data): does a generated regex describe the same lines?
 
 Two regexes are judged equal when `re.fullmatch` agrees on every string of a test set built to
-tell them apart: strings sampled from each regex's own syntax tree (so both have positives), one
-mutation of each (a character dropped, doubled, added or changed: near misses on counts and
-adjacency), and random strings of the task's pieces (letters, digits, vowels and the literal
-words of both regexes). The set is seeded by the pair, so a judgement is reproducible.
+tell them apart: strings sampled from each regex's own syntax tree (megajepa.eval.regex_sampler,
+so both have positives), one mutation of each (a character dropped, doubled, added or changed:
+near misses on counts and adjacency), and random strings of the task's pieces (letters, digits,
+vowels and the literal words of both regexes). The set is seeded by the pair, so a judgement is
+reproducible.
 
 Agreement on a finite set is evidence, not proof: a candidate that differs only on strings the
 set never reaches passes. A candidate that does not compile, or that backtracks for longer than
@@ -20,104 +21,12 @@ import signal
 import string
 import threading
 from contextlib import contextmanager
-from functools import lru_cache
-from re import _constants as sre
-from re import _parser as sre_parse
 from typing import Iterator, Optional
 
-FILLER = string.ascii_letters + string.digits + " .-_"
+from megajepa.eval.regex_sampler import FILLER, samples_of
+
 CLASSES = (string.ascii_lowercase, string.ascii_uppercase, string.digits, "AEIOUaeiou")
-MAX_EXTRA_REPEATS = 3  # a repeat {m,n} is sampled with m .. min(n, m + 3) copies
 MATCH_SECONDS = 1.0  # budget for one candidate over the whole test set
-CATEGORIES = {
-    sre.CATEGORY_DIGIT: str.isdigit,
-    sre.CATEGORY_NOT_DIGIT: lambda c: not c.isdigit(),
-    sre.CATEGORY_WORD: lambda c: c.isalnum() or c == "_",
-    sre.CATEGORY_NOT_WORD: lambda c: not (c.isalnum() or c == "_"),
-    sre.CATEGORY_SPACE: str.isspace,
-    sre.CATEGORY_NOT_SPACE: lambda c: not c.isspace(),
-}
-
-
-class _Unsupported(Exception):
-    pass
-
-
-@lru_cache(maxsize=4096)
-def _class_chars(items: tuple) -> str:
-    """The FILLER characters a character class (IN node) accepts."""
-    negate = any(op is sre.NEGATE for op, _ in items)
-    chosen = []
-    for char in FILLER:
-        found = False
-        for op, value in items:
-            if op is sre.LITERAL:
-                found |= char == chr(value)
-            elif op is sre.RANGE:
-                found |= value[0] <= ord(char) <= value[1]
-            elif op is sre.CATEGORY and value in CATEGORIES:
-                found |= CATEGORIES[value](char)
-            elif op is not sre.NEGATE:
-                raise _Unsupported(op)
-        if found != negate:
-            chosen.append(char)
-    return "".join(chosen)
-
-
-def _sample(items, rng: random.Random, groups: dict, lookaheads: list) -> str:
-    """One random string the parsed pattern `items` can match, with zero-width assertions left
-    out; the bodies of assertions are sampled into `lookaheads` (see samples_of)."""
-    out = []
-    for op, value in items:
-        if op is sre.LITERAL:
-            out.append(chr(value))
-        elif op is sre.NOT_LITERAL:
-            out.append(rng.choice([c for c in FILLER if c != chr(value)]))
-        elif op is sre.ANY:
-            out.append(rng.choice(FILLER))
-        elif op is sre.IN:
-            choices = _class_chars(tuple(value))
-            out.append(rng.choice(choices) if choices else "")
-        elif op in (sre.MAX_REPEAT, sre.MIN_REPEAT, sre.POSSESSIVE_REPEAT):
-            low, high, body = value
-            copies = rng.randint(low, min(high, low + MAX_EXTRA_REPEATS))
-            out.extend(_sample(body, rng, groups, lookaheads) for _ in range(copies))
-        elif op in (sre.SUBPATTERN, sre.ATOMIC_GROUP):
-            group, body = (value[0], value[-1]) if op is sre.SUBPATTERN else (None, value)
-            text = _sample(body, rng, groups, lookaheads)
-            if group:
-                groups[group] = text
-            out.append(text)
-        elif op is sre.BRANCH:
-            out.append(_sample(rng.choice(value[1]), rng, groups, lookaheads))
-        elif op is sre.GROUPREF:
-            out.append(groups.get(value, ""))
-        elif op in (sre.ASSERT, sre.ASSERT_NOT):
-            lookaheads.append(_sample(value[1], rng, groups, lookaheads))
-        elif op is not sre.AT:
-            raise _Unsupported(op)
-    return "".join(out)
-
-
-def samples_of(regex: str, rng: random.Random, count: int) -> list[str]:
-    """Strings sampled from the regex's syntax tree, `count` draws (none if it does not parse).
-
-    A draw gives the sample S of the pattern without its assertions and, for each assertion
-    body sampled as L, also S + L and L + S: `(?=.*dog.*$)bird.*` describes lines starting with
-    'bird' that contain 'dog', which S alone rarely is, and `(?!.*dog.*$).*` rejects the lines
-    that contain 'dog', which random lines rarely do."""
-    try:
-        parsed = sre_parse.parse(regex)
-        strings = []
-        for _ in range(count):
-            lookaheads: list[str] = []
-            text = _sample(parsed, rng, {}, lookaheads)
-            strings.append(text)
-            for extra in lookaheads:
-                strings += [text + extra, extra + text]
-        return strings
-    except (re.error, _Unsupported, RecursionError, OverflowError, ValueError):
-        return []
 
 
 def _mutate(text: str, rng: random.Random) -> str:
