@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+from _train_utils import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = "configs/demo.yaml"
@@ -64,12 +64,6 @@ def shims(tmp_path):
         (bin_dir / name).write_text(text)
         (bin_dir / name).chmod(0o755)
     return bin_dir, log_dir
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run(script: str, args: list[str], shims, tmp_path, timeout: float = 20, **env: str) -> subprocess.CompletedProcess:

@@ -25,7 +25,6 @@ import hashlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -34,6 +33,7 @@ from pathlib import Path
 from typing import Optional
 
 import pytest
+from _train_utils import free_port
 
 
 REPO = Path(__file__).resolve().parents[1]
@@ -57,12 +57,6 @@ def private_shm_prefix() -> Optional[list[str]]:
         except (OSError, subprocess.TimeoutExpired):
             pass
     return None
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def decompress_shards(directory: str) -> None:
