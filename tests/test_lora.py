@@ -38,10 +38,9 @@ def lora_run(demo_data, tmp_path_factory):
     extra = {
         "model.pretrained": root / "pre", "model.lora.rank": RANK, "train.steps": 6, "train.save_every": 3,
         "optim.lr": 1e-2, "optim.warmup_steps": 1, "deepspeed.zero_stage": 3,
-        # No adapter dropout: the trainer restores the RNG before iter(loader), which draws from
-        # it, so a resumed run's dropout masks are not the uninterrupted run's (0.1: step 4's loss
-        # 7.6424 against 7.6445; 0.0: equal).
-        "model.lora.dropout": 0.0,
+        # Adapter dropout on, so the resume test also checks that a resumed run draws the
+        # uninterrupted run's dropout masks (the RNG is restored after iter(loader) draws from it).
+        "model.lora.dropout": 0.1,
     }
     result = run_train(demo_overrides(demo_data, out, **extra), root, nproc=2, timeout=600)
     assert result.returncode == 0, result.stderr[-5000:]
@@ -110,7 +109,7 @@ def test_export_merges_the_adapters(lora_run, tmp_path):
 
 def test_lora_resumes_exactly(lora_run, demo_data, tmp_path):
     """Steps 4-6 resumed from the step-3 checkpoint (adapters, their optimizer state, the frozen
-    base) give the uninterrupted run's losses."""
+    base, the RNG that draws the adapters' dropout masks) give the uninterrupted run's losses."""
     out, _, extra = lora_run
     resumed = tmp_path / "resumed"
     (resumed / "checkpoints").mkdir(parents=True)

@@ -127,7 +127,8 @@ def test_one_source_has_no_ce_source(corpus):
     assert "ce_source" not in next(iter(loader.iter_epoch()))
 
 
-def test_per_source_ce_is_each_records_own_ce(corpus):
+@pytest.mark.parametrize("objective", ["llm_jepa", "stp"])
+def test_per_source_ce_is_each_records_own_ce(corpus, objective):
     """The objective's per-source CE of a mixed batch against the oracle: a Hugging Face model's
     own forward on each record alone, its CE at the positions the record labels (a pair from the
     assistant header on, a text every next token), summed by source. The sums add up to the
@@ -139,11 +140,13 @@ def test_per_source_ce_is_each_records_own_ce(corpus):
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
     config._attn_implementation = "sdpa"
     lm = LlamaForCausalLM(config).eval()
-    model = JepaModel(lm, LAYOUT.jepa)
-    loader = mixture_loader(corpus, {"A": {}, "B": {}}, collate=None, batch_pairs=8)
+    layout = LAYOUT if objective == "llm_jepa" else make_layout(k=0, objective="stp")
+    model = JepaModel(lm, layout.jepa)
+    loader = mixture_loader(corpus, {"A": {}, "B": {}}, collate=None, batch_pairs=8, layout=layout)
     for batch in islice(loader.iter_epoch(), 2):
         with torch.no_grad():
             out = model(batch)
+        assert out.z_a.shape[0] > 0  # the pairs' latent term (views or spans) ran beside the CE
         want = torch.zeros(2, 2, dtype=torch.float64)
         for record, source in zip(batch_records(corpus, batch), batch["source_index"].tolist()):
             full = torch.as_tensor(record["full"], dtype=torch.long)

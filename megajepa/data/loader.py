@@ -499,13 +499,14 @@ def build_loader(
         batching_method=mixing,
     )
     collate_fn = SourceCollator(collate or layout, len(sources))
+    # Each epoch's iterator draws its workers' base seed: from a generator of the loader's own, not
+    # torch's global RNG, which the training step's dropout draws from (and a resume restores).
+    options = dict(num_workers=num_workers, generator=torch.Generator().manual_seed(seed))
     if tokens_per_batch is not None:
         _token_budget_window(dataset, tokens_per_batch, layout, collate_fn)
-        dataloader = _PairDataLoader(dataset, batch_size=None, collate_fn=_identity, num_workers=num_workers)
+        dataloader = _PairDataLoader(dataset, batch_size=None, collate_fn=_identity, **options)
     else:
-        dataloader = _PairDataLoader(
-            dataset, batch_size=batch_pairs, collate_fn=collate_fn, num_workers=num_workers, drop_last=True
-        )
+        dataloader = _PairDataLoader(dataset, batch_size=batch_pairs, collate_fn=collate_fn, drop_last=True, **options)
     loader = PairLoader(dataloader, record_ids=record_ids)
     if tokens_per_batch is None and loader.batches_per_epoch == 0:
         names = ", ".join(s.shards for s in sources)

@@ -301,9 +301,8 @@ def load(engine, point: ResumePoint, rank: int, deepspeed_point: Optional[Resume
 
 
 def restore_rng(point: ResumePoint, rank: int) -> None:
-    """This rank's RNG as it was at the checkpoint. The trainer calls it again right before the
-    first step: starting the loader's iterator draws from torch's RNG, which the uninterrupted run
-    did before its first step, not at the checkpoint."""
+    """This rank's RNG as it was at the checkpoint (the loader draws from generators of its own,
+    so nothing else moves it before the next step)."""
     rng_path = os.path.join(point.tag_dir, RNG_FILE.format(rank=rank))
     if not os.path.isfile(rng_path):
         rng_path = os.path.join(point.tag_dir, RNG_FILE.format(rank=0))

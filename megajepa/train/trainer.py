@@ -176,8 +176,6 @@ def train(cfg: Config) -> dict:
 
     logger = MetricsLogger(engine, output_dir, cfg.train.steps, start_step, cfg.logging.log_every, cfg.logging.progress)
     batches = iter(loader)
-    if resume is not None:
-        checkpoint.restore_rng(resume, rank)  # after the iterator's own draws, as in an uninterrupted run
     stop = StopSignal()
     guard = DivergenceGuard(cfg.train.max_skipped_steps, precision(cfg))
     stop_requested = False  # agreed across ranks, unlike stop.received
