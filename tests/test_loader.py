@@ -2,7 +2,6 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from itertools import islice
@@ -17,6 +16,7 @@ from megajepa.bench.loader import loader_throughput
 from megajepa.data.loader import build_loader, set_stream_env
 from _mixture_shards import make_layout, random_records, write_records
 from _shards import tiny_tokenizer
+from _train_utils import free_port
 
 NUM_PAIRS = 203  # 25 batches of 8 and a dropped tail of 3 on one rank
 BATCH = 8
@@ -178,12 +178,6 @@ def test_throughput_counts_what_the_loader_delivered(shards, records):
 
 RANK_PAIRS = 191  # padded with one repeat to 192 = 2 ranks x 12 batches of 8
 HEAD = 5
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_ranks(tmp_path, name, shards, *extra, world=2, timeout=120):

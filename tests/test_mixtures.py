@@ -3,7 +3,6 @@ epoch composition, source bookkeeping, budget cuts, resumption inside a window, 
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from collections import Counter
@@ -19,6 +18,7 @@ from megajepa.data.mixture import Source
 from megajepa.jepa.objective import JepaModel, per_source_ce
 from _mixture_shards import cost, make_layout, random_records, summary_collate, write_records
 from _shards import tiny_tokenizer
+from _train_utils import free_port
 
 LAYOUT = make_layout()
 K = 1
@@ -262,12 +262,6 @@ def test_plan_takes_the_fullest_rank():
 
 
 # --- two ranks, each its own process -----------------------------------------------------------
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_ranks(tmp_path, name, args, world=2, timeout=180):

@@ -26,7 +26,9 @@ Bad records are reported as `SOURCE: reason` on stderr (the first 20, in input o
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import logging
 import multiprocessing
 import os
 import sys
@@ -322,6 +324,16 @@ def _percentiles(values: np.ndarray) -> dict[str, int]:
     return stats
 
 
+@contextlib.contextmanager
+def quiet_logs():
+    """No log records of WARNING or below inside the block (ours are printed, not logged)."""
+    logging.disable(logging.WARNING)
+    try:
+        yield
+    finally:
+        logging.disable(logging.NOTSET)
+
+
 def prepare_text(
     inputs: list[str],
     out_dir: str,
@@ -373,7 +385,8 @@ def prepare_text(
         if records == 0:
             raise BadInput(f"no usable documents in {', '.join(inputs)} ({documents} read, all skipped)")
         part_dirs = [os.path.join(staging, f"part-{p.index:05d}") for p in parts]
-        merge_index([os.path.join(d, "index.json") for d in part_dirs], staging)
+        with quiet_logs():  # streaming warns that it stages the index files and that `staging` is not empty
+            merge_index([os.path.join(d, "index.json") for d in part_dirs], staging)
         lengths = np.concatenate([np.load(os.path.join(d, RECORD_LENGTHS_FILE)) for d in part_dirs])
         for d in part_dirs:
             os.remove(os.path.join(d, RECORD_LENGTHS_FILE))
