@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from itertools import islice
 from pathlib import Path
 
@@ -22,6 +23,8 @@ NUM_PAIRS = 203  # 25 batches of 8 and a dropped tail of 3 on one rank
 BATCH = 8
 LAYOUT = make_layout()
 WORKER = Path(__file__).with_name("_loader_worker.py")
+CONCURRENT_WORKER = Path(__file__).with_name("_concurrent_loader_worker.py")
+REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -225,3 +228,33 @@ def test_two_ranks_partition_rerun_and_resume(tmp_path, tokenizer):
         assert rerun[rank]["epoch"] == first[rank]["epoch"]
         assert first[rank]["head"] == first[rank]["epoch"][:HEAD]
         assert rerun[rank]["resumed"] == first[rank]["epoch"][HEAD:]
+
+
+def start_together(shards, tmp_path, jobs: int, *extra: str) -> list[str]:
+    """`jobs` one-rank jobs that build a loader on `shards` at the same instant; the stderr tails
+    of those that failed."""
+    go = tmp_path / "go"
+    procs = []
+    for job in range(jobs):
+        tmpdir = tmp_path / f"job{job}"
+        tmpdir.mkdir()
+        env = dict(os.environ, TMPDIR=str(tmpdir), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), PYTHONPATH=f"{REPO}:{WORKER.parent}")
+        command = [sys.executable, str(CONCURRENT_WORKER), shards, str(go), *extra]
+        procs.append(subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    time.sleep(3)  # every job imported and waiting
+    go.touch()
+    return [p.communicate(timeout=120)[1][-2000:] for p in procs if p.wait(timeout=120) != 0]
+
+
+def test_jobs_starting_together_on_one_machine(shards, tmp_path):
+    """Jobs that build a loader at the same instant (as `megajepa compare --jobs N` starts its
+    runs) each get shared memory of their own, with streaming's search-then-create window widened
+    (_concurrent_loader_worker --widen): with megajepa's registration lock all four read a batch;
+    without it the same start fails (two jobs pick the same prefix: FileExistsError), so the test
+    sees the race it guards against."""
+    (tmp_path / "locked").mkdir()
+    (tmp_path / "unlocked").mkdir()
+    assert start_together(shards, tmp_path / "locked", 4, "--widen") == []
+    failures = start_together(shards, tmp_path / "unlocked", 4, "--widen", "--no-lock")
+    assert failures and all("FileExistsError" in tail for tail in failures), failures

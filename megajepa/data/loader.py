@@ -63,7 +63,10 @@ machine shared with other jobs.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
+import tempfile
 import warnings
 from itertools import chain
 from typing import Any, Callable, Iterator, Optional, Sequence
@@ -372,6 +375,30 @@ class PairLoader:
         self.epoch = max(int(state["epoch"]), 0)
 
 
+REGISTRATION_LOCK = "megajepa_streaming_registration.lock"
+
+
+@contextlib.contextmanager
+def streaming_registration_lock() -> Iterator[None]:
+    """Held by each node's local leader around the StreamingDataset constructor.
+
+    The constructor finds the first free shared-memory prefix, then its local leader creates it,
+    with no lock between the two: two jobs starting together on one machine can pick the same
+    prefix and one fails (FileExistsError: '/000003_locals'). A machine-wide file lock (beside the
+    shared memory, released by the kernel if the process dies) makes leaders register one at a
+    time; the other ranks take no lock, so they cannot wait on it while their leader waits on them."""
+    if int(os.environ.get("LOCAL_RANK", "0")) != 0:
+        yield
+        return
+    directory = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
+    with open(os.path.join(directory, REGISTRATION_LOCK), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def _require_index(directory: str) -> None:
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"{directory}: shard directory does not exist; create it with `megajepa prepare`")
@@ -491,13 +518,14 @@ def build_loader(
         if tokenizer is not None:
             fingerprint.check_fingerprint(_fingerprint_dir(source), tokenizer)
 
-    dataset = PairDataset(
-        sources=sources,
-        batch_size=batch_pairs,
-        shuffle=shuffle,
-        shuffle_seed=seed,
-        batching_method=mixing,
-    )
+    with streaming_registration_lock():
+        dataset = PairDataset(
+            sources=sources,
+            batch_size=batch_pairs,
+            shuffle=shuffle,
+            shuffle_seed=seed,
+            batching_method=mixing,
+        )
     collate_fn = SourceCollator(collate or layout, len(sources))
     # Each epoch's iterator draws its workers' base seed: from a generator of the loader's own, not
     # torch's global RNG, which the training step's dropout draws from (and a resume restores).
