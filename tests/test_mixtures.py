@@ -18,6 +18,7 @@ from megajepa.data.mixture import Source
 from megajepa.jepa.objective import JepaModel, per_source_ce
 from _mixture_shards import cost, make_layout, random_records, summary_collate, write_records
 from _shards import tiny_tokenizer
+from _tiny_chat import tiny_llama
 from _train_utils import free_port
 
 LAYOUT = make_layout()
@@ -133,13 +134,7 @@ def test_per_source_ce_is_each_records_own_ce(corpus, objective):
     own forward on each record alone, its CE at the positions the record labels (a pair from the
     assistant header on, a text every next token), summed by source. The sums add up to the
     batch's CE."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
-    config._attn_implementation = "sdpa"
-    lm = LlamaForCausalLM(config).eval()
+    lm = tiny_llama(64)
     layout = LAYOUT if objective == "llm_jepa" else make_layout(k=0, objective="stp")
     model = JepaModel(lm, layout.jepa)
     loader = mixture_loader(corpus, {"A": {}, "B": {}}, collate=None, batch_pairs=8, layout=layout)
