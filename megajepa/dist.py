@@ -11,6 +11,7 @@ Without an initialized process group (a single process) every collective is the 
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Optional
 
 import torch
@@ -19,6 +20,12 @@ import torch.distributed as _dist
 _OPS = {"sum": _dist.ReduceOp.SUM, "max": _dist.ReduceOp.MAX, "min": _dist.ReduceOp.MIN}
 # The device types each torch.distributed backend communicates from.
 _BACKEND_DEVICES = {"nccl": ("cuda",), "gloo": ("cpu",), "mpi": ("cpu",), "ccl": ("cpu",), "xccl": ("xpu",)}
+
+
+def quiet_deprecated_collectives() -> None:
+    """DeepSpeed's ZeRO-3 calls torch.distributed names that torch deprecates (all_gather_into_tensor,
+    reduce_scatter_tensor) every step; one FutureWarning per call site buries the run's own output."""
+    warnings.filterwarnings("ignore", r"`torch\.distributed\.\w+` is deprecated", FutureWarning)
 
 
 def is_initialized() -> bool:

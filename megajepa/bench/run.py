@@ -22,7 +22,6 @@ import platform
 import statistics
 import subprocess
 import time
-import warnings
 
 import torch
 from deepspeed.accelerator import get_accelerator
@@ -279,8 +278,7 @@ def _loader_benchmark(cfg: Config, layout: Layout, tokenizer, batches: int) -> d
 def run(cfg: Config, settings: BenchSettings) -> dict | None:
     """The benchmark on this rank; the results on rank 0, None elsewhere."""
     validate(cfg, settings)
-    # DeepSpeed's collectives call deprecated torch.distributed names every step: keep the bar readable.
-    warnings.filterwarnings("ignore", r"`torch\.distributed\.\w+` is deprecated", FutureWarning)
+    dist.quiet_deprecated_collectives()
     rank, world, local_rank = init_distributed()
     device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
     prepare_embedded(cfg, rank)

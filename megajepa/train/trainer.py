@@ -106,6 +106,7 @@ def choose_resume(cfg: Config, meta: dict, rank: int, world: int) -> tuple[Optio
 
 
 def train(cfg: Config) -> dict:
+    dist.quiet_deprecated_collectives()
     rank, world, _ = init_distributed()
     output_dir = cfg.train.output_dir
     os.makedirs(output_dir, exist_ok=True)
