@@ -8,6 +8,7 @@ torch.distributed (gloo) before building any loader.
 
 import argparse
 import json
+import os
 
 import torch.distributed as dist
 
@@ -18,7 +19,7 @@ from _mixture_shards import make_layout
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--shards", required=True)
-    parser.add_argument("--out", required=True)
+    parser.add_argument("--out", required=True)  # a directory: rank r writes rank{r}.json
     parser.add_argument("--batch-pairs", type=int, required=True)
     parser.add_argument("--head", type=int, required=True)
     parser.add_argument("--resume-from")
@@ -50,7 +51,7 @@ def main() -> None:
             pass
         result["resumed"] = resumed.recorded_ids
 
-    with open(args.out, "w") as f:
+    with open(os.path.join(args.out, f"rank{dist.get_rank()}.json"), "w") as f:
         json.dump(result, f)
     dist.destroy_process_group()
 

@@ -18,7 +18,7 @@ from _mixture_shards import make_layout, summary_collate
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--out", required=True)
+    parser.add_argument("--out", required=True)  # a directory: rank r writes rank{r}.json
     parser.add_argument("--sources", nargs="+", required=True)
     parser.add_argument("--budget", type=int, required=True)
     parser.add_argument("--head", type=int, required=True)
@@ -48,7 +48,7 @@ def main() -> None:
         with open(args.resume_from) as f:
             resumed.load_state_dict(json.load(f))
         result["resumed"] = [b["sources"] for b in resumed.iter_epoch()]
-    with open(args.out, "w") as f:
+    with open(os.path.join(args.out, f"rank{dist.get_rank()}.json"), "w") as f:
         json.dump(result, f)
     dist.destroy_process_group()
 

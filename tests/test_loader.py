@@ -17,14 +17,14 @@ from megajepa.bench.loader import loader_throughput
 from megajepa.data.loader import build_loader, set_stream_env
 from _mixture_shards import make_layout, random_records, write_records
 from _shards import tiny_tokenizer
-from _train_utils import free_port
+from _ranks import run_worker
+from _train_utils import REPO, free_port
 
 NUM_PAIRS = 203  # 25 batches of 8 and a dropped tail of 3 on one rank
 BATCH = 8
 LAYOUT = make_layout()
 WORKER = Path(__file__).with_name("_loader_worker.py")
 CONCURRENT_WORKER = Path(__file__).with_name("_concurrent_loader_worker.py")
-REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -185,29 +185,10 @@ HEAD = 5
 
 def run_ranks(tmp_path, name, shards, *extra, world=2, timeout=120):
     """Run the worker as `world` ranks of one node; return each rank's JSON result."""
-    lock_dir = tmp_path / f"{name}-tmp"  # the ranks of one node share their TMPDIR
-    lock_dir.mkdir()
-    port = str(free_port())
-    procs, outs = [], []
-    try:
-        for rank in range(world):
-            out = tmp_path / f"{name}-rank{rank}.json"
-            env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
-            env.update(LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=port, TMPDIR=str(lock_dir))
-            log = open(tmp_path / f"{name}-rank{rank}.log", "w")
-            cmd = [sys.executable, str(WORKER), "--shards", shards, "--out", str(out), "--batch-pairs", str(BATCH)]
-            procs.append(subprocess.Popen(cmd + ["--head", str(HEAD), *extra], env=env, stdout=log, stderr=log))
-            outs.append(out)
-        for proc in procs:
-            proc.wait(timeout=timeout)
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    for rank, proc in enumerate(procs):
-        assert proc.returncode == 0, (tmp_path / f"{name}-rank{rank}.log").read_text()[-3000:]
-    return [json.loads(out.read_text()) for out in outs]
+    out = tmp_path / name
+    run_worker(WORKER.name, out, world, "--shards", shards, "--batch-pairs", str(BATCH), "--head", str(HEAD), *extra,
+               timeout=timeout)
+    return [json.loads((out / f"rank{rank}.json").read_text()) for rank in range(world)]
 
 
 def test_two_ranks_partition_rerun_and_resume(tmp_path, tokenizer):

@@ -3,8 +3,6 @@ epoch composition, source bookkeeping, budget cuts, resumption inside a window, 
 
 import json
 import os
-import subprocess
-import sys
 from collections import Counter
 from itertools import islice
 from pathlib import Path
@@ -19,7 +17,7 @@ from megajepa.jepa.objective import JepaModel, per_source_ce
 from _mixture_shards import cost, make_layout, random_records, summary_collate, write_records
 from _shards import tiny_tokenizer
 from _tiny_chat import tiny_llama
-from _train_utils import free_port
+from _ranks import run_worker
 
 LAYOUT = make_layout()
 K = 1
@@ -260,28 +258,10 @@ def test_plan_takes_the_fullest_rank():
 
 
 def run_ranks(tmp_path, name, args, world=2, timeout=180):
-    lock_dir = tmp_path / f"{name}-tmp"
-    lock_dir.mkdir()
-    port, procs, outs = str(free_port()), [], []
-    try:
-        for rank in range(world):
-            out = tmp_path / f"{name}-rank{rank}.json"
-            env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
-            env.update(LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=port, TMPDIR=str(lock_dir))
-            log = open(tmp_path / f"{name}-rank{rank}.log", "w")
-            cmd = [sys.executable, str(WORKER), "--out", str(out), *args]
-            procs.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=log))
-            outs.append(out)
-        for proc in procs:
-            proc.wait(timeout=timeout)
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    for rank, proc in enumerate(procs):
-        assert proc.returncode == 0, (tmp_path / f"{name}-rank{rank}.log").read_text()[-3000:]
-    return [json.loads(out.read_text()) for out in outs]
+    """Run the worker as `world` ranks of one node; return each rank's JSON result."""
+    out = tmp_path / name
+    run_worker(WORKER.name, out, world, *args, timeout=timeout)
+    return [json.loads((out / f"rank{rank}.json").read_text()) for rank in range(world)]
 
 
 def test_two_ranks_same_cuts_budget_and_resume(tmp_path):
