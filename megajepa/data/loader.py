@@ -79,7 +79,7 @@ from streaming.base.storage import CloudDownloader
 from streaming.base.world import World
 
 from megajepa.data import fingerprint
-from megajepa.data.layout import Layout
+from megajepa.data.layout import Layout, is_pair
 from megajepa.data.mixture import MIXING, Source, check_sources, to_stream
 from megajepa.files import atomic_path
 
@@ -183,7 +183,7 @@ class SourceCollator:
         batch = self.collate(samples)
         sources = np.asarray([s["source_index"] for s in samples], dtype=np.int64)
         lengths = np.asarray([record_lengths(s) for s in samples], dtype=np.int64).reshape(-1, 3)
-        pairs = lengths[:, 1] > 0
+        pairs = np.asarray([is_pair(s) for s in samples], dtype=bool)  # as the layout's num_pairs counts them
         batch["source_index"] = torch.from_numpy(sources)
         batch["source_records"] = torch.from_numpy(np.bincount(sources, minlength=self.num_sources))
         batch["source_pairs"] = torch.from_numpy(np.bincount(sources[pairs], minlength=self.num_sources))
