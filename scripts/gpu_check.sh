@@ -14,6 +14,7 @@
 #   scripts/gpu_check.sh                                       (or: make gpu-check)
 #   OUT=DIR PY=python3 scripts/gpu_check.sh
 #   scripts/gpu_check.sh --data-only                           (or: make gpu-check-data; no GPU needed)
+#   STEPS="train bench" scripts/gpu_check.sh                   (some of: gpu-tests train bench kernels)
 #
 # Data: data/gpu-check (the embedded demo data, 4,000 pairs), built when missing. On a machine with
 # no package registry (the accelerator the `device` tool lends), run `make gpu-wheels gpu-check-data`
@@ -27,6 +28,7 @@ cd "$(dirname "$0")/.."
 PY=${PY:-python3}
 OUT=${OUT:-runs/gpu-check}
 DATA=${DATA:-data/gpu-check}
+STEPS=" ${STEPS:-gpu-tests train bench kernels} "
 
 die() {
     echo "gpu_check: FAILED: $*" >&2
@@ -69,6 +71,7 @@ fi
 MEGAJEPA=("$PY" -m megajepa.cli)
 unset TRITON_INTERPRET
 
+wanted() { [[ "$STEPS" == *" $1 "* ]]; }
 failed=()
 step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to $OUT/NAME.log
     local name=$1 limit=$2
@@ -91,7 +94,7 @@ if [ ! -f "$DATA/shards/eval/index.json" ]; then
     step gpu-check-data 120 "${BUILD_DATA[@]}"
 fi
 
-step gpu-tests 150 "$PY" -m pytest -q -m gpu -p no:cacheprovider --continue-on-collection-errors tests
+wanted gpu-tests && step gpu-tests 120 "$PY" -m pytest -q -m gpu -p no:cacheprovider --continue-on-collection-errors tests
 
 # The 1B shape at Llama 3's vocabulary, on the demo data: rows of one width (row_multiple=0), so
 # FlexAttention compiles for one shape.
@@ -101,16 +104,18 @@ ONE_B=(configs/llama-1b.yaml
     data.pairs_per_batch=64 data.tokens_per_batch=null jepa.readout=content_end optim.warmup_steps=2)
 TRAIN=("${ONE_B[@]}" "train.output_dir=$OUT/train-1b" train.eval_every=3 train.eval_batches=2
     train.save_every=0 logging.log_every=1 train.sync_debug=warn)
-export TORCH_LOGS=recompiles MEGAJEPA_LOG_LEVEL=INFO
-step train-1b 170 "${MEGAJEPA[@]}" train "${TRAIN[@]}" train.steps=3
-step resume-1b 90 "${MEGAJEPA[@]}" train "${TRAIN[@]}" train.steps=5 train.resume=auto train.keep_schedule=true
-unset TORCH_LOGS MEGAJEPA_LOG_LEVEL
-rm -rf "$OUT/train-1b/checkpoints"  # 17 GB of optimizer state per save
+if wanted train; then
+    export TORCH_LOGS=recompiles MEGAJEPA_LOG_LEVEL=INFO
+    step train-1b 170 "${MEGAJEPA[@]}" train "${TRAIN[@]}" train.steps=3
+    step resume-1b 90 "${MEGAJEPA[@]}" train "${TRAIN[@]}" train.steps=5 train.resume=auto train.keep_schedule=true
+    unset TORCH_LOGS MEGAJEPA_LOG_LEVEL
+    rm -rf "$OUT/train-1b/checkpoints"  # 17 GB of optimizer state per save
+fi
 
-step bench-1b 150 "${MEGAJEPA[@]}" bench "${ONE_B[@]}" \
+wanted bench && step bench-1b 150 "${MEGAJEPA[@]}" bench "${ONE_B[@]}" \
     --modes ce,jepa,jepa-ema --steps 4 --warmup 2 --scaling none --loader-batches 0 --out "$OUT/bench-1b"
 
-step kernel-bench 60 "${MEGAJEPA[@]}" bench kernels --json "$OUT/kernels.json"
+wanted kernels && step kernel-bench 60 "${MEGAJEPA[@]}" bench kernels --json "$OUT/kernels.json"
 
 "$PY" scripts/gpu_check_summary.py "$OUT" "${ONE_B[@]}" > "$OUT/summary.md" 2>&1
 cat "$OUT/summary.md"
