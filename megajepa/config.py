@@ -45,6 +45,9 @@ class ModelConfig:
     pretrained: Optional[str] = None
     attention: str = "auto"  # auto (flex on CUDA where the model supports it, else sdpa, else eager) | flex | sdpa | eager
     trust_remote_code: bool = False
+    # A model type outside megajepa's verified families matrix (README, Model families) is refused;
+    # true builds it anyway (architectures the packed pass cannot run exactly stay refused).
+    allow_unverified_family: bool = False
     gradient_checkpointing: bool = False
     # Rows of the embedding and LM head: the tokenizer's size (with its [PRED] tokens) when null;
     # a larger value pads them, as Llama 3's 128,256 rows hold its reserved tokens.

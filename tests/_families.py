@@ -171,3 +171,102 @@ def oracle_pass(lm, packed: Packed):
     ce = total / count
     loss = ce + (torch.stack(lasts) * readout_weights(lm, len(packed.where))).sum()
     return loss, ce, per_sequence
+
+
+# --- every causal-LM model type transformers lists, from its own mapping --------------------------
+
+# Sizes every config class is shrunk to, where it has the attribute (attribute_map included).
+_SHRINK = dict(
+    hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48, ffn_dim=48,
+    max_position_embeddings=64, n_positions=64, vocab_size=VOCAB, num_local_experts=4, num_experts=4,
+    n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=24, shared_expert_intermediate_size=24,
+    first_k_dense_replace=1, n_group=1, topk_group=1, q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=4,
+    qk_nope_head_dim=4, v_head_dim=8, word_embed_proj_dim=32, decoder_start_token_id=0, decoder_layers=2,
+    encoder_layers=2, decoder_attention_heads=4, encoder_attention_heads=4, decoder_ffn_dim=48, encoder_ffn_dim=48,
+)
+_IF_SET = dict(num_key_value_heads=2, head_dim=8, sliding_window=WINDOW, window_size=WINDOW, rotary_dim=4)
+_SUB_CONFIGS = ("text_config", "vision_config", "audio_config", "decoder", "encoder")
+# model_type -> arguments the generic shrink cannot guess (kept small: what each family needs).
+OVERRIDES: dict[str, dict] = {
+    "gpt_neo": dict(attention_types=[[["global", "local"], 1]]),
+}
+
+
+def _set(config, key, value) -> None:
+    try:
+        setattr(config, key, value)
+    except (AttributeError, NotImplementedError):  # a derived property
+        pass
+
+
+def _shrink(config) -> None:
+    depth = getattr(config, "num_hidden_layers", None)
+    for key, value in {**_SHRINK, **_IF_SET}.items():
+        try:
+            current = getattr(config, key)
+        except Exception:  # noqa: BLE001 - absent, or per-layer only
+            continue
+        if isinstance(current, bool) or not isinstance(current, int):
+            continue
+        _set(config, key, value)
+    if isinstance(depth, int):  # per-layer lists (layer_types, mlp_layer_types, ...): the first two layers
+        for key, value in list(vars(config).items()):
+            if isinstance(value, list) and len(value) == depth and depth > 2:
+                _set(config, key, value[:2])
+    types = getattr(config, "layer_types", None)
+    if types and {"sliding_attention", "full_attention"} <= set(types) and depth > 2:
+        _set(config, "layer_types", ["sliding_attention", "full_attention"])
+    for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value >= VOCAB:
+            _set(config, key, VOCAB - 1)
+    for key in _SUB_CONFIGS:
+        sub = getattr(config, key, None)
+        if sub is not None and hasattr(sub, "to_dict"):
+            _shrink(sub)
+
+
+def causal_lm_types() -> list[str]:
+    """Every model type transformers builds with AutoModelForCausalLM (its own mapping)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+
+
+def tiny_spec(model_type: str) -> dict:
+    """A tiny random config of `model_type`: its config class's defaults shrunk (hidden 32, 2
+    layers, 4 heads, vocabulary VOCAB), then OVERRIDES; as the JSON megajepa's model.config reads."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.for_model(model_type, **OVERRIDES.get(model_type, {}))
+    _shrink(config)
+    spec = config.to_diff_dict()
+    for key in ("transformers_version", "architectures", "_name_or_path", "dtype", "torch_dtype"):
+        spec.pop(key, None)
+    return {**spec, "model_type": model_type}
+
+
+def classify(tmp_path, model_type: str, compare) -> tuple[str, str]:
+    """(outcome, detail) of one model type: 'refused' (by name, what the architecture does, even
+    with model.allow_unverified_family), 'exact' (`compare` against its own forward passed),
+    'wrong' (compare failed) or 'crash' (building or running raised)."""
+    import traceback
+
+    from megajepa.model.families import UnsupportedArchitecture
+
+    try:
+        spec = tiny_spec(model_type)
+        cfg = ModelConfig(config=write_config(tmp_path, model_type, spec), allow_unverified_family=True)
+        lm = build_model(cfg, range(VOCAB), dtype=torch.float32, seed=0)
+    except UnsupportedArchitecture as err:
+        return "refused", str(err)
+    except Exception as err:  # noqa: BLE001
+        return "crash", f"build: {type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
+    try:
+        compare(lm, pack())
+    except AssertionError as err:
+        return "wrong", str(err).splitlines()[0][:200]
+    except Exception as err:  # noqa: BLE001
+        frame = traceback.extract_tb(err.__traceback__)[-1]
+        return "crash", f"{type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''} ({frame.filename.split('/')[-1]}:{frame.lineno})"
+    return "exact", ""

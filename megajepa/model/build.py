@@ -16,7 +16,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from megajepa.config import ModelConfig
-from megajepa.model.families import attention_implementation, check_supported
+from megajepa.model.families import attention_implementation, check_supported, text_config
 from megajepa.model.pretrained import load_partitions, partitioned_loading
 
 
@@ -52,13 +52,14 @@ def load_architecture(cfg: ModelConfig, vocab_size: Optional[int], pad_token_id:
     model_type = spec.pop("model_type", None)
     if model_type is None:
         raise ValueError(f"{cfg.config}: missing 'model_type' (e.g. \"llama\")")
-    if vocab_size is not None:
-        spec["vocab_size"] = vocab_size
     config = AutoConfig.for_model(model_type, **spec)
-    vocab_size = config.vocab_size
-    if config.pad_token_id is not None and not 0 <= config.pad_token_id < vocab_size:
+    inner = text_config(config)  # a composite's (gemma3's) rows and pad id live in its text config
+    if vocab_size is not None:
+        inner.vocab_size = vocab_size
+    vocab_size = inner.vocab_size
+    if inner.pad_token_id is not None and not 0 <= inner.pad_token_id < vocab_size:
         inside = pad_token_id is not None and 0 <= pad_token_id < vocab_size
-        config.pad_token_id = pad_token_id if inside else None
+        inner.pad_token_id = pad_token_id if inside else None
     return config
 
 
@@ -67,7 +68,7 @@ def check_architecture(cfg: ModelConfig) -> str:
     model.attention the model lacks (UnsupportedArchitecture naming both): call it before any
     work starts. Returns the attention implementation build_model will use."""
     config = load_architecture(cfg, None)
-    check_supported(config)
+    check_supported(config, cfg.allow_unverified_family, cfg.trust_remote_code)
     return attention_implementation(cfg.attention, config)
 
 
@@ -141,7 +142,7 @@ def build_model(
     hf_ds_config = HfDeepSpeedConfig(ds_config) if zero3 else None
     rows = embedding_rows(cfg, len(tokenizer))
     config = load_architecture(cfg, rows, getattr(tokenizer, "pad_token_id", None))
-    check_supported(config)  # before any weight is built or read
+    check_supported(config, cfg.allow_unverified_family, cfg.trust_remote_code)  # before any weight is built or read
     impl = attention_implementation(cfg.attention, config)
     torch.manual_seed(seed)  # every rank initialises identically
     common = dict(dtype=dtype, attn_implementation=impl, trust_remote_code=cfg.trust_remote_code)

@@ -11,6 +11,7 @@ use, and where the decoder body of a CausalLM is.
 from __future__ import annotations
 
 import logging
+import re
 from typing import Optional
 
 import torch
@@ -38,9 +39,31 @@ class UnsupportedArchitecture(ValueError):
     """A family the packed pass cannot run exactly. The message names it and says why."""
 
 
-def refusal(config) -> Optional[str]:
-    """Why the packed pass cannot run this architecture exactly, or None if it can."""
+def text_config(config):
+    """The decoder's config: `text_config` of a composite (gemma3's image-text configs), else `config`."""
+    try:
+        return config.get_text_config(decoder=True)
+    except (AttributeError, ValueError):  # several candidate text configs (musicgen): keep the top level
+        return config
+
+
+# Config keys transformers uses to lay out layers that are not all attention (jamba, zamba, bamba,
+# falcon_h1, granitemoehybrid, recurrent_gemma, nemotron_h, ...).
+_HYBRID_KEYS = ("layers_block_type", "block_types", "attn_layer_period", "attn_layer_indices", "hybrid_override_pattern")
+# Mixer classes that carry state along the sequence (recurrences, scans, linear attention).
+_STATEFUL_MIXER = re.compile(r"mamba|rwkv|recurrent|rglru|deltanet|lightning|linearattention|shortconv|lstm", re.I)
+_ATTENTION_MODULE = re.compile(r"attention|attn|mla", re.I)
+# What the architecture does that neither its config nor its module classes say.
+_KNOWN = {
+    "cpmant": "it builds its own attention mask from input_ids and ignores the one it is given",
+    "doge": "its dynamic mask keeps a learned top-k window of keys over the whole row",
+}
+
+
+def _config_refusal(config) -> Optional[str]:
     kind = config.model_type
+    if kind in _KNOWN:
+        return f"{kind}: {_KNOWN[kind]}"
     if kind in ("bloom", "mpt") or (kind == "falcon" and getattr(config, "alibi", False)):
         return f"{kind}{' (alibi=True)' if kind == 'falcon' else ''}: {_ALIBI_REASON}"
     if getattr(config, "alibi", False) or getattr(config, "position_embedding_type", None) == "alibi":
@@ -52,19 +75,86 @@ def refusal(config) -> Optional[str]:
     unknown = sorted(set(getattr(config, "layer_types", None) or ()) - {FULL, SLIDING})
     if unknown:
         return f"{kind}: layer types {unknown} (only full and sliding-window attention layers are packed)"
+    hybrid = [key for key in _HYBRID_KEYS if getattr(config, key, None) is not None]
+    if hybrid:
+        return f"{kind}: layers other than attention (laid out by {', '.join(hybrid)}): state flows across packed sequences"
     return None
 
 
-def check_supported(config) -> None:
-    """Raise UnsupportedArchitecture for a family the packed pass would compute wrongly; note
-    once in the log a family the test matrix has not covered."""
-    reason = refusal(config)
+def decoder_layers(lm: nn.Module) -> nn.ModuleList:
+    """The decoder's stack of layers: the ModuleList of its decoder body nearest the top that has
+    num_hidden_layers entries (not an audio or vision tower's)."""
+    depth = getattr(text_config(lm.config), "num_hidden_layers", None)
+    lists = [
+        (name.count("."), name, m) for name, m in decoder_of(lm).named_modules()
+        if isinstance(m, nn.ModuleList) and len(m) == depth
+    ]
+    if not lists:
+        raise UnsupportedArchitecture(f"{type(lm).__name__}: no stack of {depth} decoder layers found")
+    return min(lists, key=lambda item: item[:2])[2]
+
+
+def mixer_refusal(lm: nn.Module) -> Optional[str]:
+    """Why the decoder layers of `lm` (any device, meta included) are not all attention that the
+    packed mask expresses, or None: a convolution or recurrent/state-space mixer in a layer carries
+    state from one packed sequence into the next; a layer with no attention module is not attention."""
+    kind = lm.config.model_type
+    for index, layer in enumerate(decoder_layers(lm)):
+        names = [type(m).__name__ for m in layer.modules()]
+        for module in layer.modules():
+            if isinstance(module, (nn.Conv1d, nn.Conv2d)) or _STATEFUL_MIXER.search(type(module).__name__):
+                return (
+                    f"{kind}: decoder layer {index} holds {type(module).__name__}, a convolution or "
+                    "recurrent mixer along the sequence: state flows across packed sequences"
+                )
+        if not any(_ATTENTION_MODULE.search(name) for name in names):
+            return f"{kind}: decoder layer {index} ({type(layer).__name__}) has no attention module to take the packed mask"
+    return None
+
+
+def refusal(config, allow_unverified: bool = False, trust_remote_code: bool = False) -> Optional[str]:
+    """Why the packed pass cannot run this architecture exactly, or None if it can.
+
+    From the config (composites through their text config), then from the model itself, built on
+    the meta device: every decoder layer's mixer must be attention. A family outside the verified
+    matrix (TESTED_FAMILIES) is refused unless `allow_unverified` (model.allow_unverified_family)."""
+    reason = _config_refusal(config)
+    inner = text_config(config)
+    if reason is None and inner is not config:
+        reason = _config_refusal(inner)
+    if reason is not None:
+        return reason
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with torch.device("meta"):
+            lm = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+        reason = mixer_refusal(lm)
+    except UnsupportedArchitecture as err:
+        reason = f"{config.model_type}: {err}"
+    except Exception as err:  # noqa: BLE001 - whatever transformers raises, the family is not buildable as given
+        reason = f"{config.model_type}: transformers cannot build it as configured ({type(err).__name__}: {err})"
+    if reason is not None:
+        return reason
+    if config.model_type not in TESTED_FAMILIES and not allow_unverified:
+        return (
+            f"{config.model_type}: not in megajepa's verified matrix (tests/test_families.py compares the "
+            "packed pass with the model's own forward); model.allow_unverified_family=true builds it anyway"
+        )
+    return None
+
+
+def check_supported(config, allow_unverified: bool = False, trust_remote_code: bool = False) -> None:
+    """Raise UnsupportedArchitecture for a family the packed pass would compute wrongly, or one
+    outside the verified matrix unless `allow_unverified` (then noted in the log)."""
+    reason = refusal(config, allow_unverified, trust_remote_code)
     if reason is not None:
         raise UnsupportedArchitecture(f"model architecture {reason}")
     if config.model_type not in TESTED_FAMILIES:
         log.warning(
-            "model family %r is not in megajepa's tested matrix (tests/test_families.py): its packed "
-            "pass has not been compared with the model's own forward", config.model_type,
+            "model family %r is not in megajepa's verified matrix (tests/test_families.py): its packed "
+            "pass has not been compared with the model's own forward (model.allow_unverified_family=true)",
+            config.model_type,
         )
 
 
@@ -76,6 +166,7 @@ def layer_windows(config) -> dict[str, Optional[int]] | Optional[int]:
     the one window every layer uses (mistral, mixtral, phi3, starcoder2, qwen2_moe, qwen3_moe set
     `sliding_window` for all layers; their configs already clear it when `use_sliding_window` is off).
     """
+    config = text_config(config)
     window = getattr(config, "sliding_window", None)
     types = getattr(config, "layer_types", None)
     if types:
