@@ -10,11 +10,13 @@ import json
 import pytest
 import torch
 
-from _families import FAMILIES, REFUSED, VOCAB, build, oracle_pass, pack, packed_pass, write_config
+from _families import (
+    FAMILIES, REFUSED, VOCAB, build, causal_lm_types, classify, oracle_pass, pack, packed_pass, tiny_spec, write_config,
+)
 from _ranks import run_worker
 from megajepa.config import ModelConfig
 from megajepa.model.build import check_architecture
-from megajepa.model.families import TESTED_FAMILIES, UnsupportedArchitecture, decoder_of
+from megajepa.model.families import TESTED_FAMILIES, UnsupportedArchitecture, check_supported, decoder_of, text_config
 
 TOL = dict(rtol=1e-4, atol=1e-5)
 # eager attention (additive mask) beside SDPA: gptj has no SDPA; gemma2 soft-caps attention
@@ -181,3 +183,61 @@ def test_auto_attention_picks_what_the_model_supports_and_says_so(family, on_cud
         assert families.attention_implementation("auto", config) == expected
     said = [r.getMessage() for r in caplog.records if "model.attention=auto" in r.getMessage()]
     assert said == [f"model.attention=auto: {config.model_type} uses {expected} attention"]
+
+
+# --- every causal-LM type transformers lists: exact, or refused by name ----------------------------
+
+STATEFUL = ["mamba", "mamba2", "falcon_mamba", "falcon_h1", "bamba", "jamba", "zamba", "zamba2", "rwkv",
+            "recurrent_gemma", "lfm2", "granitemoehybrid", "qwen3_next", "minimax", "cpmant", "doge"]
+
+
+def tiny_or_default(model_type):
+    from transformers import AutoConfig
+
+    try:
+        spec = dict(tiny_spec(model_type))
+        spec.pop("model_type")
+        return AutoConfig.for_model(model_type, **spec)
+    except Exception:  # noqa: BLE001 - a config class whose validators the generic shrink does not satisfy
+        return AutoConfig.for_model(model_type)
+
+
+@pytest.mark.parametrize("model_type", STATEFUL)
+def test_stateful_mixers_refused_by_name_even_when_allowed(model_type):
+    """Recurrent, state-space, convolutional mixers and self-made masks are refused from what the
+    architecture does, flag or not (these ran silently wrong or crashed before)."""
+    with pytest.raises(UnsupportedArchitecture, match=f"model architecture {model_type}"):
+        check_supported(tiny_or_default(model_type), allow_unverified=True)
+
+
+def test_every_causal_lm_type_is_verified_or_refused_by_name():
+    """From transformers' own mapping, config time only (meta device): a verified family builds,
+    any other is refused with its model type named."""
+    types = causal_lm_types()
+    assert len(types) > 100 and set(TESTED_FAMILIES) <= set(types)
+    for model_type in types:
+        config = tiny_or_default(model_type)
+        if model_type in TESTED_FAMILIES:
+            check_supported(config)
+            continue
+        with pytest.raises(UnsupportedArchitecture) as err:
+            check_supported(config)
+        assert f"model architecture {config.model_type}" in str(err.value) or \
+            f"model architecture {text_config(config).model_type}" in str(err.value)
+
+
+def test_unverified_family_needs_the_flag(tmp_path):
+    spec = tiny_spec("persimmon")
+    with pytest.raises(UnsupportedArchitecture, match="persimmon: not in megajepa's verified matrix.*allow_unverified_family"):
+        check_architecture(ModelConfig(config=write_config(tmp_path, "persimmon", spec)))
+    check_architecture(ModelConfig(config=write_config(tmp_path, "persimmon", spec), allow_unverified_family=True))
+
+
+@pytest.mark.slow
+def test_every_causal_lm_type_exact_or_refused(tmp_path):
+    """The full sweep (scripts/families_table.py writes README's table from the same function):
+    each type transformers lists is exact against its own forward, or refused by name; exactly
+    the exact ones are the verified matrix."""
+    outcomes = {t: classify(tmp_path, t, compare) for t in causal_lm_types()}
+    exact = {t for t, (outcome, _) in outcomes.items() if outcome == "exact"}
+    assert exact == set(TESTED_FAMILIES) & set(outcomes), sorted(exact ^ set(TESTED_FAMILIES))
