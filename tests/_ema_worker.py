@@ -24,7 +24,7 @@ from _shards import pair_record
 from megajepa.config import Config, DataConfig, EmaConfig, JepaConfig, ModelConfig
 from megajepa.data.layout import Layout
 from megajepa.train.deepspeed_json import online_config, teacher_config
-from megajepa.jepa.ema_target import EmaTeacher
+from megajepa.jepa.ema_target import EmaTeacher, stack_teacher_rows
 from megajepa.jepa.objective import JepaModel
 from megajepa.model.build import build_model
 
@@ -62,10 +62,10 @@ def count_collectives():
             group.unregister_pre_hook(HOOK_ID)
 
 
-def make_batch(step: int, rank: int) -> dict:
+def make_batch(step: int, rank: int, pairs: int = 4) -> dict:
     g = torch.Generator().manual_seed(1000 * step + rank)
     view_a, view_b = [], []
-    for _ in range(4):
+    for _ in range(pairs):
         view_a.append(torch.randint(0, PRED_ID, (int(torch.randint(3, 12, (1,), generator=g)),), generator=g))
         view_b.append(torch.randint(0, PRED_ID, (int(torch.randint(2, 10, (1,), generator=g)),), generator=g))
     layout = Layout(DataConfig(shards="", tokenizer="", row_length=48, max_length=0), JEPA, [PRED_ID], 0)
@@ -177,6 +177,21 @@ def main() -> None:
         record["masters"].append(masters(engine))
         for layout, teacher in teachers.items():
             record["teacher"][layout].append(gathered(teacher.engine.module.model))
+
+    # A step's micro-batches (rows of other widths, a rank-dependent number of pairs) through one
+    # teacher forward, as train_step runs them, against one forward per micro-batch.
+    micro = [make_batch(args.steps + 10 + i, rank, pairs=2 + 3 * i + rank) for i in range(3)]
+    record["micro_widths"] = [b["teacher_input_ids"].shape[1] for b in micro]
+    with count_collectives() as calls:
+        record["per_micro_z_b"] = [teachers["auto"].encode(b).float() for b in micro]
+    record["per_micro_calls"] = list(calls)
+    record["stacked_calls"] = {}
+    for n in (1, 3):
+        rows, pairs = stack_teacher_rows(micro[:n])
+        with count_collectives() as calls:
+            z_b = teachers["auto"].encode(rows)
+        record["stacked_calls"][n] = list(calls)
+    record["stacked_z_b"] = [z.float() for z in z_b.split(pairs)]
 
     # A second update without an optimizer step in between must change nothing.
     record["repeat_update"] = teachers["auto"].update(args.steps)

@@ -6,16 +6,19 @@ single-process reference EMA of the online model's fp32 master weights, and a pl
 with it, say what they should hold.
 """
 
+import dataclasses
 import math
 
 import pytest
 import torch
-from _ema_worker import EMA, FROZEN, JEPA, MODEL, VOCAB
+from _ema_worker import EMA, FROZEN, JEPA, MODEL, PRED_ID, VOCAB
 from _ranks import run_worker
+from _shards import pair_record
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from megajepa.config import EmaConfig
-from megajepa.jepa.ema_target import momentum_at
+from megajepa.config import DataConfig, EmaConfig
+from megajepa.data.layout import Layout
+from megajepa.jepa.ema_target import momentum_at, stack_teacher_rows
 from megajepa.train.deepspeed_json import teacher_config
 from megajepa.jepa.objective import JepaModel
 
@@ -110,6 +113,43 @@ def test_encode_gives_z_b_of_the_teacher_weights(zero3_two_ranks, reference):
         for step in range(STEPS):  # at step 0, reference[0] is the online model itself
             expected = reference_z_b(reference[step], record["batches"][step])
             torch.testing.assert_close(record["z_b"]["auto"][step], expected, atol=1e-5, rtol=1e-5)
+
+
+def test_one_teacher_forward_per_step_gives_each_micro_batchs_z_b(zero3_two_ranks):
+    for record in zero3_two_ranks:
+        assert len(set(record["micro_widths"])) > 1  # rows of other widths: padded when stacked
+        for stacked, alone in zip(record["stacked_z_b"], record["per_micro_z_b"], strict=True):
+            torch.testing.assert_close(stacked, alone, atol=1e-6, rtol=1e-6)
+    # the teacher's all-gathers: as many for a step of 3 micro-batches as for 1, and the same on
+    # both ranks although their pairs differ; one forward per micro-batch gathered 3 times as much
+    gathers = [{n: calls.count("ALLGATHER") for n, calls in r["stacked_calls"].items()} for r in zero3_two_ranks]
+    assert gathers[0] == gathers[1] and gathers[0][1] == gathers[0][3] > 0
+    assert zero3_two_ranks[0]["stacked_calls"][3] == zero3_two_ranks[1]["stacked_calls"][3]
+    assert zero3_two_ranks[0]["per_micro_calls"].count("ALLGATHER") == 3 * gathers[0][1]
+
+
+@pytest.mark.parametrize("pooling", ["last", "mean"])
+def test_stacked_teacher_rows_read_each_micro_batchs_pairs(pooling):
+    """In one process, on a plain model: the stacked rows' z_b, split, is each micro-batch's own."""
+    jepa = dataclasses.replace(JEPA, pooling=pooling)
+    spec = {k: v for k, v in MODEL.items() if k != "model_type"}
+    torch.manual_seed(0)
+    model = JepaModel(LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, attn_implementation="sdpa", **spec)), jepa)
+    layout = Layout(DataConfig(shards="", tokenizer="", row_length=48, max_length=0), jepa, [PRED_ID], 0)
+    g = torch.Generator().manual_seed(0)
+
+    def records(n):
+        lengths = torch.randint(2, 14, (n, 2), generator=g).tolist()
+        return [{"sample_id": i, **pair_record(torch.randint(0, PRED_ID, (a,), generator=g).numpy(),
+                                               torch.randint(0, PRED_ID, (b,), generator=g).numpy())}
+                for i, (a, b) in enumerate(lengths)]  # fmt: skip
+
+    micro = [layout(records(n)) for n in (3, 9, 1)]
+    assert len({b["teacher_input_ids"].shape[1] for b in micro}) > 1  # padded when stacked
+    rows, pairs = stack_teacher_rows(micro)
+    assert pairs == [b["jepa_pairs"].numel() for b in micro]
+    for stacked, batch in zip(model.encode_targets(rows).split(pairs), micro, strict=True):
+        torch.testing.assert_close(stacked, model.encode_targets(batch), atol=1e-6, rtol=1e-6)
 
 
 def test_update_acts_only_after_an_optimizer_step(zero3_two_ranks):

@@ -2,7 +2,9 @@
 
     result = train_step(engine, teacher, micro_batches, step, flags={"stop": stop_requested})
 
-Per micro-batch (CPU tensors from the loader): the teacher's z_b (target: ema), the online
+First, with target: ema, one teacher forward over the teacher rows of every micro-batch (the
+EMA weights do not change within a step, and one forward gathers the teacher's parameters once
+per step). Then per micro-batch (CPU tensors from the loader): the online
 forward, backward and engine.step(), which applies the update on the last micro-batch only
 (DeepSpeed's accumulation boundary). Just before that update one all-reduce agrees on every
 rank's flags (`nonfinite`: a non-finite loss in any micro-batch of this step, and whatever the
@@ -29,6 +31,7 @@ import torch
 
 from megajepa import dist
 from megajepa.data.mixture import SOURCE_COUNTS
+from megajepa.jepa.ema_target import stack_teacher_rows
 from megajepa.jepa.objective import JepaOutput, collapse_std
 
 # Summed over the micro-batches of a step, from the CPU batches.
@@ -85,6 +88,11 @@ def train_step(
     sums = torch.zeros(3, device=device)  # loss, ce, jepa
     finite = torch.ones((), dtype=torch.bool, device=device)
     source_counts, source_ce = None, None
+    targets = [None] * accumulation
+    if teacher is not None:
+        with section("teacher"):
+            rows, pairs = stack_teacher_rows(micro_batches)
+            targets = teacher.encode(to_device(rows, device)).split(pairs)
     for i, cpu_batch in enumerate(micro_batches):
         for key in COUNTS:
             counts[key] += float(cpu_batch[key])  # CPU tensors: no device wait
@@ -92,11 +100,7 @@ def train_step(
             batch_counts = torch.stack([cpu_batch[f"source_{key}"] for key in SOURCE_COUNTS]).double()
             source_counts = batch_counts if source_counts is None else source_counts + batch_counts
         batch = to_device(cpu_batch, device)
-        target = None
-        if teacher is not None:
-            with section("teacher"):
-                target = teacher.encode(batch)
-        out = engine(batch, step=step, target_embeddings=target)
+        out = engine(batch, step=step, target_embeddings=targets[i])
         finite &= torch.isfinite(out.loss.detach())
         sums += torch.stack([out.loss.detach(), out.ce, out.jepa]).float()
         if out.source_ce is not None:
