@@ -9,6 +9,8 @@
     megajepa bench   kernels [...]                 kernel benchmark (Triton vs torch reference)
     megajepa plan    CONFIG --gpus N --gpu-memory GB   expected memory per rank, largest token budget
     megajepa export  CHECKPOINT --out HF_DIR       ZeRO-3 checkpoint -> Hugging Face model directory
+    megajepa universal CHECKPOINT [--workers N]    before a launch at another world size: DeepSpeed's
+                                                   universal form, converted outside any collective
     megajepa eval    CHECKPOINT_OR_HF_DIR --data   generation accuracy, held-out CE, JEPA metrics
     megajepa compare CONFIG --seeds N [...]        next-token vs JEPA over seeds, paired t-test
 """
@@ -141,6 +143,23 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_universal(args) -> int:
+    from megajepa.train import checkpoint, elastic, pickle_guard
+
+    tag_dir = os.path.abspath(args.checkpoint.rstrip("/"))
+    reason = checkpoint.incomplete_reason(tag_dir) if os.path.isdir(tag_dir) else "no such directory"
+    if reason is None:
+        try:  # DeepSpeed's converter unpickles the checkpoint's files with weights_only=False
+            pickle_guard.refuse_unsafe(pickle_guard.torch_files(tag_dir))
+        except pickle_guard.UnsafeCheckpointFile as err:
+            reason = str(err)
+    if reason is not None:
+        print(f"megajepa universal: {args.checkpoint}: not a complete checkpoint: {reason}", file=sys.stderr)
+        return 2
+    print(f"universal checkpoint: {elastic.convert(tag_dir, args.workers)}")
+    return 0
+
+
 def cmd_eval(args) -> int:
     from megajepa.eval.run import main as eval_main
 
@@ -184,6 +203,12 @@ def main(argv: list[str] | None = None) -> int:
     export.add_argument("--tokenizer", default=None, help="the tokenizer dir, if it moved since training")
     export.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     export.set_defaults(func=cmd_export)
+    universal = sub.add_parser(
+        "universal", help="convert a checkpoint to DeepSpeed's universal form, before resuming at another world size"
+    )
+    universal.add_argument("checkpoint", help="checkpoint dir (.../checkpoints/stepNNNNNNNN)")
+    universal.add_argument("--workers", type=int, default=None, help="extract/merge processes (default: cores, <= 16)")
+    universal.set_defaults(func=cmd_universal)
     evaluate = sub.add_parser("eval", help="held-out generation, CE and JEPA metrics")
     evaluate.add_argument("model", help="a checkpoint (or a run's output_dir) or an exported HF directory")
     evaluate.add_argument("--data", required=True, help="MDS shard directory or chat JSONL of held-out pairs")

@@ -200,6 +200,10 @@ def main() -> None:
     teacher = teachers["auto"]
     checkpoint = os.path.join(args.out, "checkpoint")
     teacher.save(checkpoint, rank)
+    # DeepSpeed's checkpoint with the EMA shards beside it, for the consolidation tests
+    engine.save_checkpoint(os.path.join(args.out, "ds"), tag="t")
+    teacher.save(os.path.join(args.out, "ds", "t"), rank)
+    record["ds_checkpoint"] = os.path.join(args.out, "ds", "t")
     saved = teacher.state_dict()
     batch = make_batch(args.steps, rank)
     out = engine(batch, step=args.steps, target_embeddings=teacher.encode(batch))

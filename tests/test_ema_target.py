@@ -8,6 +8,7 @@ with it, say what they should hold.
 
 import dataclasses
 import math
+import shutil
 
 import pytest
 import torch
@@ -20,6 +21,7 @@ from megajepa.config import DataConfig, EmaConfig
 from megajepa.data.layout import Layout
 from megajepa.jepa.ema_target import momentum_at, stack_teacher_rows
 from megajepa.train.deepspeed_json import teacher_config
+from megajepa.train.ema_shards import EmaShardsUnusable, consolidate_ema, ema_pieces
 from megajepa.jepa.objective import JepaModel
 
 STEPS = 4
@@ -170,6 +172,45 @@ def test_save_load_round_trip_restores_ema_and_step(zero3_two_ranks):
         assert "no-checkpoint" in record["missing_error"]
         (warning,) = record["schedule_warnings"]
         assert f"over {STEPS} steps" in warning and f"over {STEPS + 1} steps" in warning
+
+
+@pytest.mark.parametrize("new_world", [1, 3, 4])
+def test_ema_pieces_are_the_new_partitions_of_deepspeeds_consolidation(zero3_two_ranks, new_world):
+    """Each rank of another world size reads its own partitions (ZeRO-3: ceil(numel / world) per
+    rank, zero-padded) out of the 2-rank shards; together they are zero_to_fp32's whole EMA."""
+    tag_dir = zero3_two_ranks[0]["ds_checkpoint"]
+    whole = consolidate_ema(tag_dir, 2)
+    trained = [name for name in zero3_two_ranks[0]["masters"][0] if name != FROZEN]  # tied weights once
+    parts = {name: [] for name in trained}
+    for rank in range(new_world):
+        wanted = {}
+        for name in trained:
+            n = math.ceil(whole[name].numel() / new_world)
+            wanted[name] = (rank * n, (rank + 1) * n)
+        pieces = ema_pieces(tag_dir, 2, wanted)
+        for name, (start, stop) in wanted.items():
+            assert pieces[name].shape == (stop - start,)
+            parts[name].append(pieces[name])
+    for name in trained:
+        flat = torch.cat(parts[name])
+        numel = whole[name].numel()
+        assert torch.equal(flat[:numel], whole[name].reshape(-1)), name
+        assert not flat[numel:].any()  # ZeRO-3's padding
+    assert not torch.equal(whole[trained[0]], zero3_two_ranks[0]["masters"][-1][trained[0]])  # the EMA, not the weights
+
+
+def test_ema_pieces_read_only_the_shards_that_hold_them(zero3_two_ranks, tmp_path):
+    """Rank 0 of 4 needs the first quarter of each parameter: all in the saved rank 0's shard."""
+    tag_dir = tmp_path / "t"
+    shutil.copytree(zero3_two_ranks[0]["ds_checkpoint"], tag_dir)
+    whole = consolidate_ema(str(tag_dir), 2)
+    (tag_dir / "ema_rank1.pt").unlink()
+    trained = [name for name in zero3_two_ranks[0]["masters"][0] if name != FROZEN]
+    wanted = {name: (0, math.ceil(whole[name].numel() / 4)) for name in trained}
+    pieces = ema_pieces(str(tag_dir), 2, wanted)
+    assert all(torch.equal(pieces[name], whole[name].reshape(-1)[:stop]) for name, (_, stop) in wanted.items())
+    with pytest.raises(EmaShardsUnusable, match="ema_rank1.pt"):  # the whole EMA needs every shard
+        consolidate_ema(str(tag_dir), 2)
 
 
 def local_elements(weights: dict, world: int, trained_only: bool) -> int:

@@ -389,32 +389,25 @@ class EmaTeacher:
         self.step = int(state["step"])
         self._last_global_step = self.online.global_steps
 
-    def load_full(self, full: dict[str, torch.Tensor], step: int, source: str = "EMA") -> None:
-        """Restore the EMA from whole parameters (by name, e.g. consolidated from a checkpoint
-        of another world size): each rank keeps its own ZeRO-3 partition of each, laid out as
-        its slots are. ZeRO-3 pads a parameter of n elements to a multiple of the world size and
-        gives rank r the r-th of the equal pieces, which is what ds_tensor holds."""
-        missing = sorted(set(self.online_params) - set(full))
-        if missing:
-            raise ValueError(f"{source}: no EMA for {missing[:3]}")
+    def load_pieces(self, read: Callable[[dict], dict], step: int, source: str = "EMA") -> None:
+        """Restore a ZeRO-3 teacher's EMA from a checkpoint of another world size: `read` maps
+        {name: (start, stop)} to those fp32 elements of each whole flattened parameter
+        (megajepa.train.ema_shards.ema_pieces), and is asked for this rank's partition of each
+        trained parameter only. ZeRO-3 pads a parameter of n elements to a multiple of the world
+        size and gives rank r the r-th of the equal pieces, which is what ds_tensor holds."""
+        if not self.zero3:
+            raise ValueError(f"{source}: load_pieces restores ZeRO-3 partitions; below stage 3 load the whole EMA")
         rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-
-        def local(name: str) -> torch.Tensor:
-            flat = full[name].reshape(-1).float()
-            if not self.zero3:
-                return flat
-            n = self.online_params[name].ds_tensor.numel()
-            piece = flat[rank * n : (rank + 1) * n]
-            return torch.cat([piece, piece.new_zeros(n - piece.numel())])
-
+        if self.layout == "flat":
+            name_of = {id(p): name for name, p in self.online_params.items()}
+            groups = [[name_of[id(p)] for p in group] for group in self.online.optimizer.fp16_groups]
+        else:
+            groups = [[slot.name] for slot in self.slots]
+        sizes = {name: self.online_params[name].ds_tensor.numel() for names in groups for name in names}
+        pieces = read({name: (rank * n, (rank + 1) * n) for name, n in sizes.items()})
         with torch.no_grad():
-            if self.layout == "flat":
-                name_of = {id(p): name for name, p in self.online_params.items()}
-                groups = [[name_of[id(p)] for p in group] for group in self.online.optimizer.fp16_groups]
-            else:
-                groups = [[slot.name] for slot in self.slots]
             for slot, names in zip(self.slots, groups):
-                slot.ema.copy_(torch.cat([local(name) for name in names]).to(slot.ema.device))
+                slot.ema.copy_(torch.cat([pieces[name] for name in names]).to(slot.ema.device))
             self._copy_frozen()
             self._write_teacher()
         self.step = step

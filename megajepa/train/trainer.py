@@ -107,6 +107,7 @@ def choose_resume(cfg: Config, meta: dict, rank: int, world: int) -> tuple[Optio
 
 def train(cfg: Config) -> dict:
     dist.quiet_deprecated_collectives()
+    elastic.convert_before_start(cfg, *elastic.launch_rank_world())  # no process group yet: no timeout
     rank, world, _ = init_distributed()
     output_dir = cfg.train.output_dir
     os.makedirs(output_dir, exist_ok=True)
