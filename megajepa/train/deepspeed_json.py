@@ -9,7 +9,8 @@ With `deepspeed.config_file` the user's JSON is the base; only the batch sizes, 
 the scheduler are filled in where it has none. The derived ZeRO settings depend on the device:
 on CUDA communication overlaps compute (`overlap_comm`, buckets sized from the model's width, as
 Hugging Face's DeepSpeed integration sizes them); on the CPU accelerator (gloo, the tests) it
-does not, as there are no side streams to overlap on.
+does not, as there are no side streams to overlap on. The optimizer is torch's AdamW (fused on
+CUDA), which needs no DeepSpeed op built.
 """
 
 from __future__ import annotations
@@ -77,8 +78,11 @@ def _derived_config(cfg: Config, world_size: int, cuda: bool) -> dict[str, Any]:
                 "betas": [cfg.optim.beta1, cfg.optim.beta2],
                 "eps": cfg.optim.eps,
                 "weight_decay": cfg.optim.weight_decay,
-                # DeepSpeed's fused CPU Adam needs a C++ build; torch's AdamW needs none.
-                "torch_adam": not cuda,
+                # torch's AdamW, never DeepSpeed's ops: its FusedAdam JIT-compiles with nvcc at the
+                # first engine build (minutes, and refused when nvcc's CUDA major differs from
+                # torch's), its CPU Adam with g++. On CUDA torch's fused kernel, one launch per step.
+                "torch_adam": True,
+                "fused": cuda,
             },
         },
         "bf16": {"enabled": prec == "bf16"},

@@ -97,6 +97,7 @@ def config_loader(cfg: Config, shards: str, layout: Layout, tokenizer, **options
         shuffle=cfg.data.shuffle,
         seed=cfg.data.seed,
         num_workers=cfg.data.num_workers,
+        pin_memory=torch.cuda.is_available(),  # the step's host-to-device copies then do not block
     )
     if shards in (None, cfg.data.shards):
         settings.update(

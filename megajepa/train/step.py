@@ -40,7 +40,8 @@ COUNTS = ("computed_tokens", "useful_tokens", "num_pairs")
 
 def to_device(batch: dict, device) -> dict:
     """The batch's tensors on `device`. To CUDA through pinned memory: a copy from pageable host
-    memory makes the host wait for the device's queue, a pinned one does not."""
+    memory makes the host wait for the device's queue, a pinned one does not. The training
+    loader pins on CUDA already (pin_memory() of a pinned tensor is the tensor itself)."""
     device = torch.device(device)
     pin = device.type == "cuda"
     return {

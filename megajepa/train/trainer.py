@@ -20,6 +20,7 @@ from megajepa.data.fingerprint import tokenizer_hash
 from megajepa.data.layout import Layout
 from megajepa.data.mixture import source_step_values
 from megajepa.files import write_text
+from megajepa.model.attention import compiled_graphs
 from megajepa.model.build import architecture_spec
 from megajepa.train import checkpoint, elastic, resume_policy
 from megajepa.train.deepspeed_json import online_config
@@ -234,6 +235,8 @@ def train(cfg: Config) -> dict:
         logger.close()
 
     summary.update(steps=step, world_size=world, checkpoint=last_good, logs=os.path.join(output_dir, "logs"))
+    # FlexAttention's kernels: a handful per run; more means shapes recompiling (TORCH_LOGS=recompiles)
+    summary["compiled_graphs"] = compiled_graphs()
     if logger.history:
         summary["first"] = logger.history[0]
         summary["last"] = logger.history[-1]
