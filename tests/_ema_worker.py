@@ -27,6 +27,7 @@ from megajepa.train.deepspeed_json import online_config, teacher_config
 from megajepa.jepa.ema_target import EmaTeacher, stack_teacher_rows
 from megajepa.jepa.objective import JepaModel
 from megajepa.model.build import build_model
+from megajepa.train.ema_shards import ema_pieces
 
 VOCAB = 101
 PRED_ID = VOCAB - 1
@@ -211,6 +212,9 @@ def main() -> None:
     engine.step()
     record["moved_update"] = teacher.update(args.steps + 1)
     record["moved_differs"] = any(not torch.equal(a, b) for a, b in zip(saved["ema"], teacher.state_dict()["ema"]))
+    # the elastic path: this rank's partitions read back out of DeepSpeed's checkpoint and the shards
+    teacher.load_pieces(lambda wanted: ema_pieces(record["ds_checkpoint"], world, wanted), args.steps)
+    record["pieces_equal"] = all(torch.equal(a, b) for a, b in zip(saved["ema"], teacher.state_dict()["ema"]))
     teacher.load(checkpoint, rank)
     loaded = teacher.state_dict()
     record["saved_step"], record["loaded_step"] = saved["step"], loaded["step"]

@@ -20,6 +20,7 @@ from _train_utils import demo_overrides, metrics, run_train
 from megajepa.config import Config
 from megajepa.export import consolidate, read_checkpoint
 from megajepa.train import elastic, trainer
+from megajepa.train.checkpoint import CheckpointMismatch
 
 COMMON = {
     "optim.warmup_steps": 2,
@@ -132,8 +133,8 @@ def test_a_resume_at_another_world_size_converts_before_any_process_group(tmp_pa
         monkeypatch.delenv(name, raising=False)
     cfg = Config()
     cfg.train.output_dir, cfg.train.resume = str(tmp_path), "auto"
-    with pytest.raises(_Converted):
-        trainer.train(cfg)  # one process resuming a 2-rank checkpoint
+    with pytest.raises(CheckpointMismatch, match="universal conversion failed"):
+        trainer.train(cfg)  # one process resuming a 2-rank checkpoint; the failure is a refusal
     assert calls == [(str(tag_dir), False, elastic.conversion_workers())]
 
 

@@ -15,8 +15,10 @@ import torch
 from _ema_worker import EMA, FROZEN, JEPA, MODEL, PRED_ID, VOCAB
 from _ranks import run_worker
 from _shards import pair_record
+from _train_utils import remark_complete
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from megajepa.cli import main
 from megajepa.config import DataConfig, EmaConfig
 from megajepa.data.layout import Layout
 from megajepa.jepa.ema_target import momentum_at, stack_teacher_rows
@@ -163,6 +165,7 @@ def test_update_acts_only_after_an_optimizer_step(zero3_two_ranks):
 def test_save_load_round_trip_restores_ema_and_step(zero3_two_ranks):
     for rank, record in enumerate(zero3_two_ranks):
         assert record["moved_update"]["updated"] and record["moved_differs"]  # the EMA moved after the save
+        assert record["pieces_equal"]  # load_pieces from the checkpoint's shards restores it too
         assert record["saved_step"] == record["loaded_step"] == STEPS
         assert record["loaded_equal"]
         loaded, saved = record["loaded_teacher"], record["teacher"]["auto"][STEPS]
@@ -211,6 +214,23 @@ def test_ema_pieces_read_only_the_shards_that_hold_them(zero3_two_ranks, tmp_pat
     assert all(torch.equal(pieces[name], whole[name].reshape(-1)[:stop]) for name, (_, stop) in wanted.items())
     with pytest.raises(EmaShardsUnusable, match="ema_rank1.pt"):  # the whole EMA needs every shard
         consolidate_ema(str(tag_dir), 2)
+
+
+def test_universal_command_converts_a_complete_checkpoint_and_refuses_others(zero3_two_ranks, tmp_path, capsys):
+    """`megajepa universal`, run before a launch at another world size: DeepSpeed's converter
+    writes each trained parameter's fp32 master whole, which is what the online model held."""
+    tag_dir = tmp_path / "step00000004"
+    shutil.copytree(zero3_two_ranks[0]["ds_checkpoint"], tag_dir)
+    assert main(["universal", str(tag_dir)]) == 2
+    assert "not a complete checkpoint: no complete.json" in capsys.readouterr().err
+    (tag_dir / "complete.json").write_text("{}")
+    remark_complete(tag_dir)
+    assert main(["universal", str(tag_dir), "--workers", "2"]) == 0
+    masters = zero3_two_ranks[0]["masters"][-1]
+    for name in masters:
+        if name != FROZEN:
+            saved = torch.load(tag_dir / "universal" / "zero" / name / "fp32.pt", weights_only=False)["param"]
+            assert torch.equal(saved.reshape(masters[name].shape), masters[name]), name
 
 
 def local_elements(weights: dict, world: int, trained_only: bool) -> int:

@@ -80,7 +80,8 @@ def stack_teacher_rows(batches: Sequence[dict]) -> tuple[dict, list[int]]:
     itself), and the z_b reads are re-indexed into the stacked rows, so that
     encode(rows).split(pairs) is each micro-batch's own z_b. CPU tensors in and out."""
     width = max(b["teacher_input_ids"].shape[1] for b in batches)
-    stacked: dict[str, list[torch.Tensor]] = {key: [] for key in (*_TEACHER_ROWS, "zb_index", "zb_pool_index", "zb_pool_owner")}
+    keys = (*_TEACHER_ROWS, "zb_index", "zb_pool_index", "zb_pool_owner")
+    stacked: dict[str, list[torch.Tensor]] = {key: [] for key in keys}
     row_offset, pairs = 0, []
     for b in batches:
         rows, own_width = b["teacher_input_ids"].shape

@@ -84,7 +84,12 @@ def convert_before_start(cfg: Config, rank: int, world: int) -> None:
         return
     target = os.path.join(point.tag_dir, UNIVERSAL_SUBDIR)
     if rank == 0:
-        convert(point.tag_dir)
+        try:
+            convert(point.tag_dir)
+        except Exception as err:
+            raise CheckpointMismatch(
+                f"{point.tag_dir}: DeepSpeed's universal conversion failed ({type(err).__name__}: {err})"
+            ) from err
         return
     waited = 0.0
     while not os.path.isdir(target):
