@@ -213,8 +213,9 @@ def main() -> None:
     record["moved_update"] = teacher.update(args.steps + 1)
     record["moved_differs"] = any(not torch.equal(a, b) for a, b in zip(saved["ema"], teacher.state_dict()["ema"]))
     # the elastic path: this rank's partitions read back out of DeepSpeed's checkpoint and the shards
-    teacher.load_pieces(lambda wanted: ema_pieces(record["ds_checkpoint"], world, wanted), args.steps)
-    record["pieces_equal"] = all(torch.equal(a, b) for a, b in zip(saved["ema"], teacher.state_dict()["ema"]))
+    if teacher.zero3:
+        teacher.load_pieces(lambda wanted: ema_pieces(record["ds_checkpoint"], world, wanted), args.steps)
+        record["pieces_equal"] = all(torch.equal(a, b) for a, b in zip(saved["ema"], teacher.state_dict()["ema"]))
     teacher.load(checkpoint, rank)
     loaded = teacher.state_dict()
     record["saved_step"], record["loaded_step"] = saved["step"], loaded["step"]
