@@ -81,7 +81,8 @@ def test_update_communicates_nothing(zero3_two_ranks):
     for record in zero3_two_ranks:
         assert record["update_calls"] == [[]] * STEPS
         # the counter sees collectives: every teacher forward all-gathers parameters
-        assert all("ALLGATHER" in calls for calls in record["encode_calls"])
+        # (torch 2.15 names all_gather_into_tensor ALLGATHER_BASE)
+        assert all(any(name.startswith("ALLGATHER") for name in calls) for calls in record["encode_calls"])
 
 
 def test_persistent_online_parameters_are_refreshed_in_the_teacher(zero3_two_ranks, reference):
