@@ -2,7 +2,8 @@
 # Validate a GPU machine in under 8 minutes, on that machine's own torch, triton and transformers:
 #   1. gpu-tests: the GPU-only tests (pytest -m gpu): the Triton kernels against their torch
 #      references, FlexAttention forward and backward against SDPA, the bf16 packed pass against
-#      the fp32 oracle, Liger's fused CE under ZeRO-3 (which path ran), sync_debug;
+#      the fp32 oracle, Liger's fused CE under ZeRO-3 (which path ran), sync_debug; the packed pass
+#      against every sequence alone with FlexAttention's gradients;
 #   2. train-1b: one GPU, ZeRO-3, the Llama-3.2-1B shape at Llama 3's 128,256-row vocabulary
 #      (model.vocab_size), with eval and a save, then a resume for two more steps; each step after
 #      the first under torch.cuda.set_sync_debug_mode("warn") (train.sync_debug), TORCH_LOGS=recompiles;
@@ -94,7 +95,11 @@ if [ ! -f "$DATA/shards/eval/index.json" ]; then
     step gpu-check-data 120 "${BUILD_DATA[@]}"
 fi
 
-wanted gpu-tests && step gpu-tests 120 "$PY" -m pytest -q -m gpu -p no:cacheprovider --continue-on-collection-errors tests
+if wanted gpu-tests; then
+    step gpu-tests 120 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests
+    # the packed pass against every sequence alone, with FlexAttention's gradients (CUDA only)
+    step flex-equivalence 60 "$PY" -m pytest -q -p no:cacheprovider tests/test_equivalence.py -k flex_attention
+fi
 
 # The 1B shape at Llama 3's vocabulary, on the demo data: rows of one width (row_multiple=0), so
 # FlexAttention compiles for one shape.
