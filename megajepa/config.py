@@ -87,8 +87,8 @@ class DataConfig:
     # many tokens, as the reference's tokenizer call (truncation=True, max_length=512) does. 0: no cut.
     max_length: int = 512
     # CE labels: response (the assistant's reply and end of turn) | all (every token) |
-    # content (the assistant's content tokens only: the reference's finetune.py today) |
-    # conversation (every token but the pad token: the reference's earlier LM collator)
+    # conversation (every token but the pad token: the published reference's LM collator, the paper's) |
+    # content (the assistant's content tokens only: an unmerged fork pull request's labels)
     labels: str = "response"
     # A view that opens with the conversation's tokens stores only its tail and reads the shared
     # tokens in the conversation (exact; fewer tokens). false: every view is a sequence of its own.
@@ -175,6 +175,10 @@ class OptimConfig:
     eps: float = 1e-8
     grad_clip: float = 1.0
     grad_accum: int = 1
+    # The update from grad_accum micro-batches: mean (DeepSpeed's: their gradients averaged) | sum
+    # (the reference's: HF Trainer >= 4.46 leaves its custom compute_loss undivided, so the gradients
+    # add up, grad_accum times the mean, before clipping at grad_clip)
+    accumulate: str = "mean"
 
 
 @dataclass
@@ -233,6 +237,7 @@ CHOICES = {
     "model.attention": ("auto", "flex", "sdpa", "eager"),
     "data.labels": ("response", "all", "conversation", "content"),
     "data.mixing": ("random", "stratified", "per_stream"),
+    "optim.accumulate": ("mean", "sum"),
     "jepa.views": ("reference", "shared_prefix"),
     "jepa.objective": ("llm_jepa", "stp"),
     "jepa.stp.variant": ("random_span", "e2e"),
@@ -284,7 +289,7 @@ RESUME_MODES = ("none", "auto", "restart")
 # The keys a resume may change only when train.resume_allow lists them (megajepa.train.resume_policy):
 # the schedule's, and those the loader's exact resume depends on.
 RESUME_SCHEDULE_KEYS = (
-    "train.steps", "optim.lr", "optim.min_lr_ratio", "optim.warmup_steps", "jepa.lambda_warmup_steps",
+    "train.steps", "optim.lr", "optim.min_lr_ratio", "optim.warmup_steps", "optim.accumulate", "jepa.lambda_warmup_steps",
     "jepa.ema.schedule", "jepa.ema.momentum_start", "jepa.ema.momentum_end",
 )
 RESUME_DATA_KEYS = (

@@ -149,9 +149,9 @@ class Layout:
         mode = self.data.labels if has_views else "all"  # plain text: every token
         if mode == "response":
             targets[: max(int(record["prompt_len"]) - 1, 0)] = IGNORE_INDEX
-        elif mode == "conversation":  # the reference's early LM collator: labels = input ids, pad ignored
+        elif mode == "conversation":  # the published reference's LM collator: labels = input ids, pad ignored
             targets[:-1][full[1:] == self.pad_token_id] = IGNORE_INDEX
-        elif mode == "content":  # the reference's current labels: the assistant's content tokens only
+        elif mode == "content":  # an unmerged fork's assistant-only labels: the reply's content tokens
             start, end = (int(x) for x in record["full_spans"][2:4])
             if start < 0 or end < 0:
                 raise ValueError(
