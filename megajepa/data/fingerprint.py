@@ -20,9 +20,17 @@ class FingerprintMismatch(RuntimeError):
     pass
 
 
+# The parts of a fast tokenizer's JSON that decide the token ids of a text (not its truncation or
+# padding state, which every call with truncation=/padding= leaves in a saved tokenizer, nor its decoder).
+ID_SECTIONS = ("added_tokens", "normalizer", "pre_tokenizer", "model", "post_processor")
+
+
 def tokenizer_hash(tokenizer) -> str:
-    """sha256 of the fast tokenizer's canonical JSON (vocabulary, merges, special tokens)."""
-    return hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest()
+    """sha256 of what decides the fast tokenizer's token ids (vocabulary, merges, special tokens,
+    normalisation, pre-tokenisation, the template of special tokens around a text), canonical JSON."""
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    ids = json.dumps({key: spec.get(key) for key in ID_SECTIONS}, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(ids.encode()).hexdigest()
 
 
 def file_sha256(path: str) -> str:
