@@ -13,7 +13,8 @@ from typing import Any
 
 FINGERPRINT_FILE = "fingerprint.json"
 # 2: the reference's three sequences per record (full, user, assistant); 1 had view A / view B
-FORMAT_VERSION = 2
+# 3: tokenizer_hash over the sections that decide token ids only (2 hashed the whole JSON)
+FORMAT_VERSION = 3
 
 
 class FingerprintMismatch(RuntimeError):
