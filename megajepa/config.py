@@ -79,7 +79,8 @@ class DataConfig:
     # trained and the shards prepared there first if missing (shards/tokenizer point inside it).
     embedded: Optional[str] = None
     # Packed row length: a record's conversation and its two views share a row, so this must hold
-    # up to three sequences of max_length (two with the EMA target or the shared_prefix views).
+    # the longest prepared record's (the shards' fingerprint says how long; each sequence is at most
+    # max_length: with the reference's 512 cut, 3 x 512 covers any data).
     row_length: int = 2048
     row_multiple: int = 16  # rows trimmed to a multiple of this (0: always row_length)
     pairs_per_batch: int = 32  # records per micro-batch per rank
@@ -332,14 +333,6 @@ def _validate(cfg: Config, sources: list[tuple[str, DictConfig]]) -> None:
         _fail("jepa.last_token", f"an offset from the end of each view must be negative, got {cfg.jepa.last_token}", sources)
     if cfg.jepa.objective == "stp":
         _validate_stp(cfg, sources)
-    needed = max_record_tokens(cfg)
-    if needed is not None and cfg.data.row_length < needed:
-        _fail(
-            "data.row_length",
-            f"{cfg.data.row_length} cannot hold a record's packed sequences: up to {needed} tokens "
-            f"(data.max_length={cfg.data.max_length}, jepa.views={cfg.jepa.views}, jepa.k={cfg.jepa.k})",
-            sources,
-        )
     _validate_sources(cfg, sources)
     lora = cfg.model.lora
     if lora.alpha is not None and not (math.isfinite(lora.alpha) and lora.alpha > 0):
@@ -388,7 +381,7 @@ def _validate_sources(cfg: Config, sources: list[tuple[str, DictConfig]]) -> Non
         check_sources(sources_from_config(data))
     except ValueError as err:
         raise ConfigError(f"{_source_of('data.sources', sources)}: {err}") from None
-    budget, needed = data.tokens_per_batch, max_record_tokens(cfg)
+    budget, needed = data.tokens_per_batch, max_record_tokens(data, cfg.jepa)
     if budget is not None and budget < (needed or 1):
         _fail("data.tokens_per_batch", f"{budget} cannot hold one record of up to {needed or 1} tokens "
               f"(data.max_length={data.max_length})", sources)
@@ -404,20 +397,27 @@ def _validate_stp(cfg: Config, sources: list[tuple[str, DictConfig]]) -> None:
         _fail("jepa.stp.max_span", f"a span's longest length must be >= 1 (or -1: no limit), got {cfg.jepa.stp.max_span}", sources)
 
 
-def max_record_tokens(cfg: Config) -> Optional[int]:
-    """The most tokens one record's packed sequences take in a row (None: no max_length cut).
+def max_record_tokens(data: DataConfig, jepa: JepaConfig, longest: Optional[dict[str, int]] = None) -> Optional[int]:
+    """The most tokens one record's packed sequences take in a row (None: nothing bounds them).
 
-    The conversation shares its row with the view carrying the [PRED] tokens and, with the
-    online target, the other view (shared_prefix: the [PRED] tokens; view B goes anywhere)."""
-    if cfg.data.max_length == 0:
-        return None
-    k = cfg.jepa.k if cfg.jepa.predictor == "tokens" else 0
-    if cfg.jepa.lambda_ == 0 or cfg.jepa.objective == "stp":  # the conversation alone
-        return cfg.data.max_length
-    if cfg.jepa.views == "shared_prefix":
-        return cfg.data.max_length + k
-    views = 1 if cfg.jepa.target == "ema" else 2
-    return cfg.data.max_length * (1 + views)
+    Each sequence is at most data.max_length tokens (0: no cut) and, given `longest` (the longest
+    prepared "full", "user" and "assistant" sequences: a shard fingerprint's), at most that long
+    (+ the [PRED] tokens in their view). The conversation shares its row with the view carrying the
+    [PRED] tokens and, with the online target, the other view (shared_prefix: the [PRED] tokens)."""
+    k = jepa.k if jepa.predictor == "tokens" else 0
+
+    def sequence(name: str, extra: int = 0) -> Optional[int]:
+        bounds = [n for n in (data.max_length or None, None if longest is None else longest.get(name, 0) + extra) if n is not None]
+        return min(bounds) if bounds else None
+
+    if jepa.lambda_ == 0 or jepa.objective == "stp":  # the conversation alone
+        parts = [sequence("full")]
+    elif jepa.views == "shared_prefix":
+        parts = [sequence("full"), k]
+    else:
+        pred_view, other = ("assistant", "user") if jepa.reverse_pred else ("user", "assistant")
+        parts = [sequence("full"), sequence(pred_view, k)] + ([] if jepa.target == "ema" else [sequence(other)])
+    return None if None in parts else sum(parts)
 
 
 def _read_yaml(path: str) -> DictConfig:
