@@ -16,7 +16,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -52,7 +51,9 @@ def cmd_train(args) -> int:
     from megajepa.train.trainer import TrainingDiverged, train
 
     try:
-        train(cfg)
+        summary = train(cfg)
+        if int(os.environ.get("RANK", "0")) == 0:
+            print("\n" + summary_table(summary), flush=True)
     except (CheckpointMismatch, ResumeRefused) as err:  # a refusal, before any training: no traceback
         print(f"megajepa train: {type(err).__name__}: {err}", file=sys.stderr)
         return 2
@@ -63,7 +64,7 @@ def cmd_train(args) -> int:
 
 
 def summary_table(summary: dict) -> str:
-    """The demo's closing table: losses at the start and the end, throughput, where things are."""
+    """The closing table of every `megajepa train` (and demo): losses at the start and the end, throughput, where things are."""
     first, last = summary.get("first", {}), summary.get("last", {})
     rows = [
         ("train loss (total)", first.get("loss"), last.get("loss")),
@@ -71,6 +72,8 @@ def summary_table(summary: dict) -> str:
         ("train JEPA", first.get("jepa"), last.get("jepa")),
         ("held-out CE", summary.get("start_eval_ce"), summary.get("eval_ce")),
         ("held-out JEPA", summary.get("start_eval_jepa"), summary.get("eval_jepa")),
+        # the collapse monitor: about 1/sqrt(d) for spread embeddings, towards 0 as they collapse
+        ("z_a std (collapse: -> 0)", first.get("z_a_std"), last.get("z_a_std")),
     ]
     lines = ["| metric | start | end |", "|---|---:|---:|"]
     for name, start, end in rows:
@@ -111,12 +114,7 @@ def cmd_demo(args) -> int:
     ]
     print("+ " + " ".join(command), flush=True)
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-    result = subprocess.run(command, env=env)
-    if result.returncode != 0:
-        return result.returncode
-    with open(os.path.join(cfg.train.output_dir, "summary.json")) as f:
-        print("\n" + summary_table(json.load(f)))
-    return 0
+    return subprocess.run(command, env=env).returncode  # rank 0's train prints the summary table
 
 
 def cmd_bench(args) -> int:

@@ -26,7 +26,17 @@ def single_run(demo_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("single")
     result = run_train(demo_overrides(demo_data, out, **SINGLE), tmpdir=tmp_path_factory.mktemp("tmp"))
     _ok(result)
+    (out / "train.stdout").write_text(result.stdout)
     return out
+
+
+def test_train_ends_with_the_summary_table(single_run):
+    """Every `megajepa train` closes with the demo's table: losses, throughput, checkpoint, collapse."""
+    stdout = (single_run / "train.stdout").read_text()
+    summary = json.loads((single_run / "summary.json").read_text())
+    assert f"| held-out CE | {summary['start_eval_ce']:.4f} | {summary['eval_ce']:.4f} |" in stdout
+    assert f"| z_a std (collapse: -> 0) | {summary['first']['z_a_std']:.4f} | {summary['last']['z_a_std']:.4f} |" in stdout
+    assert "computed tokens/s" in stdout and f"checkpoint: {summary['checkpoint']}" in stdout
 
 
 def test_losses_fall_on_demo_data(single_run):
