@@ -20,19 +20,21 @@ import os
 import subprocess
 import sys
 
-from megajepa.config import ConfigError, load_config, to_yaml
+from megajepa.config import ConfigError, check_run_data, load_config, to_yaml
 from megajepa.eval.checkers import CHOICES as CHECKER_CHOICES
 
 
-def _load(args) -> object:
+def _load(args, run: bool = False) -> object:
     """The validated config; an architecture the packed pass cannot run exactly is refused here,
-    by name, before any work starts."""
+    by name, before any work starts, and with `run` (train, `config --check`) missing shards too."""
     from megajepa.model.build import check_architecture
     from megajepa.model.families import UnsupportedArchitecture
 
     try:
         cfg = load_config(args.config, args.overrides)
         check_architecture(cfg.model)
+        if run:
+            check_run_data(cfg)
         return cfg
     except (ConfigError, UnsupportedArchitecture) as err:
         print(f"megajepa: config error: {err}", file=sys.stderr)
@@ -40,12 +42,14 @@ def _load(args) -> object:
 
 
 def cmd_config(args) -> int:
-    print(to_yaml(_load(args)), end="")
+    cfg = _load(args, run=args.check)
+    if not args.check:
+        print(to_yaml(cfg), end="")
     return 0
 
 
 def cmd_train(args) -> int:
-    cfg = _load(args)
+    cfg = _load(args, run=True)
     from megajepa.train.checkpoint import CheckpointMismatch
     from megajepa.train.resume_policy import ResumeRefused
     from megajepa.train.trainer import TrainingDiverged, train
@@ -162,7 +166,9 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=50 jepa.k=2")
         return p
 
-    with_config("config", "print the fully resolved config").set_defaults(func=cmd_config)
+    config = with_config("config", "print the fully resolved config")
+    config.add_argument("--check", action="store_true", help="print nothing; also check the data a run reads")
+    config.set_defaults(func=cmd_config)
     with_config("train", "train a model").set_defaults(func=cmd_train)
     demo = with_config("demo", "embedded data, training on N CPU ranks, summary")
     demo.add_argument("--nproc", type=int, default=2, help="CPU ranks (anywhere among the overrides)")

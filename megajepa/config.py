@@ -369,6 +369,19 @@ def _validate_paths(cfg: Config, sources: list[tuple[str, DictConfig]]) -> None:
         _fail("data.tokenizer", f"no such directory: {cfg.data.tokenizer}", sources)
 
 
+def check_run_data(cfg: Config) -> None:
+    """Raise ConfigError, naming the key, unless the shard directories a run reads are there (the
+    local ones: data.embedded generates its own; a remote fills its local cache). Not part of
+    load_config: `config` and `plan` read configs whose data lives elsewhere."""
+    if cfg.data.embedded is not None:
+        return
+    local = [("data.shards", cfg.data.shards, cfg.data.remote), ("data.eval_shards", cfg.data.eval_shards, None)]
+    local += [(f"data.sources[{i}].shards", s.shards, s.remote) for i, s in enumerate(cfg.data.sources)]
+    for key, path, remote in local:
+        if path is not None and remote is None and not os.path.isdir(path):
+            raise ConfigError(f"{key}: no such directory: {path} (prepare it with `megajepa prepare`)")
+
+
 def _validate_sources(cfg: Config, sources: list[tuple[str, DictConfig]]) -> None:
     data = cfg.data
     if (data.shards is None) == (not data.sources):
