@@ -1,5 +1,5 @@
 # `make demo` and `make test` create (or reuse) .venv from the exact pins, then do their job.
-PYTHON ?= python3
+PYTHON ?= python3.12
 LOCK := requirements/cpu.lock
 VENV := .venv
 STAMP := $(VENV)/.installed-$(shell sha256sum $(LOCK) setup.py | sha256sum | cut -c1-16)

@@ -123,7 +123,7 @@ def cmd_demo(args) -> int:
 
 def cmd_bench(args) -> int:
     if args.target == "kernels":
-        from kernels.bench import main as kernel_bench
+        from megajepa.kernels.bench import main as kernel_bench
 
         return kernel_bench(args.rest)
     from megajepa.bench.command import main as training_bench

@@ -46,6 +46,9 @@ class ModelConfig:
     attention: str = "auto"  # auto (flex on CUDA where the model supports it, else sdpa, else eager) | flex | sdpa | eager
     trust_remote_code: bool = False
     gradient_checkpointing: bool = False
+    # Rows of the embedding and LM head: the tokenizer's size (with its [PRED] tokens) when null;
+    # a larger value pads them, as Llama 3's 128,256 rows hold its reserved tokens.
+    vocab_size: Optional[int] = None
     lora: LoraConfig = field(default_factory=LoraConfig)
 
 
@@ -363,6 +366,8 @@ def _validate_paths(cfg: Config, sources: list[tuple[str, DictConfig]]) -> None:
             _fail("model.pretrained", f"{cfg.model.pretrained}: no such directory with a config.json", sources)
     elif not os.path.isfile(cfg.model.config):
         _fail("model.config", f"no such file: {cfg.model.config}", sources)
+    if cfg.model.vocab_size is not None and cfg.model.vocab_size < 1:
+        _fail("model.vocab_size", f"must be >= 1 (or null: the tokenizer's size), got {cfg.model.vocab_size}", sources)
     if cfg.deepspeed.config_file is not None and not os.path.isfile(cfg.deepspeed.config_file):
         _fail("deepspeed.config_file", f"no such file: {cfg.deepspeed.config_file}", sources)
     if cfg.data.embedded is None and not os.path.isdir(cfg.data.tokenizer):

@@ -12,7 +12,7 @@ import torch
 from streaming import MDSWriter
 
 from megajepa.config import DataConfig, JepaConfig
-from megajepa.data.fingerprint import FINGERPRINT_FILE, FORMAT_VERSION, tokenizer_hash
+from megajepa.data.fingerprint import FINGERPRINT_FILE, tokenizer_hash
 from megajepa.data.layout import Layout
 
 V2_COLUMNS = {
@@ -72,7 +72,7 @@ def write_records(out_dir: str, records: list[dict], tokenizer, *, size_limit: i
         for i, record in enumerate(records):
             views = {key: record[key].astype("<i4").tobytes() for key in ("user", "assistant")}
             writer.write({"sample_id": i, **record, **views})
-    meta = {"format_version": FORMAT_VERSION, "tokenizer_hash": tokenizer_hash(tokenizer), "vocab_size": len(tokenizer)}
+    meta = {"format_version": 2, "tokenizer_hash": tokenizer_hash(tokenizer), "vocab_size": len(tokenizer)}
     with open(os.path.join(out_dir, FINGERPRINT_FILE), "w") as f:
         json.dump(meta, f)
     return out_dir

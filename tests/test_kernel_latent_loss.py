@@ -7,8 +7,8 @@ Without CUDA the kernel runs under TRITON_INTERPRET=1 (set by conftest) on CPU t
 import pytest
 import torch
 
-import kernels.latent_loss as latent_loss_module
-from kernels.latent_loss import DISTANCES, EPS, latent_loss, latent_loss_reference, latent_loss_triton
+import megajepa.kernels.latent_loss as latent_loss_module
+from megajepa.kernels.latent_loss import DISTANCES, EPS, latent_loss, latent_loss_reference, latent_loss_triton
 
 # Triton on CPU tensors: the interpreter (conftest); the gpu tests below run the compiled kernel.
 pytestmark = pytest.mark.interpreter

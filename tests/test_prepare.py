@@ -11,7 +11,7 @@ from transformers import AutoTokenizer
 
 from megajepa.data import embedded, prepare as prepare_module
 from megajepa.data.embedded import ensure_embedded, ensure_tokenizer
-from megajepa.data.fingerprint import FORMAT_VERSION, FINGERPRINT_FILE, check_fingerprint, file_sha256, tokenizer_hash
+from megajepa.data.fingerprint import FINGERPRINT_FILE, check_fingerprint, file_sha256, tokenizer_hash
 from megajepa.data.prepare import BadInput, BadRecord, main, prepare, split_text
 from megajepa.data.synthetic import generate
 from megajepa.data.tokenizer import train_tokenizer
@@ -104,7 +104,7 @@ def test_chat_jsonl_round_trip_and_fingerprint(tmp_path, chat_jsonl, tokenizer_d
     with open(tmp_path / "out" / FINGERPRINT_FILE) as f:
         fingerprint = json.load(f)
     assert check_fingerprint(str(tmp_path / "out"), tokenizer)["tokenizer_hash"] == tokenizer_hash(tokenizer)
-    assert fingerprint["format_version"] == FORMAT_VERSION
+    assert fingerprint["format_version"] == 2
     assert fingerprint["vocab_size"] == len(tokenizer)
     assert fingerprint["chat_template"] == tokenizer.chat_template
     assert fingerprint["sources"] == {chat_jsonl: file_sha256(chat_jsonl)}

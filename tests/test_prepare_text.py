@@ -13,7 +13,7 @@ from tokenizers.pre_tokenizers import Whitespace
 from transformers import PreTrainedTokenizerFast
 
 from megajepa.cli import main as cli_main
-from megajepa.data.fingerprint import FINGERPRINT_FILE, FORMAT_VERSION
+from megajepa.data.fingerprint import FINGERPRINT_FILE
 
 from megajepa.data.loader import RECORD_LENGTHS_FILE, build_loader, decode_record
 from megajepa.data.prepare import BadInput
@@ -95,7 +95,7 @@ def test_records_tokens_and_sources(corpus, tokenizer_dir, tmp_path, capsys):
         f"{corpus / 'a.jsonl'}:26: empty text",
     ]
     fp = json.loads((out / FINGERPRINT_FILE).read_text())
-    assert fp["format_version"] == FORMAT_VERSION and fp["kind"] == "text-corpus"
+    assert fp["format_version"] == 2 and fp["kind"] == "text-corpus"
     assert fp["counts"] == {"documents": 94, "records": len(want), "skipped": {"empty_view": 1, "missing_field": 1, "not_json": 1}}
     assert fp["tokens"] == summary["tokens"] == sum(len(t) for _, t in want)
     lengths = np.load(out / RECORD_LENGTHS_FILE)

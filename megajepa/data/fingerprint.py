@@ -13,25 +13,36 @@ from typing import Any
 
 FINGERPRINT_FILE = "fingerprint.json"
 # 2: the reference's three sequences per record (full, user, assistant); 1 had view A / view B
-# 3: tokenizer_hash over the sections that decide token ids only (2 hashed the whole JSON)
-FORMAT_VERSION = 3
+FORMAT_VERSION = 2
 
 
 class FingerprintMismatch(RuntimeError):
     pass
 
 
-# The parts of a fast tokenizer's JSON that decide the token ids of a text (not its truncation or
-# padding state, which every call with truncation=/padding= leaves in a saved tokenizer, nor its decoder).
-ID_SECTIONS = ("added_tokens", "normalizer", "pre_tokenizer", "model", "post_processor")
-
-
 def tokenizer_hash(tokenizer) -> str:
-    """sha256 of what decides the fast tokenizer's token ids (vocabulary, merges, special tokens,
-    normalisation, pre-tokenisation, the template of special tokens around a text), canonical JSON."""
+    """sha256 of the fast tokenizer's canonical JSON (vocabulary, merges, normalizer, special
+    tokens, post-processor), without the state that does not change a text's token ids.
+
+    Left out: truncation and padding (transformers saves whatever a call last set), and a
+    post-processor that adds no token (transformers 5 installs an empty TemplateProcessing where
+    4.x had none). Canonical JSON is the tokenizers library's own serialisation, so a tokenizer
+    without that state hashes as it always did: shards prepared before keep their fingerprint."""
+    from tokenizers import Tokenizer
+
     spec = json.loads(tokenizer.backend_tokenizer.to_str())
-    ids = json.dumps({key: spec.get(key) for key in ID_SECTIONS}, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(ids.encode()).hexdigest()
+    spec["truncation"] = spec["padding"] = None
+    if _adds_no_token(spec.get("post_processor")):
+        spec["post_processor"] = None
+    canonical = Tokenizer.from_str(json.dumps(spec)).to_str()
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _adds_no_token(post_processor) -> bool:
+    if not post_processor or post_processor.get("type") != "TemplateProcessing":
+        return False
+    pieces = post_processor.get("single", []) + post_processor.get("pair", [])
+    return not post_processor.get("special_tokens") and all("SpecialToken" not in piece for piece in pieces)
 
 
 def file_sha256(path: str) -> str:

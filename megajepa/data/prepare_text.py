@@ -16,7 +16,7 @@ MDS directory per part with streaming's MDSWriter, and `streaming.base.util.merg
 their indexes. The output is therefore byte-identical for any --workers. sample_id is
 part << 32 | record within the part: unique and independent of the process count (the loader
 numbers records by streaming's global index anyway). record_lengths.npy (the token-budget loader's
-per-record lengths) and fingerprint.json ("format_version": 3, "kind": "text-corpus") are written
+per-record lengths) and fingerprint.json ("format_version": 2, "kind": "text-corpus") are written
 beside the index.
 
 Bad records are reported as `SOURCE: reason` on stderr (the first 20, in input order) and skipped;
