@@ -205,6 +205,9 @@ class TrainConfig:
     eval_every: int = 0
     eval_batches: int = 4
     seed: int = 0
+    # torch.cuda.set_sync_debug_mode inside each training step after the first (which builds
+    # lazily): warn names every host synchronisation's Python line, error stops at the first
+    sync_debug: str = "off"
 
 
 @dataclass
@@ -252,6 +255,7 @@ CHOICES = {
     "jepa.distance": ("cosine", "mse", "l2", "infonce"),
     "jepa.target": ("online", "ema"),
     "jepa.pooling": ("last", "mean"),
+    "train.sync_debug": ("off", "warn", "error"),
     "jepa.ema.schedule": ("constant", "linear", "cosine"),
     "deepspeed.precision": ("auto", "bf16", "fp16", "fp32"),
     "deepspeed.zero_stage": (0, 1, 2, 3),
