@@ -34,7 +34,6 @@ BASE = "data:\n  shards: s\n  tokenizer: t\n"
         (BASE + "jepa:\n  predictor: transformer\n", "jepa.predictor: 'transformer' is not one of"),
         (BASE + "jepa:\n  distance: kl\n", "jepa.distance"),
         (BASE + "jepa:\n  dropout: 1.5\n", "jepa.dropout: must be in [0, 1]"),
-        (BASE + "  row_length: 64\n  max_length: 32\n", "data.row_length: 64 cannot hold a record's packed sequences: up to 96"),
         (BASE + "jepa:\n  readout: offset\n  last_token: 0\n", "jepa.last_token: an offset from the end of each view must be negative"),
         (BASE + "train:\n  steps: 0\n", "train.steps: must be > 0"),
         (BASE + "train:\n  stepz: 3\n", "stepz"),

@@ -24,7 +24,7 @@ class FakeEngine:
         z = torch.arange(6.0).reshape(3, 2) + i
         return JepaOutput(loss=loss, ce=loss.detach() * 0.5, jepa=loss.detach() * 0.25, lambda_=1.0, z_a=z, z_b=-z)
 
-    def backward(self, loss):
+    def backward(self, loss, scale_wrt_gas=True):
         self.calls.append(("backward",))
 
     def step(self):
