@@ -105,8 +105,8 @@ fi
 # FlexAttention compiles for one shape.
 ONE_B=(configs/llama-1b.yaml
     "data.shards=$DATA/shards/train" "data.eval_shards=$DATA/shards/eval" "data.tokenizer=$DATA/tokenizer"
-    model.vocab_size=128256 data.row_length=1024 data.max_length=160 data.row_multiple=0
-    data.pairs_per_batch=64 data.tokens_per_batch=null jepa.readout=content_end optim.warmup_steps=2)
+    model.vocab_size=128256 data.row_length=2048 data.max_length=160 data.row_multiple=0
+    data.pairs_per_batch=512 data.tokens_per_batch=null jepa.readout=content_end optim.warmup_steps=2)
 TRAIN=("${ONE_B[@]}" "train.output_dir=$OUT/train-1b" train.eval_every=3 train.eval_batches=2
     train.save_every=0 logging.log_every=1 train.sync_debug=warn)
 if wanted train; then
@@ -118,7 +118,7 @@ if wanted train; then
 fi
 
 wanted bench && step bench-1b 150 "${MEGAJEPA[@]}" bench "${ONE_B[@]}" \
-    --modes ce,jepa,jepa-ema --steps 4 --warmup 2 --scaling none --loader-batches 0 --out "$OUT/bench-1b"
+    --modes ce,jepa,jepa-ema --steps 3 --warmup 2 --scaling none --loader-batches 0 --out "$OUT/bench-1b"
 
 wanted kernels && step kernel-bench 60 "${MEGAJEPA[@]}" bench kernels --json "$OUT/kernels.json"
 
