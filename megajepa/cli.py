@@ -18,24 +18,25 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
 
-from megajepa.config import ConfigError, load_config, to_yaml
+from megajepa.config import ConfigError, check_run_data, load_config, to_yaml
 from megajepa.eval.checkers import CHOICES as CHECKER_CHOICES
 
 
-def _load(args) -> object:
+def _load(args, run: bool = False) -> object:
     """The validated config; an architecture the packed pass cannot run exactly is refused here,
-    by name, before any work starts."""
+    by name, before any work starts, and with `run` (train, `config --check`) missing shards too."""
     from megajepa.model.build import check_architecture
     from megajepa.model.families import UnsupportedArchitecture
 
     try:
         cfg = load_config(args.config, args.overrides)
         check_architecture(cfg.model)
+        if run:
+            check_run_data(cfg)
         return cfg
     except (ConfigError, UnsupportedArchitecture) as err:
         print(f"megajepa: config error: {err}", file=sys.stderr)
@@ -43,18 +44,22 @@ def _load(args) -> object:
 
 
 def cmd_config(args) -> int:
-    print(to_yaml(_load(args)), end="")
+    cfg = _load(args, run=args.check)
+    if not args.check:
+        print(to_yaml(cfg), end="")
     return 0
 
 
 def cmd_train(args) -> int:
-    cfg = _load(args)
+    cfg = _load(args, run=True)
     from megajepa.train.checkpoint import CheckpointMismatch
     from megajepa.train.resume_policy import ResumeRefused
     from megajepa.train.trainer import TrainingDiverged, train
 
     try:
-        train(cfg)
+        summary = train(cfg)
+        if int(os.environ.get("RANK", "0")) == 0:
+            print("\n" + summary_table(summary), flush=True)
     except (CheckpointMismatch, ResumeRefused) as err:  # a refusal, before any training: no traceback
         print(f"megajepa train: {type(err).__name__}: {err}", file=sys.stderr)
         return 2
@@ -65,7 +70,7 @@ def cmd_train(args) -> int:
 
 
 def summary_table(summary: dict) -> str:
-    """The demo's closing table: losses at the start and the end, throughput, where things are."""
+    """The closing table of every `megajepa train` (and demo): losses at the start and the end, throughput, where things are."""
     first, last = summary.get("first", {}), summary.get("last", {})
     rows = [
         ("train loss (total)", first.get("loss"), last.get("loss")),
@@ -73,6 +78,8 @@ def summary_table(summary: dict) -> str:
         ("train JEPA", first.get("jepa"), last.get("jepa")),
         ("held-out CE", summary.get("start_eval_ce"), summary.get("eval_ce")),
         ("held-out JEPA", summary.get("start_eval_jepa"), summary.get("eval_jepa")),
+        # the collapse monitor: about 1/sqrt(d) for spread embeddings, towards 0 as they collapse
+        ("z_a std (collapse: -> 0)", first.get("z_a_std"), last.get("z_a_std")),
     ]
     lines = ["| metric | start | end |", "|---|---:|---:|"]
     for name, start, end in rows:
@@ -113,12 +120,7 @@ def cmd_demo(args) -> int:
     ]
     print("+ " + " ".join(command), flush=True)
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-    result = subprocess.run(command, env=env)
-    if result.returncode != 0:
-        return result.returncode
-    with open(os.path.join(cfg.train.output_dir, "summary.json")) as f:
-        print("\n" + summary_table(json.load(f)))
-    return 0
+    return subprocess.run(command, env=env).returncode  # rank 0's train prints the summary table
 
 
 def cmd_bench(args) -> int:
@@ -172,8 +174,23 @@ def cmd_compare(args) -> int:
     return compare_main([args.config, *args.rest])
 
 
+def _log_level_from_env() -> None:
+    """MEGAJEPA_LOG_LEVEL=INFO shows megajepa's once-per-run notes (the attention kernel chosen,
+    which LM-head CE path ran) on stderr; by default only warnings."""
+    import logging
+
+    level = os.environ.get("MEGAJEPA_LOG_LEVEL")
+    if level:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+        logger = logging.getLogger("megajepa")
+        logger.addHandler(handler)
+        logger.setLevel(level.upper())
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    _log_level_from_env()
     parser = argparse.ArgumentParser(prog="megajepa", description="LLM-JEPA pretraining on DeepSpeed ZeRO-3")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -183,7 +200,9 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=50 jepa.k=2")
         return p
 
-    with_config("config", "print the fully resolved config").set_defaults(func=cmd_config)
+    config = with_config("config", "print the fully resolved config")
+    config.add_argument("--check", action="store_true", help="print nothing; also check the data a run reads")
+    config.set_defaults(func=cmd_config)
     with_config("train", "train a model").set_defaults(func=cmd_train)
     demo = with_config("demo", "embedded data, training on N CPU ranks, summary")
     demo.add_argument("--nproc", type=int, default=2, help="CPU ranks (anywhere among the overrides)")

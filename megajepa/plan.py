@@ -323,7 +323,7 @@ def worst_case_tokens(cfg: Config) -> tuple[str, int]:
     records, each at most megajepa.config.max_record_tokens (without a max_length cut, a row)."""
     if cfg.data.tokens_per_batch is not None:
         return f"data.tokens_per_batch={cfg.data.tokens_per_batch:,}", cfg.data.tokens_per_batch
-    per_record = max_record_tokens(cfg) or cfg.data.row_length
+    per_record = max_record_tokens(cfg.data, cfg.jepa) or cfg.data.row_length
     how = f"data.pairs_per_batch={cfg.data.pairs_per_batch} records x at most {per_record:,} tokens each"
     return how, cfg.data.pairs_per_batch * per_record
 

@@ -123,7 +123,7 @@ def main() -> None:
     cfg.deepspeed.param_persistence_threshold = args.persistence_threshold
     cfg.model.config = model_json
     ds_config = online_config(cfg, world, args.out)
-    for section in ("scheduler", "tensorboard", "csv_monitor"):  # a constant learning rate, no logs
+    for section in ("tensorboard", "csv_monitor"):  # no logs (and no scheduler: a constant learning rate)
         ds_config.pop(section)
     ds_config["zero_optimization"]["sub_group_size"] = args.sub_group_size
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.precision]

@@ -35,7 +35,6 @@ BASE = "data:\n  shards: s\n  tokenizer: t\n"
         (BASE + "jepa:\n  predictor: transformer\n", "jepa.predictor: 'transformer' is not one of"),
         (BASE + "jepa:\n  distance: kl\n", "jepa.distance"),
         (BASE + "jepa:\n  dropout: 1.5\n", "jepa.dropout: must be in [0, 1]"),
-        (BASE + "  row_length: 64\n  max_length: 32\n", "data.row_length: 64 cannot hold a record's packed sequences: up to 96"),
         (BASE + "jepa:\n  readout: offset\n  last_token: 0\n", "jepa.last_token: an offset from the end of each view must be negative"),
         (BASE + "train:\n  steps: 0\n", "train.steps: must be > 0"),
         (BASE + "train:\n  stepz: 3\n", "stepz"),
@@ -124,7 +123,7 @@ def test_deepspeed_builds_torchs_adamw_from_the_derived_json_never_its_own_ops(c
     weights = [torch.randn(33, requires_grad=True) for _ in range(2)]
     twins = [w.detach().clone().requires_grad_() for w in weights]
     optimizer = chosen(weights, **params, **extra)
-    assert optimizer.defaults["fused"] is cuda
+    assert bool(optimizer.defaults["fused"]) is cuda
     plain = torch.optim.AdamW(twins, **{k: params[k] for k in ("lr", "betas", "eps", "weight_decay")})
     for opt, ws in ((optimizer, weights), (plain, twins)):
         sum((w * w).sum() for w in ws).backward()

@@ -519,7 +519,9 @@ def build_loader(
         if source.remote is None or os.path.isdir(source.remote):
             _require_index(source.remote or source.shards)
         if tokenizer is not None:
-            fingerprint.check_fingerprint(_fingerprint_dir(source), tokenizer)
+            prepared = fingerprint.check_fingerprint(_fingerprint_dir(source), tokenizer)
+            if layout is not None:
+                layout.check_row_length(prepared, os.path.join(_fingerprint_dir(source), fingerprint.FINGERPRINT_FILE))
 
     with streaming_registration_lock():
         dataset = PairDataset(

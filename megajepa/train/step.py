@@ -1,12 +1,13 @@
 """One optimizer step of the LLM-JEPA engine: what `megajepa train` runs and `megajepa bench` times.
 
-    result = train_step(engine, teacher, micro_batches, step, flags={"stop": stop_requested})
+    result = train_step(engine, teacher, micro_batches, step, flags={"stop": stop_requested}, accumulate="mean")
 
 First, with target: ema, one teacher forward over the teacher rows of every micro-batch (the
 EMA weights do not change within a step, and one forward gathers the teacher's parameters once
 per step). Then per micro-batch (CPU tensors from the loader): the online
 forward, backward and engine.step(), which applies the update on the last micro-batch only
-(DeepSpeed's accumulation boundary). Just before that update one all-reduce agrees on every
+(DeepSpeed's accumulation boundary) from the mean of the micro-batch gradients, or their sum with
+`accumulate="sum"` (optim.accumulate: the reference's update). Just before that update one all-reduce agrees on every
 rank's flags (`nonfinite`: a non-finite loss in any micro-batch of this step, and whatever the
 caller adds, such as a stop signal) and is read once: a non-finite loss anywhere skips the update
 and the EMA on every rank (the caller stops). After the update the EMA teacher follows the new
@@ -78,9 +79,11 @@ def train_step(
     step: int,
     flags: Optional[dict[str, Any]] = None,
     section: Callable[[str], ContextManager] = _no_section,
+    accumulate: str = "mean",
 ) -> StepResult:
     """One optimizer step over `micro_batches` (as many as the engine accumulates) after `step`
-    steps; `flags` are bools or 0-d device tensors to agree on across ranks with `nonfinite`."""
+    steps; `flags` are bools or 0-d device tensors to agree on across ranks with `nonfinite`;
+    `accumulate` is optim.accumulate (mean | sum of the micro-batch gradients)."""
     accumulation = engine.gradient_accumulation_steps()
     if len(micro_batches) != accumulation:
         raise ValueError(f"train_step: {len(micro_batches)} micro-batches for {accumulation} accumulation steps")
@@ -106,7 +109,7 @@ def train_step(
         sums += torch.stack([out.loss.detach(), out.ce, out.jepa]).float()
         if out.source_ce is not None:
             source_ce = out.source_ce if source_ce is None else source_ce + out.source_ce
-        engine.backward(out.loss)
+        engine.backward(out.loss, scale_wrt_gas=accumulate == "mean")  # DeepSpeed divides by grad_accum
         if i == accumulation - 1:
             agreed = dist.agree({"nonfinite": ~finite, **(flags or {})}, device)
             if agreed["nonfinite"]:
@@ -119,3 +122,19 @@ def train_step(
     loss, ce, jepa = sums / accumulation
     metrics = {"z_a_std": collapse_std(out.z_a), "z_b_std": collapse_std(out.z_b)}
     return StepResult(loss, ce, jepa, out.lambda_, counts, agreed, True, out, metrics, source_counts, source_ce)
+
+
+@contextlib.contextmanager
+def sync_debug(mode: str):
+    """torch.cuda.set_sync_debug_mode(mode) inside the block and the previous mode after it;
+    "off" (and no CUDA) leaves it alone. With "warn" each host synchronisation is reported once
+    per Python line that caused it."""
+    if mode == "off" or not torch.cuda.is_available():
+        yield
+        return
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode(mode)
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)

@@ -27,7 +27,7 @@ from megajepa.train.deepspeed_json import online_config
 from megajepa.train.divergence import DivergenceGuard
 from megajepa.train.metrics import MetricsLogger
 from megajepa.train.setup import build_engine, config_loader, init_distributed, load_tokenizer, prepare_embedded
-from megajepa.train.step import to_device, train_step
+from megajepa.train.step import sync_debug, to_device, train_step
 
 
 class TrainingDiverged(RuntimeError):
@@ -136,7 +136,7 @@ def train(cfg: Config) -> dict:
     meta["schedule_steps"] = schedule_steps
     resharding = resume is not None and saved_world != world
 
-    ds_config = online_config(cfg, world, output_dir, schedule_steps=schedule_steps)
+    ds_config = online_config(cfg, world, output_dir)
     universal = None
     if resharding:  # another world size: DeepSpeed's universal checkpoint (megajepa.train.elastic)
         universal = elastic.universal_point(resume, rank)
@@ -187,7 +187,12 @@ def train(cfg: Config) -> dict:
         while step < cfg.train.steps:
             step_start = time.perf_counter()
             micro_batches = [next(batches) for _ in range(cfg.optim.grad_accum)]
-            result = train_step(engine, teacher, micro_batches, step, flags={"stop": stop.received is not None})
+            lr = engine.get_lr()[0]  # this step's: the scheduler moves on to the next one in the step
+            with sync_debug(cfg.train.sync_debug if step > start_step else "off"):
+                result = train_step(
+                    engine, teacher, micro_batches, step, flags={"stop": stop.received is not None},
+                    accumulate=cfg.optim.accumulate,
+                )
             if not result.updated:
                 loss, ce, jepa = (value.item() for value in (result.loss, result.ce, result.jepa))
                 raise TrainingDiverged(
@@ -207,7 +212,7 @@ def train(cfg: Config) -> dict:
                 "computed_tokens": result.counts["computed_tokens"],
                 "useful_tokens": result.counts["useful_tokens"],
                 "pairs": result.counts["num_pairs"],
-                "lr": engine.get_lr()[0],
+                "lr": lr,
                 "lambda": result.lambda_,
                 # host time: on a GPU the device may still be busy with this step when it is read
                 "compute_seconds": time.perf_counter() - step_start,
