@@ -1,5 +1,7 @@
 # `make demo` and `make test` create (or reuse) .venv from the exact pins, then do their job.
-PYTHON ?= python3.12
+# Python 3.12: on PATH, else the one pyenv has installed (its shim refuses a version not selected).
+PYTHON ?= $(firstword $(foreach p,python3.12 $(wildcard $(or $(PYENV_ROOT),$(HOME)/.pyenv)/versions/3.12*/bin/python3.12),\
+	$(shell $(p) -c 'import sys; assert sys.version_info[:2] == (3, 12)' >/dev/null 2>&1 && echo $(p))))
 LOCK := requirements/cpu.lock
 VENV := .venv
 STAMP := $(VENV)/.installed-$(shell sha256sum $(LOCK) setup.py | sha256sum | cut -c1-16)
@@ -13,6 +15,7 @@ export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/$(VENV)/torch_extensions
 venv: $(STAMP)
 
 $(STAMP): $(LOCK) setup.py
+	@test -n "$(PYTHON)" || { echo "make: no Python 3.12 found (python3.12 on PATH or under pyenv); set PYTHON=/path/to/python3.12" >&2; exit 2; }
 	rm -rf $(VENV)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --quiet --upgrade pip==24.3.1
@@ -37,8 +40,8 @@ gpu-check: venv
 
 # For a GPU machine without a package registry: the wheels it lacks beside its own torch and
 # transformers (.gpu-wheels/), and the check's data (data/gpu-check/), both built here and carried.
-gpu-wheels:
-	scripts/gpu_wheels.sh
+gpu-wheels: venv
+	PY=$(PY) scripts/gpu_wheels.sh
 
 gpu-check-data: venv
 	PY=$(PY) scripts/gpu_check.sh --data-only

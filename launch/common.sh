@@ -32,6 +32,8 @@ check_config_and_megajepa() {
     [[ -f "$config" && -r "$config" ]] || die "config file not found or unreadable: $config"
     megajepa=$(command -v megajepa) ||
         die "megajepa is not on PATH: activate its environment (source .venv/bin/activate) or pip install -e ."
+    # the config, its overrides and the data it reads, once, before any rank starts (it says what is wrong)
+    "$megajepa" config --check "$@" || exit 2
 }
 
 # The prefix of every rank's command: the rank gets SIGTERM when the process that started it (its

@@ -9,6 +9,8 @@
     megajepa bench   kernels [...]                 kernel benchmark (Triton vs torch reference)
     megajepa plan    CONFIG --gpus N --gpu-memory GB   expected memory per rank, largest token budget
     megajepa export  CHECKPOINT --out HF_DIR       ZeRO-3 checkpoint -> Hugging Face model directory
+    megajepa universal CHECKPOINT [--workers N]    before a launch at another world size: DeepSpeed's
+                                                   universal form, converted outside any collective
     megajepa eval    CHECKPOINT_OR_HF_DIR --data   generation accuracy, held-out CE, JEPA metrics
     megajepa compare CONFIG --seeds N [...]        next-token vs JEPA over seeds, paired t-test
 """
@@ -16,24 +18,25 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
 
-from megajepa.config import ConfigError, load_config, to_yaml
+from megajepa.config import ConfigError, check_run_data, load_config, to_yaml
 from megajepa.eval.checkers import CHOICES as CHECKER_CHOICES
 
 
-def _load(args) -> object:
+def _load(args, run: bool = False) -> object:
     """The validated config; an architecture the packed pass cannot run exactly is refused here,
-    by name, before any work starts."""
+    by name, before any work starts, and with `run` (train, `config --check`) missing shards too."""
     from megajepa.model.build import check_architecture
     from megajepa.model.families import UnsupportedArchitecture
 
     try:
         cfg = load_config(args.config, args.overrides)
         check_architecture(cfg.model)
+        if run:
+            check_run_data(cfg)
         return cfg
     except (ConfigError, UnsupportedArchitecture) as err:
         print(f"megajepa: config error: {err}", file=sys.stderr)
@@ -41,18 +44,22 @@ def _load(args) -> object:
 
 
 def cmd_config(args) -> int:
-    print(to_yaml(_load(args)), end="")
+    cfg = _load(args, run=args.check)
+    if not args.check:
+        print(to_yaml(cfg), end="")
     return 0
 
 
 def cmd_train(args) -> int:
-    cfg = _load(args)
+    cfg = _load(args, run=True)
     from megajepa.train.checkpoint import CheckpointMismatch
     from megajepa.train.resume_policy import ResumeRefused
     from megajepa.train.trainer import TrainingDiverged, train
 
     try:
-        train(cfg)
+        summary = train(cfg)
+        if int(os.environ.get("RANK", "0")) == 0:
+            print("\n" + summary_table(summary), flush=True)
     except (CheckpointMismatch, ResumeRefused) as err:  # a refusal, before any training: no traceback
         print(f"megajepa train: {type(err).__name__}: {err}", file=sys.stderr)
         return 2
@@ -63,7 +70,7 @@ def cmd_train(args) -> int:
 
 
 def summary_table(summary: dict) -> str:
-    """The demo's closing table: losses at the start and the end, throughput, where things are."""
+    """The closing table of every `megajepa train` (and demo): losses at the start and the end, throughput, where things are."""
     first, last = summary.get("first", {}), summary.get("last", {})
     rows = [
         ("train loss (total)", first.get("loss"), last.get("loss")),
@@ -71,6 +78,8 @@ def summary_table(summary: dict) -> str:
         ("train JEPA", first.get("jepa"), last.get("jepa")),
         ("held-out CE", summary.get("start_eval_ce"), summary.get("eval_ce")),
         ("held-out JEPA", summary.get("start_eval_jepa"), summary.get("eval_jepa")),
+        # the collapse monitor: about 1/sqrt(d) for spread embeddings, towards 0 as they collapse
+        ("z_a std (collapse: -> 0)", first.get("z_a_std"), last.get("z_a_std")),
     ]
     lines = ["| metric | start | end |", "|---|---:|---:|"]
     for name, start, end in rows:
@@ -111,12 +120,7 @@ def cmd_demo(args) -> int:
     ]
     print("+ " + " ".join(command), flush=True)
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-    result = subprocess.run(command, env=env)
-    if result.returncode != 0:
-        return result.returncode
-    with open(os.path.join(cfg.train.output_dir, "summary.json")) as f:
-        print("\n" + summary_table(json.load(f)))
-    return 0
+    return subprocess.run(command, env=env).returncode  # rank 0's train prints the summary table
 
 
 def cmd_bench(args) -> int:
@@ -138,6 +142,23 @@ def cmd_export(args) -> int:
         print(f"megajepa export: {err}", file=sys.stderr)
         return 2
     print(f"exported {args.checkpoint} ({args.weights} weights) to {args.out}")
+    return 0
+
+
+def cmd_universal(args) -> int:
+    from megajepa.train import checkpoint, elastic, pickle_guard
+
+    tag_dir = os.path.abspath(args.checkpoint.rstrip("/"))
+    reason = checkpoint.incomplete_reason(tag_dir) if os.path.isdir(tag_dir) else "no such directory"
+    if reason is None:
+        try:  # DeepSpeed's converter unpickles the checkpoint's files with weights_only=False
+            pickle_guard.refuse_unsafe(pickle_guard.torch_files(tag_dir))
+        except pickle_guard.UnsafeCheckpointFile as err:
+            reason = str(err)
+    if reason is not None:
+        print(f"megajepa universal: {args.checkpoint}: not a complete checkpoint: {reason}", file=sys.stderr)
+        return 2
+    print(f"universal checkpoint: {elastic.convert(tag_dir, args.workers)}")
     return 0
 
 
@@ -179,7 +200,9 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=50 jepa.k=2")
         return p
 
-    with_config("config", "print the fully resolved config").set_defaults(func=cmd_config)
+    config = with_config("config", "print the fully resolved config")
+    config.add_argument("--check", action="store_true", help="print nothing; also check the data a run reads")
+    config.set_defaults(func=cmd_config)
     with_config("train", "train a model").set_defaults(func=cmd_train)
     demo = with_config("demo", "embedded data, training on N CPU ranks, summary")
     demo.add_argument("--nproc", type=int, default=2, help="CPU ranks (anywhere among the overrides)")
@@ -199,6 +222,12 @@ def main(argv: list[str] | None = None) -> int:
     export.add_argument("--tokenizer", default=None, help="the tokenizer dir, if it moved since training")
     export.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     export.set_defaults(func=cmd_export)
+    universal = sub.add_parser(
+        "universal", help="convert a checkpoint to DeepSpeed's universal form, before resuming at another world size"
+    )
+    universal.add_argument("checkpoint", help="checkpoint dir (.../checkpoints/stepNNNNNNNN)")
+    universal.add_argument("--workers", type=int, default=None, help="extract/merge processes (default: cores, <= 16)")
+    universal.set_defaults(func=cmd_universal)
     evaluate = sub.add_parser("eval", help="held-out generation, CE and JEPA metrics")
     evaluate.add_argument("model", help="a checkpoint (or a run's output_dir) or an exported HF directory")
     evaluate.add_argument("--data", required=True, help="MDS shard directory or chat JSONL of held-out pairs")

@@ -8,7 +8,7 @@ For each seed s (train.seed = data.seed = s) one single-process run of `megajepa
     next-token   next-token only (jepa.lambda_=0)
     jepa         LLM-JEPA (jepa.objective=llm_jepa) with the config's jepa.lambda_
     stp          Semantic Tube Prediction (jepa.objective=stp, the config's jepa.stp.*) with
-                 jepa.lambda_=--stp-lambda (default 0.02, the weight the reference's run_stp.sh uses)
+                 jepa.lambda_=--stp-lambda (default 0.02, the weight the reference's run_stp.py uses)
 
 All runs are evaluated the same way (megajepa.eval on --data, default the config's
 data.eval_shards) and the table gives, per metric, mean ± std over seeds for every arm and, for
@@ -45,7 +45,7 @@ ARMS = ("next-token", "jepa", "stp")
 DEFAULT_ARMS = ("next-token", "jepa")
 NAMES = {"next-token": "next-token", "jepa": "JEPA", "stp": "STP"}
 HEADERS = {"next-token": "next-token only", "jepa": "+ JEPA", "stp": "+ STP"}
-STP_LAMBDA = 0.02  # the weight the STP reference's driver (run_stp.sh) uses
+STP_LAMBDA = 0.02  # the weight the STP reference's driver (run_stp.py) uses
 
 
 @dataclass

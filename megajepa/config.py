@@ -85,7 +85,8 @@ class DataConfig:
     # trained and the shards prepared there first if missing (shards/tokenizer point inside it).
     embedded: Optional[str] = None
     # Packed row length: a record's conversation and its two views share a row, so this must hold
-    # up to three sequences of max_length (two with the EMA target or the shared_prefix views).
+    # the longest prepared record's (the shards' fingerprint says how long; each sequence is at most
+    # max_length: with the reference's 512 cut, 3 x 512 covers any data).
     row_length: int = 2048
     row_multiple: int = 16  # rows trimmed to a multiple of this (0: always row_length)
     pairs_per_batch: int = 32  # records per micro-batch per rank
@@ -93,8 +94,8 @@ class DataConfig:
     # many tokens, as the reference's tokenizer call (truncation=True, max_length=512) does. 0: no cut.
     max_length: int = 512
     # CE labels: response (the assistant's reply and end of turn) | all (every token) |
-    # content (the assistant's content tokens only: the reference's finetune.py today) |
-    # conversation (every token but the pad token: the reference's earlier LM collator)
+    # conversation (every token but the pad token: the published reference's LM collator, the paper's) |
+    # content (the assistant's content tokens only: an unmerged fork pull request's labels)
     labels: str = "response"
     # A view that opens with the conversation's tokens stores only its tail and reads the shared
     # tokens in the conversation (exact; fewer tokens). false: every view is a sequence of its own.
@@ -181,6 +182,10 @@ class OptimConfig:
     eps: float = 1e-8
     grad_clip: float = 1.0
     grad_accum: int = 1
+    # The update from grad_accum micro-batches: mean (DeepSpeed's: their gradients averaged) | sum
+    # (the reference's: HF Trainer >= 4.46 leaves its custom compute_loss undivided, so the gradients
+    # add up, grad_accum times the mean, before clipping at grad_clip)
+    accumulate: str = "mean"
 
 
 @dataclass
@@ -242,6 +247,7 @@ CHOICES = {
     "model.attention": ("auto", "flex", "sdpa", "eager"),
     "data.labels": ("response", "all", "conversation", "content"),
     "data.mixing": ("random", "stratified", "per_stream"),
+    "optim.accumulate": ("mean", "sum"),
     "jepa.views": ("reference", "shared_prefix"),
     "jepa.objective": ("llm_jepa", "stp"),
     "jepa.stp.variant": ("random_span", "e2e"),
@@ -294,7 +300,7 @@ RESUME_MODES = ("none", "auto", "restart")
 # The keys a resume may change only when train.resume_allow lists them (megajepa.train.resume_policy):
 # the schedule's, and those the loader's exact resume depends on.
 RESUME_SCHEDULE_KEYS = (
-    "train.steps", "optim.lr", "optim.min_lr_ratio", "optim.warmup_steps", "jepa.lambda_warmup_steps",
+    "train.steps", "optim.lr", "optim.min_lr_ratio", "optim.warmup_steps", "optim.accumulate", "jepa.lambda_warmup_steps",
     "jepa.ema.schedule", "jepa.ema.momentum_start", "jepa.ema.momentum_end",
 )
 RESUME_DATA_KEYS = (
@@ -337,14 +343,6 @@ def _validate(cfg: Config, sources: list[tuple[str, DictConfig]]) -> None:
         _fail("jepa.last_token", f"an offset from the end of each view must be negative, got {cfg.jepa.last_token}", sources)
     if cfg.jepa.objective == "stp":
         _validate_stp(cfg, sources)
-    needed = max_record_tokens(cfg)
-    if needed is not None and cfg.data.row_length < needed:
-        _fail(
-            "data.row_length",
-            f"{cfg.data.row_length} cannot hold a record's packed sequences: up to {needed} tokens "
-            f"(data.max_length={cfg.data.max_length}, jepa.views={cfg.jepa.views}, jepa.k={cfg.jepa.k})",
-            sources,
-        )
     _validate_sources(cfg, sources)
     lora = cfg.model.lora
     if lora.alpha is not None and not (math.isfinite(lora.alpha) and lora.alpha > 0):
@@ -383,6 +381,19 @@ def _validate_paths(cfg: Config, sources: list[tuple[str, DictConfig]]) -> None:
         _fail("data.tokenizer", f"no such directory: {cfg.data.tokenizer}", sources)
 
 
+def check_run_data(cfg: Config) -> None:
+    """Raise ConfigError, naming the key, unless the shard directories a run reads are there (the
+    local ones: data.embedded generates its own; a remote fills its local cache). Not part of
+    load_config: `config` and `plan` read configs whose data lives elsewhere."""
+    if cfg.data.embedded is not None:
+        return
+    local = [("data.shards", cfg.data.shards, cfg.data.remote), ("data.eval_shards", cfg.data.eval_shards, None)]
+    local += [(f"data.sources[{i}].shards", s.shards, s.remote) for i, s in enumerate(cfg.data.sources)]
+    for key, path, remote in local:
+        if path is not None and remote is None and not os.path.isdir(path):
+            raise ConfigError(f"{key}: no such directory: {path} (prepare it with `megajepa prepare`)")
+
+
 def _validate_sources(cfg: Config, sources: list[tuple[str, DictConfig]]) -> None:
     data = cfg.data
     if (data.shards is None) == (not data.sources):
@@ -395,7 +406,7 @@ def _validate_sources(cfg: Config, sources: list[tuple[str, DictConfig]]) -> Non
         check_sources(sources_from_config(data))
     except ValueError as err:
         raise ConfigError(f"{_source_of('data.sources', sources)}: {err}") from None
-    budget, needed = data.tokens_per_batch, max_record_tokens(cfg)
+    budget, needed = data.tokens_per_batch, max_record_tokens(data, cfg.jepa)
     if budget is not None and budget < (needed or 1):
         _fail("data.tokens_per_batch", f"{budget} cannot hold one record of up to {needed or 1} tokens "
               f"(data.max_length={data.max_length})", sources)
@@ -411,20 +422,27 @@ def _validate_stp(cfg: Config, sources: list[tuple[str, DictConfig]]) -> None:
         _fail("jepa.stp.max_span", f"a span's longest length must be >= 1 (or -1: no limit), got {cfg.jepa.stp.max_span}", sources)
 
 
-def max_record_tokens(cfg: Config) -> Optional[int]:
-    """The most tokens one record's packed sequences take in a row (None: no max_length cut).
+def max_record_tokens(data: DataConfig, jepa: JepaConfig, longest: Optional[dict[str, int]] = None) -> Optional[int]:
+    """The most tokens one record's packed sequences take in a row (None: nothing bounds them).
 
-    The conversation shares its row with the view carrying the [PRED] tokens and, with the
-    online target, the other view (shared_prefix: the [PRED] tokens; view B goes anywhere)."""
-    if cfg.data.max_length == 0:
-        return None
-    k = cfg.jepa.k if cfg.jepa.predictor == "tokens" else 0
-    if cfg.jepa.lambda_ == 0 or cfg.jepa.objective == "stp":  # the conversation alone
-        return cfg.data.max_length
-    if cfg.jepa.views == "shared_prefix":
-        return cfg.data.max_length + k
-    views = 1 if cfg.jepa.target == "ema" else 2
-    return cfg.data.max_length * (1 + views)
+    Each sequence is at most data.max_length tokens (0: no cut) and, given `longest` (the longest
+    prepared "full", "user" and "assistant" sequences: a shard fingerprint's), at most that long
+    (+ the [PRED] tokens in their view). The conversation shares its row with the view carrying the
+    [PRED] tokens and, with the online target, the other view (shared_prefix: the [PRED] tokens)."""
+    k = jepa.k if jepa.predictor == "tokens" else 0
+
+    def sequence(name: str, extra: int = 0) -> Optional[int]:
+        bounds = [n for n in (data.max_length or None, None if longest is None else longest.get(name, 0) + extra) if n is not None]
+        return min(bounds) if bounds else None
+
+    if jepa.lambda_ == 0 or jepa.objective == "stp":  # the conversation alone
+        parts = [sequence("full")]
+    elif jepa.views == "shared_prefix":
+        parts = [sequence("full"), k]
+    else:
+        pred_view, other = ("assistant", "user") if jepa.reverse_pred else ("user", "assistant")
+        parts = [sequence("full"), sequence(pred_view, k)] + ([] if jepa.target == "ema" else [sequence(other)])
+    return None if None in parts else sum(parts)
 
 
 def _read_yaml(path: str) -> DictConfig:

@@ -40,6 +40,7 @@ from megajepa.train.ema_shards import EmaShardsUnusable, consolidate_ema
 
 LM_PREFIX, PREDICTOR_PREFIX = "lm.", "predictor."
 PREDICTOR_FILE = "predictor.safetensors"
+EXPORT_MODE = 0o644  # an export is read by other users of a shared cluster
 JEPA_FILE = "megajepa.json"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -215,4 +216,6 @@ def export(
                 indent=2,
                 sort_keys=True,
             )
+        for name in os.listdir(staging):  # readable by all, as plain files are: some writers make them 0600
+            os.chmod(os.path.join(staging, name), EXPORT_MODE)
     return out

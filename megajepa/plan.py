@@ -39,8 +39,23 @@ matrix, FlexAttention with native GQA, a SwiGLU MLP), counting the tensors autog
                             recomputed at a time in the backward)
     12 h + 4: the final norm (8 h + 4) and the residual-stream gradient in flight (4 h)
 
-The EMA teacher's forward runs before the online forward, under no_grad, one layer at a time: its
-transient memory (at most A per token) is below the online pass's and not added.
+The EMA teacher's forward runs before the online forward, under no_grad, one layer at a time, once
+per optimizer step over the teacher rows of every micro-batch (megajepa.train.step): its transient
+memory is at most A per teacher token, and the teacher rows (the assistant views) are at most half
+of a micro-batch's tokens, so it peaks at state + buffers + grad_accum x tokens / 2 x A, which
+counts beside the backward's peak once gradient accumulation is deep.
+
+Host memory at an elastic resume (megajepa.train.elastic), from S saved ranks to N, with P the
+trained parameters (ZeRO-3 partitions of ceil(numel / world) elements):
+
+    conversion (once, rank 0's node, before the launch or the process group; W workers):
+        extract  W x 12 B x sum ceil(numel / S)     each worker holds one saved rank's optimizer file
+        merge    W x 24 B x the largest parameter   fp32 weight and two moments, fragments and whole
+    per rank, loading:
+        DeepSpeed's universal load  12 B x the largest parameter (each parameter's file read whole)
+        EMA reshard (target ema)    (min(S, ceil(S / N) + 1) + 1) x 4 B x sum ceil(numel / S)
+                                    + 4 B x sum ceil(numel / N): the saved shards its new partitions
+                                    fall in (one of them twice while it is flattened), and those
 
 Logits, per labelled token, fp32 cross-entropy over a vocabulary of V: the fp32 logits and
 log-probabilities, then their gradients: 12 V bytes. Full logits: every labelled token at once
@@ -160,6 +175,12 @@ class Plan:
     buffers: dict[str, float]
     step_transient: float  # the fp32 gradient of the largest sub-group, at the optimizer step
     host: dict[str, float]  # offloaded to host memory, bytes per rank
+    resume_from: int  # the saved world size the elastic figures assume
+    gpus_per_node: int
+    conversion_workers: int
+    elastic_host: dict[str, float]  # host memory at an elastic resume (module docstring), bytes
+    grad_accum: int
+    teacher: bool  # jepa.target=ema: the teacher's one forward per step
     labelled_fraction: float
     ce_chunk: int
     row_length: int
@@ -183,9 +204,27 @@ class Plan:
         activations = tokens * self.dims.activation_bytes_per_token(checkpointing)
         return self.state_bytes() + sum(self.buffers.values()) + activations + self._logit_bytes(tokens, chunked)
 
+    def _teacher_forward(self, tokens: int) -> float:
+        if not self.teacher:
+            return 0.0
+        transient = self.grad_accum * tokens / 2 * self.dims.layer_activation_bytes()
+        return self.state_bytes() + sum(self.buffers.values()) + transient
+
     def peak_bytes(self, tokens: int, checkpointing: bool, chunked: bool) -> float:
-        """Bytes at the peak for `tokens` per micro-batch: the backward's, or the optimizer step's."""
-        return max(self._backward(tokens, checkpointing, chunked), self.state_bytes() + self.step_transient)
+        """Bytes at the peak for `tokens` per micro-batch: the backward's, the optimizer step's, or
+        the teacher's forward over the step's micro-batches."""
+        return max(
+            self._backward(tokens, checkpointing, chunked),
+            self.state_bytes() + self.step_transient,
+            self._teacher_forward(tokens),
+        )
+
+    def node_host_bytes(self) -> float:
+        """Host memory one node needs at an elastic resume: the conversion (node 0, alone) or
+        its ranks loading."""
+        e = self.elastic_host
+        loading = self.gpus_per_node * (e["universal load per rank"] + e["EMA reshard per rank"])
+        return max(e["conversion, extract"], e["conversion, merge"], loading)
 
     def max_tokens(self, checkpointing: bool, chunked: bool) -> int:
         """The largest tokens per micro-batch per rank whose peak fits (0: not even the model state).
@@ -284,7 +323,7 @@ def worst_case_tokens(cfg: Config) -> tuple[str, int]:
     records, each at most megajepa.config.max_record_tokens (without a max_length cut, a row)."""
     if cfg.data.tokens_per_batch is not None:
         return f"data.tokens_per_batch={cfg.data.tokens_per_batch:,}", cfg.data.tokens_per_batch
-    per_record = max_record_tokens(cfg) or cfg.data.row_length
+    per_record = max_record_tokens(cfg.data, cfg.jepa) or cfg.data.row_length
     how = f"data.pairs_per_batch={cfg.data.pairs_per_batch} records x at most {per_record:,} tokens each"
     return how, cfg.data.pairs_per_batch * per_record
 
@@ -304,6 +343,9 @@ def make_plan(
     headroom_gb: Optional[float] = None,
     ce_chunk: int = 1024,
     labelled_fraction: Optional[float] = None,
+    resume_from: Optional[int] = None,
+    gpus_per_node: Optional[int] = None,
+    conversion_workers: int = 16,
 ) -> Plan:
     if gpus < 1:
         raise PlanError(f"--gpus must be >= 1, got {gpus}")
@@ -313,6 +355,10 @@ def make_plan(
         raise PlanError(f"--ce-chunk must be >= 1, got {ce_chunk}")
     if labelled_fraction is not None and not 0 <= labelled_fraction <= 1:
         raise PlanError(f"--labelled-fraction must be in [0, 1], got {labelled_fraction}")
+    resume_from = 2 * gpus if resume_from is None else resume_from  # half the ranks lost
+    gpus_per_node = min(gpus, 8) if gpus_per_node is None else gpus_per_node
+    if resume_from < 1 or gpus_per_node < 1 or conversion_workers < 1:
+        raise PlanError("--resume-from, --gpus-per-node and --conversion-workers must be >= 1")
     cfg = copy.deepcopy(cfg)
     cfg.deepspeed.precision = plan_precision(cfg)
     prec = cfg.deepspeed.precision
@@ -376,6 +422,16 @@ def make_plan(
         twice = cfg.jepa.views == "reference" and cfg.jepa.target == "online" and cfg.jepa.lambda_ > 0
         labelled_fraction = 0.5 if cfg.data.labels in ("response", "content") and twice else 1.0
     headroom = (0.10 * gpu_memory_gb if headroom_gb is None else headroom_gb) * 1e9
+    largest = max(numels)
+    saved_shard = sum(math.ceil(n / resume_from) for n in numels)
+    shards_read = min(resume_from, math.ceil(resume_from / gpus) + 1) + 1
+    teacher = cfg.jepa.target == "ema" and cfg.jepa.lambda_ > 0
+    elastic_host = {
+        "conversion, extract": conversion_workers * OPTIMIZER_BYTES * saved_shard,
+        "conversion, merge": conversion_workers * 2 * OPTIMIZER_BYTES * largest,
+        "universal load per rank": OPTIMIZER_BYTES * largest,
+        "EMA reshard per rank": (shards_read * saved_shard + partition_elements) * FP32 if teacher and params_sharded else 0,
+    }
     notes = []
     if cfg.deepspeed.config_file is not None:
         notes.append(f"ZeRO settings from {cfg.deepspeed.config_file}")
@@ -396,6 +452,12 @@ def make_plan(
         buffers=buffers,
         step_transient=step_transient,
         host=host,
+        resume_from=resume_from,
+        gpus_per_node=gpus_per_node,
+        conversion_workers=conversion_workers,
+        elastic_host=elastic_host,
+        grad_accum=cfg.optim.grad_accum,
+        teacher=teacher,
         labelled_fraction=labelled_fraction,
         ce_chunk=ce_chunk,
         row_length=cfg.data.row_length,
@@ -474,6 +536,14 @@ def render(plan: Plan) -> str:
         f"{verdict} the full-logits budget of {budget:,} "
         f"(peak {_gib(plan.peak_bytes(tokens, plan.checkpointing, False))} GiB).",
         "",
+        f"Host memory at an elastic resume from {plan.resume_from} saved ranks to {plan.gpus} "
+        f"({plan.gpus_per_node} per node, {plan.conversion_workers} conversion workers; see megajepa/plan.py):",
+        "",
+        "| host | GiB |",
+        "|---|---:|",
+        *(f"| {name} | {_gib(value)} |" for name, value in plan.elastic_host.items()),
+        f"| **per node, the largest of the conversion and its ranks loading** | **{_gib(plan.node_host_bytes())}** |",
+        "",
         "Expected figures from formulas (see megajepa/plan.py); no GPU run measured them.",
     ]
     lines += [f"note: {n}" for n in plan.notes]
@@ -492,13 +562,17 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--headroom", type=float, default=None, help="GB kept free per GPU (default: 10%% of it)")
     parser.add_argument("--ce-chunk", type=int, default=1024, help="labelled tokens per chunk of the chunked CE")
     parser.add_argument("--labelled-fraction", type=float, default=None, help="labelled tokens over all tokens")
+    parser.add_argument("--resume-from", type=int, default=None, help="saved ranks of an elastic resume (default: 2 x --gpus)")
+    parser.add_argument("--gpus-per-node", type=int, default=None, help="for the host figures (default: min(--gpus, 8))")
+    parser.add_argument("--conversion-workers", type=int, default=16, help="megajepa universal --workers")
     parser.add_argument("--json", default=None, help="also write the figures here")
     args = parser.parse_intermixed_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
         plan = make_plan(
             cfg, args.config, args.gpus, args.gpu_memory, vocab_size=args.vocab_size, headroom_gb=args.headroom,
-            ce_chunk=args.ce_chunk, labelled_fraction=args.labelled_fraction,
+            ce_chunk=args.ce_chunk, labelled_fraction=args.labelled_fraction, resume_from=args.resume_from,
+            gpus_per_node=args.gpus_per_node, conversion_workers=args.conversion_workers,
         )  # fmt: skip
     except (ConfigError, PlanError) as err:
         print(f"megajepa plan: {err}", file=sys.stderr)
@@ -533,4 +607,5 @@ def to_json(plan: Plan) -> dict:
         },
         "max_tokens": budgets,
         "config_tokens": plan.config_tokens[1],
+        "elastic_host_bytes": {**plan.elastic_host, "per node": plan.node_host_bytes()},
     }

@@ -2,7 +2,8 @@
 # Validate a GPU machine in under 8 minutes, on that machine's own torch, triton and transformers:
 #   1. gpu-tests: the GPU-only tests (pytest -m gpu): the Triton kernels against their torch
 #      references, FlexAttention forward and backward against SDPA, the bf16 packed pass against
-#      the fp32 oracle, Liger's fused CE under ZeRO-3 (which path ran), sync_debug;
+#      the fp32 oracle, Liger's fused CE under ZeRO-3 (which path ran), sync_debug; the packed pass
+#      against every sequence alone with FlexAttention's gradients;
 #   2. train-1b: one GPU, ZeRO-3, the Llama-3.2-1B shape at Llama 3's 128,256-row vocabulary
 #      (model.vocab_size), with eval and a save, then a resume for two more steps; each step after
 #      the first under torch.cuda.set_sync_debug_mode("warn") (train.sync_debug), TORCH_LOGS=recompiles;
@@ -94,14 +95,18 @@ if [ ! -f "$DATA/shards/eval/index.json" ]; then
     step gpu-check-data 120 "${BUILD_DATA[@]}"
 fi
 
-wanted gpu-tests && step gpu-tests 120 "$PY" -m pytest -q -m gpu -p no:cacheprovider --continue-on-collection-errors tests
+if wanted gpu-tests; then
+    step gpu-tests 120 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests
+    # the packed pass against every sequence alone, with FlexAttention's gradients (CUDA only)
+    step flex-equivalence 60 "$PY" -m pytest -q -p no:cacheprovider tests/test_equivalence.py -k flex_attention
+fi
 
 # The 1B shape at Llama 3's vocabulary, on the demo data: rows of one width (row_multiple=0), so
 # FlexAttention compiles for one shape.
 ONE_B=(configs/llama-1b.yaml
     "data.shards=$DATA/shards/train" "data.eval_shards=$DATA/shards/eval" "data.tokenizer=$DATA/tokenizer"
-    model.vocab_size=128256 data.row_length=1024 data.max_length=160 data.row_multiple=0
-    data.pairs_per_batch=64 data.tokens_per_batch=null jepa.readout=content_end optim.warmup_steps=2)
+    model.vocab_size=128256 data.row_length=2048 data.max_length=160 data.row_multiple=0
+    data.pairs_per_batch=512 data.tokens_per_batch=null jepa.readout=content_end optim.warmup_steps=2)
 TRAIN=("${ONE_B[@]}" "train.output_dir=$OUT/train-1b" train.eval_every=3 train.eval_batches=2
     train.save_every=0 logging.log_every=1 train.sync_debug=warn)
 if wanted train; then
@@ -113,7 +118,7 @@ if wanted train; then
 fi
 
 wanted bench && step bench-1b 150 "${MEGAJEPA[@]}" bench "${ONE_B[@]}" \
-    --modes ce,jepa,jepa-ema --steps 4 --warmup 2 --scaling none --loader-batches 0 --out "$OUT/bench-1b"
+    --modes ce,jepa,jepa-ema --steps 3 --warmup 2 --scaling none --loader-batches 0 --out "$OUT/bench-1b"
 
 wanted kernels && step kernel-bench 60 "${MEGAJEPA[@]}" bench kernels --json "$OUT/kernels.json"
 

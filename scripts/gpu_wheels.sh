@@ -12,7 +12,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-.gpu-wheels}
 LOCK=requirements/cpu.lock
-PY=${PY:-python3.12}
+PY=${PY:-.venv/bin/python}
 LIMIT_MIB=48  # the device tool carries 64 MiB per call, the working tree included
 
 # What the image lacks: DeepSpeed and its pydantic, streaming and its codecs, OmegaConf, Liger.

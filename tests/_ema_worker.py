@@ -24,9 +24,10 @@ from _shards import pair_record
 from megajepa.config import Config, DataConfig, EmaConfig, JepaConfig, ModelConfig
 from megajepa.data.layout import Layout
 from megajepa.train.deepspeed_json import online_config, teacher_config
-from megajepa.jepa.ema_target import EmaTeacher
+from megajepa.jepa.ema_target import EmaTeacher, stack_teacher_rows
 from megajepa.jepa.objective import JepaModel
 from megajepa.model.build import build_model
+from megajepa.train.ema_shards import ema_pieces
 
 VOCAB = 101
 PRED_ID = VOCAB - 1
@@ -62,10 +63,10 @@ def count_collectives():
             group.unregister_pre_hook(HOOK_ID)
 
 
-def make_batch(step: int, rank: int) -> dict:
+def make_batch(step: int, rank: int, pairs: int = 4) -> dict:
     g = torch.Generator().manual_seed(1000 * step + rank)
     view_a, view_b = [], []
-    for _ in range(4):
+    for _ in range(pairs):
         view_a.append(torch.randint(0, PRED_ID, (int(torch.randint(3, 12, (1,), generator=g)),), generator=g))
         view_b.append(torch.randint(0, PRED_ID, (int(torch.randint(2, 10, (1,), generator=g)),), generator=g))
     layout = Layout(DataConfig(shards="", tokenizer="", row_length=48, max_length=0), JEPA, [PRED_ID], 0)
@@ -122,7 +123,7 @@ def main() -> None:
     cfg.deepspeed.param_persistence_threshold = args.persistence_threshold
     cfg.model.config = model_json
     ds_config = online_config(cfg, world, args.out)
-    for section in ("scheduler", "tensorboard", "csv_monitor"):  # a constant learning rate, no logs
+    for section in ("tensorboard", "csv_monitor"):  # no logs (and no scheduler: a constant learning rate)
         ds_config.pop(section)
     ds_config["zero_optimization"]["sub_group_size"] = args.sub_group_size
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.precision]
@@ -178,6 +179,21 @@ def main() -> None:
         for layout, teacher in teachers.items():
             record["teacher"][layout].append(gathered(teacher.engine.module.model))
 
+    # A step's micro-batches (rows of other widths, a rank-dependent number of pairs) through one
+    # teacher forward, as train_step runs them, against one forward per micro-batch.
+    micro = [make_batch(args.steps + 10 + i, rank, pairs=2 + 3 * i + rank) for i in range(3)]
+    record["micro_widths"] = [b["teacher_input_ids"].shape[1] for b in micro]
+    with count_collectives() as calls:
+        record["per_micro_z_b"] = [teachers["auto"].encode(b).float() for b in micro]
+    record["per_micro_calls"] = list(calls)
+    record["stacked_calls"] = {}
+    for n in (1, 3):
+        rows, pairs = stack_teacher_rows(micro[:n])
+        with count_collectives() as calls:
+            z_b = teachers["auto"].encode(rows)
+        record["stacked_calls"][n] = list(calls)
+    record["stacked_z_b"] = [z.float() for z in z_b.split(pairs)]
+
     # A second update without an optimizer step in between must change nothing.
     record["repeat_update"] = teachers["auto"].update(args.steps)
 
@@ -185,6 +201,10 @@ def main() -> None:
     teacher = teachers["auto"]
     checkpoint = os.path.join(args.out, "checkpoint")
     teacher.save(checkpoint, rank)
+    # DeepSpeed's checkpoint with the EMA shards beside it, for the consolidation tests
+    engine.save_checkpoint(os.path.join(args.out, "ds"), tag="t")
+    teacher.save(os.path.join(args.out, "ds", "t"), rank)
+    record["ds_checkpoint"] = os.path.join(args.out, "ds", "t")
     saved = teacher.state_dict()
     batch = make_batch(args.steps, rank)
     out = engine(batch, step=args.steps, target_embeddings=teacher.encode(batch))
@@ -192,6 +212,10 @@ def main() -> None:
     engine.step()
     record["moved_update"] = teacher.update(args.steps + 1)
     record["moved_differs"] = any(not torch.equal(a, b) for a, b in zip(saved["ema"], teacher.state_dict()["ema"]))
+    # the elastic path: this rank's partitions read back out of DeepSpeed's checkpoint and the shards
+    if teacher.zero3:
+        teacher.load_pieces(lambda wanted: ema_pieces(record["ds_checkpoint"], world, wanted), args.steps)
+        record["pieces_equal"] = all(torch.equal(a, b) for a, b in zip(saved["ema"], teacher.state_dict()["ema"]))
     teacher.load(checkpoint, rank)
     loaded = teacher.state_dict()
     record["saved_step"], record["loaded_step"] = saved["step"], loaded["step"]

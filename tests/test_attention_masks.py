@@ -8,7 +8,7 @@ import torch
 from torch.nn.attention.flex_attention import create_block_mask
 
 from _families import build, pack
-from megajepa.model.attention import MASK_KEYS, attention_mask, block_mask, bucket_width, dense_mask
+from megajepa.model.attention import MASK_KEYS, attention_mask, block_mask, compiled_graphs, dense_mask
 
 
 def random_rows(rows: int, width: int, seed: int) -> dict:
@@ -76,8 +76,37 @@ def test_ragged_width_falls_back_to_create_block_mask():
     assert ours.shape[-2:] == (100, 100)
 
 
-def test_bucket_width_is_a_power_of_two_number_of_tiles():
-    assert [bucket_width(w) for w in (1, 128, 129, 300, 513)] == [128, 128, 256, 512, 1024]
+@pytest.mark.slow
+def test_flex_pads_rows_to_whole_tiles_and_compiles_a_few_graphs_for_many_widths(tmp_path):
+    """FlexAttention on CPU (transformers compiles it): the decoder runs on the batch's width
+    rounded up to a whole tile (not to a power of two of them), a handful of graphs serve widths
+    and row counts that change every batch, and the output is SDPA's on the unpadded rows."""
+    from torch._dynamo.utils import counters
+
+    from megajepa.config import JepaConfig
+    from megajepa.jepa.objective import JepaModel
+
+    lm = build(tmp_path, "llama").eval()
+    model = JepaModel(lm, JepaConfig())
+    decoder_widths = []
+    lm.model.embed_tokens.register_forward_hook(lambda module, args, out: decoder_widths.append(args[0].shape[1]))
+    shapes = [(1, 130), (2, 384), (1, 520), (3, 700), (2, 260), (1, 1000)]
+    batches = []
+    for seed, (rows, width) in enumerate(shapes):
+        batch = random_rows(rows, width, seed)
+        batch["input_ids"] = torch.randint(0, 50, (rows, width), generator=torch.Generator().manual_seed(seed))
+        batches.append(batch)
+    counters.clear()
+    with torch.no_grad():
+        lm.set_attn_implementation("flex_attention")
+        flex = [model.hidden_states(batch)[0] for batch in batches]
+        graphs = compiled_graphs()
+        lm.set_attn_implementation("sdpa")
+        for batch, hidden in zip(batches, flex):
+            torch.testing.assert_close(hidden, model.hidden_states(batch)[0], rtol=1e-4, atol=1e-4)
+    assert decoder_widths[: len(shapes)] == [256, 384, 640, 768, 384, 1024]
+    print(f"FlexAttention: {graphs} graphs compiled for {len(shapes)} shapes")
+    assert 1 <= graphs <= 3  # static, then dynamic in what changed: not one per width
 
 
 def test_window_counts_positions_within_each_sequence():

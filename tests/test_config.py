@@ -1,6 +1,7 @@
 import json
 
 import pytest
+import torch
 
 from megajepa.cli import main
 from megajepa.config import ConfigError, load_config, to_yaml
@@ -34,7 +35,6 @@ BASE = "data:\n  shards: s\n  tokenizer: t\n"
         (BASE + "jepa:\n  predictor: transformer\n", "jepa.predictor: 'transformer' is not one of"),
         (BASE + "jepa:\n  distance: kl\n", "jepa.distance"),
         (BASE + "jepa:\n  dropout: 1.5\n", "jepa.dropout: must be in [0, 1]"),
-        (BASE + "  row_length: 64\n  max_length: 32\n", "data.row_length: 64 cannot hold a record's packed sequences: up to 96"),
         (BASE + "jepa:\n  readout: offset\n  last_token: 0\n", "jepa.last_token: an offset from the end of each view must be negative"),
         (BASE + "train:\n  steps: 0\n", "train.steps: must be > 0"),
         (BASE + "train:\n  stepz: 3\n", "stepz"),
@@ -105,6 +105,31 @@ def test_deepspeed_json_overlaps_communication_on_gpus():
     assert zero["stage3_prefetch_bucket_size"] == int(0.9 * hidden * hidden)
     off = load_config(DEMO, ["deepspeed.overlap_comm=false"])
     assert online_config(off, world_size=8, cuda=True)["zero_optimization"]["overlap_comm"] is False
+
+
+@pytest.mark.parametrize("cuda", [True, False])
+def test_deepspeed_builds_torchs_adamw_from_the_derived_json_never_its_own_ops(cuda):
+    """DeepSpeed's FusedAdam JIT-compiles with nvcc at the first engine build (and refuses a CUDA
+    major mismatch), its CPU Adam with g++: from the JSON this config derives, DeepSpeed's own
+    choice (with an engine that has nothing to say, so no path that asks it about CPU offload or
+    its ops) is torch's AdamW, fused on CUDA, and one step of it is torch's plain AdamW step."""
+    from types import SimpleNamespace
+
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    params = dict(online_config(load_config(DEMO), world_size=8, cuda=cuda)["optimizer"]["params"])
+    chosen, extra = DeepSpeedEngine.get_optimizer_configuration(SimpleNamespace(), params, adam_w_mode=True)
+    assert chosen is torch.optim.AdamW
+    weights = [torch.randn(33, requires_grad=True) for _ in range(2)]
+    twins = [w.detach().clone().requires_grad_() for w in weights]
+    optimizer = chosen(weights, **params, **extra)
+    assert bool(optimizer.defaults["fused"]) is cuda
+    plain = torch.optim.AdamW(twins, **{k: params[k] for k in ("lr", "betas", "eps", "weight_decay")})
+    for opt, ws in ((optimizer, weights), (plain, twins)):
+        sum((w * w).sum() for w in ws).backward()
+        opt.step()
+    for ours, theirs in zip(weights, twins):
+        torch.testing.assert_close(ours, theirs)
 
 
 @pytest.mark.parametrize(

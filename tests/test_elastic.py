@@ -10,15 +10,17 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
 from pathlib import Path
 
 import pytest
 import torch
 
 from _train_utils import demo_overrides, metrics, run_train
+from megajepa.config import Config
 from megajepa.export import consolidate, read_checkpoint
-
-pytestmark = pytest.mark.slow
+from megajepa.train import elastic, trainer
+from megajepa.train.checkpoint import CheckpointMismatch
 
 COMMON = {
     "optim.warmup_steps": 2,
@@ -52,6 +54,7 @@ def _relative_gap(rows: list[dict], reference: dict[int, dict]) -> float:
     return max(abs(r["loss"] - reference[r["step"]]["loss"]) / abs(reference[r["step"]]["loss"]) for r in rows)
 
 
+@pytest.mark.slow
 def test_two_ranks_then_one_then_two(demo_data, tmp_path):
     ref, run = tmp_path / "reference", tmp_path / "run"
     overrides = lambda out, records, **extra: demo_overrides(  # noqa: E731
@@ -99,3 +102,53 @@ def test_two_ranks_then_one_then_two(demo_data, tmp_path):
         assert ema[step].keys() == ema[4].keys()
         for name, tensor in ema[4].items():
             assert torch.equal(ema[step][name], tensor), (step, name)
+
+
+def _saved_at_world_size(output_dir: Path, world: int) -> Path:
+    """A checkpoint directory that resume accepts as complete, written by `world` ranks (no
+    DeepSpeed files: these tests stop at the conversion)."""
+    tag_dir = output_dir / "checkpoints" / "step00000004"
+    tag_dir.mkdir(parents=True)
+    (tag_dir / "meta.json").write_text(json.dumps({"world_size": world, "step": 4}))
+    marker = {"step": 4, "world_size": world, "files": {"meta.json": (tag_dir / "meta.json").stat().st_size}}
+    (tag_dir / "complete.json").write_text(json.dumps(marker))
+    return tag_dir
+
+
+class _Converted(Exception):
+    pass
+
+
+def test_a_resume_at_another_world_size_converts_before_any_process_group(tmp_path, monkeypatch):
+    """An 8B conversion outlasts any collective's timeout: it must run before one exists."""
+    tag_dir = _saved_at_world_size(tmp_path, world=2)
+    calls = []
+
+    def convert(source, target, workers):
+        calls.append((source, torch.distributed.is_available() and torch.distributed.is_initialized(), workers))
+        raise _Converted
+
+    monkeypatch.setattr(elastic, "_convert", convert)
+    for name in ("RANK", "WORLD_SIZE", "OMPI_COMM_WORLD_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    cfg = Config()
+    cfg.train.output_dir, cfg.train.resume = str(tmp_path), "auto"
+    with pytest.raises(CheckpointMismatch, match="universal conversion failed"):
+        trainer.train(cfg)  # one process resuming a 2-rank checkpoint; the failure is a refusal
+    assert calls == [(str(tag_dir), False, elastic.conversion_workers())]
+
+
+def test_other_ranks_wait_for_the_conversion_on_the_file_system(tmp_path, monkeypatch):
+    tag_dir = _saved_at_world_size(tmp_path, world=4)
+    monkeypatch.setattr(elastic, "_convert", lambda *args: pytest.fail("only rank 0 converts"))
+    cfg = Config()
+    cfg.train.output_dir, cfg.train.resume = str(tmp_path), "auto"
+    waiter = threading.Thread(target=elastic.convert_before_start, args=(cfg, 1, 2), daemon=True)
+    waiter.start()
+    waiter.join(timeout=3.0)
+    assert waiter.is_alive()  # no universal folder yet: rank 1 waits
+    (tag_dir / elastic.UNIVERSAL_SUBDIR).mkdir()  # rank 0's rename of the finished conversion
+    waiter.join(timeout=5.0)
+    assert not waiter.is_alive()
+    (tag_dir / elastic.UNIVERSAL_SUBDIR).rmdir()
+    elastic.convert_before_start(cfg, 1, 4)  # the world size that saved it: nothing to convert or wait for

@@ -6,17 +6,24 @@ single-process reference EMA of the online model's fp32 master weights, and a pl
 with it, say what they should hold.
 """
 
+import dataclasses
 import math
+import shutil
 
 import pytest
 import torch
-from _ema_worker import EMA, FROZEN, JEPA, MODEL, VOCAB
+from _ema_worker import EMA, FROZEN, JEPA, MODEL, PRED_ID, VOCAB
 from _ranks import run_worker
+from _shards import pair_record
+from _train_utils import remark_complete
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from megajepa.config import EmaConfig
-from megajepa.jepa.ema_target import momentum_at
+from megajepa.cli import main
+from megajepa.config import DataConfig, EmaConfig
+from megajepa.data.layout import Layout
+from megajepa.jepa.ema_target import momentum_at, stack_teacher_rows
 from megajepa.train.deepspeed_json import teacher_config
+from megajepa.train.ema_shards import EmaShardsUnusable, consolidate_ema, ema_pieces
 from megajepa.jepa.objective import JepaModel
 
 STEPS = 4
@@ -77,11 +84,16 @@ def test_teacher_equals_reference_ema_after_every_step(zero3_two_ranks, referenc
     assert [u["momentum"] for u in record["updates"]["auto"]] == [momentum_at(EMA, s, STEPS) for s in range(STEPS)]
 
 
+def _gathers(calls: list[str]) -> int:
+    """All-gathers among the collectives' names (ALLGATHER, or ALLGATHER_BASE with torch 2.15)."""
+    return sum("ALLGATHER" in name for name in calls)
+
+
 def test_update_communicates_nothing(zero3_two_ranks):
     for record in zero3_two_ranks:
         assert record["update_calls"] == [[]] * STEPS
         # the counter sees collectives: every teacher forward all-gathers parameters
-        assert all("ALLGATHER" in calls for calls in record["encode_calls"])
+        assert all(_gathers(calls) for calls in record["encode_calls"])
 
 
 def test_persistent_online_parameters_are_refreshed_in_the_teacher(zero3_two_ranks, reference):
@@ -112,6 +124,43 @@ def test_encode_gives_z_b_of_the_teacher_weights(zero3_two_ranks, reference):
             torch.testing.assert_close(record["z_b"]["auto"][step], expected, atol=1e-5, rtol=1e-5)
 
 
+def test_one_teacher_forward_per_step_gives_each_micro_batchs_z_b(zero3_two_ranks):
+    for record in zero3_two_ranks:
+        assert len(set(record["micro_widths"])) > 1  # rows of other widths: padded when stacked
+        for stacked, alone in zip(record["stacked_z_b"], record["per_micro_z_b"], strict=True):
+            torch.testing.assert_close(stacked, alone, atol=1e-6, rtol=1e-6)
+    # the teacher's all-gathers: as many for a step of 3 micro-batches as for 1, and the same on
+    # both ranks although their pairs differ; one forward per micro-batch gathered 3 times as much
+    gathers = [{n: _gathers(calls) for n, calls in r["stacked_calls"].items()} for r in zero3_two_ranks]
+    assert gathers[0] == gathers[1] and gathers[0][1] == gathers[0][3] > 0
+    assert zero3_two_ranks[0]["stacked_calls"][3] == zero3_two_ranks[1]["stacked_calls"][3]
+    assert _gathers(zero3_two_ranks[0]["per_micro_calls"]) == 3 * gathers[0][1]
+
+
+@pytest.mark.parametrize("pooling", ["last", "mean"])
+def test_stacked_teacher_rows_read_each_micro_batchs_pairs(pooling):
+    """In one process, on a plain model: the stacked rows' z_b, split, is each micro-batch's own."""
+    jepa = dataclasses.replace(JEPA, pooling=pooling)
+    spec = {k: v for k, v in MODEL.items() if k != "model_type"}
+    torch.manual_seed(0)
+    model = JepaModel(LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, attn_implementation="sdpa", **spec)), jepa)
+    layout = Layout(DataConfig(shards="", tokenizer="", row_length=48, max_length=0), jepa, [PRED_ID], 0)
+    g = torch.Generator().manual_seed(0)
+
+    def records(n):
+        lengths = torch.randint(2, 14, (n, 2), generator=g).tolist()
+        return [{"sample_id": i, **pair_record(torch.randint(0, PRED_ID, (a,), generator=g).numpy(),
+                                               torch.randint(0, PRED_ID, (b,), generator=g).numpy())}
+                for i, (a, b) in enumerate(lengths)]  # fmt: skip
+
+    micro = [layout(records(n)) for n in (3, 9, 1)]
+    assert len({b["teacher_input_ids"].shape[1] for b in micro}) > 1  # padded when stacked
+    rows, pairs = stack_teacher_rows(micro)
+    assert pairs == [b["jepa_pairs"].numel() for b in micro]
+    for stacked, batch in zip(model.encode_targets(rows).split(pairs), micro, strict=True):
+        torch.testing.assert_close(stacked, model.encode_targets(batch), atol=1e-6, rtol=1e-6)
+
+
 def test_update_acts_only_after_an_optimizer_step(zero3_two_ranks):
     record = zero3_two_ranks[0]
     assert all(u["updated"] for u in record["updates"]["auto"])
@@ -121,6 +170,7 @@ def test_update_acts_only_after_an_optimizer_step(zero3_two_ranks):
 def test_save_load_round_trip_restores_ema_and_step(zero3_two_ranks):
     for rank, record in enumerate(zero3_two_ranks):
         assert record["moved_update"]["updated"] and record["moved_differs"]  # the EMA moved after the save
+        assert record["pieces_equal"]  # load_pieces from the checkpoint's shards restores it too
         assert record["saved_step"] == record["loaded_step"] == STEPS
         assert record["loaded_equal"]
         loaded, saved = record["loaded_teacher"], record["teacher"]["auto"][STEPS]
@@ -130,6 +180,62 @@ def test_save_load_round_trip_restores_ema_and_step(zero3_two_ranks):
         assert "no-checkpoint" in record["missing_error"]
         (warning,) = record["schedule_warnings"]
         assert f"over {STEPS} steps" in warning and f"over {STEPS + 1} steps" in warning
+
+
+@pytest.mark.parametrize("new_world", [1, 3, 4])
+def test_ema_pieces_are_the_new_partitions_of_deepspeeds_consolidation(zero3_two_ranks, new_world):
+    """Each rank of another world size reads its own partitions (ZeRO-3: ceil(numel / world) per
+    rank, zero-padded) out of the 2-rank shards; together they are zero_to_fp32's whole EMA."""
+    tag_dir = zero3_two_ranks[0]["ds_checkpoint"]
+    whole = consolidate_ema(tag_dir, 2)
+    trained = [name for name in zero3_two_ranks[0]["masters"][0] if name != FROZEN]  # tied weights once
+    parts = {name: [] for name in trained}
+    for rank in range(new_world):
+        wanted = {}
+        for name in trained:
+            n = math.ceil(whole[name].numel() / new_world)
+            wanted[name] = (rank * n, (rank + 1) * n)
+        pieces = ema_pieces(tag_dir, 2, wanted)
+        for name, (start, stop) in wanted.items():
+            assert pieces[name].shape == (stop - start,)
+            parts[name].append(pieces[name])
+    for name in trained:
+        flat = torch.cat(parts[name])
+        numel = whole[name].numel()
+        assert torch.equal(flat[:numel], whole[name].reshape(-1)), name
+        assert not flat[numel:].any()  # ZeRO-3's padding
+    assert not torch.equal(whole[trained[0]], zero3_two_ranks[0]["masters"][-1][trained[0]])  # the EMA, not the weights
+
+
+def test_ema_pieces_read_only_the_shards_that_hold_them(zero3_two_ranks, tmp_path):
+    """Rank 0 of 4 needs the first quarter of each parameter: all in the saved rank 0's shard."""
+    tag_dir = tmp_path / "t"
+    shutil.copytree(zero3_two_ranks[0]["ds_checkpoint"], tag_dir)
+    whole = consolidate_ema(str(tag_dir), 2)
+    (tag_dir / "ema_rank1.pt").unlink()
+    trained = [name for name in zero3_two_ranks[0]["masters"][0] if name != FROZEN]
+    wanted = {name: (0, math.ceil(whole[name].numel() / 4)) for name in trained}
+    pieces = ema_pieces(str(tag_dir), 2, wanted)
+    assert all(torch.equal(pieces[name], whole[name].reshape(-1)[:stop]) for name, (_, stop) in wanted.items())
+    with pytest.raises(EmaShardsUnusable, match="ema_rank1.pt"):  # the whole EMA needs every shard
+        consolidate_ema(str(tag_dir), 2)
+
+
+def test_universal_command_converts_a_complete_checkpoint_and_refuses_others(zero3_two_ranks, tmp_path, capsys):
+    """`megajepa universal`, run before a launch at another world size: DeepSpeed's converter
+    writes each trained parameter's fp32 master whole, which is what the online model held."""
+    tag_dir = tmp_path / "step00000004"
+    shutil.copytree(zero3_two_ranks[0]["ds_checkpoint"], tag_dir)
+    assert main(["universal", str(tag_dir)]) == 2
+    assert "not a complete checkpoint: no complete.json" in capsys.readouterr().err
+    (tag_dir / "complete.json").write_text("{}")
+    remark_complete(tag_dir)
+    assert main(["universal", str(tag_dir), "--workers", "2"]) == 0
+    masters = zero3_two_ranks[0]["masters"][-1]
+    for name in masters:
+        if name != FROZEN:
+            saved = torch.load(tag_dir / "universal" / "zero" / name / "fp32.pt", weights_only=True)  # flat, ZeRO-3
+            assert torch.equal(saved, masters[name].reshape(-1)), name
 
 
 def local_elements(weights: dict, world: int, trained_only: bool) -> int:

@@ -71,6 +71,11 @@ def test_export_loads_with_transformers_and_reproduces_the_trainers_eval(online_
     assert sum(b.latent_sum / PAIRS for b in batches) / 2 == pytest.approx(summary["eval_jepa"], rel=1e-4, abs=1e-6)
 
 
+def test_exported_files_are_readable_by_all(online_export):
+    modes = {path.name: path.stat().st_mode & 0o777 for path in online_export.iterdir()}
+    assert modes and set(modes.values()) == {0o644}, modes
+
+
 def test_ema_export_reads_the_ema_shards(ema_run, online_export, tmp_path):
     """At momentum 0 the EMA equals the online weights; scaling the saved EMA shows it is what
     is exported, in the flat (per sub-group) layout and in the per-parameter one."""

@@ -30,6 +30,13 @@ printf '%s\\0' "$@" >"$log.args"
 env -0 >"$log.env"
 if [[ -n "${DS_ENV_FILE:-}" && -f "$DS_ENV_FILE" ]]; then cp "$DS_ENV_FILE" "$log.ds_env"; fi
 """
+# megajepa: `config --check` (the launchers' one validation) answers FAKE_CHECK_STATUS unrecorded
+MEGAJEPA = """#!/usr/bin/env bash
+if [[ "$1 $2" == "config --check" ]]; then
+    [[ "${FAKE_CHECK_STATUS:-0}" == 0 ]] || echo "megajepa: config error: data.shards: no such directory: x" >&2
+    exit "${FAKE_CHECK_STATUS:-0}"
+fi
+""" + RECORDER.split("\n", 1)[1]
 NVIDIA_SMI = """#!/usr/bin/env bash
 for ((i = 0; i < ${FAKE_GPUS:-0}; i++)); do echo "GPU $i: Fake GPU (UUID: GPU-$i)"; done
 """
@@ -58,7 +65,8 @@ def shims(tmp_path):
     bin_dir, log_dir = tmp_path / "bin", tmp_path / "log"
     bin_dir.mkdir()
     log_dir.mkdir()
-    scripts = {name: RECORDER for name in ("megajepa", "torchrun", "deepspeed", "pdsh", "mpirun")}
+    scripts = {name: RECORDER for name in ("torchrun", "deepspeed", "pdsh", "mpirun")}
+    scripts["megajepa"] = MEGAJEPA
     scripts.update({"nvidia-smi": NVIDIA_SMI, "srun": SRUN, "scontrol": SCONTROL, "scancel": SCANCEL})
     for name, text in scripts.items():
         (bin_dir / name).write_text(text)
@@ -111,6 +119,12 @@ def assert_refused(result: subprocess.CompletedProcess, message: str, shims) -> 
 def test_missing_config(script, shims, tmp_path):
     result = run(script, ["configs/no-such.yaml", *OVERRIDES], shims, tmp_path)
     assert_refused(result, "config file not found or unreadable: configs/no-such.yaml", shims)
+
+
+@pytest.mark.parametrize("script", ["torchrun.sh", "deepspeed.sh"])
+def test_a_config_that_fails_its_check_starts_nothing(script, shims, tmp_path):
+    result = run(script, [CONFIG, "data.shards=x"], shims, tmp_path, FAKE_CHECK_STATUS="2", FAKE_GPUS="1")
+    assert_refused(result, "data.shards: no such directory: x", shims)
 
 
 @pytest.mark.parametrize("script", ["torchrun.sh", "deepspeed.sh"])
@@ -413,6 +427,7 @@ def test_slurm_stopped_by_slurm(shims, tmp_path):
 
 # A rank that records its pid and waits, as a training rank would.
 SLEEPING_RANK = """#!/usr/bin/env bash
+[[ "$1 $2" == "config --check" ]] && exit 0
 echo $$ >"$SHIM_LOG/rank${RANK:-x}.pid"
 exec sleep 300
 """

@@ -42,6 +42,8 @@ def test_preset_is_the_papers_protocol(path, tiny_dir):
     assert cfg.deepspeed.precision == "bf16" and cfg.deepspeed.zero_stage == 3
     assert cfg.model.lora.rank == 0 and cfg.model.gradient_checkpointing
     assert cfg.data.max_length == 512
+    # the published finetune.py's DataCollatorForLanguageModeling(mlm=False): every non-pad token
+    assert cfg.data.labels == "conversation"
     assert cfg.data.pairs_per_batch * cfg.optim.grad_accum == 128  # the scripts' records per update, 1 rank
     assert cfg.train.seed == SEEDS[0] and cfg.data.seed == cfg.train.seed
     expected = {"gsm8k": (0.5, 1e-5)}.get(path.stem, (1.0, 2e-5))  # gsm8k: its script's --lbd, --learning_rate

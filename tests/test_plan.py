@@ -197,3 +197,41 @@ def test_model_state_matches_what_the_bench_measures(demo_data, tmp_path):
         for name in ("parameters", "persistent", "ema", "teacher"):
             assert plan.state[name] == got[name], (world, name, plan.state[name], got[name])
         assert plan.state["optimizer"] == pytest.approx(got["optimizer"], rel=1e-5, abs=16)
+
+
+def test_plan_states_the_host_memory_of_an_elastic_resume(llama_overrides, capsys):
+    """8B from 32 saved ranks to 16: a rank reads the few saved EMA shards its partitions fall in,
+    not the whole fp32 EMA (32 GB) every rank used to build; the conversion's workers each hold
+    one saved rank's optimizer state, or one parameter whole."""
+    from megajepa.plan import render
+
+    cfg = load_config(str(REPO / "configs" / "llama-8b-ema.yaml"), llama_overrides)
+    plan = make_plan(cfg, "llama-8b-ema", 16, 80, vocab_size=LLAMA3_VOCAB, resume_from=32, gpus_per_node=8,
+                     conversion_workers=4)  # fmt: skip
+    p, host = plan.num_params, plan.elastic_host
+    embedding = plan.dims.vocab * plan.dims.hidden  # the largest parameter (untied head the same size)
+    # ceil(32 / 16) + 1 saved shards of 4 B x P / 32, one twice while flattened, and its own 4 B x P / 16
+    assert host["EMA reshard per rank"] == pytest.approx(4 * p * (4 / 32 + 1 / 16), rel=1e-4)
+    assert host["EMA reshard per rank"] < 4 * p / 5
+    assert host["conversion, extract"] == pytest.approx(4 * 12 * p / 32, rel=1e-4)
+    assert host["conversion, merge"] == 4 * 24 * embedding
+    assert host["universal load per rank"] == 12 * embedding
+    loading = 8 * (12 * embedding + host["EMA reshard per rank"])
+    assert plan.node_host_bytes() == max(loading, host["conversion, extract"], host["conversion, merge"])
+    shown = render(plan)
+    assert "Host memory at an elastic resume from 32 saved ranks to 16" in shown
+    assert f"{plan.node_host_bytes() / 1024**3:,.2f}" in shown
+    online = make_plan(load_config(str(REPO / "configs" / "llama-8b.yaml"), llama_overrides), "llama-8b", 16, 80,
+                       vocab_size=LLAMA3_VOCAB)  # fmt: skip
+    assert online.elastic_host["EMA reshard per rank"] == 0  # no teacher
+
+
+def test_the_teachers_one_forward_per_step_counts_with_deep_accumulation(llama_overrides):
+    cfg = load_config(str(REPO / "configs" / "llama-8b-ema.yaml"), llama_overrides)
+    shallow = make_plan(cfg, "llama-8b-ema", 8, 80, vocab_size=LLAMA3_VOCAB)
+    cfg.optim.grad_accum = 32
+    deep = make_plan(cfg, "llama-8b-ema", 8, 80, vocab_size=LLAMA3_VOCAB)
+    tokens = 8192
+    teacher_rows = 32 * tokens / 2 * deep.dims.layer_activation_bytes()
+    assert deep.peak_bytes(tokens, True, True) == deep.state_bytes() + sum(deep.buffers.values()) + teacher_rows
+    assert deep.peak_bytes(tokens, True, True) > shallow.peak_bytes(tokens, True, True)

@@ -412,3 +412,29 @@ def test_sigterm_removes_the_staging_directory(tmp_path, tokenizer_dir):
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
     assert leftovers(tmp_path, "out") == [] and not (tmp_path / "out").exists()
+
+
+def test_rows_need_only_fit_the_longest_prepared_record(tmp_path, chat_jsonl, tokenizer_dir, tokenizer):
+    """data.row_length is checked against the shards' longest sequences (fingerprint.json), not 3 x
+    data.max_length: rows of exactly full + user + k + assistant of the longest pack every record,
+    one token less is refused naming the key and the fingerprint."""
+    from megajepa.config import ConfigError, load_config
+    from megajepa.data.layout import Layout
+    from megajepa.data.loader import build_loader
+    from megajepa.data.tokenizer import add_pred_tokens, pred_token_ids
+
+    out = tmp_path / "shards"
+    longest = {name: stats["max"] for name, stats in run([chat_jsonl], out, tokenizer_dir)["token_lengths"].items()}
+    needed = longest["full"] + longest["user"] + 1 + longest["assistant"]
+    assert needed < 3 * 512
+    add_pred_tokens(tokenizer, 1)
+    for row_length in (needed, needed - 1):
+        cfg = load_config("configs/demo.yaml", [f"data.shards={out}", f"data.tokenizer={tokenizer_dir}", "jepa.k=1",
+                                                "data.max_length=512", f"data.row_length={row_length}"])
+        layout = Layout(cfg.data, cfg.jepa, pred_token_ids(tokenizer, 1), tokenizer.pad_token_id)
+        make = lambda: build_loader(str(out), batch_pairs=4, layout=layout, tokenizer=tokenizer, shuffle=False)  # noqa: E731
+        if row_length == needed:
+            assert sum(int(b["num_pairs"]) for b in make().iter_epoch()) == 60
+        else:
+            with pytest.raises(ConfigError, match=rf"{out}/fingerprint.json: data.row_length={needed - 1} cannot hold"):
+                make()

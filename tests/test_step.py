@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from megajepa.jepa.objective import JepaOutput
+from megajepa.model.attention import MASK_KEYS
 from megajepa.train.step import train_step
 
 
@@ -24,7 +25,7 @@ class FakeEngine:
         z = torch.arange(6.0).reshape(3, 2) + i
         return JepaOutput(loss=loss, ce=loss.detach() * 0.5, jepa=loss.detach() * 0.25, lambda_=1.0, z_a=z, z_b=-z)
 
-    def backward(self, loss):
+    def backward(self, loss, scale_wrt_gas=True):
         self.calls.append(("backward",))
 
     def step(self):
@@ -34,25 +35,38 @@ class FakeEngine:
 
 
 class FakeTeacher:
+    """z_b of a pair: 7 + its flat read index in the rows it was given."""
+
     def __init__(self):
-        self.updates = []
+        self.updates, self.encoded_rows = [], []
 
     def encode(self, batch):
-        return torch.full((3, 2), 7.0)
+        self.encoded_rows.append(batch["teacher_input_ids"].shape)
+        return (7.0 + batch["zb_index"].float())[:, None].expand(-1, 2)
 
     def update(self, step):
         self.updates.append(step)
 
 
-def micro_batch(tokens):
-    return {"computed_tokens": torch.tensor(tokens), "useful_tokens": torch.tensor(tokens - 1), "num_pairs": torch.tensor(2)}
+def micro_batch(tokens, pairs=2):
+    """Counts, and `pairs` teacher rows of `tokens` columns, each pair read at its row's end."""
+    rows = {f"teacher_{key}": torch.zeros(pairs, tokens, dtype=torch.long) for key in ("input_ids", *MASK_KEYS)}
+    return {
+        "computed_tokens": torch.tensor(tokens), "useful_tokens": torch.tensor(tokens - 1), "num_pairs": torch.tensor(2),
+        "zb_index": torch.arange(1, pairs + 1) * tokens - 1, "jepa_pairs": torch.arange(pairs), **rows,
+    }  # fmt: skip
 
 
 def test_accumulates_then_updates_and_follows_with_the_ema():
     engine, teacher = FakeEngine([1.0, 3.0], accumulation=2), FakeTeacher()
-    result = train_step(engine, teacher, [micro_batch(10), micro_batch(20)], step=4, flags={"stop": False})
+    result = train_step(engine, teacher, [micro_batch(10), micro_batch(20, pairs=3)], step=4, flags={"stop": False})
     assert [c[0] for c in engine.calls] == ["forward", "backward", "step", "forward", "backward", "step"]
-    assert all(c[1] == 4 and torch.equal(c[2], torch.full((3, 2), 7.0)) for c in engine.calls if c[0] == "forward")
+    # one teacher forward for the step, rows padded to the wider micro-batch's 20 columns; each
+    # micro-batch gets its own pairs' z_b, read at the end of each of its rows
+    assert teacher.encoded_rows == [(5, 20)]
+    targets = [c[2][:, 0] for c in engine.calls if c[0] == "forward"]
+    assert [t.tolist() for t in targets] == [[7 + 9, 7 + 29], [7 + 59, 7 + 79, 7 + 99]]
+    assert all(c[1] == 4 for c in engine.calls if c[0] == "forward")
     assert engine.applied == 1 and teacher.updates == [5]  # the EMA after optimizer step 5
     assert result.updated and result.flags == {"nonfinite": False, "stop": False}
     assert (result.loss.item(), result.ce.item(), result.jepa.item()) == (2.0, 1.0, 0.5)

@@ -60,6 +60,19 @@ def test_training_is_deterministic(tmp_path, conversations, tokenizer):
     assert tokenizer_hash(again) == tokenizer_hash(tokenizer)
 
 
+def test_the_hash_is_what_decides_token_ids(tmp_path, tokenizer):
+    """A tokenizer saved after a call with truncation and padding (as the reference's finetune.py
+    saves it) keeps its hash; another vocabulary does not."""
+    before = tokenizer_hash(tokenizer)
+    tokenizer("a b c", truncation=True, max_length=4, padding="max_length")
+    tokenizer.save_pretrained(tmp_path / "saved")
+    saved = AutoTokenizer.from_pretrained(tmp_path / "saved")
+    assert "truncation" in saved.backend_tokenizer.to_str() and saved.backend_tokenizer.truncation is not None
+    assert tokenizer_hash(saved) == before
+    saved.add_tokens(["<|new|>"])
+    assert tokenizer_hash(saved) != before
+
+
 def test_chat_template(tokenizer):
     messages = [
         {"role": "system", "content": "S"},

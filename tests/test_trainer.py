@@ -9,6 +9,8 @@ import pytest
 import torch
 
 from _train_utils import demo_overrides, metrics, remark_complete, run_train, start_train
+from megajepa.config import load_config
+from megajepa.train.lr_schedule import lr_ratio
 
 
 def _ok(result):
@@ -24,7 +26,17 @@ def single_run(demo_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("single")
     result = run_train(demo_overrides(demo_data, out, **SINGLE), tmpdir=tmp_path_factory.mktemp("tmp"))
     _ok(result)
+    (out / "train.stdout").write_text(result.stdout)
     return out
+
+
+def test_train_ends_with_the_summary_table(single_run):
+    """Every `megajepa train` closes with the demo's table: losses, throughput, checkpoint, collapse."""
+    stdout = (single_run / "train.stdout").read_text()
+    summary = json.loads((single_run / "summary.json").read_text())
+    assert f"| held-out CE | {summary['start_eval_ce']:.4f} | {summary['eval_ce']:.4f} |" in stdout
+    assert f"| z_a std (collapse: -> 0) | {summary['first']['z_a_std']:.4f} | {summary['last']['z_a_std']:.4f} |" in stdout
+    assert "computed tokens/s" in stdout and f"checkpoint: {summary['checkpoint']}" in stdout
 
 
 def test_losses_fall_on_demo_data(single_run):
@@ -41,6 +53,13 @@ def test_losses_fall_on_demo_data(single_run):
     assert periodic[-1]["eval_ce"] == summary["eval_ce"]  # the same batches, the same weights
     assert summary["checkpoint"].endswith("step00000030")
     assert (single_run / "checkpoints" / "latest").read_text().strip() == "step00000030"
+
+
+def test_the_logged_lr_is_the_one_its_step_ran_at(single_run):
+    """metrics.jsonl's lr at step n is update n's (0-based n - 1) of the warm-up + cosine schedule."""
+    optim = load_config("configs/demo.yaml", [f"optim.warmup_steps={SINGLE['optim.warmup_steps']}"]).optim
+    logged = [r["lr"] for r in metrics(single_run)]
+    assert logged == pytest.approx([optim.lr * lr_ratio(optim, SINGLE["train.steps"], s) for s in range(30)], rel=1e-6)
 
 
 def test_resume_refuses_changes_naming_the_keys(single_run, demo_data, tmp_path):

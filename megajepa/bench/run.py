@@ -121,7 +121,10 @@ class ModeRun:
         peak.reset()
         accelerator.synchronize()
         start, cpu_start = time.perf_counter(), time.process_time()
-        result = train_step(self.engine, self.teacher, self.batches[step * accum : (step + 1) * accum], step, section=section)
+        result = train_step(
+            self.engine, self.teacher, self.batches[step * accum : (step + 1) * accum], step, section=section,
+            accumulate=self.cfg.optim.accumulate,
+        )
         accelerator.synchronize()
         elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
         if not result.updated:

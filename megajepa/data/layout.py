@@ -63,7 +63,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from megajepa.config import DataConfig, JepaConfig
+from megajepa.config import ConfigError, DataConfig, JepaConfig, max_record_tokens
 from megajepa.data.stp_spans import record_terms, span_seed
 
 SEG_PAD, SEG_FULL, SEG_SOURCE, SEG_TARGET = 0, 1, 2, 3
@@ -127,6 +127,20 @@ class Layout:
         self.with_views = jepa.lambda_ > 0 and not self.stp
         self.teacher_rows = self.with_views and jepa.target == "ema"
 
+    def check_row_length(self, fingerprint: dict, where: str) -> None:
+        """Refuse (ConfigError, naming data.row_length and `where`) shards whose longest record's
+        packed sequences could not fit a row (`fingerprint`: the shards' fingerprint.json)."""
+        longest = {name: stats["max"] for name, stats in fingerprint.get("token_lengths", {}).items()}
+        if "record" in longest:  # plain text (prepare-text): the conversation alone
+            longest = {"full": longest["record"]}
+        needed = max_record_tokens(self.data, self.jepa, longest or None)
+        if needed is not None and needed > self.data.row_length:
+            raise ConfigError(
+                f"{where}: data.row_length={self.data.row_length} cannot hold the longest record's packed "
+                f"sequences, up to {needed} tokens (data.max_length={self.data.max_length}, "
+                f"jepa.views={self.jepa.views}, jepa.k={self.jepa.k}): raise data.row_length to {needed}"
+            )
+
     # ----------------------------------------------------------------------------------------
     # one record -> units
 
@@ -149,9 +163,9 @@ class Layout:
         mode = self.data.labels if has_views else "all"  # plain text: every token
         if mode == "response":
             targets[: max(int(record["prompt_len"]) - 1, 0)] = IGNORE_INDEX
-        elif mode == "conversation":  # the reference's early LM collator: labels = input ids, pad ignored
+        elif mode == "conversation":  # the published reference's LM collator: labels = input ids, pad ignored
             targets[:-1][full[1:] == self.pad_token_id] = IGNORE_INDEX
-        elif mode == "content":  # the reference's current labels: the assistant's content tokens only
+        elif mode == "content":  # an unmerged fork's assistant-only labels: the reply's content tokens
             start, end = (int(x) for x in record["full_spans"][2:4])
             if start < 0 or end < 0:
                 raise ValueError(

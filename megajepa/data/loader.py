@@ -483,6 +483,7 @@ def build_loader(
     shuffle: bool = True,
     seed: int = 1234,
     num_workers: int = 0,
+    pin_memory: bool = False,
     record_ids: bool = False,
     sources: Optional[Sequence[Source]] = None,
     mixing: str = "random",
@@ -496,6 +497,8 @@ def build_loader(
     tokenizer: when given, every source's fingerprint must match it (FingerprintMismatch otherwise).
     mixing: streaming's batching_method (random: per record; stratified; per_stream: per batch).
     tokens_per_batch: cut micro-batches by this token budget instead of batch_pairs records.
+    pin_memory: the DataLoader's pinning thread copies each batch to page-locked memory, from
+        which the copy to a GPU is asynchronous (set on CUDA).
     collate: packs instead of `layout` (tests).
     """
     if sources is None:
@@ -516,7 +519,9 @@ def build_loader(
         if source.remote is None or os.path.isdir(source.remote):
             _require_index(source.remote or source.shards)
         if tokenizer is not None:
-            fingerprint.check_fingerprint(_fingerprint_dir(source), tokenizer)
+            prepared = fingerprint.check_fingerprint(_fingerprint_dir(source), tokenizer)
+            if layout is not None:
+                layout.check_row_length(prepared, os.path.join(_fingerprint_dir(source), fingerprint.FINGERPRINT_FILE))
 
     with streaming_registration_lock():
         dataset = PairDataset(
@@ -529,7 +534,7 @@ def build_loader(
     collate_fn = SourceCollator(collate or layout, len(sources))
     # Each epoch's iterator draws its workers' base seed: from a generator of the loader's own, not
     # torch's global RNG, which the training step's dropout draws from (and a resume restores).
-    options = dict(num_workers=num_workers, generator=torch.Generator().manual_seed(seed))
+    options = dict(num_workers=num_workers, pin_memory=pin_memory, generator=torch.Generator().manual_seed(seed))
     if tokens_per_batch is not None:
         _token_budget_window(dataset, tokens_per_batch, layout, collate_fn)
         dataloader = _PairDataLoader(dataset, batch_size=None, collate_fn=_identity, **options)

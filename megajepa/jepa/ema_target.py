@@ -1,8 +1,9 @@
 """The EMA target encoder (teacher), sharded exactly like the online model's optimizer state.
 
     teacher = EmaTeacher(engine, twin_module, cfg.jepa.ema, total_steps, teacher_config(ds_config))
-    z_b = teacher.encode(batch)              # every rank, every micro-batch: no_grad forward
-    ... engine(batch, step, z_b); engine.backward(loss); engine.step()
+    rows, pairs = stack_teacher_rows(micro_batches)    # every micro-batch of the step
+    z_bs = teacher.encode(rows).split(pairs)           # every rank, once per step: no_grad forward
+    ... per micro-batch: engine(batch, step, z_b); engine.backward(loss); engine.step()
     teacher.update(step)                     # after each optimizer step; acts only if it stepped
     teacher.save(dir, rank) / teacher.load(dir, rank)     # beside engine.save/load_checkpoint
 
@@ -10,6 +11,10 @@ The update is one fused kernel call, `kernels.ema.ema_update(master, ema, teache
 per slot: EMA <- m * EMA + (1 - m) * master, teacher <- EMA, elementwise on this rank's own
 slices, zero bytes communicated. The teacher is a second DeepSpeed engine without an optimizer,
 so DeepSpeed's hooks gather its parameters for each forward as they do the online model's.
+Its weights change only at the update after a step's last micro-batch, so the step's teacher rows
+of every micro-batch go through one forward (stack_teacher_rows): the whole model is gathered once
+per optimizer step, not once per micro-batch, and every rank gathers the same number of times
+whatever its data.
 
 What a slot is, chosen once in `choose_layout` (the only place):
 
@@ -40,7 +45,7 @@ What it relies on inside DeepSpeed (0.19.x), and the test that fails if that cha
     _TargetEncoder: test_encode_gives_z_b_of_the_teacher_weights (several steps).
   - with overlap_comm off the teacher's all-gathers run on the compute stream, after the update's
     writes, so update() needs no device synchronisation (teacher_config sets it). Only a GPU can
-    show a violation; no CPU test does.
+    show a violation; no CPU test does. They are exposed, but once per optimizer step.
 """
 
 from __future__ import annotations
@@ -50,10 +55,11 @@ import math
 import os
 import warnings
 from functools import partial
-from typing import Callable, NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional, Sequence
 
 import deepspeed
 import torch
+import torch.nn.functional as F
 from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
 from deepspeed.utils import safe_get_local_fp32_param
 from torch import nn
@@ -61,8 +67,39 @@ from torch import nn
 from megajepa.kernels.ema import ema_update
 from megajepa.config import EmaConfig
 from megajepa.files import atomic_path
+from megajepa.model.attention import MASK_KEYS
 
 STATE_FILE = "ema_rank{rank}.pt"  # the name megajepa.train.checkpoint documents
+_TEACHER_ROWS = tuple(f"teacher_{key}" for key in ("input_ids", *MASK_KEYS))
+
+
+def stack_teacher_rows(batches: Sequence[dict]) -> tuple[dict, list[int]]:
+    """(one batch of the teacher rows of every micro-batch in `batches`, each one's pair count).
+
+    Rows are padded on the right to the widest (padding: sequence 0, which attends only to
+    itself), and the z_b reads are re-indexed into the stacked rows, so that
+    encode(rows).split(pairs) is each micro-batch's own z_b. CPU tensors in and out."""
+    width = max(b["teacher_input_ids"].shape[1] for b in batches)
+    keys = (*_TEACHER_ROWS, "zb_index", "zb_pool_index", "zb_pool_owner")
+    stacked: dict[str, list[torch.Tensor]] = {key: [] for key in keys}
+    row_offset, pairs = 0, []
+    for b in batches:
+        rows, own_width = b["teacher_input_ids"].shape
+        for key in _TEACHER_ROWS:
+            stacked[key].append(F.pad(b[key], (0, width - own_width)))
+
+        def moved(flat: torch.Tensor) -> torch.Tensor:  # row * own_width + col -> into the stacked rows
+            return (flat // own_width + row_offset) * width + flat % own_width
+
+        stacked["zb_index"].append(moved(b["zb_index"]))
+        if "zb_pool_index" in b:
+            stacked["zb_pool_index"].append(moved(b["zb_pool_index"]))
+            stacked["zb_pool_owner"].append(b["zb_pool_owner"] + sum(pairs))
+        pairs.append(b["jepa_pairs"].numel())
+        row_offset += rows
+    out = {key: torch.cat(values) for key, values in stacked.items() if values}
+    out["jepa_pairs"] = torch.arange(sum(pairs))  # read_embeddings counts the pairs from it
+    return out, pairs
 
 
 def momentum_at(cfg: EmaConfig, step: int, total_steps: int) -> float:
@@ -307,8 +344,9 @@ class EmaTeacher:
 
     @torch.no_grad()
     def encode(self, batch: dict) -> torch.Tensor:
-        """z_b from the teacher rows of `batch`. Every rank must call it every step: the forward
-        all-gathers the teacher's parameters."""
+        """z_b from the teacher rows of `batch` (one micro-batch's, or stack_teacher_rows' of a
+        whole step). Every rank must call it as often as the others: the forward all-gathers the
+        teacher's parameters."""
         return self.engine(batch)
 
     # ------------------------------------------------------------------------------- checkpoint
@@ -352,32 +390,25 @@ class EmaTeacher:
         self.step = int(state["step"])
         self._last_global_step = self.online.global_steps
 
-    def load_full(self, full: dict[str, torch.Tensor], step: int, source: str = "EMA") -> None:
-        """Restore the EMA from whole parameters (by name, e.g. consolidated from a checkpoint
-        of another world size): each rank keeps its own ZeRO-3 partition of each, laid out as
-        its slots are. ZeRO-3 pads a parameter of n elements to a multiple of the world size and
-        gives rank r the r-th of the equal pieces, which is what ds_tensor holds."""
-        missing = sorted(set(self.online_params) - set(full))
-        if missing:
-            raise ValueError(f"{source}: no EMA for {missing[:3]}")
+    def load_pieces(self, read: Callable[[dict], dict], step: int, source: str = "EMA") -> None:
+        """Restore a ZeRO-3 teacher's EMA from a checkpoint of another world size: `read` maps
+        {name: (start, stop)} to those fp32 elements of each whole flattened parameter
+        (megajepa.train.ema_shards.ema_pieces), and is asked for this rank's partition of each
+        trained parameter only. ZeRO-3 pads a parameter of n elements to a multiple of the world
+        size and gives rank r the r-th of the equal pieces, which is what ds_tensor holds."""
+        if not self.zero3:
+            raise ValueError(f"{source}: load_pieces restores ZeRO-3 partitions; below stage 3 load the whole EMA")
         rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-
-        def local(name: str) -> torch.Tensor:
-            flat = full[name].reshape(-1).float()
-            if not self.zero3:
-                return flat
-            n = self.online_params[name].ds_tensor.numel()
-            piece = flat[rank * n : (rank + 1) * n]
-            return torch.cat([piece, piece.new_zeros(n - piece.numel())])
-
+        if self.layout == "flat":
+            name_of = {id(p): name for name, p in self.online_params.items()}
+            groups = [[name_of[id(p)] for p in group] for group in self.online.optimizer.fp16_groups]
+        else:
+            groups = [[slot.name] for slot in self.slots]
+        sizes = {name: self.online_params[name].ds_tensor.numel() for names in groups for name in names}
+        pieces = read({name: (rank * n, (rank + 1) * n) for name, n in sizes.items()})
         with torch.no_grad():
-            if self.layout == "flat":
-                name_of = {id(p): name for name, p in self.online_params.items()}
-                groups = [[name_of[id(p)] for p in group] for group in self.online.optimizer.fp16_groups]
-            else:
-                groups = [[slot.name] for slot in self.slots]
             for slot, names in zip(self.slots, groups):
-                slot.ema.copy_(torch.cat([local(name) for name in names]).to(slot.ema.device))
+                slot.ema.copy_(torch.cat([pieces[name] for name in names]).to(slot.ema.device))
             self._copy_frozen()
             self._write_teacher()
         self.step = step

@@ -91,8 +91,8 @@ class JepaModel(nn.Module):
         rows = {key: batch[prefix + key] for key in ("input_ids", *MASK_KEYS)}
         width = rows["input_ids"].shape[1]
         if self.lm.config._attn_implementation == "flex_attention":
-            # a power-of-two number of tiles: few shapes for the compiled kernels, whole tiles for
-            # the BlockMask; the added columns are padding (sequence 0), cut off again below
+            # whole tiles for the BlockMask; the added columns are padding (sequence 0), cut off
+            # again below
             extra = bucket_width(width) - width
             rows = {key: F.pad(value, (0, extra)) for key, value in rows.items()}
         mask = attention_mask(rows, self.lm)

@@ -155,10 +155,19 @@ def block_mask(sequence, prefix_sequence, prefix_length, position_ids, window=No
 
 
 def bucket_width(width: int, block_size: int = BLOCK_SIZE) -> int:
-    """The row width to pad a batch to for FlexAttention: a power-of-two number of tiles, so the
-    compiled kernels see a handful of shapes over a run."""
-    tiles = max(1, -(-width // block_size))
-    return block_size * (1 << (tiles - 1).bit_length())
+    """The row width to pad a batch to for FlexAttention: whole tiles, so at most block_size - 1
+    columns of padding (a power-of-two number of tiles ran the decoder on up to 2x the tokens).
+    The widths vary, but not the compiled kernels: torch.compile marks a dimension dynamic the
+    second time it sees it change, so a run compiles a few graphs, not one per width
+    (compiled_graphs; TORCH_LOGS=recompiles says why each one was built)."""
+    return block_size * max(1, -(-width // block_size))
+
+
+def compiled_graphs() -> int:
+    """Graphs torch.compile has built in this process (transformers compiles FlexAttention)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
 
 
 def attention_mask(rows: dict, model, prefix: str = ""):

@@ -5,11 +5,12 @@ from the typed config: the one place megajepa speaks DeepSpeed's configuration l
     teacher = teacher_config(online)                       # the EMA teacher's engine
     groups = param_groups(model, cfg.optim.weight_decay)
 
-With `deepspeed.config_file` the user's JSON is the base; only the batch sizes, the monitors and
-the scheduler are filled in where it has none. The derived ZeRO settings depend on the device:
+With `deepspeed.config_file` the user's JSON is the base; only the batch sizes and the monitors
+are filled in where it has none (a `scheduler` of its own replaces megajepa's). The derived ZeRO settings depend on the device:
 on CUDA communication overlaps compute (`overlap_comm`, buckets sized from the model's width, as
 Hugging Face's DeepSpeed integration sizes them); on the CPU accelerator (gloo, the tests) it
-does not, as there are no side streams to overlap on.
+does not, as there are no side streams to overlap on. The optimizer is torch's AdamW (fused on
+CUDA), which needs no DeepSpeed op built.
 """
 
 from __future__ import annotations
@@ -97,11 +98,10 @@ def online_config(
     world_size: int,
     output_dir: Optional[str] = None,
     cuda: Optional[bool] = None,
-    schedule_steps: Optional[int] = None,
 ) -> dict[str, Any]:
     """The online engine's JSON: the user's file or derived (the batch unit is one view pair:
-    micro-batch = data.pairs_per_batch), with our monitors under output_dir/logs and our
-    warm-up + cosine schedule over `schedule_steps` (default train.steps) where it sets none."""
+    micro-batch = data.pairs_per_batch), with our monitors under output_dir/logs where it sets
+    none. The learning-rate schedule is megajepa.train.lr_schedule's unless the file sets one."""
     cuda = torch.cuda.is_available() if cuda is None else cuda
     if cfg.deepspeed.config_file is not None:
         ds = _user_config(cfg.deepspeed.config_file)
@@ -112,18 +112,6 @@ def online_config(
     logs = os.path.join(output_dir or cfg.train.output_dir, "logs")
     ds.setdefault("tensorboard", {"enabled": cfg.logging.tensorboard, "output_path": logs, "job_name": "tb"})
     ds.setdefault("csv_monitor", {"enabled": cfg.logging.csv, "output_path": logs, "job_name": "csv"})
-    ds.setdefault(
-        "scheduler",
-        {
-            "type": "WarmupCosineLR",
-            "params": {
-                "total_num_steps": schedule_steps or cfg.train.steps,
-                "warmup_num_steps": max(1, cfg.optim.warmup_steps),
-                "warmup_type": "linear",
-                "cos_min_ratio": cfg.optim.min_lr_ratio,
-            },
-        },
-    )
     return ds
 
 

@@ -28,6 +28,7 @@ from megajepa.jepa.objective import JepaModel
 from megajepa.model.build import build_model
 from megajepa.model.predictor import uses_pred_tokens
 from megajepa.train.deepspeed_json import param_groups, teacher_config
+from megajepa.train.lr_schedule import lr_scheduler
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -97,6 +98,7 @@ def config_loader(cfg: Config, shards: str, layout: Layout, tokenizer, **options
         shuffle=cfg.data.shuffle,
         seed=cfg.data.seed,
         num_workers=cfg.data.num_workers,
+        pin_memory=torch.cuda.is_available(),  # the step's host-to-device copies then do not block
     )
     if shards in (None, cfg.data.shards):
         settings.update(
@@ -110,12 +112,14 @@ def config_loader(cfg: Config, shards: str, layout: Layout, tokenizer, **options
 def build_engine(cfg: Config, tokenizer, ds_config: dict, schedule_steps: Optional[int] = None):
     """(the online DeepSpeed engine, its EMA teacher or None): the teacher exists with target: ema
     and lambda > 0. Both are built from the same seed, so every call gives the same model.
-    `schedule_steps` is the EMA momentum schedule's length (default train.steps)."""
+    `schedule_steps` is the learning-rate and EMA momentum schedules' length (default train.steps)."""
     dtype = DTYPES[precision(cfg)]
     torch.manual_seed(cfg.train.seed)
     model = JepaModel(build_model(cfg.model, tokenizer, dtype=dtype, ds_config=ds_config, seed=cfg.train.seed), cfg.jepa)
     groups = param_groups(model, cfg.optim.weight_decay)
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_config)
+    # megajepa's schedule unless the user's DeepSpeed JSON sets one (DeepSpeed prefers a client's)
+    schedule = None if "scheduler" in ds_config else lr_scheduler(cfg.optim, schedule_steps or cfg.train.steps)
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_config, lr_scheduler=schedule)
     teacher = None
     if cfg.jepa.target == "ema" and cfg.jepa.lambda_ > 0:
         from megajepa.jepa.ema_target import EmaTeacher

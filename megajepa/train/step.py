@@ -1,10 +1,13 @@
 """One optimizer step of the LLM-JEPA engine: what `megajepa train` runs and `megajepa bench` times.
 
-    result = train_step(engine, teacher, micro_batches, step, flags={"stop": stop_requested})
+    result = train_step(engine, teacher, micro_batches, step, flags={"stop": stop_requested}, accumulate="mean")
 
-Per micro-batch (CPU tensors from the loader): the teacher's z_b (target: ema), the online
+First, with target: ema, one teacher forward over the teacher rows of every micro-batch (the
+EMA weights do not change within a step, and one forward gathers the teacher's parameters once
+per step). Then per micro-batch (CPU tensors from the loader): the online
 forward, backward and engine.step(), which applies the update on the last micro-batch only
-(DeepSpeed's accumulation boundary). Just before that update one all-reduce agrees on every
+(DeepSpeed's accumulation boundary) from the mean of the micro-batch gradients, or their sum with
+`accumulate="sum"` (optim.accumulate: the reference's update). Just before that update one all-reduce agrees on every
 rank's flags (`nonfinite`: a non-finite loss in any micro-batch of this step, and whatever the
 caller adds, such as a stop signal) and is read once: a non-finite loss anywhere skips the update
 and the EMA on every rank (the caller stops). After the update the EMA teacher follows the new
@@ -29,6 +32,7 @@ import torch
 
 from megajepa import dist
 from megajepa.data.mixture import SOURCE_COUNTS
+from megajepa.jepa.ema_target import stack_teacher_rows
 from megajepa.jepa.objective import JepaOutput, collapse_std
 
 # Summed over the micro-batches of a step, from the CPU batches.
@@ -37,7 +41,8 @@ COUNTS = ("computed_tokens", "useful_tokens", "num_pairs")
 
 def to_device(batch: dict, device) -> dict:
     """The batch's tensors on `device`. To CUDA through pinned memory: a copy from pageable host
-    memory makes the host wait for the device's queue, a pinned one does not."""
+    memory makes the host wait for the device's queue, a pinned one does not. The training
+    loader pins on CUDA already (pin_memory() of a pinned tensor is the tensor itself)."""
     device = torch.device(device)
     pin = device.type == "cuda"
     return {
@@ -74,9 +79,11 @@ def train_step(
     step: int,
     flags: Optional[dict[str, Any]] = None,
     section: Callable[[str], ContextManager] = _no_section,
+    accumulate: str = "mean",
 ) -> StepResult:
     """One optimizer step over `micro_batches` (as many as the engine accumulates) after `step`
-    steps; `flags` are bools or 0-d device tensors to agree on across ranks with `nonfinite`."""
+    steps; `flags` are bools or 0-d device tensors to agree on across ranks with `nonfinite`;
+    `accumulate` is optim.accumulate (mean | sum of the micro-batch gradients)."""
     accumulation = engine.gradient_accumulation_steps()
     if len(micro_batches) != accumulation:
         raise ValueError(f"train_step: {len(micro_batches)} micro-batches for {accumulation} accumulation steps")
@@ -85,6 +92,11 @@ def train_step(
     sums = torch.zeros(3, device=device)  # loss, ce, jepa
     finite = torch.ones((), dtype=torch.bool, device=device)
     source_counts, source_ce = None, None
+    targets = [None] * accumulation
+    if teacher is not None:
+        with section("teacher"):
+            rows, pairs = stack_teacher_rows(micro_batches)
+            targets = teacher.encode(to_device(rows, device)).split(pairs)
     for i, cpu_batch in enumerate(micro_batches):
         for key in COUNTS:
             counts[key] += float(cpu_batch[key])  # CPU tensors: no device wait
@@ -92,16 +104,12 @@ def train_step(
             batch_counts = torch.stack([cpu_batch[f"source_{key}"] for key in SOURCE_COUNTS]).double()
             source_counts = batch_counts if source_counts is None else source_counts + batch_counts
         batch = to_device(cpu_batch, device)
-        target = None
-        if teacher is not None:
-            with section("teacher"):
-                target = teacher.encode(batch)
-        out = engine(batch, step=step, target_embeddings=target)
+        out = engine(batch, step=step, target_embeddings=targets[i])
         finite &= torch.isfinite(out.loss.detach())
         sums += torch.stack([out.loss.detach(), out.ce, out.jepa]).float()
         if out.source_ce is not None:
             source_ce = out.source_ce if source_ce is None else source_ce + out.source_ce
-        engine.backward(out.loss)
+        engine.backward(out.loss, scale_wrt_gas=accumulate == "mean")  # DeepSpeed divides by grad_accum
         if i == accumulation - 1:
             agreed = dist.agree({"nonfinite": ~finite, **(flags or {})}, device)
             if agreed["nonfinite"]:

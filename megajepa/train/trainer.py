@@ -20,6 +20,7 @@ from megajepa.data.fingerprint import tokenizer_hash
 from megajepa.data.layout import Layout
 from megajepa.data.mixture import source_step_values
 from megajepa.files import write_text
+from megajepa.model.attention import compiled_graphs
 from megajepa.model.build import architecture_spec
 from megajepa.train import checkpoint, elastic, resume_policy
 from megajepa.train.deepspeed_json import online_config
@@ -107,6 +108,7 @@ def choose_resume(cfg: Config, meta: dict, rank: int, world: int) -> tuple[Optio
 
 def train(cfg: Config) -> dict:
     dist.quiet_deprecated_collectives()
+    elastic.convert_before_start(cfg, *elastic.launch_rank_world())  # no process group yet: no timeout
     rank, world, _ = init_distributed()
     output_dir = cfg.train.output_dir
     os.makedirs(output_dir, exist_ok=True)
@@ -134,7 +136,7 @@ def train(cfg: Config) -> dict:
     meta["schedule_steps"] = schedule_steps
     resharding = resume is not None and saved_world != world
 
-    ds_config = online_config(cfg, world, output_dir, schedule_steps=schedule_steps)
+    ds_config = online_config(cfg, world, output_dir)
     universal = None
     if resharding:  # another world size: DeepSpeed's universal checkpoint (megajepa.train.elastic)
         universal = elastic.universal_point(resume, rank)
@@ -185,8 +187,12 @@ def train(cfg: Config) -> dict:
         while step < cfg.train.steps:
             step_start = time.perf_counter()
             micro_batches = [next(batches) for _ in range(cfg.optim.grad_accum)]
+            lr = engine.get_lr()[0]  # this step's: the scheduler moves on to the next one in the step
             with sync_debug(cfg.train.sync_debug if step > start_step else "off"):
-                result = train_step(engine, teacher, micro_batches, step, flags={"stop": stop.received is not None})
+                result = train_step(
+                    engine, teacher, micro_batches, step, flags={"stop": stop.received is not None},
+                    accumulate=cfg.optim.accumulate,
+                )
             if not result.updated:
                 loss, ce, jepa = (value.item() for value in (result.loss, result.ce, result.jepa))
                 raise TrainingDiverged(
@@ -206,7 +212,7 @@ def train(cfg: Config) -> dict:
                 "computed_tokens": result.counts["computed_tokens"],
                 "useful_tokens": result.counts["useful_tokens"],
                 "pairs": result.counts["num_pairs"],
-                "lr": engine.get_lr()[0],
+                "lr": lr,
                 "lambda": result.lambda_,
                 # host time: on a GPU the device may still be busy with this step when it is read
                 "compute_seconds": time.perf_counter() - step_start,
@@ -234,6 +240,8 @@ def train(cfg: Config) -> dict:
         logger.close()
 
     summary.update(steps=step, world_size=world, checkpoint=last_good, logs=os.path.join(output_dir, "logs"))
+    # FlexAttention's kernels: a handful per run; more means shapes recompiling (TORCH_LOGS=recompiles)
+    summary["compiled_graphs"] = compiled_graphs()
     if logger.history:
         summary["first"] = logger.history[0]
         summary["last"] = logger.history[-1]
