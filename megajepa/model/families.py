@@ -24,6 +24,8 @@ TESTED_FAMILIES = frozenset({
     "llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma", "gemma2",
     "gemma3_text", "phi", "phi3", "olmo", "olmo2", "gpt2", "gpt_neox", "gptj", "opt", "falcon",
     "starcoder2", "granite", "cohere",
+    # exact in the generated sweep over transformers' causal-LM mapping (scripts/families_table.py)
+    "afmoe", "apertus", "apertus1p5_text", "arcee", "aria_text", "beam", "biogpt", "bitnet", "cohere2", "cohere2_moe", "ctrl", "cwm", "diffllama", "emu3", "ergo", "ernie4_5", "ernie4_5_moe", "exaone", "exaone4", "exaone_moe", "flex_olmo", "flint", "git", "glm", "glm4", "glm4_moe", "gpt-sw3",
 })
 
 FULL, SLIDING = "full_attention", "sliding_attention"
