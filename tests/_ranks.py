@@ -1,6 +1,6 @@
 """A test's worker script on several ranks, as real processes (gloo on CPU), for the ZeRO-3 tests
 whose worker writes one record per rank (tests/_ema_worker.py, _pretrained_worker.py,
-_families_worker.py)."""
+_families_worker.py, _head_worker.py); and, inside a worker, the collectives it issues."""
 
 from __future__ import annotations
 
@@ -8,9 +8,33 @@ import os
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from _train_utils import REPO, free_port
+
+HOOK_ID = 1234
+
+
+@contextmanager
+def count_collectives(with_sizes: bool = False):
+    """Names of the collectives issued meanwhile (with_sizes: (name, element count of each input
+    tensor)), on any process group, seen through torch's ProcessGroup pre-hooks: below
+    DeepSpeed's comm layer, which holds its own references to torch.distributed's functions."""
+    from torch.distributed import distributed_c10d as c10d
+
+    def hook(args):
+        calls.append((args.name.name, [t.numel() for t in args.input_tensors]) if with_sizes else args.name.name)
+
+    calls = []
+    groups = list(c10d._world.pg_map)
+    for group in groups:
+        group.register_pre_hook(HOOK_ID, hook)
+    try:
+        yield calls
+    finally:
+        for group in groups:
+            group.unregister_pre_hook(HOOK_ID)
 
 
 def run_worker(script: str, out: Path, world: int, *args: str, timeout: float) -> None:
