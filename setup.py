@@ -26,6 +26,7 @@ setup(
         "matplotlib",
         "psutil",
         "peft>=0.21,<0.22",  # LoRA (model.lora.*), injected in place
+        "liger-kernel>=0.8.5,<0.9",  # fused linear CE on CUDA (megajepa/model/head.py); torch + triton only
     ],
     extras_require={"test": ["pytest"]},
     entry_points={"console_scripts": ["megajepa=megajepa.cli:main"]},

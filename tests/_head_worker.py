@@ -5,8 +5,9 @@ rank on its own record whose assistant view has --labels[step][rank] tokens, so 
 label counts differ and the CE runs a different number of chunks on each. Per step it records the
 batch, the gathered weights before the step, the CE of an eval forward (no_grad) and of the
 training forward, the full reduced gradients, the collectives each of those issued, and which CE
-path ran. With --fused, Liger-Kernel's fused CE is allowed on the CPU (Triton's interpreter).
-Writes --out/rank{r}.pt; the test computes the dense oracle from it.
+path ran; at the end, what the CE says when called outside a module that gathers the head. With
+--liger-on-cpu, Liger-Kernel's fused CE runs on the CPU (Triton's interpreter); on a GPU (NCCL) it
+runs where it is installed. Writes --out/rank{r}.pt; the test computes the dense oracle from it.
 """
 
 import argparse
@@ -81,17 +82,17 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--vocab", type=int, required=True)
     parser.add_argument("--labels", nargs="+", required=True, help="per step: the ranks' label counts, e.g. 400,600")
-    parser.add_argument("--fused", action="store_true")
+    parser.add_argument("--liger-on-cpu", action="store_true")
     args = parser.parse_args()
 
-    deepspeed.init_distributed(dist_backend="gloo")
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     model_json = os.path.join(args.out, "model.json")
     if rank == 0:
         with open(model_json, "w") as f:
             json.dump(model_spec(args.vocab), f)
     dist.barrier()
-    if args.fused:
+    if args.liger_on_cpu:
         head.FUSED_DEVICE_TYPES = ("cpu",)  # Triton's interpreter runs Liger's kernels on CPU tensors
     spy = PathSpy()
 
@@ -113,6 +114,7 @@ def main() -> None:
     for step, counts in enumerate(args.labels):
         batch = make_batch(args.vocab, int(counts.split(",")[rank]), step, rank)
         entry = {"batch": batch, "labels": batch["ce_index"].numel(), "weights": gathered(engine.module)}
+        batch = {key: value.to(engine.device) for key, value in batch.items()}
         entry["head_partitioned"] = weight.numel() == 0
         spy.paths.clear()
         engine.eval()
@@ -131,6 +133,11 @@ def main() -> None:
         entry["paths"] = list(spy.paths)
         record["steps"].append(entry)
     record["accum_dtypes"] = spy.accum_dtypes
+    try:
+        one = torch.zeros(1, dtype=torch.long, device=engine.device)
+        head.lm_cross_entropy(engine.module.lm, torch.zeros(1, 16, device=engine.device), one)
+    except RuntimeError as error:
+        record["outside_error"] = str(error)
     torch.save(record, os.path.join(args.out, f"rank{rank}.pt"))
 
 

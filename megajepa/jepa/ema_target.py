@@ -59,6 +59,7 @@ from deepspeed.utils import safe_get_local_fp32_param
 from torch import nn
 
 from kernels.ema import ema_update
+from megajepa import dist
 from megajepa.config import EmaConfig
 from megajepa.files import atomic_path
 
@@ -360,14 +361,15 @@ class EmaTeacher:
         missing = sorted(set(self.online_params) - set(full))
         if missing:
             raise ValueError(f"{source}: no EMA for {missing[:3]}")
-        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
 
         def local(name: str) -> torch.Tensor:
             flat = full[name].reshape(-1).float()
             if not self.zero3:
                 return flat
-            n = self.online_params[name].ds_tensor.numel()
-            piece = flat[rank * n : (rank + 1) * n]
+            param = self.online_params[name]
+            n = param.ds_tensor.numel()
+            start = n * dist.group_rank(param.ds_process_group)  # the rank in its partition group, not the world
+            piece = flat[start : start + n]
             return torch.cat([piece, piece.new_zeros(n - piece.numel())])
 
         with torch.no_grad():
