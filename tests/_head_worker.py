@@ -11,6 +11,7 @@ runs where it is installed. Writes --out/rank{r}.pt; the test computes the dense
 """
 
 import argparse
+import datetime
 import json
 import os
 
@@ -85,7 +86,9 @@ def main() -> None:
     parser.add_argument("--liger-on-cpu", action="store_true")
     args = parser.parse_args()
 
-    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    # a rank left waiting in a collective the other never issues fails in minutes, not gloo's 30
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(seconds=300))
     rank, world = dist.get_rank(), dist.get_world_size()
     model_json = os.path.join(args.out, "model.json")
     if rank == 0:

@@ -36,9 +36,10 @@ FUSED_DEVICE_TYPES = ("cuda",)  # where Liger-Kernel's Triton kernels run
 
 
 def register_head(module: nn.Module, lm) -> None:
-    """Make `module`, whose forward computes the CE, gather `lm`'s head parameters under ZeRO-3
-    (once in its forward, once in its backward) and hand their gradients to ZeRO's reduction as
-    the head module's own call would. Harmless without ZeRO-3."""
+    """Make `module`, whose forward computes the CE, gather `lm`'s head parameters under ZeRO-3:
+    once before its forward, once before its backward (which recomputes the chunks and multiplies
+    by the whole weight), whatever number of chunks. Their gradients reach ZeRO's reduction
+    through each parameter's own hook, as from any use. Harmless without ZeRO-3."""
     import deepspeed
 
     for param in lm.get_output_embeddings().parameters(recurse=False):
