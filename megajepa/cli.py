@@ -121,7 +121,7 @@ def cmd_demo(args) -> int:
 
 def cmd_bench(args) -> int:
     if args.target == "kernels":
-        from kernels.bench import main as kernel_bench
+        from megajepa.kernels.bench import main as kernel_bench
 
         return kernel_bench(args.rest)
     from megajepa.bench.command import main as training_bench
@@ -153,8 +153,23 @@ def cmd_compare(args) -> int:
     return compare_main([args.config, *args.rest])
 
 
+def _log_level_from_env() -> None:
+    """MEGAJEPA_LOG_LEVEL=INFO shows megajepa's once-per-run notes (the attention kernel chosen,
+    which LM-head CE path ran) on stderr; by default only warnings."""
+    import logging
+
+    level = os.environ.get("MEGAJEPA_LOG_LEVEL")
+    if level:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+        logger = logging.getLogger("megajepa")
+        logger.addHandler(handler)
+        logger.setLevel(level.upper())
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    _log_level_from_env()
     parser = argparse.ArgumentParser(prog="megajepa", description="LLM-JEPA pretraining on DeepSpeed ZeRO-3")
     sub = parser.add_subparsers(dest="command", required=True)
 

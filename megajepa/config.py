@@ -46,6 +46,9 @@ class ModelConfig:
     attention: str = "auto"  # auto (flex on CUDA where the model supports it, else sdpa, else eager) | flex | sdpa | eager
     trust_remote_code: bool = False
     gradient_checkpointing: bool = False
+    # Rows of the embedding and LM head: the tokenizer's size (with its [PRED] tokens) when null;
+    # a larger value pads them, as Llama 3's 128,256 rows hold its reserved tokens.
+    vocab_size: Optional[int] = None
     lora: LoraConfig = field(default_factory=LoraConfig)
 
 
@@ -197,6 +200,9 @@ class TrainConfig:
     eval_every: int = 0
     eval_batches: int = 4
     seed: int = 0
+    # torch.cuda.set_sync_debug_mode inside each training step after the first (which builds
+    # lazily): warn names every host synchronisation's Python line, error stops at the first
+    sync_debug: str = "off"
 
 
 @dataclass
@@ -243,6 +249,7 @@ CHOICES = {
     "jepa.distance": ("cosine", "mse", "l2", "infonce"),
     "jepa.target": ("online", "ema"),
     "jepa.pooling": ("last", "mean"),
+    "train.sync_debug": ("off", "warn", "error"),
     "jepa.ema.schedule": ("constant", "linear", "cosine"),
     "deepspeed.precision": ("auto", "bf16", "fp16", "fp32"),
     "deepspeed.zero_stage": (0, 1, 2, 3),
@@ -365,6 +372,8 @@ def _validate_paths(cfg: Config, sources: list[tuple[str, DictConfig]]) -> None:
             _fail("model.pretrained", f"{cfg.model.pretrained}: no such directory with a config.json", sources)
     elif not os.path.isfile(cfg.model.config):
         _fail("model.config", f"no such file: {cfg.model.config}", sources)
+    if cfg.model.vocab_size is not None and cfg.model.vocab_size < 1:
+        _fail("model.vocab_size", f"must be >= 1 (or null: the tokenizer's size), got {cfg.model.vocab_size}", sources)
     if cfg.deepspeed.config_file is not None and not os.path.isfile(cfg.deepspeed.config_file):
         _fail("deepspeed.config_file", f"no such file: {cfg.deepspeed.config_file}", sources)
     if cfg.data.embedded is None and not os.path.isdir(cfg.data.tokenizer):

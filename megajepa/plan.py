@@ -204,9 +204,12 @@ class Plan:
 
 
 def _vocab_size(cfg: Config, spec: dict, override: Optional[int]) -> int:
-    """The vocabulary the run trains, as build_model sizes it: the tokenizer with its [PRED] tokens."""
+    """The vocabulary the run trains, as build_model sizes it: model.vocab_size, else the
+    tokenizer with its [PRED] tokens."""
     from megajepa.model.predictor import uses_pred_tokens
 
+    if cfg.model.vocab_size is not None:
+        return cfg.model.vocab_size
     k = cfg.jepa.k if uses_pred_tokens(cfg.jepa.predictor, cfg.jepa.k) else 0
     if override is not None:
         return override + k  # a tokenizer without reserved [PRED] tokens, like Llama 3's

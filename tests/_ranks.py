@@ -46,7 +46,9 @@ def run_worker(script: str, out: Path, world: int, *args: str, timeout: float) -
     tmpdir.mkdir(parents=True)
     env = dict(
         os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE=str(world),
-        LOCAL_WORLD_SIZE=str(world), OMP_NUM_THREADS="1", TMPDIR=str(tmpdir), PYTHONPATH=str(REPO),
+        LOCAL_WORLD_SIZE=str(world), OMP_NUM_THREADS="1", TMPDIR=str(tmpdir),
+        # the repository first, then what the caller had (gpu_check.sh's carried wheels)
+        PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
     )  # fmt: skip
     cmd = [sys.executable, str(REPO / "tests" / script), "--out", str(out), *args]
     logs = [out / f"log{r}.txt" for r in range(world)]

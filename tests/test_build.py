@@ -50,3 +50,17 @@ def test_train_from_pretrained_under_zero3(demo_data, tmp_path):
     assert result.returncode == 0, result.stderr[-4000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["start_eval_ce"] > 3 * torch.log(torch.tensor(float(len(tokenizer)))).item()
+
+
+def test_model_vocab_size_pads_the_embedding_and_head_beyond_the_tokenizer(demo_data):
+    import pytest
+
+    tokenizer = AutoTokenizer.from_pretrained(demo_data["tokenizer"])
+    rows = len(tokenizer) + 77
+    model = build_model(ModelConfig(vocab_size=rows), tokenizer)
+    assert model.get_input_embeddings().num_embeddings == rows
+    assert model.get_output_embeddings().out_features == rows
+    ids = torch.tensor([tokenizer("(a|b)*")["input_ids"]])
+    assert model(input_ids=ids).logits.shape[-1] == rows  # every row takes part in the softmax
+    with pytest.raises(ValueError, match="model.vocab_size: .* cannot hold the tokenizer's"):
+        build_model(ModelConfig(vocab_size=len(tokenizer) - 1), tokenizer)

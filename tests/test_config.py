@@ -103,7 +103,6 @@ def test_deepspeed_json_overlaps_communication_on_gpus():
     assert zero["overlap_comm"] is True
     assert zero["reduce_bucket_size"] == hidden * hidden
     assert zero["stage3_prefetch_bucket_size"] == int(0.9 * hidden * hidden)
-    assert online_config(cfg, world_size=8, cuda=True)["optimizer"]["params"]["torch_adam"] is False
     off = load_config(DEMO, ["deepspeed.overlap_comm=false"])
     assert online_config(off, world_size=8, cuda=True)["zero_optimization"]["overlap_comm"] is False
 

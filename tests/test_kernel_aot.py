@@ -10,7 +10,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-from kernels.aot import kernel_variants
+from megajepa.kernels.aot import kernel_variants
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -26,7 +26,7 @@ def _run_without_interpreter(args):
 
 
 def test_every_kernel_variant_compiles_for_sm80_and_sm90():
-    result = _run_without_interpreter(["-m", "kernels.aot", "--cc", "80", "90"])
+    result = _run_without_interpreter(["-m", "megajepa.kernels.aot", "--cc", "80", "90"])
     assert result.returncode == 0, f"AOT compile failed:\n{result.stdout}\n{result.stderr}"
     for variant in kernel_variants():
         for cc in (80, 90):
@@ -42,7 +42,7 @@ def test_a_kernel_the_interpreter_accepts_but_the_compiler_rejects_is_reported(t
             """
             import triton
             import triton.language as tl
-            from kernels.aot import KernelVariant, compile_variant
+            from megajepa.kernels.aot import KernelVariant, compile_variant
 
             @triton.jit
             def broken(x_ptr, n, BLOCK: tl.constexpr):

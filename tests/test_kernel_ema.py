@@ -6,8 +6,8 @@ Without CUDA the kernel runs under TRITON_INTERPRET=1 (set by conftest) on CPU t
 import pytest
 import torch
 
-import kernels.ema as ema_module
-from kernels.ema import EMA_BLOCK_SIZE, ema_update, ema_update_reference, ema_update_triton
+import megajepa.kernels.ema as ema_module
+from megajepa.kernels.ema import EMA_BLOCK_SIZE, ema_update, ema_update_reference, ema_update_triton
 
 # Triton on CPU tensors: the interpreter (conftest); the gpu tests below run the compiled kernel.
 pytestmark = pytest.mark.interpreter

@@ -3,7 +3,6 @@ import os
 import threading
 import time
 
-import datasets
 import numpy as np
 import pytest
 from streaming import StreamingDataset
@@ -199,6 +198,7 @@ def test_split_text_at_the_boundary_nearest_the_fraction():
 
 
 def test_hf_dataset_directories_with_field_map(tmp_path, tokenizer_dir, tokenizer, monkeypatch):
+    datasets = pytest.importorskip("datasets")  # an extra (megajepa[datasets]); the GPU image lacks it
     saved = str(tmp_path / "saved")
     datasets.Dataset.from_dict({"question": ["q one", "q two"], "answer": ["a one", "a two"]}).save_to_disk(saved)
     field_map = {"view_a": "question", "view_b": "answer"}

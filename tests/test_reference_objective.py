@@ -52,8 +52,8 @@ def _with_template(base, template: str):
     add_pred_tokens(tokenizer, 4)
     if template == "llama3":
         tokenizer.add_special_tokens(
-            {"additional_special_tokens": ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]},
-            replace_additional_special_tokens=False,
+            {"extra_special_tokens": ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]},
+            replace_extra_special_tokens=False,
         )
         tokenizer.chat_template = LLAMA3_TEMPLATE
         bos = (tokenizer.bos_token, tokenizer.bos_token_id)

@@ -94,3 +94,13 @@ def test_one_host_read_per_step(monkeypatch):
     assert reads == ["tolist"], reads
     assert set(result.device_metrics) == {"z_a_std", "z_b_std"}
     assert all(torch.is_tensor(v) for v in result.device_metrics.values())
+
+
+@pytest.mark.gpu
+def test_sync_debug_errors_on_a_host_read_inside_the_block_only():
+    from megajepa.train.step import sync_debug
+
+    x = torch.ones(3, device="cuda")
+    with sync_debug("error"), pytest.raises(RuntimeError, match="synchroniz"):
+        x.sum().item()
+    assert x.sum().item() == 3.0  # the previous mode is back

@@ -21,8 +21,28 @@ class FingerprintMismatch(RuntimeError):
 
 
 def tokenizer_hash(tokenizer) -> str:
-    """sha256 of the fast tokenizer's canonical JSON (vocabulary, merges, special tokens)."""
-    return hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest()
+    """sha256 of the fast tokenizer's canonical JSON (vocabulary, merges, normalizer, special
+    tokens, post-processor), without the state that does not change a text's token ids.
+
+    Left out: truncation and padding (transformers saves whatever a call last set), and a
+    post-processor that adds no token (transformers 5 installs an empty TemplateProcessing where
+    4.x had none). Canonical JSON is the tokenizers library's own serialisation, so a tokenizer
+    without that state hashes as it always did: shards prepared before keep their fingerprint."""
+    from tokenizers import Tokenizer
+
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    spec["truncation"] = spec["padding"] = None
+    if _adds_no_token(spec.get("post_processor")):
+        spec["post_processor"] = None
+    canonical = Tokenizer.from_str(json.dumps(spec)).to_str()
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _adds_no_token(post_processor) -> bool:
+    if not post_processor or post_processor.get("type") != "TemplateProcessing":
+        return False
+    pieces = post_processor.get("single", []) + post_processor.get("pair", [])
+    return not post_processor.get("special_tokens") and all("SpecialToken" not in piece for piece in pieces)
 
 
 def file_sha256(path: str) -> str:

@@ -129,7 +129,10 @@ class DatasetInput:
     """A local Hugging Face dataset directory; never touches the hub."""
 
     def __init__(self, path: str, split: str):
-        import datasets
+        try:
+            import datasets
+        except ImportError:
+            raise ValueError(f"{path}: a Hugging Face dataset directory needs the datasets package: pip install 'megajepa[datasets]'") from None
 
         self.path = path
         saved = any(os.path.exists(os.path.join(path, f)) for f in ("state.json", "dataset_dict.json"))
@@ -223,7 +226,7 @@ class RecordEncoder:
             raise ValueError("the tokenizer has no eos_token, which ends each turn and each plain text")
         self.tokenizer = tokenizer
         self.marked = copy.deepcopy(tokenizer)
-        self.marked.add_special_tokens({"additional_special_tokens": list(MARKS)}, replace_additional_special_tokens=False)
+        self.marked.add_special_tokens({"extra_special_tokens": list(MARKS)}, replace_extra_special_tokens=False)
         self.mark_ids = [self.marked.convert_tokens_to_ids(m) for m in MARKS]
         self.template = chat_template(tokenizer)
         self.max_length = max_length

@@ -64,7 +64,7 @@ def train_tokenizer(texts: Iterable[str], out_dir: str, vocab_size: int = 2048) 
         pad_token=PAD,
         bos_token=BOS,
         eos_token=END,
-        additional_special_tokens=[*ROLE_HEADERS, *_pred_tokens(RESERVED_PRED_TOKENS)],
+        extra_special_tokens=[*ROLE_HEADERS, *_pred_tokens(RESERVED_PRED_TOKENS)],
     )
     tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
     tokenizer.save_pretrained(out_dir)
@@ -91,7 +91,7 @@ def add_pred_tokens(tokenizer, k: int) -> int:
     vocab = tokenizer.get_vocab()
     missing = [t for t in _pred_tokens(k) if t not in vocab]
     if missing:
-        tokenizer.add_special_tokens({"additional_special_tokens": missing}, replace_additional_special_tokens=False)
+        tokenizer.add_special_tokens({"extra_special_tokens": missing}, replace_extra_special_tokens=False)
     return len(missing)
 
 

@@ -58,8 +58,8 @@ from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
 from deepspeed.utils import safe_get_local_fp32_param
 from torch import nn
 
-from kernels.ema import ema_update
 from megajepa import dist
+from megajepa.kernels.ema import ema_update
 from megajepa.config import EmaConfig
 from megajepa.files import atomic_path
 

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.utils import ModelOutput
 
-from kernels.latent_loss import latent_loss
+from megajepa.kernels.latent_loss import latent_loss
 from megajepa.config import JepaConfig
 from megajepa.jepa import stp
 from megajepa.model.attention import MASK_KEYS, attention_mask, bucket_width

@@ -20,9 +20,21 @@ from megajepa.model.families import attention_implementation, check_supported
 from megajepa.model.pretrained import load_partitions, partitioned_loading
 
 
+def embedding_rows(cfg: ModelConfig, tokenizer_size: int) -> int:
+    """The embedding and LM head rows for a tokenizer of `tokenizer_size` tokens: model.vocab_size
+    when set (refused if smaller), else the tokenizer's size."""
+    if cfg.vocab_size is None:
+        return tokenizer_size
+    if cfg.vocab_size < tokenizer_size:
+        raise ValueError(
+            f"model.vocab_size: {cfg.vocab_size} rows cannot hold the tokenizer's {tokenizer_size} tokens "
+            "(with its [PRED] tokens); set it >= that, or null"
+        )
+    return cfg.vocab_size
+
+
 def load_architecture(cfg: ModelConfig, vocab_size: Optional[int], pad_token_id: Optional[int] = None):
-    """The HF config of the model to train, with its vocabulary sized for the tokenizer (None:
-    the config's own).
+    """The HF config of the model to train, with `vocab_size` rows (None: the config's own).
 
     A config's pad id outside that vocabulary (phi3's default 32000 in a resized vocabulary)
     becomes `pad_token_id` (the tokenizer's) if that one is inside it, else None."""
@@ -127,7 +139,8 @@ def build_model(
     zero3 = ds_config is not None and ds_config.get("zero_optimization", {}).get("stage") == 3
     # transformers consults this (weakly referenced) object while it lives.
     hf_ds_config = HfDeepSpeedConfig(ds_config) if zero3 else None
-    config = load_architecture(cfg, len(tokenizer), getattr(tokenizer, "pad_token_id", None))
+    rows = embedding_rows(cfg, len(tokenizer))
+    config = load_architecture(cfg, rows, getattr(tokenizer, "pad_token_id", None))
     check_supported(config)  # before any weight is built or read
     impl = attention_implementation(cfg.attention, config)
     torch.manual_seed(seed)  # every rank initialises identically
@@ -143,10 +156,10 @@ def build_model(
         _initialize_partitioned(model)
     else:
         model = AutoModelForCausalLM.from_config(config, **common)
-    if model.get_input_embeddings().num_embeddings < len(tokenizer):
+    if model.get_input_embeddings().num_embeddings < rows:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the mean-resizing notice
-            model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+            model.resize_token_embeddings(rows, mean_resizing=True)
     if cfg.lora.rank > 0:
         from megajepa.model.lora import apply_lora
 

@@ -33,6 +33,8 @@ log = logging.getLogger(__name__)
 
 MAX_LOGIT_BYTES = 1 << 28  # fp32 logits of one chunk: 256 MiB (523 tokens at a 128k vocabulary)
 FUSED_DEVICE_TYPES = ("cuda",)  # where Liger-Kernel's Triton kernels run
+# what the log says of each ce_path, once per process (scripts/gpu_check_summary.py counts them)
+PATH_NOTES = {"liger": "Liger-Kernel fused linear cross-entropy", "chunked": "chunked torch CE"}
 
 
 def register_head(module: nn.Module, lm) -> None:
@@ -126,7 +128,7 @@ def lm_cross_entropy(lm, hidden: torch.Tensor, labels: torch.Tensor, max_logit_b
     """Mean next-token CE over N labelled tokens (the arguments as token_cross_entropy's): Liger's
     fused kernel where ce_path chooses it, else the mean of token_cross_entropy. With N = 0 it is 0."""
     path = ce_path(lm, hidden)
-    _note_once(f"lm_cross_entropy: {path} path")
+    _note_once(f"lm_cross_entropy: {PATH_NOTES[path]}")
     if path == "liger":
         return _liger_loss(lm, hidden, labels)
     return mean_of(token_cross_entropy(lm, hidden, labels, max_logit_bytes))

@@ -77,8 +77,11 @@ def _derived_config(cfg: Config, world_size: int, cuda: bool) -> dict[str, Any]:
                 "betas": [cfg.optim.beta1, cfg.optim.beta2],
                 "eps": cfg.optim.eps,
                 "weight_decay": cfg.optim.weight_decay,
-                # DeepSpeed's fused CPU Adam needs a C++ build; torch's AdamW needs none.
-                "torch_adam": not cuda,
+                # torch's AdamW, fused on CUDA: DeepSpeed's FusedAdam and CPU Adam JIT-compile a
+                # C++/CUDA op at the first engine build (nvcc, a matching CUDA major, the arch list
+                # parsed: it fails on torch's '9.0a'), where torch's kernels ship built.
+                "torch_adam": True,
+                **({"fused": True} if cuda else {}),
             },
         },
         "bf16": {"enabled": prec == "bf16"},

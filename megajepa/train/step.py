@@ -114,3 +114,19 @@ def train_step(
     loss, ce, jepa = sums / accumulation
     metrics = {"z_a_std": collapse_std(out.z_a), "z_b_std": collapse_std(out.z_b)}
     return StepResult(loss, ce, jepa, out.lambda_, counts, agreed, True, out, metrics, source_counts, source_ce)
+
+
+@contextlib.contextmanager
+def sync_debug(mode: str):
+    """torch.cuda.set_sync_debug_mode(mode) inside the block and the previous mode after it;
+    "off" (and no CUDA) leaves it alone. With "warn" each host synchronisation is reported once
+    per Python line that caused it."""
+    if mode == "off" or not torch.cuda.is_available():
+        yield
+        return
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode(mode)
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)

@@ -26,7 +26,7 @@ from megajepa.train.deepspeed_json import online_config
 from megajepa.train.divergence import DivergenceGuard
 from megajepa.train.metrics import MetricsLogger
 from megajepa.train.setup import build_engine, config_loader, init_distributed, load_tokenizer, prepare_embedded
-from megajepa.train.step import to_device, train_step
+from megajepa.train.step import sync_debug, to_device, train_step
 
 
 class TrainingDiverged(RuntimeError):
@@ -185,7 +185,8 @@ def train(cfg: Config) -> dict:
         while step < cfg.train.steps:
             step_start = time.perf_counter()
             micro_batches = [next(batches) for _ in range(cfg.optim.grad_accum)]
-            result = train_step(engine, teacher, micro_batches, step, flags={"stop": stop.received is not None})
+            with sync_debug(cfg.train.sync_debug if step > start_step else "off"):
+                result = train_step(engine, teacher, micro_batches, step, flags={"stop": stop.received is not None})
             if not result.updated:
                 loss, ce, jepa = (value.item() for value in (result.loss, result.ce, result.jepa))
                 raise TrainingDiverged(

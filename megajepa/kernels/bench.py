@@ -1,6 +1,6 @@
 """Benchmark of the fused kernels against their torch references.
 
-    python -m kernels.bench [--sizes 1048576 16777216] [--json PATH]      (also `megajepa bench kernels`)
+    python -m megajepa.kernels.bench [--sizes 1048576 16777216] [--json PATH]      (also `megajepa bench kernels`)
 
 Each size is a number of elements: the EMA updates a flat shard of that many parameters; the latent
 loss (cosine, forward + backward, stop-gradient target, bf16) runs on [size // HIDDEN, HIDDEN].
@@ -19,8 +19,8 @@ from typing import Callable, Dict, List, Optional
 import torch
 from tqdm import tqdm
 
-from kernels.ema import ema_update_reference, ema_update_triton
-from kernels.latent_loss import latent_loss_reference, latent_loss_triton
+from megajepa.kernels.ema import ema_update_reference, ema_update_triton
+from megajepa.kernels.latent_loss import latent_loss_reference, latent_loss_triton
 
 HIDDEN = 4096
 MOMENTUM = 0.996
@@ -112,7 +112,7 @@ def run(sizes: Optional[List[int]] = None, json_path: Optional[str] = None) -> D
     peak = peak_bandwidth_bytes_per_s(device_name) if on_gpu else None
     sizes = sizes or (GPU_SIZES if on_gpu else CPU_SIZES)
     if any(numel < 1 for numel in sizes):
-        raise ValueError(f"kernels.bench: sizes must be positive element counts, got {sizes}")
+        raise ValueError(f"megajepa.kernels.bench: sizes must be positive element counts, got {sizes}")
     implementations = ["reference", "triton"] if on_gpu else ["reference"]
     if not on_gpu:
         print("No CUDA device: the Triton kernels need a GPU; timing the torch references only.")

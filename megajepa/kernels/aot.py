@@ -4,7 +4,7 @@ The interpreter (TRITON_INTERPRET=1) runs the kernels' Python on numpy and accep
 compiler rejects (types, constexpr misuse, layouts); this lowers each kernel variant the launchers
 can produce to a cubin with Triton's bundled ptxas, without a driver.
 
-    env -u TRITON_INTERPRET python -m kernels.aot [--cc 80 90]
+    env -u TRITON_INTERPRET python -m megajepa.kernels.aot [--cc 80 90]
 
 prints one row per (variant, capability) and exits non-zero if any failed.
 """
@@ -21,7 +21,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from kernels import ema, latent_loss
+from megajepa.kernels import ema, latent_loss
 
 
 def _triton_type(dtype) -> str:
@@ -145,7 +145,7 @@ def compile_variant(variant: KernelVariant, cc: int) -> CompileResult:
     if not isinstance(variant.fn, triton.runtime.JITFunction):
         raise RuntimeError(
             f"{variant.name}: the kernel is a {type(variant.fn).__name__}, not a JITFunction; "
-            "TRITON_INTERPRET is set. Run `env -u TRITON_INTERPRET python -m kernels.aot`."
+            "TRITON_INTERPRET is set. Run `env -u TRITON_INTERPRET python -m megajepa.kernels.aot`."
         )
     arg_names = variant.fn.arg_names
     attrs = {(arg_names.index(name),): [["tt.divisibility", 16]] for name in variant.aligned}
@@ -181,7 +181,7 @@ def main(argv=None) -> int:
     parser.add_argument("--cc", type=int, nargs="+", default=[80, 90], help="compute capabilities (default 80 90)")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
-        print("kernels.aot: TRITON_INTERPRET=1 turns kernels into interpreter objects; unset it.", file=sys.stderr)
+        print("megajepa.kernels.aot: TRITON_INTERPRET=1 turns kernels into interpreter objects; unset it.", file=sys.stderr)
         return 2
     results = compile_results(args.cc)
     print(_markdown_table(results))
