@@ -134,8 +134,9 @@ def decoder_of(lm: nn.Module) -> nn.Module:
     """The decoder body of a CausalLM: the module that maps input_ids (+ position_ids,
     attention_mask) to the final hidden states its LM head reads.
 
-    `lm.base_model` is not it for every family: Gemma3ForCausalLM's `base_model_prefix` names an
-    attribute it does not have, so `base_model` is the CausalLM itself."""
+    `lm.base_model` was not it for every family (transformers 4.57's Gemma3ForCausalLM named an
+    attribute it did not have, so `base_model` was the CausalLM itself); this looks for the module
+    that holds the input embeddings instead, which holds across versions and remote code."""
     candidates = [getattr(lm, "base_model_prefix", "")] + ["model", "transformer", "gpt_neox", "decoder"]
     embeddings = lm.get_input_embeddings()
     for name in candidates:
