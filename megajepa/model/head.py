@@ -15,8 +15,8 @@ value back to the host, except what Liger-Kernel does itself (one count of the n
 
 Both read the head's weight and bias directly (F.linear), never calling the head module: the
 number of chunks depends on the rank's labels, and under ZeRO-3 each call of a partitioned module
-may all-gather its weight, so ranks would issue different collectives (gloo: "collective
-mismatch"; NCCL: a hang). `HeadLoss` is the one module call per forward that runs them: its
+may all-gather its weight, so ranks would issue different collectives: one waits in a gather the
+others never join (a hang until the process-group timeout; gloo may report a mismatch instead). `HeadLoss` is the one module call per forward that runs them: its
 forward and backward gather the head's parameters once each, whatever the data.
 """
 
