@@ -18,7 +18,6 @@ from pathlib import Path
 
 SYNC = re.compile(r"^(\S+?):(\d+): UserWarning: called a synchronizing CUDA operation")
 RECOMPILE = re.compile(r"Recompiling function (\S+)")
-HEAD_PATHS = ("Liger-Kernel fused linear cross-entropy", "chunked torch CE")
 
 
 def log_lines(out: Path, *names: str) -> list[str]:
@@ -92,7 +91,9 @@ def main(argv: list[str]) -> int:
     out, config, overrides = Path(argv[0]), argv[1], argv[2:]
     train_lines = log_lines(out, "train-1b", "resume-1b")
     recompiles = collections.Counter(m[1] for m in map(RECOMPILE.search, train_lines) if m)
-    heads = {path: sum(path in line for line in train_lines) for path in HEAD_PATHS}
+    from megajepa.model.head import PATH_NOTES  # the log line of each CE path
+
+    heads = {path: sum(path in line for line in train_lines) for path in PATH_NOTES.values()}
     sections = [
         "# GPU check summary", "",
         "## Host synchronisations inside a training step (1B run, steps 2+)", "", *sync_table(train_lines), "",

@@ -11,14 +11,13 @@ import argparse
 import json
 import os
 import warnings
-from contextlib import contextmanager
 
 import deepspeed
 import torch
 import torch.distributed as dist
-from torch.distributed import distributed_c10d as c10d
 from deepspeed.utils import safe_get_full_fp32_param
 
+from _ranks import count_collectives
 from _shards import pair_record
 
 from megajepa.config import Config, DataConfig, EmaConfig, JepaConfig, ModelConfig
@@ -43,24 +42,7 @@ MODEL = {
 }
 JEPA = JepaConfig(k=1, predictor="tokens", target="ema")
 EMA = EmaConfig(schedule="cosine", momentum_start=0.5, momentum_end=0.9)
-HOOK_ID = 1234
 FROZEN = "lm.model.layers.1.mlp.down_proj.weight"  # not trained: the teacher copies it once
-
-
-@contextmanager
-def count_collectives():
-    """Names of the collectives issued meanwhile, on any process group, seen through torch's
-    ProcessGroup pre-hooks: below DeepSpeed's comm layer, which holds its own references to
-    torch.distributed's functions."""
-    calls = []
-    groups = list(c10d._world.pg_map)
-    for group in groups:
-        group.register_pre_hook(HOOK_ID, lambda args: calls.append(args.name.name))
-    try:
-        yield calls
-    finally:
-        for group in groups:
-            group.unregister_pre_hook(HOOK_ID)
 
 
 def make_batch(step: int, rank: int, pairs: int = 4) -> dict:

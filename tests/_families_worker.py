@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from _families import FAMILIES, build, oracle_pass, pack, packed_pass
+from megajepa.model.head import register_head
 
 DS_CONFIG = {
     "train_micro_batch_size_per_gpu": 1,
@@ -30,11 +31,13 @@ DS_CONFIG = {
 
 
 class PackedLoss(nn.Module):
-    """The engine's module: the packed loss, computed inside its forward as JepaModel does."""
+    """The engine's module: the packed loss, computed inside its forward as JepaModel does (the
+    CE reads the head's weight directly: registered, it is gathered for this forward)."""
 
     def __init__(self, lm):
         super().__init__()
         self.lm = lm
+        register_head(self, lm)
 
     def forward(self, packed):
         return packed_pass(self.lm, packed)[0]

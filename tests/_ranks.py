@@ -1,6 +1,6 @@
 """A test's worker script on several ranks, as real processes (gloo on CPU), for the ZeRO-3 tests
 whose worker writes one record per rank (tests/_ema_worker.py, _pretrained_worker.py,
-_families_worker.py)."""
+_families_worker.py, _head_worker.py); and, inside a worker, the collectives it issues."""
 
 from __future__ import annotations
 
@@ -8,9 +8,33 @@ import os
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from _train_utils import REPO, free_port
+
+HOOK_ID = 1234
+
+
+@contextmanager
+def count_collectives(with_sizes: bool = False):
+    """Names of the collectives issued meanwhile (with_sizes: (name, element count of each input
+    tensor)), on any process group, seen through torch's ProcessGroup pre-hooks: below
+    DeepSpeed's comm layer, which holds its own references to torch.distributed's functions."""
+    from torch.distributed import distributed_c10d as c10d
+
+    def hook(args):
+        calls.append((args.name.name, [t.numel() for t in args.input_tensors]) if with_sizes else args.name.name)
+
+    calls = []
+    groups = list(c10d._world.pg_map)
+    for group in groups:
+        group.register_pre_hook(HOOK_ID, hook)
+    try:
+        yield calls
+    finally:
+        for group in groups:
+            group.unregister_pre_hook(HOOK_ID)
 
 
 def run_worker(script: str, out: Path, world: int, *args: str, timeout: float) -> None:
@@ -22,7 +46,9 @@ def run_worker(script: str, out: Path, world: int, *args: str, timeout: float) -
     tmpdir.mkdir(parents=True)
     env = dict(
         os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE=str(world),
-        LOCAL_WORLD_SIZE=str(world), OMP_NUM_THREADS="1", TMPDIR=str(tmpdir), PYTHONPATH=str(REPO),
+        LOCAL_WORLD_SIZE=str(world), OMP_NUM_THREADS="1", TMPDIR=str(tmpdir),
+        # the repository first, then what the caller had (gpu_check.sh's carried wheels)
+        PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
     )  # fmt: skip
     cmd = [sys.executable, str(REPO / "tests" / script), "--out", str(out), *args]
     logs = [out / f"log{r}.txt" for r in range(world)]

@@ -16,13 +16,16 @@ PACKAGE = Path(__file__).resolve().parent.parent / "megajepa"
 
 
 def _distributed_imports(path: Path) -> list[str]:
-    """`import torch.distributed` / `from torch import distributed` / `deepspeed.comm` in `path`."""
+    """`import torch.distributed` / `from torch import distributed` / `deepspeed.comm` in `path`, or
+    `torch.distributed.NAME` reached through `import torch`."""
     found = []
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
         if isinstance(node, ast.Import):
             names = [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom) and node.module:
             names = [f"{node.module}.{alias.name}" for alias in node.names]
+        elif isinstance(node, ast.Attribute) and ast.unparse(node.value) == "torch.distributed":
+            names = [f"torch.distributed.{node.attr}"]
         else:
             continue
         found += [f"{path.name}:{node.lineno}: {n}" for n in names if n.startswith(("torch.distributed", "deepspeed.comm"))]
@@ -41,8 +44,11 @@ def test_only_megajepa_dist_imports_torch_distributed():
 
 def test_the_import_check_sees_each_spelling(tmp_path):
     source = tmp_path / "m.py"
-    source.write_text("import torch.distributed as d\nfrom torch import distributed\nfrom deepspeed import comm\n")
-    assert len(_distributed_imports(source)) == 3
+    source.write_text(
+        "import torch.distributed as d\nfrom torch import distributed\nfrom deepspeed import comm\n"
+        "import torch\nrank = torch.distributed.get_rank()\n"
+    )
+    assert len(_distributed_imports(source)) == 4
 
 
 @pytest.mark.parametrize(

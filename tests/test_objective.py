@@ -57,3 +57,22 @@ def test_collapse_monitor():
     collapsed = spread[:1].repeat(256, 1) + 1e-4 * torch.randn(256, 64)
     assert collapse_std(collapsed) < 0.01 < collapse_std(spread)
     assert abs(collapse_std(spread).item() - 64 ** -0.5) < 0.02
+
+
+def test_mean_pooling_accumulates_in_fp32():
+    """bf16 hidden states, a view of 300 tokens (a bf16 count stops at 256) around a large common
+    value (a bf16 sum drops each token's low bits): the plain fp32 mean, rounded once to bf16."""
+    lay, _ = layout(pooling="mean")
+    model = JepaModel(tiny_lm("sdpa"), lay.jepa)
+    g = torch.Generator().manual_seed(0)
+    hidden = (8.0 + torch.randn(1, 400, 64, generator=g)).to(torch.bfloat16)
+    views = [torch.arange(0, 300), torch.arange(300, 307)]
+    batch = {
+        "jepa_pairs": torch.arange(len(views)),
+        "zb_pool_index": torch.cat(views),
+        "zb_pool_owner": torch.cat([torch.full((len(v),), i) for i, v in enumerate(views)]),
+    }
+    pooled = model.read_embeddings(hidden, batch, "zb")
+    expected = torch.stack([hidden[0, v].float().mean(0) for v in views])
+    assert pooled.dtype == torch.bfloat16
+    torch.testing.assert_close(pooled.float(), expected, rtol=2**-8, atol=0)  # one bf16 rounding

@@ -64,6 +64,7 @@ from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
 from deepspeed.utils import safe_get_local_fp32_param
 from torch import nn
 
+from megajepa import dist
 from megajepa.kernels.ema import ema_update
 from megajepa.config import EmaConfig
 from megajepa.files import atomic_path
@@ -398,14 +399,18 @@ class EmaTeacher:
         size and gives rank r the r-th of the equal pieces, which is what ds_tensor holds."""
         if not self.zero3:
             raise ValueError(f"{source}: load_pieces restores ZeRO-3 partitions; below stage 3 load the whole EMA")
-        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
         if self.layout == "flat":
             name_of = {id(p): name for name, p in self.online_params.items()}
             groups = [[name_of[id(p)] for p in group] for group in self.online.optimizer.fp16_groups]
         else:
             groups = [[slot.name] for slot in self.slots]
-        sizes = {name: self.online_params[name].ds_tensor.numel() for names in groups for name in names}
-        pieces = read({name: (rank * n, (rank + 1) * n) for name, n in sizes.items()})
+        wanted = {}
+        for name in (name for names in groups for name in names):
+            param = self.online_params[name]
+            n = param.ds_tensor.numel()
+            start = n * dist.group_rank(param.ds_process_group)  # the rank in its partition group, not the world
+            wanted[name] = (start, start + n)
+        pieces = read(wanted)
         with torch.no_grad():
             for slot, names in zip(self.slots, groups):
                 slot.ema.copy_(torch.cat([pieces[name] for name in names]).to(slot.ema.device))

@@ -26,7 +26,7 @@ from megajepa.config import JepaConfig
 from megajepa.jepa import stp
 from megajepa.model.attention import MASK_KEYS, attention_mask, bucket_width
 from megajepa.model.families import decoder_of
-from megajepa.model.head import lm_cross_entropy, mean_of, token_cross_entropy
+from megajepa.model.head import HeadLoss, mean_of
 from megajepa.model.predictor import build_predictor
 
 
@@ -84,6 +84,7 @@ class JepaModel(nn.Module):
         hidden = lm.config.hidden_size
         predictor = stp.build_predictor(cfg, hidden) if cfg.objective == "stp" else build_predictor(cfg.predictor, hidden)
         self.predictor = predictor.to(lm.dtype)
+        self.head_loss = HeadLoss(lm)
 
     def hidden_states(self, batch: dict, prefix: str = ""):
         """-> (final hidden [R, L, d] the LM head reads, embedding-layer hidden [R, L, d]) of the
@@ -117,11 +118,12 @@ class JepaModel(nn.Module):
             return flat[batch[name + "_index"]]
         pairs = batch["jepa_pairs"].numel()
         owner = batch[name + "_pool_owner"]
-        sums = flat.new_zeros(pairs, flat.shape[-1]).index_add(0, owner, flat[batch[name + "_pool_index"]])
-        counts = torch.zeros(pairs, device=flat.device, dtype=flat.dtype).index_add(
-            0, owner, torch.ones_like(owner, dtype=flat.dtype)
+        # in fp32: a bf16 sum loses the low bits of every added token, a bf16 count is inexact past 256
+        sums = flat.new_zeros(pairs, flat.shape[-1], dtype=torch.float32).index_add(
+            0, owner, flat[batch[name + "_pool_index"]].float()
         )
-        return sums / counts.clamp_min(1)[:, None]
+        counts = torch.zeros(pairs, device=flat.device).index_add(0, owner, torch.ones_like(owner, dtype=torch.float32))
+        return (sums / counts.clamp_min(1)[:, None]).to(flat.dtype)
 
     @torch.no_grad()
     def encode_targets(self, batch: dict) -> torch.Tensor:
@@ -139,15 +141,16 @@ class JepaModel(nn.Module):
     def forward(self, batch: dict, step: int = 0, target_embeddings: Optional[torch.Tensor] = None) -> JepaOutput:
         final, emb = self.hidden_states(batch)
         # The LM head runs only where there is a label (listed by the layout, so no host sync),
-        # exactly as the model's own forward applies it, in memory-bounded chunks.
+        # exactly as the model's own forward applies it, in memory-bounded chunks, inside one
+        # module call on every rank (under ZeRO-3: one gather of the head whatever the labels).
         hidden, targets = final.flatten(0, 1)[batch["ce_index"]], batch["ce_targets"]
         source_ce = None
         if "ce_source" in batch:  # a mixture: the CE per source needs each token's loss
-            token_ce = token_cross_entropy(self.lm, hidden, targets)
+            token_ce = self.head_loss(self.lm, hidden, targets, per_token=True)
             ce = mean_of(token_ce)
             source_ce = per_source_ce(token_ce, batch["ce_source"], batch["source_records"].numel())
         else:
-            ce = lm_cross_entropy(self.lm, hidden, targets)
+            ce = self.head_loss(self.lm, hidden, targets)
 
         lam = lambda_at(self.cfg, step)
         if self.cfg.objective == "stp":  # Semantic Tube Prediction: spans of the conversation's own states

@@ -10,5 +10,7 @@
     head.lm_logits(lm, hidden)                     logits exactly as lm's own forward makes them
     head.lm_cross_entropy(lm, hidden[N, d], labels[N])  mean CE at labelled tokens, memory-bounded
     head.token_cross_entropy(lm, hidden, labels)   the same, per token [N] (per-source metrics)
+    head.HeadLoss(lm)(lm, hidden, labels)          either, as one module call that gathers the
+                                                  head once under ZeRO-3 (JepaModel's CE)
     attention.bucket_width(width)                  the row width to pad to for FlexAttention
 """

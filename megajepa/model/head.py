@@ -9,10 +9,15 @@ CE of the model that is exported.
 `lm_cross_entropy` never holds the fp32 logits of all tokens at once: it runs the head over chunks
 of tokens, each under activation checkpointing when there is more than one (its logits are
 recomputed in the backward instead of kept), or Liger-Kernel's fused linear cross-entropy on CUDA
-where it is installed and the head weight is materialised on this rank. `token_cross_entropy` is
-the chunked path's per-token losses (what per-source metrics need; Liger's fused kernel gives only
-their mean). Neither reads a value back to the host, except what Liger-Kernel does itself (one
-count of the non-ignored labels).
+where it is installed (`ce_path` says which). `token_cross_entropy` is the chunked path's per-token
+losses (what per-source metrics need; Liger's fused kernel gives only their mean). Neither reads a
+value back to the host, except what Liger-Kernel does itself (one count of the non-ignored labels).
+
+Both read the head's weight and bias directly (F.linear), never calling the head module: the
+number of chunks depends on the rank's labels, and under ZeRO-3 each call of a partitioned module
+may all-gather its weight, so ranks would issue different collectives: one waits in a gather the
+others never join (a hang until the process-group timeout; gloo may report a mismatch instead). `HeadLoss` is the one module call per forward that runs them: its
+forward and backward gather the head's parameters once each, whatever the data.
 """
 
 from __future__ import annotations
@@ -21,11 +26,55 @@ import logging
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 log = logging.getLogger(__name__)
 
-MAX_LOGIT_BYTES = 1 << 28  # fp32 logits of one chunk: 256 MiB (512 tokens at a 128k vocabulary)
+MAX_LOGIT_BYTES = 1 << 28  # fp32 logits of one chunk: 256 MiB (523 tokens at a 128k vocabulary)
+FUSED_DEVICE_TYPES = ("cuda",)  # where Liger-Kernel's Triton kernels run
+# what the log says of each ce_path, once per process (scripts/gpu_check_summary.py counts them)
+PATH_NOTES = {"liger": "Liger-Kernel fused linear cross-entropy", "chunked": "chunked torch CE"}
+
+
+def register_head(module: nn.Module, lm) -> None:
+    """Make `module`, whose forward computes the CE, gather `lm`'s head parameters under ZeRO-3:
+    once before its forward, once before its backward (which recomputes the chunks and multiplies
+    by the whole weight), whatever number of chunks. Their gradients reach ZeRO's reduction
+    through each parameter's own hook, as from any use. Harmless without ZeRO-3."""
+    import deepspeed
+
+    for param in lm.get_output_embeddings().parameters(recurse=False):
+        deepspeed.zero.register_external_parameter(module, param)
+
+
+class HeadLoss(nn.Module):
+    """The CE on `lm`'s head as one module call (see the module docstring). It owns no parameters
+    (the state dict is unchanged); `lm` is passed to forward so as not to be a second parent."""
+
+    def __init__(self, lm):
+        super().__init__()
+        register_head(self, lm)
+
+    def forward(self, lm, hidden: torch.Tensor, labels: torch.Tensor, per_token: bool = False) -> torch.Tensor:
+        """token_cross_entropy (per_token) or lm_cross_entropy of the arguments."""
+        return token_cross_entropy(lm, hidden, labels) if per_token else lm_cross_entropy(lm, hidden, labels)
+
+
+def head_parameters(lm) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The LM head's (weight, bias), whole. Raises where ZeRO-3 left them partitioned (no module
+    registered them with register_head) or where the head is not a plain Linear (a LoRA adapter
+    on it would be skipped)."""
+    head = lm.get_output_embeddings()
+    if not isinstance(head, nn.Linear):
+        raise TypeError(f"the LM head is a {type(head).__name__}, not a Linear: the CE reads its weight directly")
+    for param in (head.weight, head.bias):
+        if param is not None and param.shape != getattr(param, "ds_shape", param.shape):
+            raise RuntimeError(
+                "the LM head's parameters are partitioned (ZeRO-3) here: compute the CE inside the forward of a "
+                "module that registered them (megajepa.model.head.HeadLoss / register_head)"
+            )
+    return head.weight, head.bias
 
 
 def _transform(lm, logits: torch.Tensor) -> torch.Tensor:
@@ -47,9 +96,9 @@ def _transform(lm, logits: torch.Tensor) -> torch.Tensor:
 
 
 def lm_logits(lm, hidden: torch.Tensor) -> torch.Tensor:
-    """Logits [..., V] from final hidden states [..., d], exactly as `lm`'s own forward makes
-    them (model dtype; the loss upcasts)."""
-    return _transform(lm, lm.get_output_embeddings()(hidden))
+    """Logits [..., V] from final hidden states [..., d], exactly as `lm`'s own forward makes them
+    (model dtype; the loss upcasts)."""
+    return _transform(lm, F.linear(hidden, *head_parameters(lm)))
 
 
 def _token_ce(lm, hidden, labels):
@@ -61,8 +110,8 @@ def token_cross_entropy(lm, hidden: torch.Tensor, labels: torch.Tensor, max_logi
     the tokens, `labels` [N] the token each predicts (all valid: select labelled tokens first).
 
     Equals F.cross_entropy(lm_logits(lm, hidden).float(), labels, reduction="none") with at most
-    `max_logit_bytes` of fp32 logits alive at a time. With N = 0 it still runs the head (under
-    ZeRO-3 a module one rank skips leaves the others waiting in its all-gather)."""
+    `max_logit_bytes` of fp32 logits alive at a time. With N = 0 it still runs the head: the weight
+    is then in the graph (a zero gradient) on every rank, as on the ranks that have labels."""
     n = hidden.shape[0]
     vocab = lm.get_output_embeddings().out_features
     chunk = max(1, max_logit_bytes // (4 * vocab))
@@ -77,11 +126,11 @@ def token_cross_entropy(lm, hidden: torch.Tensor, labels: torch.Tensor, max_logi
 
 def lm_cross_entropy(lm, hidden: torch.Tensor, labels: torch.Tensor, max_logit_bytes: int = MAX_LOGIT_BYTES):
     """Mean next-token CE over N labelled tokens (the arguments as token_cross_entropy's): Liger's
-    fused kernel where it applies, else the mean of token_cross_entropy. With N = 0 it is 0."""
-    if hidden.shape[0] > 0:
-        fused = _liger_loss(lm, hidden, labels)
-        if fused is not None:
-            return fused
+    fused kernel where ce_path chooses it, else the mean of token_cross_entropy. With N = 0 it is 0."""
+    path = ce_path(lm, hidden)
+    _note_once(f"lm_cross_entropy: {PATH_NOTES[path]}")
+    if path == "liger":
+        return _liger_loss(lm, hidden, labels)
     return mean_of(token_cross_entropy(lm, hidden, labels, max_logit_bytes))
 
 
@@ -90,34 +139,46 @@ def mean_of(token_ce: torch.Tensor) -> torch.Tensor:
     return token_ce.sum() / max(token_ce.shape[0], 1)
 
 
-def _liger_loss(lm, hidden, labels):
-    """Liger-Kernel's fused linear CE where it applies, else None."""
-    if not hidden.is_cuda:
-        return None
+def _liger():
+    """Liger-Kernel's fused linear CE, or None where it is not installed."""
     try:
         from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
     except ImportError:
         return None
-    head = lm.get_output_embeddings()
-    weight, bias = head.weight, getattr(head, "bias", None)
-    if getattr(weight, "ds_status", None) is not None and weight.numel() != head.in_features * head.out_features:
-        # ZeRO-3 and not gathered here: register it as an external parameter of the module whose
-        # forward calls this (deepspeed.zero.register_external_parameter) to use the fused path.
-        _note_once("lm_cross_entropy: LM head weight partitioned (ZeRO-3, not registered): chunked torch CE")
-        return None
-    config = lm.config
+    return liger_fused_linear_cross_entropy
+
+
+def _input_scale(config) -> float:
+    """The product of the scalings the model applies to the logits before any soft-cap."""
     scale = 1.0
     for name, inverse in (("lm_head_multiplier", False), ("logits_scaling", True), ("logit_scale", False)):
         value = getattr(config, name, None)
         if value is not None:
             scale = scale / value if inverse else scale * value
-    if scale != 1.0 and bias is not None:
-        return None  # a scale after the bias is not a scale of the input
+    return scale
+
+
+def ce_path(lm, hidden: torch.Tensor) -> str:
+    """Which CE lm_cross_entropy runs: "liger" (the fused kernel: on a device in
+    FUSED_DEVICE_TYPES, Liger-Kernel installed, at least one token, and any logit scaling movable
+    onto the input) or "chunked"."""
+    _, bias = head_parameters(lm)
+    if hidden.shape[0] == 0 or hidden.device.type not in FUSED_DEVICE_TYPES or _liger() is None:
+        return "chunked"
+    if _input_scale(lm.config) != 1.0 and bias is not None:
+        return "chunked"  # a scale after the bias is not a scale of the input
+    return "liger"
+
+
+def _liger_loss(lm, hidden, labels):
+    weight, bias = head_parameters(lm)
+    scale = _input_scale(lm.config)
     if scale != 1.0:
         hidden = hidden * scale  # (s h) W^T = s (h W^T): the scale moves onto the input
-    _note_once("lm_cross_entropy: Liger-Kernel fused linear cross-entropy")
-    return liger_fused_linear_cross_entropy(
-        hidden, weight, labels, bias=bias, softcap=getattr(config, "final_logit_softcapping", None)
+    # fp32 accumulation of the weight gradient over the kernel's chunks (else in the weight's dtype)
+    return _liger()(
+        hidden, weight, labels, bias=bias, softcap=getattr(lm.config, "final_logit_softcapping", None),
+        accum_dtype=torch.float32,
     )
 
 
