@@ -117,7 +117,7 @@ if wanted train; then
     rm -rf "$OUT/train-1b/checkpoints"  # 17 GB of optimizer state per save
 fi
 
-wanted bench && step bench-1b 150 "${MEGAJEPA[@]}" bench "${ONE_B[@]}" \
+wanted bench && step bench-1b 240 "${MEGAJEPA[@]}" bench "${ONE_B[@]}" \
     --modes ce,jepa,jepa-ema --steps 3 --warmup 2 --scaling none --loader-batches 0 --out "$OUT/bench-1b"
 
 wanted kernels && step kernel-bench 60 "${MEGAJEPA[@]}" bench kernels --json "$OUT/kernels.json"
