@@ -72,7 +72,12 @@ def write_records(out_dir: str, records: list[dict], tokenizer, *, size_limit: i
         for i, record in enumerate(records):
             views = {key: record[key].astype("<i4").tobytes() for key in ("user", "assistant")}
             writer.write({"sample_id": i, **record, **views})
-    meta = {"format_version": 2, "tokenizer_hash": tokenizer_hash(tokenizer), "vocab_size": len(tokenizer)}
+    # as `megajepa prepare` writes it: the longest of each sequence bounds the row length
+    longest = {key: {"max": max(len(r[key]) for r in records)} for key in ("full", "user", "assistant")}
+    meta = {
+        "format_version": 2, "tokenizer_hash": tokenizer_hash(tokenizer), "vocab_size": len(tokenizer),
+        "token_lengths": longest,
+    }
     with open(os.path.join(out_dir, FINGERPRINT_FILE), "w") as f:
         json.dump(meta, f)
     return out_dir

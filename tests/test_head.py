@@ -124,7 +124,13 @@ def test_token_ce_equals_unreduced_full_logits_ce(max_logit_bytes, tmp_path):
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])  # cpu: Triton's interpreter
 @pytest.mark.parametrize("family", ["llama", "gemma2", "granite"])  # plain, soft-cap, /scale
-def test_liger_fused_ce_equals_full_logits_ce(family, device, tmp_path, monkeypatch):
+def test_liger_fused_ce_equals_full_logits_ce(family, device, tmp_path, monkeypatch, request):
+    if family == "gemma2" and device == "cpu":
+        from triton.runtime.errors import InterpreterError
+
+        # Liger's soft-cap branch calls .to() on the scalar, which compiled Triton makes a tensor
+        # and Triton 3.9's interpreter leaves a Python float; strict, so a fix upstream shows here.
+        request.applymarker(pytest.mark.xfail(raises=InterpreterError, strict=True, reason="Liger 0.8.5 soft-cap under TRITON_INTERPRET"))
     monkeypatch.setattr(head, "FUSED_DEVICE_TYPES", (device,))
     liger, calls = head._liger(), []
     assert liger is not None, "liger-kernel is not installed"

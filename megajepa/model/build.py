@@ -138,11 +138,13 @@ def build_model(
     from transformers.integrations import HfDeepSpeedConfig
 
     zero3 = ds_config is not None and ds_config.get("zero_optimization", {}).get("stage") == 3
-    # transformers consults this (weakly referenced) object while it lives.
-    hf_ds_config = HfDeepSpeedConfig(ds_config) if zero3 else None
     rows = embedding_rows(cfg, len(tokenizer))
     config = load_architecture(cfg, rows, getattr(tokenizer, "pad_token_id", None))
-    check_supported(config, cfg.allow_unverified_family, cfg.trust_remote_code)  # before any weight is built or read
+    # Before any weight is built or read, and before the ZeRO-3 context below exists: the check
+    # builds the model on the meta device, which zero.Init cannot partition.
+    check_supported(config, cfg.allow_unverified_family, cfg.trust_remote_code)
+    # transformers consults this (weakly referenced) object while it lives.
+    hf_ds_config = HfDeepSpeedConfig(ds_config) if zero3 else None
     impl = attention_implementation(cfg.attention, config)
     torch.manual_seed(seed)  # every rank initialises identically
     common = dict(dtype=dtype, attn_implementation=impl, trust_remote_code=cfg.trust_remote_code)
