@@ -108,7 +108,7 @@ def main() -> None:
     cfg.model.config = model_json
     ds_config = online_config(cfg, world, args.out)
     for section in ("scheduler", "tensorboard", "csv_monitor"):
-        ds_config.pop(section)
+        ds_config.pop(section, None)
     lm = build_model(ModelConfig(config=model_json, attention="sdpa"), range(args.vocab), ds_config=ds_config)
     engine, *_ = deepspeed.initialize(model=JepaModel(lm, JEPA), model_parameters=lm.parameters(), config=ds_config)
     weight = engine.module.lm.get_output_embeddings().weight

@@ -58,7 +58,7 @@ def check_same_collectives(records: list[dict]) -> None:
         first, second = (record["steps"][step] for record in records)
         for key in ("train_calls", "eval_calls"):
             assert first[key] == second[key], f"step {step}, {key}: the ranks issued different collectives"
-            assert any(name == "ALLGATHER" for name, _ in first[key])  # the recorder sees the gathers
+            assert any("ALLGATHER" in name for name, _ in first[key])  # the recorder sees the gathers (ALLGATHER_BASE on torch 2.15)
         assert first["head_partitioned"] and second["head_partitioned"]
 
 

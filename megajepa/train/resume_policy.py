@@ -55,7 +55,9 @@ def architecture_differences(saved: dict, current: dict) -> list[str]:
     """'key: saved -> current' for each architecture key that changes the model."""
     if saved.get("model_type") != current.get("model_type"):
         return [f"model_type: {saved.get('model_type')!r} -> {current.get('model_type')!r}"]
-    defaults = _model_type_defaults(current.get("model_type"))
+    defaults = _as_built(current.get("model_type"), {})
+    if defaults is not None:
+        saved, current = _as_built(saved["model_type"], saved), _as_built(current["model_type"], current)
     differences = []
     for key in sorted(set(saved) | set(current)):
         if key in HARMLESS_ARCHITECTURE_KEYS or (defaults is not None and key not in defaults):
@@ -67,11 +69,13 @@ def architecture_differences(saved: dict, current: dict) -> list[str]:
     return differences
 
 
-def _model_type_defaults(model_type: Optional[str]) -> Optional[dict]:
+def _as_built(model_type: Optional[str], spec: dict) -> Optional[dict]:
+    """`spec` as its config class holds it (defaults filled in, legacy keys such as rope_theta moved
+    where transformers 5 reads them: rope_parameters), or None for an unknown (remote-code) type."""
     try:
         from transformers import AutoConfig
 
-        return AutoConfig.for_model(model_type).to_dict()
+        return AutoConfig.for_model(model_type, **{k: v for k, v in spec.items() if k != "model_type"}).to_dict()
     except (ValueError, KeyError, TypeError):  # unknown (remote-code) model type: every key counts
         return None
 
