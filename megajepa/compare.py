@@ -36,8 +36,8 @@ from dataclasses import dataclass
 
 from tqdm import tqdm
 
+from megajepa.arguments import at_least_one, evaluation_parent, seeds_parent
 from megajepa.config import ConfigError, load_config, to_dict
-from megajepa.eval.run import METRICS
 from megajepa.files import atomic_path, write_text
 from megajepa.eval.stats import mean_std, paired_t_test
 
@@ -191,6 +191,8 @@ def _arms(runs: list[Run]) -> list[str]:
 def summarize(runs: list[Run], results: dict[str, dict]) -> dict[str, dict]:
     """Per metric: every arm's values by seed, mean and std; for each arm after the baseline its
     difference from the baseline and the p-value of "this arm is better"."""
+    from megajepa.eval.run import METRICS  # imports torch: here, so that `compare --help` is instant
+
     seeds = sorted({run.seed for run in runs})
     arms = _arms(runs)
     baseline = arms[0]
@@ -214,6 +216,8 @@ def _cell(mean: float, std) -> str:
 
 
 def format_table(rows: dict[str, dict], seeds: int, arms=DEFAULT_ARMS) -> str:
+    from megajepa.eval.run import METRICS
+
     baseline, others = arms[0], arms[1:]
     header = [f"metric ({seeds} seeds)", *(HEADERS[arm] for arm in arms)]
     for arm in others:
@@ -265,24 +269,20 @@ def plot_curves(runs: list[Run], path: str) -> None:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="megajepa compare", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="megajepa compare", description=__doc__.split("\n\n")[0], parents=[seeds_parent(), evaluation_parent()]
+    )
     parser.add_argument("config", help="YAML config, e.g. configs/demo.yaml")
     parser.add_argument("overrides", nargs="*", help="dotted overrides for every arm, e.g. train.steps=500")
-    parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument(
         "--arms", default=",".join(DEFAULT_ARMS),
         help=f"comma-separated, from {','.join(ARMS)}; the first is the baseline the others are tested against",
     )
     parser.add_argument("--stp-lambda", type=float, default=STP_LAMBDA, help="jepa.lambda_ of the stp arm")
     parser.add_argument("--out", default=os.path.join("runs", "compare"))
-    parser.add_argument("--jobs", type=int, default=1, help="training runs at a time (one CPU thread each)")
+    parser.add_argument("--jobs", type=at_least_one, default=1, help="training runs at a time (one CPU thread each)")
     parser.add_argument("--data", default=None, help="held-out pairs (default: the config's data.eval_shards)")
-    parser.add_argument("--limit", type=int, default=None, help="evaluate the first N pairs only")
-    parser.add_argument("--batch-pairs", type=int, default=32)
-    parser.add_argument("--max-new-tokens", type=int, default=None)
     args = parser.parse_intermixed_args(argv)
-    if args.seeds < 1 or args.jobs < 1:
-        parser.error("--seeds and --jobs must be at least 1")
     args.arms = tuple(a.strip() for a in args.arms.split(","))
     unknown = [a for a in args.arms if a not in ARMS]
     if unknown or len(set(args.arms)) != len(args.arms) or len(args.arms) < 2:

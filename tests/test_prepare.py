@@ -5,10 +5,11 @@ import time
 
 import numpy as np
 import pytest
+import streaming
 from streaming import StreamingDataset
 from transformers import AutoTokenizer
 
-from megajepa.data import embedded, prepare as prepare_module
+from megajepa.data import embedded
 from megajepa.data.embedded import ensure_embedded, ensure_tokenizer
 from megajepa.data.fingerprint import FINGERPRINT_FILE, check_fingerprint, file_sha256, tokenizer_hash
 from megajepa.data.prepare import BadInput, BadRecord, main, prepare, split_text
@@ -308,7 +309,7 @@ def test_reruns_are_byte_identical(tmp_path, chat_jsonl, tokenizer_dir):
 
 @pytest.mark.parametrize("error", [KeyboardInterrupt, RuntimeError])
 def test_an_interrupted_run_leaves_no_dataset(tmp_path, chat_jsonl, tokenizer_dir, monkeypatch, error):
-    class FailingWriter(prepare_module.MDSWriter):
+    class FailingWriter(streaming.MDSWriter):
         writes = 0
 
         def write(self, sample):
@@ -317,7 +318,7 @@ def test_an_interrupted_run_leaves_no_dataset(tmp_path, chat_jsonl, tokenizer_di
                 raise error("interrupted")
             super().write(sample)
 
-    monkeypatch.setattr(prepare_module, "MDSWriter", FailingWriter)
+    monkeypatch.setattr(streaming, "MDSWriter", FailingWriter)  # prepare imports it when it runs
     with pytest.raises(error):
         run([chat_jsonl], tmp_path / "out", tokenizer_dir, shard_size_limit=500)  # shards already flushed
     assert leftovers(tmp_path, "out") == []
@@ -357,14 +358,19 @@ def test_builders_wait_for_the_lock_holder(tmp_path):
     assert os.path.isdir(os.path.join(root, "tokenizer"))
 
 
-def test_default_tokenizer_is_the_embedded_one(tmp_path, monkeypatch):
-    """`megajepa prepare` without --tokenizer uses the embedded one (prepare() itself takes none)."""
+def test_default_tokenizer_is_the_embedded_one(tmp_path, monkeypatch, capsys):
+    """`megajepa prepare` without --tokenizer uses the embedded one (prepare() itself takes none),
+    says so, and checks its input before building it."""
     from megajepa.cli import main as cli
 
     monkeypatch.chdir(tmp_path)
     path = write_lines(tmp_path / "in.jsonl", [{"view_a": "a", "view_b": "b"}])
     assert main([path, "--out", str(tmp_path / "refused")]) == 2  # no default outside the CLI
+    assert cli(["prepare", "missing.jsonl", "--out", str(tmp_path / "out")]) == 2
+    assert "no such file or directory: missing.jsonl" in capsys.readouterr().err
+    assert not os.path.exists("data")  # nothing built for a run that cannot start
     assert cli(["prepare", path, "--out", str(tmp_path / "out"), "--no-progress"]) == 0
+    assert f"using the demo tokenizer at {os.path.join('data', 'demo', 'tokenizer')}" in capsys.readouterr().err
     tokenizer = AutoTokenizer.from_pretrained(os.path.join("data", "demo", "tokenizer"))
     check_fingerprint(str(tmp_path / "out"), tokenizer)
 

@@ -53,11 +53,9 @@ from collections import Counter
 from typing import Callable, Iterable, Iterator, Optional, Union
 
 import numpy as np
-from streaming import MDSWriter
 from tqdm import tqdm
 
 from megajepa.data.fingerprint import FORMAT_VERSION, file_sha256, tokenizer_hash, write_fingerprint
-from megajepa.data.loader import write_record_lengths
 from megajepa.data.tokenizer import ROLES, chat_template, load_tokenizer
 from megajepa.files import staged_directory
 
@@ -494,6 +492,11 @@ def prepare(
         raise ValueError(f"text_split={text_split}: expected a fraction strictly between 0 and 1")
     if max_length < 0:
         raise ValueError(f"max_length={max_length}: expected 0 (no limit) or a positive number of tokens")
+    # imported here, not at the top: `megajepa prepare --help` and argument errors stay instant
+    from streaming import MDSWriter
+
+    from megajepa.data.loader import write_record_lengths
+
     with staged_directory(out_dir, overwrite) as staging:
         sources = [open_input(path, split) for path in inputs]
         tokenizer = load_tokenizer(tokenizer_dir)
@@ -626,11 +629,19 @@ def main(argv: list[str], default_tokenizer: Optional[Callable[[], str]] = None)
     if args.tokenizer is None and default_tokenizer is None:
         print("megajepa prepare: error: --tokenizer DIR is required", file=sys.stderr)
         return 2
+    missing = [path for path in args.inputs if not os.path.exists(path)]
+    if missing:  # before the default tokenizer is built, which takes a while the first time
+        print(f"megajepa prepare: error: no such file or directory: {', '.join(missing)}", file=sys.stderr)
+        return 2
+    tokenizer = args.tokenizer
+    if tokenizer is None:
+        tokenizer = default_tokenizer()
+        print(f"megajepa prepare: no --tokenizer: using the demo tokenizer at {tokenizer}", file=sys.stderr)
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     return exit_code("megajepa prepare", lambda: prepare(
         args.inputs,
         args.out,
-        args.tokenizer or default_tokenizer(),
+        tokenizer,
         strict=args.strict,
         max_length=args.max_length,
         overlength=args.overlength,
