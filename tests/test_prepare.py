@@ -153,6 +153,29 @@ def test_field_overrides_detection_hellaswag_style(tmp_path, tokenizer_dir, toke
     check_view(tokenizer, samples[0], "assistant", code[0])
 
 
+
+def test_hellaswag_views_are_detected_without_field(tmp_path, tokenizer_dir, tokenizer, capsys):
+    """Generated hellaswag-like records (the reference's layout: `messages` ending in a letter, the
+    views under `text` and `code`) give without --field what --field view_a=text view_b=code gives."""
+    records = []
+    for i in range(6):
+        context, ending = f"A man walks to the car number {i}.", f"He opens door {i} and sits down."
+        records.append({
+            "messages": [{"role": "system", "content": "Pick the ending."},
+                         {"role": "user", "content": f"{context} A: x B: {ending} C: y D: z"},
+                         {"role": "assistant", "content": "ABCD"[i % 4]}],
+            "text": [{"role": "user", "content": context}],
+            "code": [{"role": "assistant", "content": ending}],
+        })  # fmt: skip
+    path = write_lines(tmp_path / "hellaswag_train.jsonl", records)
+    named = run([path], tmp_path / "named", tokenizer_dir, field_map={"view_a": "text", "view_b": "code"})
+    assert "views of their own" not in capsys.readouterr().err  # --field chose them
+    detected = run([path], tmp_path / "detected", tokenizer_dir)
+    assert "6 record(s) hold views of their own" in capsys.readouterr().err
+    for a, b in zip(read_back(named["out"]), read_back(detected["out"]), strict=True):
+        assert all(np.array_equal(a[key], b[key]) for key in a), a["sample_id"]
+    check_view(tokenizer, read_back(detected["out"])[0], "assistant", records[0]["code"][0])  # not the letter
+
 def test_plain_format_is_the_references_plain_train_all(tmp_path, tokenizer_dir, tokenizer):
     record = {"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "one way to say it"},
                            {"role": "assistant", "content": "another way to say it"}]}
@@ -367,7 +390,7 @@ def test_default_tokenizer_is_the_embedded_one(tmp_path, monkeypatch, capsys):
     path = write_lines(tmp_path / "in.jsonl", [{"view_a": "a", "view_b": "b"}])
     assert main([path, "--out", str(tmp_path / "refused")]) == 2  # no default outside the CLI
     assert cli(["prepare", "missing.jsonl", "--out", str(tmp_path / "out")]) == 2
-    assert "no such file or directory: missing.jsonl" in capsys.readouterr().err
+    assert "no such input file or directory: missing.jsonl" in capsys.readouterr().err
     assert not os.path.exists("data")  # nothing built for a run that cannot start
     assert cli(["prepare", path, "--out", str(tmp_path / "out"), "--no-progress"]) == 0
     assert f"using the demo tokenizer at {os.path.join('data', 'demo', 'tokenizer')}" in capsys.readouterr().err
