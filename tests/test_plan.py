@@ -247,3 +247,12 @@ def test_plan_needs_no_tokenizer_directory_with_vocab_size(capsys, monkeypatch, 
     without = capsys.readouterr().out
     assert main([*argv, *llama_overrides]) == 0
     assert without == capsys.readouterr().out
+
+
+def test_readme_and_config_figures_are_the_plans():
+    """README's table of the Llama configs and their "Token budget" comments are what `megajepa
+    plan` prints now (scripts/plan_figures.py writes them; --check compares)."""
+    result = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "plan_figures.py"), "--check"], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
