@@ -246,7 +246,9 @@ def test_plan_needs_no_tokenizer_directory_with_vocab_size(capsys, monkeypatch, 
     assert main(argv) == 0
     without = capsys.readouterr().out
     assert main([*argv, *llama_overrides]) == 0
-    assert without == capsys.readouterr().out
+    plan = capsys.readouterr().out
+    # the first plan in a process may follow DeepSpeed's "Setting accelerator to CPU" line
+    assert without[without.index("# Memory plan"):] == plan[plan.index("# Memory plan"):]
 
 
 def test_readme_and_config_figures_are_the_plans():
