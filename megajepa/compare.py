@@ -33,6 +33,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
+from typing import Optional
 
 from tqdm import tqdm
 
@@ -238,30 +239,60 @@ def _read_metrics(output_dir: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def curve_bands(runs: list[Run], key: str, baseline: Optional[str] = None) -> dict[str, tuple[list, list, list]]:
+    """Per arm: (steps, mean, sample std over seeds) of the logged `key`, at the steps every seed
+    logged; with `baseline`, of the arm's value minus the baseline's, seed by seed (paired, as the
+    table's t-test). Arms that never log `key` (next-token's latent loss) are left out."""
+    curves = {}  # arm -> seed -> {step: value}
+    for run in runs:
+        rows = [r for r in _read_metrics(run.output_dir) if r.get(key) is not None]
+        if rows:
+            curves.setdefault(run.arm, {})[run.seed] = {r["step"]: r[key] for r in rows}
+    bands = {}
+    for arm, seeds in curves.items():
+        if arm == baseline:
+            continue
+        if baseline is not None:
+            seeds = {s: {t: v - curves[baseline][s][t] for t, v in c.items() if t in curves[baseline].get(s, {})}
+                     for s, c in seeds.items()}  # fmt: skip
+        steps = sorted(set.intersection(*(set(c) for c in seeds.values())))
+        stats = [mean_std([seeds[s][t] for s in sorted(seeds)]) for t in steps]
+        bands[arm] = (steps, [m for m, _ in stats], [0.0 if sd is None else sd for _, sd in stats])
+    return bands
+
+
 def plot_curves(runs: list[Run], path: str) -> None:
-    """Training CE (every arm) and latent loss (the arms with a latent term: the next-token arm
-    never computes it), one thin line per seed."""
+    """Mean over seeds with a +-1 std band: training CE of every arm, its difference from the
+    baseline (the first arm; seed by seed, so what the seeds share cancels), and the latent loss
+    of the arms that have one."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     colors = {"next-token": "tab:blue", "jepa": "tab:orange", "stp": "tab:green"}
-    fig, (ax_ce, ax_jepa) = plt.subplots(1, 2, figsize=(11, 4))
-    for run in runs:
-        rows = _read_metrics(run.output_dir)
-        steps = [r["step"] for r in rows]
-        label = run.arm if run.seed == 0 else None
-        marker = "o" if len(rows) < 20 else None  # a handful of logged steps: show the points
-        style = {"color": colors[run.arm], "lw": 1, "alpha": 0.8, "label": label, "marker": marker}
-        ax_ce.plot(steps, [r["ce"] for r in rows], **style)
-        if run.arm != "next-token":
-            ax_jepa.plot(steps, [r["jepa"] for r in rows], **style)
-    ax_ce.set(title="training CE (view B)", xlabel="step", ylabel="CE")
-    ax_jepa.set(title="training latent loss (each arm's own)", xlabel="step", ylabel="D(pred(z_a), z_b)", yscale="log")
-    for ax in (ax_ce, ax_jepa):
+    baseline = _arms(runs)[0]
+    seeds = len({run.seed for run in runs})
+    panels = [
+        (curve_bands(runs, "ce"), "training CE (view B)", "CE", "linear"),
+        (curve_bands(runs, "ce", baseline), f"training CE minus {NAMES[baseline]}'s, same seed", "CE difference", "linear"),
+        ({a: b for a, b in curve_bands(runs, "jepa").items() if a != "next-token"},  # it has no latent term
+         "training latent loss (each arm's own)", "D(pred(z_a), z_b)", "log"),
+    ]
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4))
+    for ax, (bands, title, ylabel, yscale) in zip(axes, panels):
+        for arm, (steps, mean, std) in bands.items():
+            low = [m - s for m, s in zip(mean, std)]
+            high = [m + s for m, s in zip(mean, std)]
+            marker = "o" if len(steps) < 20 else None  # a handful of logged steps: show the points
+            ax.plot(steps, mean, color=colors[arm], lw=1.5, marker=marker, label=f"{NAMES[arm]} (mean of {seeds})")
+            ax.fill_between(steps, low, high, color=colors[arm], alpha=0.2, lw=0)
+        if "difference" in ylabel:
+            ax.axhline(0.0, color=colors[baseline], lw=1, ls="--", label=NAMES[baseline])
+        ax.set(title=title, xlabel="step", ylabel=ylabel, yscale=yscale)
         ax.grid(alpha=0.3)
         ax.legend()
+    fig.suptitle("mean over seeds, band: +-1 standard deviation", fontsize=9)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120)
