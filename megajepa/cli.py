@@ -18,10 +18,12 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import subprocess
 import sys
 
+from megajepa.arguments import evaluation_parent, nproc_parent
 from megajepa.config import ConfigError, check_run_data, load_config, to_yaml
 from megajepa.eval.checkers import CHOICES as CHECKER_CHOICES
 
@@ -123,16 +125,6 @@ def cmd_demo(args) -> int:
     return subprocess.run(command, env=env).returncode  # rank 0's train prints the summary table
 
 
-def cmd_bench(args) -> int:
-    if args.target == "kernels":
-        from megajepa.kernels.bench import main as kernel_bench
-
-        return kernel_bench(args.rest)
-    from megajepa.bench.command import main as training_bench
-
-    return training_bench([args.target, *args.rest])
-
-
 def cmd_export(args) -> int:
     from megajepa.export import ExportError, export
 
@@ -168,12 +160,6 @@ def cmd_eval(args) -> int:
     return eval_main(args)
 
 
-def cmd_compare(args) -> int:
-    from megajepa.compare import main as compare_main
-
-    return compare_main([args.config, *args.rest])
-
-
 def _log_level_from_env() -> None:
     """MEGAJEPA_LOG_LEVEL=INFO shows megajepa's once-per-run notes (the attention kernel chosen,
     which LM-head CE path ran) on stderr; by default only warnings."""
@@ -194,8 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="megajepa", description="LLM-JEPA pretraining on DeepSpeed ZeRO-3")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def with_config(name: str, help: str):
-        p = sub.add_parser(name, help=help)
+    def with_config(name: str, help: str, parents=()):
+        p = sub.add_parser(name, help=help, parents=list(parents))
         p.add_argument("config", help="YAML config, e.g. configs/demo.yaml")
         p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=50 jepa.k=2")
         return p
@@ -204,16 +190,14 @@ def main(argv: list[str] | None = None) -> int:
     config.add_argument("--check", action="store_true", help="print nothing; also check the data a run reads")
     config.set_defaults(func=cmd_config)
     with_config("train", "train a model").set_defaults(func=cmd_train)
-    demo = with_config("demo", "embedded data, training on N CPU ranks, summary")
-    demo.add_argument("--nproc", type=int, default=2, help="CPU ranks (anywhere among the overrides)")
+    demo = with_config("demo", "embedded data, training on N CPU ranks, summary", [nproc_parent(2, "CPU, default 2")])
     demo.set_defaults(func=cmd_demo)
+    # Commands that parse their own arguments (all of them, `--help` included: see OWN_PARSER).
     sub.add_parser("prepare", help="JSONL / HF dataset -> MDS shards", add_help=False)
     sub.add_parser("plan", help="expected GPU memory per rank and the largest token budget", add_help=False)
     sub.add_parser("prepare-text", help="plain text -> CE-only MDS shards, in parallel", add_help=False)
-    bench = sub.add_parser("bench", help="benchmarks: the training modes side by side, or the kernels")
-    bench.add_argument("target", help="a CONFIG (see `megajepa bench CONFIG --help`), or 'kernels'")
-    bench.add_argument("rest", nargs=argparse.REMAINDER)
-    bench.set_defaults(func=cmd_bench)
+    sub.add_parser("bench", help="benchmarks: the training modes side by side, or the kernels", add_help=False)
+    sub.add_parser("compare", help="train with and without the JEPA term over seeds, evaluate, t-test", add_help=False)
     export = sub.add_parser("export", help="ZeRO checkpoint -> Hugging Face model directory")
     export.add_argument("checkpoint", help="checkpoint dir (.../checkpoints/stepNNNNNNNN) or a run's output_dir")
     export.add_argument("--out", required=True, help="the Hugging Face directory to write")
@@ -228,13 +212,10 @@ def main(argv: list[str] | None = None) -> int:
     universal.add_argument("checkpoint", help="checkpoint dir (.../checkpoints/stepNNNNNNNN)")
     universal.add_argument("--workers", type=int, default=None, help="extract/merge processes (default: cores, <= 16)")
     universal.set_defaults(func=cmd_universal)
-    evaluate = sub.add_parser("eval", help="held-out generation, CE and JEPA metrics")
+    evaluate = sub.add_parser("eval", help="held-out generation, CE and JEPA metrics", parents=[evaluation_parent()])
     evaluate.add_argument("model", help="a checkpoint (or a run's output_dir) or an exported HF directory")
     evaluate.add_argument("--data", required=True, help="MDS shard directory or chat JSONL of held-out pairs")
     evaluate.add_argument("--weights", choices=("online", "ema"), default=None, help="of a checkpoint; default online")
-    evaluate.add_argument("--limit", type=int, default=None, help="evaluate the first N pairs only")
-    evaluate.add_argument("--batch-pairs", type=int, default=32, help="pairs per batch (retrieval candidates)")
-    evaluate.add_argument("--max-new-tokens", type=int, default=None, help="default: 2x the longest reference")
     evaluate.add_argument(
         "--checker", choices=CHECKER_CHOICES, default="auto", help="task checker (auto: recognised from the data)"
     )
@@ -242,35 +223,36 @@ def main(argv: list[str] | None = None) -> int:
     evaluate.add_argument("--generations", default=None, help="write one JSON line per pair here")
     evaluate.add_argument("--no-progress", dest="progress", action="store_false")
     evaluate.set_defaults(func=cmd_eval)
-    compare = sub.add_parser(
-        "compare",
-        help="train with and without the JEPA term over seeds, evaluate, t-test",
-        usage="megajepa compare CONFIG [--seeds N] [--jobs N] [--out DIR] [key=value ...]  (CONFIG --help: all options)",
-    )
-    compare.add_argument("config", help="YAML config, e.g. configs/demo.yaml")
-    compare.add_argument("rest", nargs=argparse.REMAINDER, help="options and overrides, in any order")
-    compare.set_defaults(func=cmd_compare)
 
-    if argv and argv[0] == "prepare":
-        from megajepa.data.embedded import ensure_tokenizer
-        from megajepa.data.prepare import main as prepare_main
-
-        return prepare_main(argv[1:], default_tokenizer=ensure_tokenizer)
-    if argv and argv[0] == "plan":
-        from megajepa.plan import main as plan_main
-
-        return plan_main(argv[1:])
-    if argv and argv[0] == "prepare-text":
-        from megajepa.data.prepare_text import main as prepare_text_main
-
-        return prepare_text_main(argv[1:])
-    if argv and argv[0] == "demo":
-        # Options between the positional overrides: one parse_args pass stops at the first option.
-        args = demo.parse_intermixed_args(argv[1:])
-        return args.func(args)
-    args = parser.parse_args(argv)
+    if argv and argv[0] in OWN_PARSER:
+        extra = {"default_tokenizer": _embedded_tokenizer} if argv[0] == "prepare" else {}
+        return importlib.import_module(OWN_PARSER[argv[0]]).main(argv[1:], **extra)
+    if argv and argv[0] in sub.choices:
+        # Intermixed: options anywhere among the positional overrides (one parse_args pass stops
+        # at the first option after them).
+        args = sub.choices[argv[0]].parse_intermixed_args(argv[1:])
+    else:
+        args = parser.parse_args(argv)  # --help, or an unknown command
     return args.func(args)
 
+
+# Subcommands whose module defines and parses their arguments; each imports torch only after
+# parsing them, so that `megajepa X --help` and argument errors are instant.
+OWN_PARSER = {
+    "prepare": "megajepa.data.prepare",
+    "plan": "megajepa.plan",
+    "prepare-text": "megajepa.data.prepare_text",
+    "bench": "megajepa.bench.command",
+    "compare": "megajepa.compare",
+}
+
+
+def _embedded_tokenizer() -> str:
+    """prepare's tokenizer without --tokenizer (passed in: megajepa.data.prepare cannot import
+    megajepa.data.embedded, which imports it)."""
+    from megajepa.data.embedded import ensure_tokenizer  # builds the demo data first if missing
+
+    return ensure_tokenizer()
 
 if __name__ == "__main__":
     sys.exit(main())

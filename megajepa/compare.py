@@ -33,11 +33,12 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
+from typing import Optional
 
 from tqdm import tqdm
 
+from megajepa.arguments import at_least_one, evaluation_parent, seeds_parent
 from megajepa.config import ConfigError, load_config, to_dict
-from megajepa.eval.run import METRICS
 from megajepa.files import atomic_path, write_text
 from megajepa.eval.stats import mean_std, paired_t_test
 
@@ -191,6 +192,8 @@ def _arms(runs: list[Run]) -> list[str]:
 def summarize(runs: list[Run], results: dict[str, dict]) -> dict[str, dict]:
     """Per metric: every arm's values by seed, mean and std; for each arm after the baseline its
     difference from the baseline and the p-value of "this arm is better"."""
+    from megajepa.eval.run import METRICS  # imports torch: here, so that `compare --help` is instant
+
     seeds = sorted({run.seed for run in runs})
     arms = _arms(runs)
     baseline = arms[0]
@@ -214,6 +217,8 @@ def _cell(mean: float, std) -> str:
 
 
 def format_table(rows: dict[str, dict], seeds: int, arms=DEFAULT_ARMS) -> str:
+    from megajepa.eval.run import METRICS
+
     baseline, others = arms[0], arms[1:]
     header = [f"metric ({seeds} seeds)", *(HEADERS[arm] for arm in arms)]
     for arm in others:
@@ -234,30 +239,60 @@ def _read_metrics(output_dir: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def curve_bands(runs: list[Run], key: str, baseline: Optional[str] = None) -> dict[str, tuple[list, list, list]]:
+    """Per arm: (steps, mean, sample std over seeds) of the logged `key`, at the steps every seed
+    logged; with `baseline`, of the arm's value minus the baseline's, seed by seed (paired, as the
+    table's t-test). Arms that never log `key` (next-token's latent loss) are left out."""
+    curves = {}  # arm -> seed -> {step: value}
+    for run in runs:
+        rows = [r for r in _read_metrics(run.output_dir) if r.get(key) is not None]
+        if rows:
+            curves.setdefault(run.arm, {})[run.seed] = {r["step"]: r[key] for r in rows}
+    bands = {}
+    for arm, seeds in curves.items():
+        if arm == baseline:
+            continue
+        if baseline is not None:
+            seeds = {s: {t: v - curves[baseline][s][t] for t, v in c.items() if t in curves[baseline].get(s, {})}
+                     for s, c in seeds.items()}  # fmt: skip
+        steps = sorted(set.intersection(*(set(c) for c in seeds.values())))
+        stats = [mean_std([seeds[s][t] for s in sorted(seeds)]) for t in steps]
+        bands[arm] = (steps, [m for m, _ in stats], [0.0 if sd is None else sd for _, sd in stats])
+    return bands
+
+
 def plot_curves(runs: list[Run], path: str) -> None:
-    """Training CE (every arm) and latent loss (the arms with a latent term: the next-token arm
-    never computes it), one thin line per seed."""
+    """Mean over seeds with a +-1 std band: training CE of every arm, its difference from the
+    baseline (the first arm; seed by seed, so what the seeds share cancels), and the latent loss
+    of the arms that have one."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     colors = {"next-token": "tab:blue", "jepa": "tab:orange", "stp": "tab:green"}
-    fig, (ax_ce, ax_jepa) = plt.subplots(1, 2, figsize=(11, 4))
-    for run in runs:
-        rows = _read_metrics(run.output_dir)
-        steps = [r["step"] for r in rows]
-        label = run.arm if run.seed == 0 else None
-        marker = "o" if len(rows) < 20 else None  # a handful of logged steps: show the points
-        style = {"color": colors[run.arm], "lw": 1, "alpha": 0.8, "label": label, "marker": marker}
-        ax_ce.plot(steps, [r["ce"] for r in rows], **style)
-        if run.arm != "next-token":
-            ax_jepa.plot(steps, [r["jepa"] for r in rows], **style)
-    ax_ce.set(title="training CE (view B)", xlabel="step", ylabel="CE")
-    ax_jepa.set(title="training latent loss (each arm's own)", xlabel="step", ylabel="D(pred(z_a), z_b)", yscale="log")
-    for ax in (ax_ce, ax_jepa):
+    baseline = _arms(runs)[0]
+    seeds = len({run.seed for run in runs})
+    panels = [
+        (curve_bands(runs, "ce"), "training CE (view B)", "CE", "linear"),
+        (curve_bands(runs, "ce", baseline), f"training CE minus {NAMES[baseline]}'s, same seed", "CE difference", "linear"),
+        ({a: b for a, b in curve_bands(runs, "jepa").items() if a != "next-token"},  # it has no latent term
+         "training latent loss (each arm's own)", "D(pred(z_a), z_b)", "log"),
+    ]
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4))
+    for ax, (bands, title, ylabel, yscale) in zip(axes, panels):
+        for arm, (steps, mean, std) in bands.items():
+            low = [m - s for m, s in zip(mean, std)]
+            high = [m + s for m, s in zip(mean, std)]
+            marker = "o" if len(steps) < 20 else None  # a handful of logged steps: show the points
+            ax.plot(steps, mean, color=colors[arm], lw=1.5, marker=marker, label=f"{NAMES[arm]} (mean of {seeds})")
+            ax.fill_between(steps, low, high, color=colors[arm], alpha=0.2, lw=0)
+        if "difference" in ylabel:
+            ax.axhline(0.0, color=colors[baseline], lw=1, ls="--", label=NAMES[baseline])
+        ax.set(title=title, xlabel="step", ylabel=ylabel, yscale=yscale)
         ax.grid(alpha=0.3)
         ax.legend()
+    fig.suptitle("mean over seeds, band: +-1 standard deviation", fontsize=9)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120)
@@ -265,24 +300,20 @@ def plot_curves(runs: list[Run], path: str) -> None:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="megajepa compare", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="megajepa compare", description=__doc__.split("\n\n")[0], parents=[seeds_parent(), evaluation_parent()]
+    )
     parser.add_argument("config", help="YAML config, e.g. configs/demo.yaml")
     parser.add_argument("overrides", nargs="*", help="dotted overrides for every arm, e.g. train.steps=500")
-    parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument(
         "--arms", default=",".join(DEFAULT_ARMS),
         help=f"comma-separated, from {','.join(ARMS)}; the first is the baseline the others are tested against",
     )
     parser.add_argument("--stp-lambda", type=float, default=STP_LAMBDA, help="jepa.lambda_ of the stp arm")
     parser.add_argument("--out", default=os.path.join("runs", "compare"))
-    parser.add_argument("--jobs", type=int, default=1, help="training runs at a time (one CPU thread each)")
+    parser.add_argument("--jobs", type=at_least_one, default=1, help="training runs at a time (one CPU thread each)")
     parser.add_argument("--data", default=None, help="held-out pairs (default: the config's data.eval_shards)")
-    parser.add_argument("--limit", type=int, default=None, help="evaluate the first N pairs only")
-    parser.add_argument("--batch-pairs", type=int, default=32)
-    parser.add_argument("--max-new-tokens", type=int, default=None)
     args = parser.parse_intermixed_args(argv)
-    if args.seeds < 1 or args.jobs < 1:
-        parser.error("--seeds and --jobs must be at least 1")
     args.arms = tuple(a.strip() for a in args.arms.split(","))
     unknown = [a for a in args.arms if a not in ARMS]
     if unknown or len(set(args.arms)) != len(args.arms) or len(args.arms) < 2:

@@ -321,7 +321,7 @@ def _fail(key: str, message: str, sources: list[tuple[str, DictConfig]]) -> None
     raise ConfigError(f"{_source_of(key, sources)}: {key}: {message}")
 
 
-def _validate(cfg: Config, sources: list[tuple[str, DictConfig]]) -> None:
+def _validate(cfg: Config, sources: list[tuple[str, DictConfig]], need_tokenizer: bool) -> None:
     resolved = OmegaConf.structured(cfg)
     for key, allowed in CHOICES.items():
         value = OmegaConf.select(resolved, key)
@@ -350,7 +350,7 @@ def _validate(cfg: Config, sources: list[tuple[str, DictConfig]]) -> None:
     if lora.rank > 0 and not lora.target_modules:
         _fail("model.lora.target_modules", "must name at least one module (or all-linear)", sources)
     _validate_resume(cfg, sources)
-    _validate_paths(cfg, sources)  # last: the value checks above need no files
+    _validate_paths(cfg, sources, need_tokenizer)  # last: the value checks above need no files
 
 
 def _validate_resume(cfg: Config, sources: list[tuple[str, DictConfig]]) -> None:
@@ -364,7 +364,7 @@ def _validate_resume(cfg: Config, sources: list[tuple[str, DictConfig]]) -> None
                   f"{', '.join(allowable)})", sources)
 
 
-def _validate_paths(cfg: Config, sources: list[tuple[str, DictConfig]]) -> None:
+def _validate_paths(cfg: Config, sources: list[tuple[str, DictConfig]], need_tokenizer: bool) -> None:
     """Files and directories named by keys exist (data that data.embedded generates aside)."""
     if cfg.model.config is None and cfg.model.pretrained is None:
         _fail("model.config", "set model.config (an HF config JSON) or model.pretrained (a local directory)", sources)
@@ -377,7 +377,7 @@ def _validate_paths(cfg: Config, sources: list[tuple[str, DictConfig]]) -> None:
         _fail("model.vocab_size", f"must be >= 1 (or null: the tokenizer's size), got {cfg.model.vocab_size}", sources)
     if cfg.deepspeed.config_file is not None and not os.path.isfile(cfg.deepspeed.config_file):
         _fail("deepspeed.config_file", f"no such file: {cfg.deepspeed.config_file}", sources)
-    if cfg.data.embedded is None and not os.path.isdir(cfg.data.tokenizer):
+    if need_tokenizer and cfg.data.embedded is None and not os.path.isdir(cfg.data.tokenizer):
         _fail("data.tokenizer", f"no such directory: {cfg.data.tokenizer}", sources)
 
 
@@ -483,9 +483,10 @@ def _file_sources(path: str, including: tuple[str, ...] = ()) -> list[tuple[str,
     return [*_file_sources(base_path, chain), (path, cfg)]
 
 
-def load_config(path: Optional[str], overrides: list[str] = ()) -> Config:
+def load_config(path: Optional[str], overrides: list[str] = (), *, need_tokenizer: bool = True) -> Config:
     """Merge the schema defaults, the YAML file at `path` (after its bases) and dotted
-    `overrides`; validate."""
+    `overrides`; validate. need_tokenizer=False: data.tokenizer need not exist yet (`megajepa
+    plan`, which takes the vocabulary's size from --vocab-size or the model config instead)."""
     merged = OmegaConf.structured(Config)
     sources: list[tuple[str, DictConfig]] = []
     if path is not None:
@@ -518,7 +519,7 @@ def load_config(path: Optional[str], overrides: list[str] = ()) -> Config:
         cfg: Config = OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
         raise ConfigError(f"{path or 'defaults'}: {_describe(err)}") from None
-    _validate(cfg, sources)
+    _validate(cfg, sources, need_tokenizer)
     return cfg
 
 

@@ -80,7 +80,6 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from megajepa.config import Config, ConfigError, load_config, max_record_tokens
-from megajepa.train.deepspeed_json import online_config
 
 GIB = 1024**3
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
@@ -363,6 +362,8 @@ def make_plan(
     cfg.deepspeed.precision = plan_precision(cfg)
     prec = cfg.deepspeed.precision
     try:
+        from megajepa.train.deepspeed_json import online_config  # imports torch: not for `plan --help`
+
         ds = online_config(cfg, gpus, cuda=True)  # the JSON a GPU run derives
     except ConfigError as err:
         raise PlanError(str(err)) from None
@@ -568,7 +569,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--json", default=None, help="also write the figures here")
     args = parser.parse_intermixed_args(argv)
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(args.config, args.overrides, need_tokenizer=False)  # _vocab_size names it if needed
         plan = make_plan(
             cfg, args.config, args.gpus, args.gpu_memory, vocab_size=args.vocab_size, headroom_gb=args.headroom,
             ce_chunk=args.ce_chunk, labelled_fraction=args.labelled_fraction, resume_from=args.resume_from,

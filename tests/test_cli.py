@@ -43,3 +43,92 @@ def test_an_architecture_the_packed_pass_cannot_run_is_refused_by_name_before_an
         cli.main(["config", "configs/demo.yaml", f"model.config={spec}"])
     assert stop.value.code == 2
     assert "config error: model architecture bloom: its ALiBi attention bias" in capsys.readouterr().err
+
+
+HEAVY = ("torch", "transformers", "deepspeed", "streaming", "triton")
+COMMANDS = [
+    "config", "train", "demo", "prepare", "prepare-text", "plan", "bench", "bench kernels", "export", "universal",
+    "eval", "compare", "compare configs/demo.yaml", "bench configs/demo.yaml",
+]  # fmt: skip
+
+
+def _run_cli(argv: list[str]) -> tuple[str, list[str], float]:
+    """(what `megajepa ARGV` prints, the heavy modules it imported, seconds), in a fresh interpreter."""
+    import ast
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    code = (
+        "import sys\nfrom megajepa.cli import main\n"
+        f"try:\n    main({argv!r})\nexcept SystemExit:\n    pass\n"
+        f"print([m for m in {HEAVY!r} if m in sys.modules], file=sys.stderr)"
+    )
+    start = time.perf_counter()
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True
+    )
+    *printed, imported = result.stderr.rstrip().split("\n")
+    return result.stdout + "\n".join(printed), ast.literal_eval(imported), time.perf_counter() - start
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_help_is_instant_and_imports_no_framework(command):
+    printed, imported, seconds = _run_cli([*command.split(), "--help"])
+    assert printed.startswith(f"usage: megajepa {command.split()[0]}")
+    assert imported == [] and seconds < 3.0
+
+
+def test_bench_help_lists_its_options():
+    printed, _, _ = _run_cli(["bench", "--help"])
+    assert all(option in printed for option in ("--modes", "--steps", "--nproc", "--scaling", "bench kernels"))
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["compare", "configs/demo.yaml", "--arms", "jepa,nope"],
+        ["compare", "--seeds", "0", "configs/demo.yaml"],
+        ["bench", "configs/demo.yaml", "--nproc", "0"],
+        ["demo", "configs/demo.yaml", "--nproc", "x"],
+        ["plan", "configs/demo.yaml"],
+        ["prepare", "in.jsonl"],
+    ],
+)
+def test_argument_errors_are_instant(argv):
+    printed, imported, seconds = _run_cli(argv)
+    assert f"usage: megajepa {argv[0]}" in printed and "error:" in printed
+    assert imported == [] and seconds < 3.0
+
+
+def _parsed(argv: list[str]):
+    """The options a subcommand parses from argv (the command itself is not run)."""
+    from megajepa.bench.command import parse_args as bench_args
+    from megajepa.compare import parse_args as compare_args
+
+    if argv[0] == "demo":
+        seen = {}
+        real = cli.cmd_demo
+        cli.cmd_demo = lambda args: seen.setdefault("args", args) and 0
+        try:
+            cli.main(argv)
+        finally:
+            cli.cmd_demo = real
+        return seen["args"]
+    return {"bench": bench_args, "compare": compare_args}[argv[0]](argv[1:])
+
+
+@pytest.mark.parametrize("command, option", [("demo", "--nproc"), ("bench", "--nproc"), ("compare", "--seeds")])
+def test_shared_options_go_anywhere_in_every_subcommand(command, option):
+    """--nproc and --seeds come from one parent parser each and parse the same in every position."""
+    dest = option.lstrip("-")
+    placements = [
+        [command, option, "3", "configs/demo.yaml", "a.b=1", "c.d=2"],
+        [command, "configs/demo.yaml", option, "3", "a.b=1", "c.d=2"],
+        [command, "configs/demo.yaml", "a.b=1", f"{option}=3", "c.d=2"],
+        [command, "configs/demo.yaml", "a.b=1", "c.d=2", option, "3"],
+    ]
+    for argv in placements:
+        args = _parsed(argv)
+        assert (getattr(args, dest), args.config, args.overrides) == (3, "configs/demo.yaml", ["a.b=1", "c.d=2"]), argv

@@ -146,3 +146,33 @@ def test_paired_t_test_direction_and_undefined_cases():
     assert paired_t_test([0.3], [0.1], higher_is_better=True) is None  # one seed
     with pytest.raises(ValueError, match="2 treatment values, 1 control"):
         paired_t_test([1.0, 2.0], [1.0], higher_is_better=True)
+
+
+def test_curve_bands_are_the_seed_mean_and_std_and_the_paired_difference(tmp_path):
+    """Bands against numpy on hand-written logs: per step the mean and sample std over seeds, and
+    for the difference the arm minus the baseline seed by seed (a step one seed lacks is left out)."""
+    import numpy as np
+
+    from megajepa.compare import curve_bands, plot_curves
+
+    ce = {("next-token", 0): [3.0, 2.0, 1.5], ("next-token", 1): [3.2, 2.4, 1.1], ("next-token", 2): [2.9, 2.1, 1.3],
+          ("jepa", 0): [3.1, 2.2, 1.6], ("jepa", 1): [3.5, 2.5, 1.4], ("jepa", 2): [3.0, 2.6, 1.9]}  # fmt: skip
+    runs = []
+    for (arm, seed), values in ce.items():
+        out = tmp_path / f"{arm}-{seed}"
+        out.mkdir()
+        steps = [10, 20, 30] if (arm, seed) != ("jepa", 2) else [10, 20, 30, 40]  # one more step logged
+        rows = [{"step": t, "ce": v, **({"jepa": v / 10} if arm == "jepa" else {})} for t, v in zip(steps, values + [9])]
+        (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        runs.append(Run(arm, seed, str(out), []))
+    jepa, base = np.array([ce["jepa", s] for s in range(3)]), np.array([ce["next-token", s] for s in range(3)])
+    bands = curve_bands(runs, "ce")
+    assert bands["jepa"][0] == [10, 20, 30]
+    np.testing.assert_allclose(bands["jepa"][1], jepa.mean(axis=0))
+    np.testing.assert_allclose(bands["jepa"][2], jepa.std(axis=0, ddof=1))
+    steps, mean, std = curve_bands(runs, "ce", "next-token")["jepa"]
+    np.testing.assert_allclose(mean, (jepa - base).mean(axis=0))
+    np.testing.assert_allclose(std, (jepa - base).std(axis=0, ddof=1))
+    assert set(curve_bands(runs, "ce", "next-token")) == {"jepa"} and set(curve_bands(runs, "jepa")) == {"jepa"}
+    plot_curves(runs, str(tmp_path / "curves.png"))
+    assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -160,3 +160,58 @@ def test_entrypoint_runs_megajepa_with_the_arguments_unchanged(tmp_path, args):
     program, *received = out.stdout.decode().split("\0")[:-1]
     assert program == str(fake)
     assert received == args
+
+
+def test_base_image_is_a_build_argument():
+    keywords = [keyword for keyword, _ in instructions()]
+    first_from = keywords.index("FROM")
+    assert ("ARG", "BASE_IMAGE=nvidia/cuda:13.0.1-devel-ubuntu24.04") in instructions()[:first_from]
+    assert instructions()[first_from] == ("FROM", "${BASE_IMAGE}")
+
+
+def test_the_images_python_is_the_locks():
+    """The lock's wheels are for its interpreter: Ubuntu 24.04's python3 is 3.12, the lock's."""
+    wanted = re.search(r"Python (3\.\d+)", CUDA_LOCK.read_text().splitlines()[0]).group(1)
+    named = set(re.findall(r"python(3\.\d+)", " ".join(text for _, text in instructions())))
+    assert named <= {wanted}, f"the Dockerfile installs Python {named}, requirements/cuda.lock is for {wanted}"
+    assert f"Python {wanted}" in DOCKERFILE.read_text().splitlines()[0]
+
+
+@pytest.mark.parametrize("existing", [("ubuntu", "1000"), None])
+def test_the_user_step_frees_uid_1000_first(tmp_path, existing):
+    """The RUN that makes the image's user, run as written with user tools that log their calls:
+    Ubuntu 24.04's `ubuntu` (uid and gid 1000) is removed before megajepa takes uid 1000."""
+    step = next(text for keyword, text in instructions() if keyword == "RUN" and "useradd" in text)
+    log = tmp_path / "calls"
+    passwd = f"{existing[0]}:x:{existing[1]}:{existing[1]}::/home/{existing[0]}:/bin/bash" if existing else ""
+    tools = {
+        "getent": f'[ -n "{passwd}" ] && echo "{passwd}"',  # the user, and a group of the same name
+        "userdel": f'echo "userdel $*" >> {log}',
+        "groupdel": f'echo "groupdel $*" >> {log}',
+        "useradd": f'echo "useradd $*" >> {log}',
+    }
+    for name, body in tools.items():
+        (tmp_path / name).write_text(f"#!/usr/bin/env bash\n{body}\n")
+        (tmp_path / name).chmod(0o755)
+    env = dict(os.environ, PATH=f"{tmp_path}:{os.environ['PATH']}")
+    subprocess.run(["bash", "-o", "pipefail", "-c", step], env=env, check=True, timeout=10)
+    changes = log.read_text().splitlines()
+    removed = ["userdel --remove ubuntu", "groupdel ubuntu"] if existing else []
+    assert changes == [*removed, "useradd --create-home --shell /bin/bash --uid 1000 --user-group megajepa"]
+
+
+def test_the_build_context_leaves_out_the_venv_data_runs_and_history():
+    ignored = {line.strip() for line in (REPO / ".dockerignore").read_text().splitlines()}
+    assert {".git", ".venv", "data", "runs"} <= ignored
+    assert not {source for source, _ in copies()} & ignored
+
+
+def test_the_gpu_check_runs_in_the_image():
+    """scripts/gpu_check.sh runs the GPU tests: both are in the image, beside the package."""
+    copied = {source.rstrip("/") for source, _ in copies()}
+    assert {"megajepa", "tests", "scripts", "configs"} <= copied
+
+
+def test_rdma_userspace_for_nccl():
+    apt = " ".join(text for keyword, text in instructions() if keyword == "RUN" and "apt-get install" in text)
+    assert {"rdma-core", "libibverbs1", "ibverbs-providers", "librdmacm1"} <= set(apt.split())

@@ -15,13 +15,13 @@ from _train_utils import BIN, REPO, demo_overrides, free_port, run_train
 from megajepa.cli import main as cli
 from megajepa.eval import checkers
 from megajepa.eval.checkers import CHECKERS, checker_for, recognise
-from megajepa.eval.data import data_sources, load_eval_pairs
+from megajepa.eval.data import EvalPair, data_sources, load_eval_pairs
 from megajepa.eval.nlrx import difference_witness, nlrx_equivalent, parse
 from megajepa.eval.regex_check import regex_equivalent, discriminating_strings
 from megajepa.eval.regex_sampler import FILLER, UnsupportedSyntax, samples_of
 from megajepa.eval.regex_sampler import parse as parse_python_regex
 from megajepa.eval.latent import similarity_ranks
-from megajepa.eval.run import evaluate, load_model
+from megajepa.eval.run import default_max_new_tokens, evaluate, load_model
 from megajepa.export import export
 
 PAIRS = 8
@@ -101,9 +101,10 @@ def _chat_jsonl(path, system: str, pairs: list) -> str:
     return str(path)
 
 
-def test_eval_picks_each_files_checker(run, tmp_path, one_thread):
+def test_eval_picks_each_files_checker(run, tmp_path, one_thread, capsys):
     """Reference-format files through `megajepa eval`: the NL-RX system message gives nlrx, a
-    gsm8k file name gives gsm8k, --checker overrides both."""
+    gsm8k file name gives gsm8k, --checker overrides both; the table names the checker, and a
+    retrieval without a full batch (gsm8k's one pair) says why it is n/a."""
     synth = _chat_jsonl(tmp_path / "anything.jsonl", "Convert natural language to regular expression.",
                         [("lines with a number", ".*[0-9].*"), ("lines ending with dog", "(.*)(dog)")])
     gsm8k = _chat_jsonl(tmp_path / "gsm8k_test.jsonl", "You are helpful.", [("1 + 1?", "1 + 1 = 2\n#### 2")])
@@ -114,6 +115,20 @@ def test_eval_picks_each_files_checker(run, tmp_path, one_thread):
         records = [json.loads(line) for line in out.read_text().splitlines()]
         assert records and {r["checker"] for r in records} == {expected}
         assert all(isinstance(r["task_ok"], bool) and isinstance(r["startswith"], bool) for r in records)
+        printed = capsys.readouterr().out
+        assert f"| task checker ({expected} on {len(records)}) |" in printed
+        no_retrieval = "retrieval n/a: no batch of --batch-pairs 2 among 1 pairs (pass --batch-pairs 1 or fewer)"
+        assert (no_retrieval in printed) == (len(records) < 2)
+
+
+def test_default_generation_cap_fits_the_models_positions():
+    def pair(prompt: int, reply: int) -> EvalPair:
+        return EvalPair(0, {}, [1] * prompt, [2] * reply, "", "")
+
+    pairs = [pair(10, 40), pair(1000, 5)]
+    assert default_max_new_tokens(pairs) == 80  # twice the longest reference
+    assert default_max_new_tokens(pairs, positions=1024) == 1024 - 1000  # the longest prompt's room
+    assert default_max_new_tokens([pair(3, 4)], positions=1024) == 32
 
 
 @pytest.mark.slow

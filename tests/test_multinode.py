@@ -315,3 +315,24 @@ def test_one_epoch_consumes_every_sample_once(training):
     assert set(consumed) == expected, f"never consumed: {sorted(expected - set(consumed))[:10]}"
     assert max(consumed.values()) == 1, f"consumed twice: {sorted(k for k, n in consumed.items() if n > 1)[:10]}"
 
+
+
+@pytest.mark.parametrize(
+    "rank, local_rank, builds", [(0, "0", True), (1, "0", True), (1, "1", False), (3, None, False), (0, None, True)]
+)
+def test_embedded_data_is_built_by_the_first_rank_of_every_node(monkeypatch, rank, local_rank, builds):
+    """Node 1's first rank (global rank 1, LOCAL_RANK 0) builds the embedded data too: its disk (a
+    container's) has none of node 0's. Without a launcher (no LOCAL_RANK) rank 0 builds."""
+    from megajepa.config import load_config
+    from megajepa.data import embedded
+    from megajepa.train import setup
+
+    built, waited = [], []
+    monkeypatch.setattr(embedded, "ensure_embedded", lambda root, **options: built.append(root))
+    monkeypatch.setattr(setup.dist, "barrier", lambda: waited.append(1))
+    if local_rank is None:
+        monkeypatch.delenv("LOCAL_RANK", raising=False)
+    else:
+        monkeypatch.setenv("LOCAL_RANK", local_rank)
+    setup.prepare_embedded(load_config(str(REPO / CONFIG), []), rank)
+    assert built == (["data/demo"] if builds else []) and waited == [1]

@@ -235,3 +235,26 @@ def test_the_teachers_one_forward_per_step_counts_with_deep_accumulation(llama_o
     teacher_rows = 32 * tokens / 2 * deep.dims.layer_activation_bytes()
     assert deep.peak_bytes(tokens, True, True) == deep.state_bytes() + sum(deep.buffers.values()) + teacher_rows
     assert deep.peak_bytes(tokens, True, True) > shallow.peak_bytes(tokens, True, True)
+
+
+def test_plan_needs_no_tokenizer_directory_with_vocab_size(capsys, monkeypatch, llama_overrides):
+    """The configs' Llama 3 tokenizer is not here: --vocab-size alone plans as a run with one would."""
+    from megajepa.cli import main
+
+    monkeypatch.chdir(REPO)
+    argv = ["plan", "configs/llama-1b.yaml", "--gpus", "8", "--gpu-memory", "80", "--vocab-size", str(LLAMA3_VOCAB)]
+    assert main(argv) == 0
+    without = capsys.readouterr().out
+    assert main([*argv, *llama_overrides]) == 0
+    plan = capsys.readouterr().out
+    # the first plan in a process may follow DeepSpeed's "Setting accelerator to CPU" line
+    assert without[without.index("# Memory plan"):] == plan[plan.index("# Memory plan"):]
+
+
+def test_readme_and_config_figures_are_the_plans():
+    """README's table of the Llama configs and their "Token budget" comments are what `megajepa
+    plan` prints now (scripts/plan_figures.py writes them; --check compares)."""
+    result = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "plan_figures.py"), "--check"], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr[-2000:]

@@ -5,10 +5,11 @@ import time
 
 import numpy as np
 import pytest
+import streaming
 from streaming import StreamingDataset
 from transformers import AutoTokenizer
 
-from megajepa.data import embedded, prepare as prepare_module
+from megajepa.data import embedded
 from megajepa.data.embedded import ensure_embedded, ensure_tokenizer
 from megajepa.data.fingerprint import FINGERPRINT_FILE, check_fingerprint, file_sha256, tokenizer_hash
 from megajepa.data.prepare import BadInput, BadRecord, main, prepare, split_text
@@ -151,6 +152,29 @@ def test_field_overrides_detection_hellaswag_style(tmp_path, tokenizer_dir, toke
     check_view(tokenizer, samples[0], "user", text[0])
     check_view(tokenizer, samples[0], "assistant", code[0])
 
+
+
+def test_hellaswag_views_are_detected_without_field(tmp_path, tokenizer_dir, tokenizer, capsys):
+    """Generated hellaswag-like records (the reference's layout: `messages` ending in a letter, the
+    views under `text` and `code`) give without --field what --field view_a=text view_b=code gives."""
+    records = []
+    for i in range(6):
+        context, ending = f"A man walks to the car number {i}.", f"He opens door {i} and sits down."
+        records.append({
+            "messages": [{"role": "system", "content": "Pick the ending."},
+                         {"role": "user", "content": f"{context} A: x B: {ending} C: y D: z"},
+                         {"role": "assistant", "content": "ABCD"[i % 4]}],
+            "text": [{"role": "user", "content": context}],
+            "code": [{"role": "assistant", "content": ending}],
+        })  # fmt: skip
+    path = write_lines(tmp_path / "hellaswag_train.jsonl", records)
+    named = run([path], tmp_path / "named", tokenizer_dir, field_map={"view_a": "text", "view_b": "code"})
+    assert "views of their own" not in capsys.readouterr().err  # --field chose them
+    detected = run([path], tmp_path / "detected", tokenizer_dir)
+    assert "6 record(s) hold views of their own" in capsys.readouterr().err
+    for a, b in zip(read_back(named["out"]), read_back(detected["out"]), strict=True):
+        assert all(np.array_equal(a[key], b[key]) for key in a), a["sample_id"]
+    check_view(tokenizer, read_back(detected["out"])[0], "assistant", records[0]["code"][0])  # not the letter
 
 def test_plain_format_is_the_references_plain_train_all(tmp_path, tokenizer_dir, tokenizer):
     record = {"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "one way to say it"},
@@ -308,7 +332,7 @@ def test_reruns_are_byte_identical(tmp_path, chat_jsonl, tokenizer_dir):
 
 @pytest.mark.parametrize("error", [KeyboardInterrupt, RuntimeError])
 def test_an_interrupted_run_leaves_no_dataset(tmp_path, chat_jsonl, tokenizer_dir, monkeypatch, error):
-    class FailingWriter(prepare_module.MDSWriter):
+    class FailingWriter(streaming.MDSWriter):
         writes = 0
 
         def write(self, sample):
@@ -317,7 +341,7 @@ def test_an_interrupted_run_leaves_no_dataset(tmp_path, chat_jsonl, tokenizer_di
                 raise error("interrupted")
             super().write(sample)
 
-    monkeypatch.setattr(prepare_module, "MDSWriter", FailingWriter)
+    monkeypatch.setattr(streaming, "MDSWriter", FailingWriter)  # prepare imports it when it runs
     with pytest.raises(error):
         run([chat_jsonl], tmp_path / "out", tokenizer_dir, shard_size_limit=500)  # shards already flushed
     assert leftovers(tmp_path, "out") == []
@@ -357,14 +381,19 @@ def test_builders_wait_for_the_lock_holder(tmp_path):
     assert os.path.isdir(os.path.join(root, "tokenizer"))
 
 
-def test_default_tokenizer_is_the_embedded_one(tmp_path, monkeypatch):
-    """`megajepa prepare` without --tokenizer uses the embedded one (prepare() itself takes none)."""
+def test_default_tokenizer_is_the_embedded_one(tmp_path, monkeypatch, capsys):
+    """`megajepa prepare` without --tokenizer uses the embedded one (prepare() itself takes none),
+    says so, and checks its input before building it."""
     from megajepa.cli import main as cli
 
     monkeypatch.chdir(tmp_path)
     path = write_lines(tmp_path / "in.jsonl", [{"view_a": "a", "view_b": "b"}])
     assert main([path, "--out", str(tmp_path / "refused")]) == 2  # no default outside the CLI
+    assert cli(["prepare", "missing.jsonl", "--out", str(tmp_path / "out")]) == 2
+    assert "no such input file or directory: missing.jsonl" in capsys.readouterr().err
+    assert not os.path.exists("data")  # nothing built for a run that cannot start
     assert cli(["prepare", path, "--out", str(tmp_path / "out"), "--no-progress"]) == 0
+    assert f"using the demo tokenizer at {os.path.join('data', 'demo', 'tokenizer')}" in capsys.readouterr().err
     tokenizer = AutoTokenizer.from_pretrained(os.path.join("data", "demo", "tokenizer"))
     check_fingerprint(str(tmp_path / "out"), tokenizer)
 

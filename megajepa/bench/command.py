@@ -18,6 +18,7 @@ import os
 import subprocess
 import sys
 
+from megajepa.arguments import nproc_parent
 from megajepa.bench.modes import MODES, ORDERS, BenchSettings, validate
 from megajepa.config import ConfigError, load_config, to_dict
 from megajepa.files import write_text
@@ -33,7 +34,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     defaults = BenchSettings()
     parser = argparse.ArgumentParser(
         prog="megajepa bench",
-        description="Time per pair, tokens/s, FLOPs/MFU and memory of the training modes, side by side.",
+        description="Time per pair, tokens/s, FLOPs/MFU and memory of the training modes, side by side. "
+        "`megajepa bench kernels --help`: the kernel benchmark instead.",
+        parents=[nproc_parent(None, "for the modes when launching itself; default: 2 on CPU, one per GPU")],
     )
     parser.add_argument("config", help="YAML config, e.g. configs/demo.yaml")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.pairs_per_batch=16")
@@ -46,10 +49,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "auto: sequence on GPU, alternate on CPU",
     )  # fmt: skip
     parser.add_argument("--out", default="runs/bench", help="directory for bench.md, bench.json, time_per_pair.png")
-    parser.add_argument(
-        "--nproc", type=int, default=None,
-        help="ranks for the modes when launching itself (default: 2 on CPU, one per GPU)",
-    )  # fmt: skip
     parser.add_argument(
         "--scaling", default="1,2,4",
         help="world sizes for the model-state table when launching itself ('none': skip; on GPU up to one per GPU)",
@@ -68,8 +67,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         args.scaling = () if args.scaling == "none" else tuple(sorted({int(w) for w in args.scaling.split(",")}))
     except ValueError:
         parser.error(f"--scaling: expected world sizes like 1,2,4 or 'none', got {args.scaling!r}")
-    if (args.nproc is not None and args.nproc < 1) or any(w < 1 for w in args.scaling):
-        parser.error("--nproc and --scaling need world sizes >= 1")
+    if any(w < 1 for w in args.scaling):
+        parser.error("--scaling needs world sizes >= 1")
     return args
 
 
@@ -169,7 +168,23 @@ def launch(cfg, args, argv: list[str]) -> int:
     return 0
 
 
+def kernels_main(argv: list[str]) -> int:
+    """`megajepa bench kernels`: the fused kernels against their torch references."""
+    parser = argparse.ArgumentParser(
+        prog="megajepa bench kernels", description="Time the fused Triton kernels against their torch references."
+    )
+    parser.add_argument("--sizes", type=int, nargs="+", help="elements per case (default: by device)")
+    parser.add_argument("--json", dest="json_path", help="also write the results to this JSON file")
+    args = parser.parse_args(argv)
+    from megajepa.kernels.bench import run  # imports torch: after the arguments
+
+    run(args.sizes, args.json_path)
+    return 0
+
+
 def main(argv: list[str]) -> int:
+    if argv[:1] == ["kernels"]:
+        return kernels_main(argv[1:])
     args = parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)

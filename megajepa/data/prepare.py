@@ -25,8 +25,9 @@ preparation serves every k. Input records, recognised per record (or fixed with 
             sequence is the user content and the eos token, the views the two contents
 
 `--field NAME=COLUMN` takes NAME (messages, view_a, view_b, text) from COLUMN and wins over what a
-record happens to hold: `--field view_a=text --field view_b=code` gives hellaswag's records, whose
-views are message lists of their own, beside `messages` for the conversation. A directory input is
+record happens to hold. A chat record with message lists under `text` and `code` (the reference's
+hellaswag, whose `messages` end in a letter A-D) takes its views from them without --field, and
+the run says how many records did. A directory input is
 a local Hugging Face dataset (saved with save_to_disk, or a directory of data files for
 load_dataset). Sources are `FILE:LINE` (1-based) for JSONL and `DIR:ROW` (0-based) for datasets.
 
@@ -53,11 +54,9 @@ from collections import Counter
 from typing import Callable, Iterable, Iterator, Optional, Union
 
 import numpy as np
-from streaming import MDSWriter
 from tqdm import tqdm
 
 from megajepa.data.fingerprint import FORMAT_VERSION, file_sha256, tokenizer_hash, write_fingerprint
-from megajepa.data.loader import write_record_lengths
 from megajepa.data.tokenizer import ROLES, chat_template, load_tokenizer
 from megajepa.files import staged_directory
 
@@ -234,6 +233,7 @@ class RecordEncoder:
         self.input_format = input_format
         self.field_map = field_map or {}
         self.text_split = text_split
+        self.views_detected = 0  # records whose views came from their own text/code (hellaswag's)
 
     def __call__(self, record: dict) -> tuple[dict, bool]:
         """(the sample's columns, whether a sequence was cut at max_length)."""
@@ -318,6 +318,9 @@ class RecordEncoder:
             if column not in record:
                 raise BadRecord("missing_field", f"missing field '{column}' (--field {name}={column})")
             fields[name] = record[column]
+        if "messages" in fields and not {"view_a", "view_b"} & set(fields) and _views_of_their_own(record):
+            fields["view_a"], fields["view_b"] = record["text"], record["code"]
+            self.views_detected += 1
         kind = self.input_format if self.input_format != "auto" else self._detect(fields)
         if kind == "text":
             prefix, continuation = split_text(_string_field(fields, "text"), self.text_split)
@@ -361,6 +364,16 @@ class RecordEncoder:
         if "text" in fields:
             return "text"
         raise BadRecord("missing_field", "no 'messages', 'view_a'/'view_b' or 'text' field (see --format, --field)")
+
+
+def _views_of_their_own(record: dict) -> bool:
+    """Whether a chat record carries the reference's own views beside `messages`: message lists
+    under `text` and `code` (hellaswag's, whose messages' last user turn and reply are the question
+    and a letter A-D: the reference's JEPA views are text and code)."""
+    return all(
+        isinstance(record.get(name), list) and record[name] and all(isinstance(m, dict) for m in record[name])
+        for name in ("text", "code")
+    )
 
 
 def _messages(value, name: str) -> list[dict]:
@@ -494,6 +507,11 @@ def prepare(
         raise ValueError(f"text_split={text_split}: expected a fraction strictly between 0 and 1")
     if max_length < 0:
         raise ValueError(f"max_length={max_length}: expected 0 (no limit) or a positive number of tokens")
+    # imported here, not at the top: `megajepa prepare --help` and argument errors stay instant
+    from streaming import MDSWriter
+
+    from megajepa.data.loader import write_record_lengths
+
     with staged_directory(out_dir, overwrite) as staging:
         sources = [open_input(path, split) for path in inputs]
         tokenizer = load_tokenizer(tokenizer_dir)
@@ -511,6 +529,10 @@ def prepare(
             raise
         finally:
             skip.close()
+        if encoder.views_detected:
+            print(f"megajepa prepare: {encoder.views_detected} record(s) hold views of their own (`text`, `code` "
+                  "message lists, as the reference's hellaswag): used as view_a and view_b "
+                  "(--field view_a=COLUMN --field view_b=COLUMN to take others)", file=sys.stderr)
         written = len(lengths["full"])
         fingerprint = {
             "format_version": FORMAT_VERSION,
@@ -626,11 +648,19 @@ def main(argv: list[str], default_tokenizer: Optional[Callable[[], str]] = None)
     if args.tokenizer is None and default_tokenizer is None:
         print("megajepa prepare: error: --tokenizer DIR is required", file=sys.stderr)
         return 2
+    missing = [path for path in args.inputs if not os.path.exists(path)]
+    if missing:  # before the default tokenizer is built, which takes a while the first time
+        print(f"megajepa prepare: error: no such input file or directory: {', '.join(missing)}", file=sys.stderr)
+        return 2
+    tokenizer = args.tokenizer
+    if tokenizer is None:
+        tokenizer = default_tokenizer()
+        print(f"megajepa prepare: no --tokenizer: using the demo tokenizer at {tokenizer}", file=sys.stderr)
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     return exit_code("megajepa prepare", lambda: prepare(
         args.inputs,
         args.out,
-        args.tokenizer or default_tokenizer(),
+        tokenizer,
         strict=args.strict,
         max_length=args.max_length,
         overlength=args.overlength,

@@ -39,12 +39,9 @@ from dataclasses import dataclass, field
 from typing import Iterator, Optional, Union
 
 import numpy as np
-from streaming import MDSWriter
-from streaming.base.util import merge_index
 from tqdm import tqdm
 
 from megajepa.data.fingerprint import FORMAT_VERSION, file_sha256, tokenizer_hash, write_fingerprint
-from megajepa.data.loader import RECORD_LENGTHS_FILE, write_record_lengths
 from megajepa.data.prepare import MAX_REPORTED, BadInput, BadRecord, DatasetInput, exit_code
 from megajepa.data.tokenizer import load_tokenizer
 from megajepa.files import staged_directory
@@ -232,6 +229,10 @@ def _init_process(tokenizer_dir: str, progress) -> None:
 
 def write_part(part: Part, options: Options, out_root: str) -> PartResult:
     """Tokenize one part into out_root/part-NNNNN (MDS + its record lengths)."""
+    from streaming import MDSWriter  # here, not at the top: `megajepa prepare-text --help` stays instant
+
+    from megajepa.data.loader import RECORD_LENGTHS_FILE
+
     tokenizer = _worker["tokenizer"]
     eos = tokenizer.eos_token_id
     result = PartResult(part.index)
@@ -355,6 +356,10 @@ def prepare_text(
     Raises BadInput (a bad record under strict, or no usable record), FileNotFoundError,
     FileExistsError (out_dir not empty and not overwrite) or ValueError (bad options).
     """
+    from streaming.base.util import merge_index  # here, not at the top: --help stays instant
+
+    from megajepa.data.loader import RECORD_LENGTHS_FILE, write_record_lengths
+
     if not inputs:
         raise ValueError("no inputs given")
     for name, value in (("workers", workers), ("max_tokens", max_tokens), ("part_bytes", part_bytes),

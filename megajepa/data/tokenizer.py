@@ -22,9 +22,6 @@ from __future__ import annotations
 import os
 from typing import Iterable, Sequence
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import PreTrainedTokenizerFast
-
 PAD, BOS, END = "<|pad|>", "<|bos|>", "<|end|>"
 ROLES = ("system", "user", "assistant")
 ROLE_HEADERS = tuple(f"<|{role}|>" for role in ROLES)
@@ -46,8 +43,12 @@ def _pred_tokens(k: int) -> list[str]:
     return [PRED_TOKEN_FORMAT.format(i) for i in range(k)]
 
 
-def train_tokenizer(texts: Iterable[str], out_dir: str, vocab_size: int = 2048) -> PreTrainedTokenizerFast:
-    """Train the byte-level BPE on `texts` and save it as an HF tokenizer directory at out_dir."""
+def train_tokenizer(texts: Iterable[str], out_dir: str, vocab_size: int = 2048):
+    """Train the byte-level BPE on `texts` and save it as an HF tokenizer directory at out_dir
+    (a PreTrainedTokenizerFast; transformers is imported here, not by `megajepa prepare --help`)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
     special = [PAD, BOS, END, *ROLE_HEADERS, *_pred_tokens(RESERVED_PRED_TOKENS)]
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

@@ -7,7 +7,8 @@ The pairs are cut into batches of --batch-pairs; rank r of W takes batches r, r 
 numbers do not depend on the number of ranks. Per batch:
 
   - generation: greedy decoding of view B from the prompt (view A alone), capped at
-    --max-new-tokens (default: twice the longest reference, at least 32); exact match after
+    --max-new-tokens (default: twice the longest reference, at least 32, no more than the model's
+    positions leave after the longest prompt); exact match after
     whitespace normalisation, the task checker recognised from the data or named by --checker
     (megajepa.eval.checkers), whether the generation starts with the reference (the reference's
     --startswith score), and whether decoding stopped by itself;
@@ -188,8 +189,13 @@ def summarize(records: list[dict], totals: dict) -> dict:
     }
 
 
-def default_max_new_tokens(pairs: Sequence[EvalPair]) -> int:
-    return max(32, 2 * max(len(p.view_b) for p in pairs))
+def default_max_new_tokens(pairs: Sequence[EvalPair], positions: Optional[int] = None) -> int:
+    """Twice the longest reference, at least 32; with `positions` (the model's
+    max_position_embeddings) no more than the longest prompt leaves of them."""
+    wanted = max(32, 2 * max(len(p.view_b) for p in pairs))
+    if positions is None:
+        return wanted
+    return max(1, min(wanted, positions - max(len(p.view_a) for p in pairs)))
 
 
 def evaluate(
@@ -208,7 +214,8 @@ def evaluate(
     if batch_pairs < 2:
         raise ValueError(f"--batch-pairs must be at least 2 (retrieval needs candidates), got {batch_pairs}")
     rank, world = dist.rank(), dist.world_size()
-    max_new_tokens = max_new_tokens or default_max_new_tokens(pairs)
+    positions = getattr(loaded.model.lm.config, "max_position_embeddings", None)
+    max_new_tokens = max_new_tokens or default_max_new_tokens(pairs, positions)
     start = time.perf_counter()
     records, totals = evaluate_shard(
         loaded,
@@ -238,12 +245,25 @@ def evaluate(
     return {"metrics": summarize(records, totals), "settings": settings, "records": records}
 
 
-def format_table(metrics: dict) -> str:
+def format_table(metrics: dict, settings: dict) -> str:
+    """The metrics; the task checker's row names the checker(s) that ran and on how many pairs."""
+    ran = ", ".join(f"{name} on {count}" for name, count in sorted(settings["checkers"].items())) or "none ran"
     lines = ["| metric | value |", "|---|---:|"]
     for name, (label, _) in METRICS.items():
         value = metrics.get(name)
+        label = f"{label} ({ran})" if name == "task_accuracy" else label
         lines.append(f"| {label} | {'n/a' if value is None else f'{value:.4f}'} |")
     return "\n".join(lines)
+
+
+def retrieval_note(settings: dict) -> str:
+    """Retrieval counts full batches only (every query among --batch-pairs candidates): why it is n/a."""
+    if settings["retrieval_queries"]:
+        return f"retrieval among {settings['batch_pairs']} candidates ({settings['retrieval_queries']} queries)"
+    return (
+        f"retrieval n/a: no batch of --batch-pairs {settings['batch_pairs']} among {settings['pairs']} pairs "
+        f"(pass --batch-pairs {settings['pairs']} or fewer)"
+    )
 
 
 def _init_distributed() -> tuple[int, int, torch.device]:
@@ -275,11 +295,10 @@ def main(args) -> int:
     )
     if rank == 0:
         settings = result["settings"]
-        print(format_table(result["metrics"]))
+        print(format_table(result["metrics"], settings))
         print(
             f"\n{settings['pairs']} pairs on {settings['ranks']} rank(s) in {settings['seconds']:.1f} s; "
-            f"retrieval among {settings['batch_pairs']} candidates ({settings['retrieval_queries']} queries); "
-            f"at most {settings['max_new_tokens']} new tokens"
+            f"{retrieval_note(settings)}; at most {settings['max_new_tokens']} new tokens"
         )
         if args.json:
             report = {"metrics": result["metrics"], "settings": settings, "data": args.data}

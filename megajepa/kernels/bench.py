@@ -1,6 +1,6 @@
 """Benchmark of the fused kernels against their torch references.
 
-    python -m megajepa.kernels.bench [--sizes 1048576 16777216] [--json PATH]      (also `megajepa bench kernels`)
+    megajepa bench kernels [--sizes 1048576 16777216] [--json PATH]      (arguments: megajepa.bench.command)
 
 Each size is a number of elements: the EMA updates a flat shard of that many parameters; the latent
 loss (cosine, forward + backward, stop-gradient target, bf16) runs on [size // HIDDEN, HIDDEN].
@@ -9,7 +9,6 @@ kernel and the reference, so it is an effective bandwidth and the speed-up is th
 Without a GPU only the references are timed: the Triton path needs CUDA.
 """
 
-import argparse
 import json
 import os
 import statistics
@@ -178,15 +177,3 @@ def _write_json_atomically(report: Dict, path: str) -> None:
         json.dump(report, f, indent=2)
     os.replace(partial, path)
 
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description="Time the fused Triton kernels against their torch references.")
-    parser.add_argument("--sizes", type=int, nargs="+", help="elements per case (default: by device)")
-    parser.add_argument("--json", dest="json_path", help="also write the results to this JSON file")
-    args = parser.parse_args(argv)
-    run(args.sizes, args.json_path)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -64,10 +64,12 @@ def init_distributed() -> tuple[int, int, int]:
 
 
 def prepare_embedded(cfg: Config, rank: int) -> None:
-    """Generate and prepare the embedded default data once (rank 0 builds, the others wait)."""
+    """Generate and prepare the embedded default data once per node: each node's first rank builds
+    it (a node's own disk, e.g. a container's, has none of the others'), the others wait. Nodes
+    that share the directory take turns on its file lock and find it built."""
     if cfg.data.embedded is None:
         return
-    if rank == 0:
+    if int(os.environ.get("LOCAL_RANK", rank)) == 0:
         from megajepa.data.embedded import ensure_embedded
 
         ensure_embedded(cfg.data.embedded, max_length=cfg.data.max_length)
