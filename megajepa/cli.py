@@ -52,6 +52,7 @@ def cmd_config(args) -> int:
 
 def cmd_train(args) -> int:
     cfg = _load(args, run=True)
+    from megajepa.data.shard_hashes import CorruptShard
     from megajepa.train.checkpoint import CheckpointMismatch
     from megajepa.train.resume_policy import ResumeRefused
     from megajepa.train.trainer import TrainingDiverged, train
@@ -62,6 +63,9 @@ def cmd_train(args) -> int:
             print("\n" + summary_table(summary), flush=True)
     except (CheckpointMismatch, ResumeRefused) as err:  # a refusal, before any training: no traceback
         print(f"megajepa train: {type(err).__name__}: {err}", file=sys.stderr)
+        return 2
+    except CorruptShard as err:  # on the rank that opened it (from a DataLoader worker: reduced to its line)
+        print(f"megajepa train: CorruptShard: {err.one_line()}", file=sys.stderr)
         return 2
     except TrainingDiverged as err:
         print(f"megajepa train: {type(err).__name__}: {err}", file=sys.stderr)

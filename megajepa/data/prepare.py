@@ -58,6 +58,7 @@ from tqdm import tqdm
 
 from megajepa.data.fingerprint import FORMAT_VERSION, file_sha256, tokenizer_hash, write_fingerprint
 from megajepa.data.loader import write_record_lengths
+from megajepa.data.shard_hashes import SHARD_HASHES
 from megajepa.data.tokenizer import ROLES, chat_template, load_tokenizer
 from megajepa.files import staged_directory
 
@@ -500,7 +501,9 @@ def prepare(
         encoder = RecordEncoder(tokenizer, max_length, overlength, input_format, field_map, text_split)
         skip = _SkipReporter()
         started = time.perf_counter()
-        writer = MDSWriter(out=staging, columns=COLUMNS, compression="zstd", size_limit=shard_size_limit)
+        writer = MDSWriter(
+            out=staging, columns=COLUMNS, compression="zstd", hashes=SHARD_HASHES, size_limit=shard_size_limit
+        )
         try:
             read, lengths, cut = _write_records(sources, encoder, writer, strict, skip, progress)
             if not lengths["full"]:

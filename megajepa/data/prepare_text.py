@@ -46,6 +46,7 @@ from tqdm import tqdm
 from megajepa.data.fingerprint import FORMAT_VERSION, file_sha256, tokenizer_hash, write_fingerprint
 from megajepa.data.loader import RECORD_LENGTHS_FILE, write_record_lengths
 from megajepa.data.prepare import MAX_REPORTED, BadInput, BadRecord, DatasetInput, exit_code
+from megajepa.data.shard_hashes import SHARD_HASHES
 from megajepa.data.tokenizer import load_tokenizer
 from megajepa.files import staged_directory
 
@@ -253,7 +254,8 @@ def write_part(part: Part, options: Options, out_root: str) -> PartResult:
         _worker["progress"](len(pending))
         pending.clear()
 
-    with MDSWriter(out=out, columns=COLUMNS, compression="zstd", size_limit=options.shard_size_limit) as writer:
+    with MDSWriter(out=out, columns=COLUMNS, compression="zstd", hashes=SHARD_HASHES,
+                   size_limit=options.shard_size_limit) as writer:
         for source, text in read_documents(part, options):
             result.documents += 1
             if isinstance(text, str) and not text.strip():
