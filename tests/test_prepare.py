@@ -1,3 +1,4 @@
+import errno
 import json
 import os
 import threading
@@ -320,6 +321,19 @@ def test_an_interrupted_run_leaves_no_dataset(tmp_path, chat_jsonl, tokenizer_di
     monkeypatch.setattr(prepare_module, "MDSWriter", FailingWriter)
     with pytest.raises(error):
         run([chat_jsonl], tmp_path / "out", tokenizer_dir, shard_size_limit=500)  # shards already flushed
+    assert leftovers(tmp_path, "out") == []
+
+
+def test_a_full_disk_is_one_line_and_leaves_nothing(tmp_path, chat_jsonl, tokenizer_dir, monkeypatch, capsys):
+    class FullDisk(prepare_module.MDSWriter):
+        def flush_shard(self):  # where the shard file is written
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), os.path.join(self.local, "shard.00000.mds.zstd"))
+
+    monkeypatch.setattr(prepare_module, "MDSWriter", FullDisk)
+    out = tmp_path / "out"
+    code = main([chat_jsonl, "--out", str(out), "--tokenizer", tokenizer_dir, "--no-progress", "--shard-size", "500"])
+    assert code == 2
+    assert capsys.readouterr().err == f"megajepa prepare: error: no space left on device: {out}\n"
     assert leftovers(tmp_path, "out") == []
 
 

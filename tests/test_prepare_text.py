@@ -1,7 +1,9 @@
 """`megajepa prepare-text`: plain text -> CE-only schema-v2 records, the same bytes for any number
 of processes, bad records by FILE:LINE, HF datasets by DIR:ROW, read back by the loader."""
 
+import errno
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +15,7 @@ from tokenizers.pre_tokenizers import Whitespace
 from transformers import PreTrainedTokenizerFast
 
 from megajepa.cli import main as cli_main
+from megajepa.data import prepare_text as prepare_text_module
 from megajepa.data.fingerprint import FINGERPRINT_FILE
 
 from megajepa.data.loader import RECORD_LENGTHS_FILE, build_loader, decode_record
@@ -135,6 +138,20 @@ def test_cli_error_names_the_command(tokenizer_dir, tmp_path, capsys):
     code = cli_main(["prepare-text", str(missing), "--out", str(tmp_path / "out"), "--tokenizer", tokenizer_dir])
     assert code == 2
     assert capsys.readouterr().err == f"megajepa prepare-text: error: no such input file or directory: {missing}\n"
+
+
+def test_a_full_disk_in_a_worker_is_one_line_and_leaves_nothing(corpus, tokenizer_dir, tmp_path, monkeypatch, capsys):
+    class FullDisk(prepare_text_module.MDSWriter):
+        def flush_shard(self):  # where the shard file is written, here in a worker process
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), os.path.join(self.local, "shard.00000.mds.zstd"))
+
+    monkeypatch.setattr(prepare_text_module, "MDSWriter", FullDisk)
+    out = tmp_path / "out"
+    code = cli_main(["prepare-text", str(corpus), "--out", str(out), "--tokenizer", tokenizer_dir, "--workers", "2",
+                     "--part-bytes", "500", "--no-progress"])
+    assert code == 2
+    assert capsys.readouterr().err == f"megajepa prepare-text: error: no space left on device: {out}\n"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith("out")] == []
 
 
 def test_hf_dataset_rows_and_cli(tokenizer_dir, tmp_path, capsys):

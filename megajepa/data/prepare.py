@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import errno
 import json
 import os
 import re
@@ -603,10 +604,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def exit_code(command: str, work: Callable[[], object]) -> int:
-    """Runs one prepare command's `work`: 0, or 2 with the reason on stderr, no traceback, for input
-    it cannot use. BadInput's message names the record already (FILE:LINE: reason); the other
-    errors get the command's name in front, as argparse's do. Shared by prepare and prepare-text."""
+def exit_code(command: str, work: Callable[[], object], out_dir: str) -> int:
+    """Runs one prepare command's `work` writing `out_dir`: 0, or 2 with the reason on stderr, no
+    traceback, for input it cannot use or a full disk. BadInput's message names the record already
+    (FILE:LINE: reason); the other errors get the command's name in front, as argparse's do. Shared
+    by prepare and prepare-text."""
     try:
         work()
     except BadInput as err:
@@ -614,6 +616,13 @@ def exit_code(command: str, work: Callable[[], object]) -> int:
         return 2
     except (ValueError, FileNotFoundError, FileExistsError) as err:
         print(f"{command}: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        if err.errno != errno.ENOSPC:
+            raise
+        # a file in the staging directory (removed by now) is the output's disk that is full
+        staged = err.filename is None or os.path.abspath(err.filename).startswith(os.path.abspath(out_dir) + ".tmp-")
+        print(f"{command}: error: no space left on device: {out_dir if staged else err.filename}", file=sys.stderr)
         return 2
     return 0
 
@@ -644,7 +653,7 @@ def main(argv: list[str], default_tokenizer: Optional[Callable[[], str]] = None)
         split=args.split,
         overwrite=args.overwrite,
         progress=not args.no_progress,
-    ))
+    ), args.out)
 
 
 if __name__ == "__main__":

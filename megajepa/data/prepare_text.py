@@ -466,7 +466,7 @@ def main(argv: list[str]) -> int:
         text_field=args.field, split=args.split, strict=args.strict, overwrite=args.overwrite,
         part_bytes=args.part_bytes, rows_per_part=args.rows_per_part, shard_size_limit=args.shard_size,
         progress=not args.no_progress,
-    ))
+    ), args.out)
 
 
 if __name__ == "__main__":
