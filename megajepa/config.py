@@ -343,6 +343,9 @@ def _validate(cfg: Config, sources: list[tuple[str, DictConfig]]) -> None:
         _fail("jepa.last_token", f"an offset from the end of each view must be negative, got {cfg.jepa.last_token}", sources)
     if cfg.jepa.objective == "stp":
         _validate_stp(cfg, sources)
+    elif cfg.jepa.lambda_ > 0 and cfg.jepa.predictor == "tokens" and 0 < cfg.data.max_length <= cfg.jepa.k:
+        _fail("jepa.k", f"{cfg.jepa.k} [PRED] tokens fill a view cut at data.max_length={cfg.data.max_length} "
+              f"tokens, leaving none of its content: keep jepa.k below data.max_length", sources)
     _validate_sources(cfg, sources)
     lora = cfg.model.lora
     if lora.alpha is not None and not (math.isfinite(lora.alpha) and lora.alpha > 0):

@@ -146,6 +146,8 @@ def test_deepspeed_builds_torchs_adamw_from_the_derived_json_never_its_own_ops(c
         ("model.pretrained=/nonexistent/model", "model.pretrained: /nonexistent/model: no such directory"),
         ("train.resume=/nonexistent/step1", "train.resume: '/nonexistent/step1' is neither none, auto, restart"),
         ("train.resume_allow=[train.output_dir]", "train.resume_allow: 'train.output_dir' cannot be allowed"),
+        ("jepa.k=100000", "jepa.k: 100000 [PRED] tokens fill a view cut at data.max_length=160 tokens"),
+        ("jepa.k=160", "jepa.k: 160 [PRED] tokens fill a view cut at data.max_length=160 tokens"),
     ],
 )
 def test_values_that_used_to_fail_inside_training_fail_at_config_time(override, fragment):
@@ -153,6 +155,12 @@ def test_values_that_used_to_fail_inside_training_fail_at_config_time(override, 
         load_config(DEMO, [override])
     assert str(err.value).startswith("command line: ")
     assert fragment in str(err.value)
+
+
+def test_k_is_bounded_by_max_length_only_where_the_views_carry_pred_tokens():
+    assert load_config(DEMO, ["jepa.k=159"]).jepa.k == 159  # one content token left in a view of 160
+    assert load_config(DEMO, ["jepa.k=100000", "data.max_length=0"]).jepa.k == 100000  # rows checked against the data
+    assert load_config(DEMO, ["jepa.k=100000", "jepa.lambda_=0"]).jepa.k == 100000  # no views: k unused
 
 
 def test_missing_tokenizer_is_named_unless_embedded_data_builds_it(tmp_path):

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import logging
 import multiprocessing
 import os
@@ -45,7 +44,7 @@ from tqdm import tqdm
 
 from megajepa.data.fingerprint import FORMAT_VERSION, file_sha256, tokenizer_hash, write_fingerprint
 from megajepa.data.loader import RECORD_LENGTHS_FILE, write_record_lengths
-from megajepa.data.prepare import MAX_REPORTED, BadInput, BadRecord, DatasetInput, exit_code
+from megajepa.data.prepare import MAX_REPORTED, BadInput, BadRecord, DatasetInput, exit_code, parse_json_line
 from megajepa.data.shard_hashes import SHARD_HASHES
 from megajepa.data.tokenizer import load_tokenizer
 from megajepa.files import staged_directory
@@ -188,8 +187,7 @@ def read_documents(part: Part, options: Options) -> Iterator[tuple[str, Union[st
             continue
         source = f"{part.path}:{number}"
         try:
-            text = line.decode("utf-8")
-            yield source, _text_of(json.loads(text), options.text_field) if part.kind == "jsonl" else text
+            yield source, _text_of(parse_json_line(line), options.text_field) if part.kind == "jsonl" else line.decode("utf-8")
         except BadRecord as bad:
             yield source, bad
         except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
