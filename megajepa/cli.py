@@ -54,6 +54,8 @@ def cmd_config(args) -> int:
 
 def cmd_train(args) -> int:
     cfg = _load(args, run=True)
+    from megajepa.data.fingerprint import FingerprintMismatch
+    from megajepa.data.shard_hashes import CorruptShard
     from megajepa.train.checkpoint import CheckpointMismatch
     from megajepa.train.resume_policy import ResumeRefused
     from megajepa.train.trainer import TrainingDiverged, train
@@ -62,8 +64,13 @@ def cmd_train(args) -> int:
         summary = train(cfg)
         if int(os.environ.get("RANK", "0")) == 0:
             print("\n" + summary_table(summary), flush=True)
-    except (CheckpointMismatch, ResumeRefused) as err:  # a refusal, before any training: no traceback
+    # a refusal, before any training (data the config checks could not see: a remote's, or shards
+    # prepared with another tokenizer): no traceback
+    except (CheckpointMismatch, ResumeRefused, ConfigError, FingerprintMismatch) as err:
         print(f"megajepa train: {type(err).__name__}: {err}", file=sys.stderr)
+        return 2
+    except CorruptShard as err:  # on the rank that opened it (from a DataLoader worker: reduced to its line)
+        print(f"megajepa train: CorruptShard: {err.one_line()}", file=sys.stderr)
         return 2
     except TrainingDiverged as err:
         print(f"megajepa train: {type(err).__name__}: {err}", file=sys.stderr)

@@ -343,6 +343,9 @@ def _validate(cfg: Config, sources: list[tuple[str, DictConfig]], need_tokenizer
         _fail("jepa.last_token", f"an offset from the end of each view must be negative, got {cfg.jepa.last_token}", sources)
     if cfg.jepa.objective == "stp":
         _validate_stp(cfg, sources)
+    elif cfg.jepa.lambda_ > 0 and cfg.jepa.predictor == "tokens" and 0 < cfg.data.max_length <= cfg.jepa.k:
+        _fail("jepa.k", f"{cfg.jepa.k} [PRED] tokens fill a view cut at data.max_length={cfg.data.max_length} "
+              f"tokens, leaving none of its content: keep jepa.k below data.max_length", sources)
     _validate_sources(cfg, sources)
     lora = cfg.model.lora
     if lora.alpha is not None and not (math.isfinite(lora.alpha) and lora.alpha > 0):
@@ -377,21 +380,85 @@ def _validate_paths(cfg: Config, sources: list[tuple[str, DictConfig]], need_tok
         _fail("model.vocab_size", f"must be >= 1 (or null: the tokenizer's size), got {cfg.model.vocab_size}", sources)
     if cfg.deepspeed.config_file is not None and not os.path.isfile(cfg.deepspeed.config_file):
         _fail("deepspeed.config_file", f"no such file: {cfg.deepspeed.config_file}", sources)
-    if need_tokenizer and cfg.data.embedded is None and not os.path.isdir(cfg.data.tokenizer):
-        _fail("data.tokenizer", f"no such directory: {cfg.data.tokenizer}", sources)
+    if need_tokenizer and not os.path.isdir(cfg.data.tokenizer) and not _embedded_builds(cfg, cfg.data.tokenizer):
+        _fail("data.tokenizer", f"no such directory: {cfg.data.tokenizer}{_embedded_note(cfg)}", sources)
+
+
+# where data.embedded=ROOT generates the demo data (megajepa.data.embedded builds it)
+EMBEDDED_ROOT = os.path.join("data", "demo")
+
+
+def embedded_paths(root: str = EMBEDDED_ROOT) -> dict[str, str]:
+    """The files data.embedded=root holds once built."""
+    jsonl = os.path.join(root, "jsonl")
+    return {
+        "root": root,
+        "jsonl": jsonl,
+        "train_jsonl": os.path.join(jsonl, "train.jsonl"),
+        "eval_jsonl": os.path.join(jsonl, "eval.jsonl"),
+        "paraphrases_jsonl": os.path.join(jsonl, "paraphrases.jsonl"),
+        "tokenizer": os.path.join(root, "tokenizer"),
+        "train_shards": os.path.join(root, "shards", "train"),
+        "eval_shards": os.path.join(root, "shards", "eval"),
+    }
+
+
+def _embedded_builds(cfg: Config, path: str) -> bool:
+    """Whether data.embedded generates `path` (its tokenizer or its shards) when it is missing."""
+    if cfg.data.embedded is None:
+        return False
+    built = embedded_paths(cfg.data.embedded)
+    return os.path.normpath(path) in {os.path.normpath(built[k]) for k in ("tokenizer", "train_shards", "eval_shards")}
+
+
+def _embedded_note(cfg: Config) -> str:
+    return "" if cfg.data.embedded is None else f" (data.embedded={cfg.data.embedded} builds only its own)"
 
 
 def check_run_data(cfg: Config) -> None:
-    """Raise ConfigError, naming the key, unless the shard directories a run reads are there (the
-    local ones: data.embedded generates its own; a remote fills its local cache). Not part of
+    """Raise ConfigError, naming the key or file, unless the shard directories a run reads are there
+    (the local ones: data.embedded generates its own; a remote fills its local cache), were
+    prepared with data.tokenizer, and hold no record longer than a row. Before any rank starts
+    (the loader checks a remote's, or data.embedded's once built, again). Not part of
     load_config: `config` and `plan` read configs whose data lives elsewhere."""
-    if cfg.data.embedded is not None:
-        return
+    from megajepa.data.fingerprint import FINGERPRINT_FILE, FingerprintMismatch, check_fingerprint
+
     local = [("data.shards", cfg.data.shards, cfg.data.remote), ("data.eval_shards", cfg.data.eval_shards, None)]
     local += [(f"data.sources[{i}].shards", s.shards, s.remote) for i, s in enumerate(cfg.data.sources)]
+    tokenizer = None
     for key, path, remote in local:
-        if path is not None and remote is None and not os.path.isdir(path):
-            raise ConfigError(f"{key}: no such directory: {path} (prepare it with `megajepa prepare`)")
+        if path is None or remote is not None:
+            continue
+        if not os.path.isdir(path) and not _embedded_builds(cfg, path):
+            raise ConfigError(
+                f"{key}: no such directory: {path} (prepare it with `megajepa prepare`){_embedded_note(cfg)}"
+            )
+        if not os.path.isfile(os.path.join(path, FINGERPRINT_FILE)) or not os.path.isdir(cfg.data.tokenizer):
+            continue
+        if tokenizer is None:  # as the run loads it (megajepa.train.setup.load_tokenizer)
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(cfg.data.tokenizer)
+        try:
+            prepared = check_fingerprint(path, tokenizer)
+        except FingerprintMismatch as err:
+            raise ConfigError(f"{key}: {err}") from None
+        check_row_length(cfg.data, cfg.jepa, prepared, os.path.join(path, FINGERPRINT_FILE))
+
+
+def check_row_length(data: DataConfig, jepa: JepaConfig, fingerprint: dict, where: str) -> None:
+    """Refuse (ConfigError, naming data.row_length and `where`) shards whose longest record's
+    packed sequences could not fit a row (`fingerprint`: the shards' fingerprint.json)."""
+    longest = {name: stats["max"] for name, stats in fingerprint.get("token_lengths", {}).items()}
+    if "record" in longest:  # plain text (prepare-text): the conversation alone
+        longest = {"full": longest["record"]}
+    needed = max_record_tokens(data, jepa, longest or None)
+    if needed is not None and needed > data.row_length:
+        raise ConfigError(
+            f"{where}: data.row_length={data.row_length} cannot hold the longest record's packed "
+            f"sequences, up to {needed} tokens (data.max_length={data.max_length}, "
+            f"jepa.views={jepa.views}, jepa.k={jepa.k}): raise data.row_length to {needed}"
+        )
 
 
 def _validate_sources(cfg: Config, sources: list[tuple[str, DictConfig]]) -> None:

@@ -127,7 +127,9 @@ class SlurmCluster:
             "AccountingStorageType": "accounting_storage/none",
             "JobCompType": "jobcomp/none",
             "MinJobAge": 3600,
-            "KillWait": 30,
+            # scancel's SIGKILL follows its SIGTERM after KillWait: long enough that the ranks'
+            # checkpoint on SIGTERM never races it, whatever the machine's load
+            "KillWait": 300,
         }
         lines = [f"{k}={v}" for k, v in settings.items()]
         lines.append(f"NodeName={self.node} NodeAddr=127.0.0.1 CPUs={self.cpus} State=UNKNOWN")

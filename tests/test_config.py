@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from megajepa.cli import main
-from megajepa.config import ConfigError, load_config, to_yaml
+from megajepa.config import ConfigError, check_run_data, load_config, to_yaml
 from megajepa.train.deepspeed_json import online_config
 
 DEMO = "configs/demo.yaml"
@@ -146,6 +146,8 @@ def test_deepspeed_builds_torchs_adamw_from_the_derived_json_never_its_own_ops(c
         ("model.pretrained=/nonexistent/model", "model.pretrained: /nonexistent/model: no such directory"),
         ("train.resume=/nonexistent/step1", "train.resume: '/nonexistent/step1' is neither none, auto, restart"),
         ("train.resume_allow=[train.output_dir]", "train.resume_allow: 'train.output_dir' cannot be allowed"),
+        ("jepa.k=100000", "jepa.k: 100000 [PRED] tokens fill a view cut at data.max_length=160 tokens"),
+        ("jepa.k=160", "jepa.k: 160 [PRED] tokens fill a view cut at data.max_length=160 tokens"),
     ],
 )
 def test_values_that_used_to_fail_inside_training_fail_at_config_time(override, fragment):
@@ -155,7 +157,60 @@ def test_values_that_used_to_fail_inside_training_fail_at_config_time(override, 
     assert fragment in str(err.value)
 
 
+def test_k_is_bounded_by_max_length_only_where_the_views_carry_pred_tokens():
+    assert load_config(DEMO, ["jepa.k=159"]).jepa.k == 159  # one content token left in a view of 160
+    assert load_config(DEMO, ["jepa.k=100000", "data.max_length=0"]).jepa.k == 100000  # rows checked against the data
+    assert load_config(DEMO, ["jepa.k=100000", "jepa.lambda_=0"]).jepa.k == 100000  # no views: k unused
+
+
 def test_missing_tokenizer_is_named_unless_embedded_data_builds_it(tmp_path):
     with pytest.raises(ConfigError, match=f"data.tokenizer: no such directory: {tmp_path}/tok"):
         load_config(DEMO, ["data.embedded=null", f"data.tokenizer={tmp_path}/tok"])
-    assert load_config(DEMO, [f"data.tokenizer={tmp_path}/tok"]).data.tokenizer == f"{tmp_path}/tok"
+    built = f"data.tokenizer={tmp_path}/demo/tokenizer"  # what data.embedded={tmp_path}/demo generates
+    assert load_config(DEMO, [f"data.embedded={tmp_path}/demo", built]).data.tokenizer == f"{tmp_path}/demo/tokenizer"
+    with pytest.raises(ConfigError, match=f"data.tokenizer: no such directory: {tmp_path}/tok "
+                                          f"\\(data.embedded={tmp_path}/demo builds only its own\\)"):
+        load_config(DEMO, [f"data.embedded={tmp_path}/demo", f"data.tokenizer={tmp_path}/tok"])
+
+
+def test_missing_shards_are_named_unless_embedded_data_builds_them(tmp_path):
+    demo = [f"data.embedded={tmp_path}/demo", f"data.tokenizer={tmp_path}/demo/tokenizer",
+            f"data.eval_shards={tmp_path}/demo/shards/eval"]
+    check_run_data(load_config(DEMO, demo + [f"data.shards={tmp_path}/demo/shards/train"]))
+    with pytest.raises(ConfigError, match=f"data.shards: no such directory: {tmp_path}/elsewhere"):
+        check_run_data(load_config(DEMO, demo + [f"data.shards={tmp_path}/elsewhere"]))
+
+
+FIXTURE = "tests/fixtures/streaming-0.13"  # 48 records prepared with its tokenizer: fingerprint.json
+
+
+def _fixture_run(*overrides):
+    return load_config(DEMO, ["data.embedded=null", f"data.shards={FIXTURE}/shards", "data.eval_shards=null",
+                              f"data.tokenizer={FIXTURE}/tokenizer", *overrides])
+
+
+def test_a_row_shorter_than_one_record_is_refused_before_the_run(tmp_path):
+    fingerprint = json.load(open(f"{FIXTURE}/shards/fingerprint.json"))["token_lengths"]
+    # the reference layout's row holds the conversation, the user view with k=1 [PRED] and the assistant view
+    needed = fingerprint["full"]["max"] + fingerprint["user"]["max"] + 1 + fingerprint["assistant"]["max"]
+    check_run_data(_fixture_run("data.max_length=0", f"data.row_length={needed}"))
+    with pytest.raises(ConfigError, match=f"^{FIXTURE}/shards/fingerprint.json: data.row_length={needed - 1} "
+                                          f"cannot hold .* up to {needed} tokens"):
+        check_run_data(_fixture_run("data.max_length=0", f"data.row_length={needed - 1}"))
+
+
+def test_shards_of_another_tokenizer_are_refused_before_the_run(tmp_path, capsys):
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    other = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(WordLevel({"<unk>": 0, "</s>": 1}, unk_token="<unk>")),
+                                    unk_token="<unk>", eos_token="</s>")
+    other.save_pretrained(tmp_path / "other")
+    with pytest.raises(SystemExit) as code:
+        main(["train", DEMO, "data.embedded=null", f"data.shards={FIXTURE}/shards", "data.eval_shards=null",
+              f"data.tokenizer={tmp_path}/other"])
+    err = capsys.readouterr().err
+    assert code.value.code == 2 and err.count("\n") == 1
+    assert err.startswith(f"megajepa: config error: data.shards: {FIXTURE}/shards/fingerprint.json: shards were "
+                          f"tokenized with tokenizer")

@@ -152,6 +152,33 @@ def test_architecture_differences_ignore_what_the_model_never_reads():
     ]  # transformers 5 reads rope_theta inside rope_parameters
 
 
+# ------------------------------------------------------------------------------------------ data
+
+
+def _demo_data_copy(demo_data: dict, to: Path) -> dict:
+    """The demo data copied (each test damages its own), with its shards only in .zstd form."""
+    shutil.copytree(demo_data["root"], to)
+    for raw in to.glob("shards/*/shard.*.mds"):
+        raw.unlink()  # streaming's decompressed copies, left by earlier readers
+    return {name: str(to / Path(path).relative_to(demo_data["root"])) for name, path in demo_data.items()}
+
+
+@pytest.mark.slow
+def test_a_corrupt_shard_stops_every_rank_with_one_line(demo_data, tmp_path):
+    data = _demo_data_copy(demo_data, tmp_path / "data")
+    zstd = Path(data["train_shards"]) / "shard.00000.mds.zstd"
+    damaged = bytearray(zstd.read_bytes())
+    damaged[len(damaged) // 2] ^= 0x10
+    zstd.write_bytes(bytes(damaged))
+    result = run_train(demo_overrides(data, tmp_path / "run", **RUN), tmp_path, nproc=2)
+    line = f"megajepa train: CorruptShard: {zstd}: corrupt shard of the dataset {data['train_shards']}"
+    assert result.stderr.count(line) == 2, result.stderr[-3000:]  # each rank names it, in one line
+    assert "exitcode  : 2" in result.stderr  # torchrun's report of the first rank to stop (torchrun exits 1)
+    tracebacks = result.stderr.split("Traceback (most recent call last):")[1:]
+    assert all("torch/distributed/run.py" in t.split("ChildFailedError")[0] for t in tracebacks)  # torchrun's only
+    assert not (zstd.parent / "shard.00000.mds").exists()  # never decoded
+
+
 # ------------------------------------------------------------------------- one short 1-rank run
 
 

@@ -1,3 +1,4 @@
+import errno
 import json
 import os
 import threading
@@ -12,7 +13,7 @@ from transformers import AutoTokenizer
 from megajepa.data import embedded
 from megajepa.data.embedded import ensure_embedded, ensure_tokenizer
 from megajepa.data.fingerprint import FINGERPRINT_FILE, check_fingerprint, file_sha256, tokenizer_hash
-from megajepa.data.prepare import BadInput, BadRecord, main, prepare, split_text
+from megajepa.data.prepare import BadInput, BadRecord, RecordEncoder, main, parse_json_line, prepare, split_text
 from megajepa.data.synthetic import generate
 from megajepa.data.tokenizer import train_tokenizer
 
@@ -198,6 +199,37 @@ def test_overlength_truncate_keeps_the_record_and_skip_drops_it(tmp_path, tokeni
     assert skipped["counts"]["written"] == 1 and skipped["counts"]["skipped"] == {"too_long": 1}
 
 
+@pytest.mark.parametrize("record", [
+    {"text": TEXT * 400},
+    {"messages": [{"role": "user", "content": "word " * 3000 + "end"}, {"role": "assistant", "content": "the answer"}]},
+    {"view_a": "short question", "view_b": "answer, " * 3000},
+], ids=["text", "chat", "pair"])
+def test_an_overlong_content_is_cut_before_tokenizing_keeping_every_token_kept(tokenizer, record):
+    """The oracle: the same encoder tokenizing whole contents (no cut), then cutting at max_length."""
+    bounded, whole = RecordEncoder(tokenizer, 16), RecordEncoder(tokenizer, 16)
+    whole.char_limit = 0
+    assert bounded.char_limit < max(len(str(v)) for v in record.values()) // 4  # the cut takes effect
+    (ours, ours_cut), (theirs, theirs_cut) = bounded(record), whole(record)
+    assert ours_cut and theirs_cut
+    for name in ("full", "user", "assistant", "full_spans", "user_insert", "assistant_insert"):
+        a, b = ours[name].tolist(), theirs[name].tolist()
+        if name.endswith("_insert") or name == "full_spans":  # a content's end: past the 16 tokens kept in both
+            a, b = [x if x < 16 else "past" for x in a], [x if x < 16 else "past" for x in b]
+        assert a == b, name
+    assert min(ours["prompt_len"], 16) == min(theirs["prompt_len"], 16)  # where the reply starts, likewise
+    with pytest.raises(BadRecord, match="longer than --max-length=16"):
+        RecordEncoder(tokenizer, 16, overlength="skip")(record)
+
+
+def test_a_multi_megabyte_line_is_prepared_in_seconds(tmp_path, tokenizer_dir):
+    huge = {"text": TEXT * 60_000}  # 5.6 MB on one line: minutes when every character was tokenized
+    path = write_lines(tmp_path / "in.jsonl", [huge, {"view_a": "a", "view_b": "b"}])
+    started = time.perf_counter()
+    summary = run([path], tmp_path / "out", tokenizer_dir, max_length=64)
+    assert time.perf_counter() - started < 30
+    assert summary["counts"]["written"] == 2 and summary["counts"]["truncated"] == 1
+
+
 def test_a_template_that_rewrites_the_content_at_the_pred_position_is_a_bad_record(tmp_path, tokenizer_dir, capsys):
     trimming = "{% for m in messages %}{{ m['role'] + ': ' + m['content'] | trim + eos_token }}{% endfor %}"
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
@@ -251,7 +283,14 @@ BAD_LINES = [  # (line, reason counted, message)
     ({"view_a": "a", "view_b": "b", "messages": None}, "missing_field", "missing field 'messages'"),
     ({"messages": [{"role": "user", "content": "q"}]}, "invalid", "must be the assistant's"),
     ({"unrelated": 1}, "missing_field", "no 'messages', 'view_a'/'view_b' or 'text' field"),
+    ({"view_a": "a \ud800 b", "view_b": "b"}, "not_utf8", "a lone surrogate '\\ud800' is not text"),  # JSON's escape
 ]
+
+
+def test_surrogate_pairs_are_text_and_a_lone_one_is_not():
+    assert parse_json_line(json.dumps({"t": "\U0001F600 \\ud800"}).encode()) == {"t": "\U0001F600 \\ud800"}
+    with pytest.raises(BadRecord, match="lone surrogate"):
+        parse_json_line(b'{"t": "\\udfff"}')
 
 
 def test_bad_records_are_reported_and_skipped(tmp_path, tokenizer_dir, capsys):
@@ -344,6 +383,21 @@ def test_an_interrupted_run_leaves_no_dataset(tmp_path, chat_jsonl, tokenizer_di
     monkeypatch.setattr(streaming, "MDSWriter", FailingWriter)  # prepare imports it when it runs
     with pytest.raises(error):
         run([chat_jsonl], tmp_path / "out", tokenizer_dir, shard_size_limit=500)  # shards already flushed
+    assert leftovers(tmp_path, "out") == []
+
+
+def test_a_full_disk_is_one_line_and_leaves_nothing(tmp_path, chat_jsonl, tokenizer_dir, monkeypatch, capsys):
+    import streaming
+
+    class FullDisk(streaming.MDSWriter):
+        def flush_shard(self):  # where the shard file is written
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), os.path.join(self.local, "shard.00000.mds.zstd"))
+
+    monkeypatch.setattr(streaming, "MDSWriter", FullDisk)  # prepare imports it when it writes
+    out = tmp_path / "out"
+    code = main([chat_jsonl, "--out", str(out), "--tokenizer", tokenizer_dir, "--no-progress", "--shard-size", "500"])
+    assert code == 2
+    assert capsys.readouterr().err == f"megajepa prepare: error: no space left on device: {out}\n"
     assert leftovers(tmp_path, "out") == []
 
 

@@ -1,7 +1,9 @@
 """`megajepa prepare-text`: plain text -> CE-only schema-v2 records, the same bytes for any number
 of processes, bad records by FILE:LINE, HF datasets by DIR:ROW, read back by the loader."""
 
+import errno
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -135,6 +137,33 @@ def test_cli_error_names_the_command(tokenizer_dir, tmp_path, capsys):
     code = cli_main(["prepare-text", str(missing), "--out", str(tmp_path / "out"), "--tokenizer", tokenizer_dir])
     assert code == 2
     assert capsys.readouterr().err == f"megajepa prepare-text: error: no such input file or directory: {missing}\n"
+
+
+def test_a_lone_surrogate_is_reported_by_line_and_skipped(tokenizer_dir, tmp_path, capsys):
+    jsonl, txt = tmp_path / "a.jsonl", tmp_path / "b.txt"
+    jsonl.write_text('{"text": "w1 w2"}\n{"text": "w3 \\ud800 w4"}\n{"text": "w5"}\n')  # JSON's escape of one
+    txt.write_bytes(b"w6 w7\nw8 \xed\xa0\x80 w9\n")  # the surrogate's bytes (CESU-8), not UTF-8
+    summary = prepare_text([str(jsonl), str(txt)], str(tmp_path / "out"), tokenizer_dir, progress=False)
+    err = capsys.readouterr().err
+    assert f"{jsonl}:2: a lone surrogate '\\ud800' is not text" in err and f"{txt}:2: unreadable" in err
+    assert summary["counts"]["skipped"] == {"not_utf8": 2} and summary["counts"]["records"] == 3
+    assert [r["source"] for r in read_back(tmp_path / "out")] == [f"{jsonl}:1", f"{jsonl}:3", f"{txt}:1"]
+
+
+def test_a_full_disk_in_a_worker_is_one_line_and_leaves_nothing(corpus, tokenizer_dir, tmp_path, monkeypatch, capsys):
+    import streaming
+
+    class FullDisk(streaming.MDSWriter):
+        def flush_shard(self):  # where the shard file is written, here in a worker process
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), os.path.join(self.local, "shard.00000.mds.zstd"))
+
+    monkeypatch.setattr(streaming, "MDSWriter", FullDisk)  # each part imports it when it writes (forked workers)
+    out = tmp_path / "out"
+    code = cli_main(["prepare-text", str(corpus), "--out", str(out), "--tokenizer", tokenizer_dir, "--workers", "2",
+                     "--part-bytes", "500", "--no-progress"])
+    assert code == 2
+    assert capsys.readouterr().err == f"megajepa prepare-text: error: no space left on device: {out}\n"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith("out")] == []
 
 
 def test_hf_dataset_rows_and_cli(tokenizer_dir, tmp_path, capsys):

@@ -17,28 +17,14 @@ import time
 
 from filelock import FileLock
 
+from megajepa.config import EMBEDDED_ROOT, embedded_paths
 from megajepa.data.fingerprint import FINGERPRINT_FILE, FORMAT_VERSION
 from megajepa.data.prepare import prepare
 from megajepa.data.synthetic import generate
 from megajepa.data.tokenizer import train_tokenizer
 from megajepa.files import staged_directory
 
-DEFAULT_ROOT = os.path.join("data", "demo")
 TOKENIZER_VOCAB_SIZE = 2048
-
-
-def embedded_paths(root: str = DEFAULT_ROOT) -> dict[str, str]:
-    jsonl = os.path.join(root, "jsonl")
-    return {
-        "root": root,
-        "jsonl": jsonl,
-        "train_jsonl": os.path.join(jsonl, "train.jsonl"),
-        "eval_jsonl": os.path.join(jsonl, "eval.jsonl"),
-        "paraphrases_jsonl": os.path.join(jsonl, "paraphrases.jsonl"),
-        "tokenizer": os.path.join(root, "tokenizer"),
-        "train_shards": os.path.join(root, "shards", "train"),
-        "eval_shards": os.path.join(root, "shards", "eval"),
-    }
 
 
 def _lock(root: str) -> FileLock:
@@ -83,7 +69,7 @@ def _ensure_tokenizer(paths: dict[str, str]) -> None:
     _log(f"trained the tokenizer in {time.perf_counter() - started:.1f} s")
 
 
-def ensure_tokenizer(root: str = DEFAULT_ROOT, *, seed: int = 0, n_train: int = 20000, n_eval: int = 1000) -> str:
+def ensure_tokenizer(root: str = EMBEDDED_ROOT, *, seed: int = 0, n_train: int = 20000, n_eval: int = 1000) -> str:
     """The embedded tokenizer directory under root, generating its training text when missing."""
     paths = embedded_paths(root)
     with _lock(root):
@@ -93,7 +79,7 @@ def ensure_tokenizer(root: str = DEFAULT_ROOT, *, seed: int = 0, n_train: int = 
 
 
 def ensure_embedded(
-    root: str = DEFAULT_ROOT,
+    root: str = EMBEDDED_ROOT,
     *,
     seed: int = 0,
     n_train: int = 20000,

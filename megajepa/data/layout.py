@@ -63,7 +63,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from megajepa.config import ConfigError, DataConfig, JepaConfig, max_record_tokens
+from megajepa.config import DataConfig, JepaConfig, check_row_length
 from megajepa.data.stp_spans import record_terms, span_seed
 
 SEG_PAD, SEG_FULL, SEG_SOURCE, SEG_TARGET = 0, 1, 2, 3
@@ -128,18 +128,9 @@ class Layout:
         self.teacher_rows = self.with_views and jepa.target == "ema"
 
     def check_row_length(self, fingerprint: dict, where: str) -> None:
-        """Refuse (ConfigError, naming data.row_length and `where`) shards whose longest record's
-        packed sequences could not fit a row (`fingerprint`: the shards' fingerprint.json)."""
-        longest = {name: stats["max"] for name, stats in fingerprint.get("token_lengths", {}).items()}
-        if "record" in longest:  # plain text (prepare-text): the conversation alone
-            longest = {"full": longest["record"]}
-        needed = max_record_tokens(self.data, self.jepa, longest or None)
-        if needed is not None and needed > self.data.row_length:
-            raise ConfigError(
-                f"{where}: data.row_length={self.data.row_length} cannot hold the longest record's packed "
-                f"sequences, up to {needed} tokens (data.max_length={self.data.max_length}, "
-                f"jepa.views={self.jepa.views}, jepa.k={self.jepa.k}): raise data.row_length to {needed}"
-            )
+        """Refuse (ConfigError) shards whose longest record could not fit a row: see
+        megajepa.config.check_row_length."""
+        check_row_length(self.data, self.jepa, fingerprint, where)
 
     # ----------------------------------------------------------------------------------------
     # one record -> units

@@ -81,6 +81,7 @@ from streaming.base.world import World
 from megajepa.data import fingerprint
 from megajepa.data.layout import Layout, is_pair
 from megajepa.data.mixture import MIXING, Source, check_sources, to_stream
+from megajepa.data.shard_hashes import CorruptShard, check_file
 from megajepa.files import atomic_path
 
 RECORD_LENGTHS_FILE = "record_lengths.npy"  # int32 [records, 3]: len(full), len(user), len(assistant)
@@ -209,23 +210,69 @@ class PairDataset(StreamingDataset):
         self.collate: Optional[Callable] = None
         self._plan: Optional[list] = None  # per window: micro-batch ends, or None (left out)
         self._order: Optional[np.ndarray] = None  # per window: this rank's records, longest first
+        self._checked: set[str] = set()  # shard files this process found as their index says
 
     def raw_item(self, sample_id: int) -> dict[str, Any]:
-        return decode_record(super().get_item(sample_id))
+        return decode_record(self._checked_item(sample_id))
 
     def get_item(self, sample_id: int, retry: int = 7) -> dict[str, Any]:
-        sample = decode_record(super().get_item(sample_id, retry))
+        sample = decode_record(self._checked_item(sample_id, retry))
         shard_id, _ = self.spanner[sample_id]
         sample["sample_id"] = sample_id
         sample["source_index"] = int(self.stream_per_shard[shard_id])
         sample["epoch"] = max(self.next_epoch - 1, 0)  # STP draws a record's spans anew each epoch
         return sample
 
+    # Shard integrity (megajepa.data.shard_hashes): the first time this process opens a shard, its
+    # raw file is checked against the index's digest; a compressed file before streaming
+    # decompresses it, and again when decompressing (or downloading) fails.
+    def _checked_item(self, sample_id: int, retry: int = 7) -> dict[str, Any]:
+        shard_id, _ = self.spanner[sample_id]
+        shard = self.shards[shard_id]
+        raw_path = self._shard_file(shard, shard.file_pairs[0][0])
+        if raw_path not in self._checked:
+            self.prepare_shard(shard_id)
+            self._check(shard_id, zips=False)
+        return super().get_item(sample_id, retry)
+
+    def prepare_shard(self, shard_id: int, blocking: bool = True) -> None:
+        shard = self.shards[shard_id]
+        if not os.path.isfile(self._shard_file(shard, shard.file_pairs[0][0])):
+            self._check(shard_id, zips=True)  # streaming is about to decompress what is there
+        try:
+            super().prepare_shard(shard_id, blocking)
+        except Exception:
+            self._check(shard_id, zips=True)  # a damaged compressed file is the likeliest cause
+            raise
+
+    def _raise_if_background_failed(self) -> None:
+        # streaming wraps a failure of its prefetching threads in a RuntimeError; a corrupt shard
+        # found there is reported as itself
+        error = getattr(self, "_background_error", None)
+        if isinstance(error, CorruptShard) and self._event.is_set():
+            raise error
+        super()._raise_if_background_failed()
+
+    def _check(self, shard_id: int, zips: bool) -> None:
+        """Check the shard's raw files (zips: its compressed ones) present here, each once."""
+        shard = self.shards[shard_id]
+        stream = self.streams[self.stream_per_shard[shard_id]]
+        for raw_info, zip_info in shard.file_pairs:
+            info = zip_info if zips else raw_info
+            path = None if info is None else self._shard_file(shard, info)
+            if path is None or path in self._checked or not os.path.isfile(path):
+                continue
+            check_file(path, info, stream.remote or stream.local)
+            self._checked.add(path)
+
+    @staticmethod
+    def _shard_file(shard, info) -> str:
+        return os.path.join(shard.dirname, shard.split, info.basename)
+
     def shard_path(self, sample_id: int) -> str:
         shard_id, _ = self.spanner[sample_id]
         shard = self.shards[shard_id]
-        raw_info, _ = shard.file_pairs[0]
-        return os.path.join(shard.dirname, shard.split, raw_info.basename)
+        return self._shard_file(shard, shard.file_pairs[0][0])
 
     def use_token_budget(self, costs: np.ndarray, budget: int, window: int, collate: Callable) -> None:
         self.costs, self.budget, self.collate = costs, budget, collate

@@ -32,8 +32,10 @@ a local Hugging Face dataset (saved with save_to_disk, or a directory of data fi
 load_dataset). Sources are `FILE:LINE` (1-based) for JSONL and `DIR:ROW` (0-based) for datasets.
 
 A sequence longer than --max-length is cut there and the record kept (--overlength truncate, the
-reference's tokenizer call) or the record skipped (--overlength skip); both are counted. Bad
-records (not JSON, a missing or empty content, a template that rewrites the content where the
+reference's tokenizer call) or the record skipped (--overlength skip); both are counted. A content
+too long to fit (more characters than --max-length times the longest vocabulary entry) is cut
+there before it is tokenized, so a huge record costs what its kept tokens cost. Bad records (not
+JSON, a lone surrogate, a missing or empty content, a template that rewrites the content where the
 [PRED] tokens go) are reported as `SOURCE: reason` on stderr and skipped (--strict: stop at the
 first, exit code 2). The output directory appears only when complete: shards are written into a
 temporary sibling that is renamed at the end, and removed if anything fails. Re-running on the
@@ -44,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import errno
 import json
 import os
 import re
@@ -92,6 +95,21 @@ class BadInput(ValueError):
     """prepare cannot produce a dataset from its input (a bad record under --strict, or none usable)."""
 
 
+SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")  # \ud800..\udfff: half of a UTF-16 pair, or alone
+
+
+def parse_json_line(line: bytes):
+    """json.loads, refusing a lone surrogate as BadRecord: JSON can escape one (\\ud800), but it is
+    no character, and UTF-8 and the tokenizer refuse it (TypeError). Shared with prepare-text."""
+    value = json.loads(line)
+    if SURROGATE_ESCAPE.search(line):  # rare: only then re-encode the whole record
+        try:
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError as err:
+            raise BadRecord("not_utf8", f"a lone surrogate {err.object[err.start]!r} is not text") from None
+    return value
+
+
 # ---------------------------------------------------------------------------------------------
 # Reading inputs
 
@@ -111,7 +129,10 @@ class JsonlInput:
                     continue
                 source = f"{self.path}:{number}"
                 try:
-                    record = json.loads(line)
+                    record = parse_json_line(line)
+                except BadRecord as bad:
+                    yield source, bad
+                    continue
                 except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
                     yield source, BadRecord("not_json", f"not valid JSON ({err})")
                     continue
@@ -176,8 +197,9 @@ def split_text(text: str, fraction: float) -> tuple[str, str]:
     The whitespace at the cut starts the continuation, so prefix + continuation == text.
     """
     target = fraction * len(text)
+    last = len(text.rstrip())  # a cut before it leaves a non-space continuation
     for boundary in (SENTENCE_OR_PARAGRAPH_END, WORD_END):
-        cuts = [m.start() for m in boundary.finditer(text) if text[m.start():].strip()]
+        cuts = [m.start() for m in boundary.finditer(text) if m.start() < last]
         if cuts:
             cut = min(cuts, key=lambda c: (abs(c - target), c))
             return text[:cut], text[cut:]
@@ -229,6 +251,11 @@ class RecordEncoder:
         self.mark_ids = [self.marked.convert_tokens_to_ids(m) for m in MARKS]
         self.template = chat_template(tokenizer)
         self.max_length = max_length
+        # No vocabulary entry is longer (in characters) than the text it stands for, so a content of
+        # more than max_length x the longest entry has more than max_length tokens: it is cut there
+        # before tokenizing, which keeps the cost of a huge record bounded and changes no token
+        # kept (but where a single word crosses the cut) nor the decision to cut or skip.
+        self.char_limit = max_length * max(map(len, tokenizer.get_vocab())) if max_length > 0 else 0
         self.overlength = overlength
         self.input_format = input_format
         self.field_map = field_map or {}
@@ -243,7 +270,8 @@ class RecordEncoder:
         cut = self.max_length > 0 and lengths[longest] > self.max_length
         if cut and self.overlength == "skip":
             raise BadRecord(
-                "too_long", f"the {longest} sequence has {lengths[longest]} tokens, more than --max-length={self.max_length}"
+                "too_long",
+                f"the {longest} sequence is longer than --max-length={self.max_length} ({lengths[longest]} tokens or more)",
             )
         if cut:
             for name in ("full", "user", "assistant"):
@@ -251,6 +279,12 @@ class RecordEncoder:
         return sample, cut
 
     # ---- rendering
+
+    def _bounded(self, messages: list[dict]) -> tuple[list[dict], set[int]]:
+        """(the messages with each content cut at char_limit + 1 characters, so still too long; the
+        indices of those cut)."""
+        cut = {i for i, m in enumerate(messages) if self.char_limit and len(m["content"]) > self.char_limit + 1}
+        return [{**m, "content": m["content"][: self.char_limit + 1]} if i in cut else m for i, m in enumerate(messages)], cut
 
     def _render(self, messages: list[dict], plain: bool) -> str:
         if plain:
@@ -265,10 +299,14 @@ class RecordEncoder:
         'front' or 'end') of the content it is placed at, and its index is -1 where placing a
         token there changes the tokens around it (the template trims the content, or the text
         before the content merges with it when it is not split off)."""
+        messages, cut = self._bounded(messages)
         tokens = self._tokens(self._render(messages, plain) + suffix)
         mark_id = self.mark_ids[0]
         found = []
         for index, side in marks:
+            if side == "end" and index in cut:  # past the tokens kept: where exactly makes no difference
+                found.append(len(tokens))
+                continue
             marked = [dict(m) for m in messages]
             content = marked[index]["content"]
             marked[index]["content"] = MARKS[0] + content if side == "front" else content + MARKS[0]
@@ -302,7 +340,7 @@ class RecordEncoder:
         if prompt_len < 0:  # where the reply starts, from the generation prompt instead
             prompt = self._tokens(
                 self.tokenizer.apply_chat_template(
-                    messages[:-1], chat_template=self.template, tokenize=False, add_generation_prompt=True
+                    self._bounded(messages[:-1])[0], chat_template=self.template, tokenize=False, add_generation_prompt=True
                 )
             )
             if tokens[: len(prompt)] != prompt:
@@ -511,6 +549,7 @@ def prepare(
     from streaming import MDSWriter
 
     from megajepa.data.loader import write_record_lengths
+    from megajepa.data.shard_hashes import SHARD_HASHES
 
     with staged_directory(out_dir, overwrite) as staging:
         sources = [open_input(path, split) for path in inputs]
@@ -518,7 +557,9 @@ def prepare(
         encoder = RecordEncoder(tokenizer, max_length, overlength, input_format, field_map, text_split)
         skip = _SkipReporter()
         started = time.perf_counter()
-        writer = MDSWriter(out=staging, columns=COLUMNS, compression="zstd", size_limit=shard_size_limit)
+        writer = MDSWriter(
+            out=staging, columns=COLUMNS, compression="zstd", hashes=SHARD_HASHES, size_limit=shard_size_limit
+        )
         try:
             read, lengths, cut = _write_records(sources, encoder, writer, strict, skip, progress)
             if not lengths["full"]:
@@ -622,10 +663,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def exit_code(command: str, work: Callable[[], object]) -> int:
-    """Runs one prepare command's `work`: 0, or 2 with the reason on stderr, no traceback, for input
-    it cannot use. BadInput's message names the record already (FILE:LINE: reason); the other
-    errors get the command's name in front, as argparse's do. Shared by prepare and prepare-text."""
+def exit_code(command: str, work: Callable[[], object], out_dir: str) -> int:
+    """Runs one prepare command's `work` writing `out_dir`: 0, or 2 with the reason on stderr, no
+    traceback, for input it cannot use or a full disk. BadInput's message names the record already
+    (FILE:LINE: reason); the other errors get the command's name in front, as argparse's do. Shared
+    by prepare and prepare-text."""
     try:
         work()
     except BadInput as err:
@@ -633,6 +675,13 @@ def exit_code(command: str, work: Callable[[], object]) -> int:
         return 2
     except (ValueError, FileNotFoundError, FileExistsError) as err:
         print(f"{command}: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        if err.errno != errno.ENOSPC:
+            raise
+        # a file in the staging directory (removed by now) is the output's disk that is full
+        staged = err.filename is None or os.path.abspath(err.filename).startswith(os.path.abspath(out_dir) + ".tmp-")
+        print(f"{command}: error: no space left on device: {out_dir if staged else err.filename}", file=sys.stderr)
         return 2
     return 0
 
@@ -671,7 +720,7 @@ def main(argv: list[str], default_tokenizer: Optional[Callable[[], str]] = None)
         split=args.split,
         overwrite=args.overwrite,
         progress=not args.no_progress,
-    ))
+    ), args.out)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import logging
 import multiprocessing
 import os
@@ -42,7 +41,7 @@ import numpy as np
 from tqdm import tqdm
 
 from megajepa.data.fingerprint import FORMAT_VERSION, file_sha256, tokenizer_hash, write_fingerprint
-from megajepa.data.prepare import MAX_REPORTED, BadInput, BadRecord, DatasetInput, exit_code
+from megajepa.data.prepare import MAX_REPORTED, BadInput, BadRecord, DatasetInput, exit_code, parse_json_line
 from megajepa.data.tokenizer import load_tokenizer
 from megajepa.files import staged_directory
 
@@ -184,8 +183,7 @@ def read_documents(part: Part, options: Options) -> Iterator[tuple[str, Union[st
             continue
         source = f"{part.path}:{number}"
         try:
-            text = line.decode("utf-8")
-            yield source, _text_of(json.loads(text), options.text_field) if part.kind == "jsonl" else text
+            yield source, _text_of(parse_json_line(line), options.text_field) if part.kind == "jsonl" else line.decode("utf-8")
         except BadRecord as bad:
             yield source, bad
         except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
@@ -232,6 +230,7 @@ def write_part(part: Part, options: Options, out_root: str) -> PartResult:
     from streaming import MDSWriter  # here, not at the top: `megajepa prepare-text --help` stays instant
 
     from megajepa.data.loader import RECORD_LENGTHS_FILE
+    from megajepa.data.shard_hashes import SHARD_HASHES
 
     tokenizer = _worker["tokenizer"]
     eos = tokenizer.eos_token_id
@@ -254,7 +253,8 @@ def write_part(part: Part, options: Options, out_root: str) -> PartResult:
         _worker["progress"](len(pending))
         pending.clear()
 
-    with MDSWriter(out=out, columns=COLUMNS, compression="zstd", size_limit=options.shard_size_limit) as writer:
+    with MDSWriter(out=out, columns=COLUMNS, compression="zstd", hashes=SHARD_HASHES,
+                   size_limit=options.shard_size_limit) as writer:
         for source, text in read_documents(part, options):
             result.documents += 1
             if isinstance(text, str) and not text.strip():
@@ -469,7 +469,7 @@ def main(argv: list[str]) -> int:
         text_field=args.field, split=args.split, strict=args.strict, overwrite=args.overwrite,
         part_bytes=args.part_bytes, rows_per_part=args.rows_per_part, shard_size_limit=args.shard_size,
         progress=not args.no_progress,
-    ))
+    ), args.out)
 
 
 if __name__ == "__main__":
