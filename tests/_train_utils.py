@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import socket
@@ -80,12 +81,14 @@ def metrics(output_dir) -> list[dict]:
 
 
 def remark_complete(tag_dir) -> None:
-    """After a test edits a checkpoint on purpose: record its files' current sizes in the
-    completion marker, so that the edit is what the test exercises, not the size check."""
+    """After a test edits a checkpoint on purpose: record its files' current sizes and digests in
+    the completion marker, so that the edit is what the test exercises, not the integrity check."""
     tag_dir = Path(tag_dir)
     marker = tag_dir / "complete.json"
     data = json.loads(marker.read_text())
-    data["files"] = {p.name: p.stat().st_size for p in sorted(tag_dir.iterdir()) if p.is_file() and p.name != marker.name}
+    files = [p for p in sorted(tag_dir.iterdir()) if p.is_file() and p.name != marker.name]
+    data["files"] = {p.name: p.stat().st_size for p in files}
+    data["sha256"] = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
     marker.write_text(json.dumps(data))
 
 

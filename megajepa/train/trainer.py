@@ -164,7 +164,7 @@ def train(cfg: Config) -> dict:
         nonlocal saved_step
         saved_step = step
         client_state = {"step": step, "loader": loader.state_dict()}
-        extra = (lambda tag_dir: teacher.save(tag_dir, rank)) if teacher is not None else None
+        extra = (lambda tag_dir, written: teacher.save(tag_dir, rank, written.torch_save)) if teacher is not None else None
         return checkpoint.save(engine, output_dir, step, meta, client_state, rank, extra)
 
     eval_loader = None
