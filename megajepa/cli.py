@@ -54,13 +54,14 @@ def cmd_train(args) -> int:
     cfg = _load(args, run=True)
     from megajepa.train.checkpoint import CheckpointMismatch
     from megajepa.train.resume_policy import ResumeRefused
+    from megajepa.train.run_lock import RunLocked
     from megajepa.train.trainer import TrainingDiverged, train
 
     try:
         summary = train(cfg)
         if int(os.environ.get("RANK", "0")) == 0:
             print("\n" + summary_table(summary), flush=True)
-    except (CheckpointMismatch, ResumeRefused) as err:  # a refusal, before any training: no traceback
+    except (CheckpointMismatch, ResumeRefused, RunLocked) as err:  # a refusal, before any training: no traceback
         print(f"megajepa train: {type(err).__name__}: {err}", file=sys.stderr)
         return 2
     except TrainingDiverged as err:

@@ -16,6 +16,9 @@ import os
 import re
 import shutil
 import signal
+import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -23,7 +26,7 @@ import pytest
 import torch
 
 from _train_utils import demo_overrides, metrics, rank_pids, remark_complete, run_train, start_train
-from megajepa.train import checkpoint, pickle_guard
+from megajepa.train import checkpoint, pickle_guard, run_lock
 from megajepa.train.divergence import DivergenceGuard
 from megajepa.train.resume_policy import architecture_differences
 
@@ -148,6 +151,30 @@ def test_architecture_differences_ignore_what_the_model_never_reads():
         "num_hidden_layers: 4 -> 2",
         "rope_theta: 10000.0 -> 5.0",
     ]
+
+
+def test_one_run_per_output_dir(demo_data, tmp_path):
+    """A process holding output_dir's run lock (as a run's rank 0 does) makes a second
+    `megajepa train` refuse at start, naming its host and pid; SIGKILL of the holder frees it."""
+    out = tmp_path / "run"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom megajepa.train import run_lock\n"
+         f"with run_lock.held({str(out)!r}):\n    print('held', flush=True)\n    time.sleep(600)"],
+        stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        expected = f"another run is writing here (host {socket.gethostname()}, pid {holder.pid}, since "
+        with pytest.raises(run_lock.RunLocked, match=re.escape(expected)):
+            with run_lock.held(str(out)):
+                pass
+        _refused(run_train(demo_overrides(demo_data, out, **RUN), tmp_path), expected)
+        assert not (out / "metrics.jsonl").exists() and not (out / "checkpoints").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    with run_lock.held(str(out)):  # released by the holder's death
+        assert json.loads((out / run_lock.LOCK_FILE).read_text())["pid"] == os.getpid()
 
 
 # ------------------------------------------------------------------------- one short 1-rank run

@@ -22,7 +22,7 @@ from megajepa.data.mixture import source_step_values
 from megajepa.files import write_text
 from megajepa.model.attention import compiled_graphs
 from megajepa.model.build import architecture_spec
-from megajepa.train import checkpoint, elastic, resume_policy
+from megajepa.train import checkpoint, elastic, resume_policy, run_lock
 from megajepa.train.deepspeed_json import online_config
 from megajepa.train.divergence import DivergenceGuard
 from megajepa.train.metrics import MetricsLogger
@@ -107,6 +107,13 @@ def choose_resume(cfg: Config, meta: dict, rank: int, world: int) -> tuple[Optio
 
 
 def train(cfg: Config) -> dict:
+    """Rank 0 holds train.output_dir's run lock (megajepa.train.run_lock) from before any rank
+    does work to the end: a second run into the same directory refuses at start."""
+    with run_lock.held(cfg.train.output_dir, enabled=elastic.launch_rank_world()[0] == 0):
+        return _train(cfg)
+
+
+def _train(cfg: Config) -> dict:
     dist.quiet_deprecated_collectives()
     elastic.convert_before_start(cfg, *elastic.launch_rank_world())  # no process group yet: no timeout
     rank, world, _ = init_distributed()
