@@ -307,6 +307,8 @@ RESUME_DATA_KEYS = (
     "data.pairs_per_batch", "optim.grad_accum", "data.seed", "data.shuffle", "data.row_length",
     "data.row_multiple", "data.labels", "data.max_length", "data.share_prefix", "jepa.views", "jepa.dropout",
 )
+# The training data itself (its shards' fingerprint and index, not their paths): either name allows a change.
+RESUME_DATA_IDENTITY_KEYS = ("data.shards", "data.sources")
 
 
 def _source_of(key: str, sources: list[tuple[str, DictConfig]]) -> str:
@@ -357,7 +359,7 @@ def _validate_resume(cfg: Config, sources: list[tuple[str, DictConfig]]) -> None
     resume = cfg.train.resume
     if resume not in RESUME_MODES and not os.path.isdir(resume):
         _fail("train.resume", f"{resume!r} is neither {', '.join(RESUME_MODES)} nor a checkpoint directory", sources)
-    allowable = RESUME_SCHEDULE_KEYS + RESUME_DATA_KEYS
+    allowable = RESUME_SCHEDULE_KEYS + RESUME_DATA_KEYS + RESUME_DATA_IDENTITY_KEYS
     for key in cfg.train.resume_allow:
         if key not in allowable:
             _fail("train.resume_allow", f"{key!r} cannot be allowed to change on resume (one of: "

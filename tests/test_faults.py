@@ -233,6 +233,17 @@ def test_flipped_bit_falls_back_to_the_previous_checkpoint(six_steps, demo_data,
     _same_losses(metrics(run), metrics(six_steps))
 
 
+def test_resume_onto_other_shards_is_refused_unless_allowed(six_steps, demo_data, tmp_path):
+    run = _copy_run(six_steps, tmp_path / "run", 4)
+    shards = shutil.copytree(demo_data["eval_shards"], tmp_path / "other")  # not the eval loader's directory
+    other = {**RUN, "train.resume": "auto", "data.shards": shards}
+    _refused(run_train(demo_overrides(demo_data, run, **other), tmp_path),
+             "data.shards: the training data differs from the checkpoint's (shards sha256: ")
+    result = run_train(demo_overrides(demo_data, run, **other, **{"train.resume_allow": "[data.shards]"}), tmp_path)
+    _ok(result)
+    assert "step00000004 at step 4" in result.stdout and [r["step"] for r in metrics(run)] == [5, 6]
+
+
 def test_checkpoint_without_digests_still_loads(six_steps, demo_data, tmp_path):
     """A checkpoint saved before digests were recorded: sizes only, and the log says so."""
     run = _copy_run(six_steps, tmp_path / "run", 4)

@@ -137,6 +137,7 @@ def _train(cfg: Config) -> dict:
         "k": cfg.jepa.k,
         "target": cfg.jepa.target,
         "precision": precision(cfg),
+        "data": resume_policy.data_identity(cfg),
         "config": to_dict(cfg),
     }
     resume, schedule_steps, saved_world = choose_resume(cfg, meta, rank, world)
