@@ -67,12 +67,16 @@ def run_train(
     return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-def start_train(overrides: list[str], tmpdir, nproc: int = 1, env_extra: Optional[dict] = None) -> subprocess.Popen:
+def start_train(
+    overrides: list[str], tmpdir, nproc: int = 1, env_extra: Optional[dict] = None, new_session: bool = False
+) -> subprocess.Popen:
     """`megajepa train` in the background (for signal tests); its output goes to tmpdir/train.out
-    and tmpdir/train.err (a pipe nobody reads would fill and block it)."""
+    and tmpdir/train.err (a pipe nobody reads would fill and block it). `new_session`: in a process
+    group of its own (its pid), as a terminal's foreground job is, for os.killpg."""
     command, env = _train_command(overrides, tmpdir, nproc, env_extra)
     with open(Path(tmpdir) / "train.out", "w") as out, open(Path(tmpdir) / "train.err", "w") as err:
-        return subprocess.Popen(command, cwd=REPO, env=env, stdout=out, stderr=err, text=True)
+        return subprocess.Popen(command, cwd=REPO, env=env, stdout=out, stderr=err, text=True,
+                                start_new_session=new_session)
 
 
 def metrics(output_dir) -> list[dict]:

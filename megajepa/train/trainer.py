@@ -35,16 +35,30 @@ class TrainingDiverged(RuntimeError):
 
 
 class StopSignal:
-    """SIGTERM / SIGUSR1 (preemption, a Slurm requeue) ask for a checkpoint and a clean exit at
-    the end of the current step; ranks agree on it so that they all save together."""
+    """SIGTERM / SIGUSR1 (preemption, a Slurm requeue) and SIGINT (Ctrl-C) ask for a checkpoint
+    and a clean exit at the end of the current step; ranks agree on it so that they all save
+    together. A second Ctrl-C aborts at once (the default SIGINT action), except within
+    SIGINT_ECHO_SECONDS of the first: Ctrl-C reaches every process of the terminal's process group,
+    torchrun included, and torchrun passes the SIGINT it got on to the ranks, a copy of the same
+    Ctrl-C that must not abort the save."""
+
+    SIGINT_ECHO_SECONDS = 2.0
 
     def __init__(self):
         self.received: Optional[int] = None
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
+        self._first_sigint: Optional[float] = None
+        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame) -> None:
-        self.received = signum
+        if signum == signal.SIGINT:
+            now = time.monotonic()
+            if self._first_sigint is not None and now - self._first_sigint > self.SIGINT_ECHO_SECONDS:
+                signal.signal(signal.SIGINT, signal.SIG_DFL)
+                os.kill(os.getpid(), signal.SIGINT)  # the second Ctrl-C: abort now
+                return
+            self._first_sigint = self._first_sigint or now
+        self.received = self.received or signum
 
 
 def record_step(directory: str, rank: int, step: int, loader, loss: float) -> None:
@@ -198,7 +212,8 @@ def _train(cfg: Config) -> dict:
             lr = engine.get_lr()[0]  # this step's: the scheduler moves on to the next one in the step
             with sync_debug(cfg.train.sync_debug if step > start_step else "off"):
                 result = train_step(
-                    engine, teacher, micro_batches, step, flags={"stop": stop.received is not None},
+                    # read when the ranks agree, after the step's backward: a signal during it stops after this step
+                    engine, teacher, micro_batches, step, flags={"stop": lambda: stop.received is not None},
                     accumulate=cfg.optim.accumulate,
                 )
             if not result.updated:
