@@ -211,6 +211,11 @@ class TrainConfig:
     # torch.cuda.set_sync_debug_mode inside each training step after the first (which builds
     # lazily): warn names every host synchronisation's Python line, error stops at the first
     sync_debug: str = "off"
+    # collective timeouts in seconds (megajepa.dist.set_timeout): timeout_start until the first step
+    # is done (start-up, loading and verifying a checkpoint, the first step's compilation), then
+    # timeout (a hung or stopped rank stops the others this long after, not DeepSpeed's 30 minutes)
+    timeout_start: float = 1800.0
+    timeout: float = 300.0
 
 
 @dataclass
@@ -281,6 +286,7 @@ BOUNDS = {
         for key in (
             "train.steps", "optim.grad_accum", "data.row_length", "data.pairs_per_batch",
             "train.eval_batches", "logging.log_every", "jepa.infonce_temperature", "jepa.stp.spans",
+            "train.timeout_start", "train.timeout",
         )
     },
     **{
@@ -385,8 +391,10 @@ def _validate_paths(cfg: Config, sources: list[tuple[str, DictConfig]]) -> None:
 
 def check_run_data(cfg: Config) -> None:
     """Raise ConfigError, naming the key, unless the shard directories a run reads are there (the
-    local ones: data.embedded generates its own; a remote fills its local cache). Not part of
-    load_config: `config` and `plan` read configs whose data lives elsewhere."""
+    local ones: data.embedded generates its own; a remote fills its local cache) and
+    train.output_dir can be written. Not part of load_config: `config` and `plan` read configs
+    whose data lives elsewhere."""
+    _check_output_dir(cfg.train.output_dir)
     if cfg.data.embedded is not None:
         return
     local = [("data.shards", cfg.data.shards, cfg.data.remote), ("data.eval_shards", cfg.data.eval_shards, None)]
@@ -394,6 +402,19 @@ def check_run_data(cfg: Config) -> None:
     for key, path, remote in local:
         if path is not None and remote is None and not os.path.isdir(path):
             raise ConfigError(f"{key}: no such directory: {path} (prepare it with `megajepa prepare`)")
+
+
+def _check_output_dir(path: str) -> None:
+    """train.output_dir, or the nearest directory above it that exists, is a writable directory."""
+    existing = os.path.abspath(path)
+    while not os.path.lexists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        where = "is a file" if existing == os.path.abspath(path) else f"cannot be created: {existing} is a file"
+        raise ConfigError(f"train.output_dir: {path} {where}, not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        what = "is not writable" if existing == os.path.abspath(path) else f"cannot be created: {existing} is not writable"
+        raise ConfigError(f"train.output_dir: {path} {what} by this user")
 
 
 def _validate_sources(cfg: Config, sources: list[tuple[str, DictConfig]]) -> None:

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from megajepa import dist
-from megajepa.files import atomic_path, write_text
+from megajepa.files import atomic_path, no_space, write_text
 from megajepa.train import pickle_guard
 from megajepa.train.digests import Written, mismatch
 
@@ -51,6 +51,10 @@ RUN_OUTPUTS = (CHECKPOINT_SUBDIR, "logs", "metrics.jsonl", "eval.jsonl", "summar
 
 class CheckpointMismatch(RuntimeError):
     """A checkpoint this run refuses to continue; the message says which and why."""
+
+
+class NoSpaceLeft(RuntimeError):
+    """A checkpoint could not be written for lack of space; the previous ones are untouched."""
 
 
 @dataclass(frozen=True)
@@ -166,11 +170,20 @@ def save(engine, output_dir: str, step: int, meta: dict, client_state: dict, ran
     if rank == 0:
         write_text(os.path.join(tag_dir, META_FILE), json.dumps({**meta, "step": step}, indent=2, sort_keys=True))
     written = Written()
-    written.torch_save(rng_state(), os.path.join(tag_dir, RNG_FILE.format(rank=rank)))
-    if extra is not None:
-        extra(tag_dir, written)
-    with written.deepspeed(engine):
-        engine.save_checkpoint(load_dir, tag=tag, client_state=client_state, save_latest=False)
+    try:
+        written.torch_save(rng_state(), os.path.join(tag_dir, RNG_FILE.format(rank=rank)))
+        if extra is not None:
+            extra(tag_dir, written)
+        with written.deepspeed(engine):
+            engine.save_checkpoint(load_dir, tag=tag, client_state=client_state, save_latest=False)
+    except (OSError, RuntimeError) as err:
+        if not no_space(err):
+            raise
+        previous, _ = newest_complete(load_dir)
+        raise NoSpaceLeft(
+            f"no space left on device: {tag_dir} (rank {rank}); this checkpoint stays incomplete, "
+            f"the last complete one is {os.path.join(load_dir, previous) if previous else 'none'}"
+        ) from None
     own = _own_files(tag_dir, rank)
     for path in own:
         _fsync(path)

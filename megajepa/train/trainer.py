@@ -130,7 +130,8 @@ def train(cfg: Config) -> dict:
 def _train(cfg: Config) -> dict:
     dist.quiet_deprecated_collectives()
     elastic.convert_before_start(cfg, *elastic.launch_rank_world())  # no process group yet: no timeout
-    rank, world, _ = init_distributed()
+    rank, world, _ = init_distributed(cfg.train.timeout_start)
+    dist.set_timeout(cfg.train.timeout_start, "train.timeout_start")
     output_dir = cfg.train.output_dir
     os.makedirs(output_dir, exist_ok=True)
     prepare_embedded(cfg, rank)
@@ -223,6 +224,8 @@ def _train(cfg: Config) -> dict:
                     f"stopped before the update. Last good checkpoint: {last_good or 'none saved yet'}"
                 )
             stop_requested = result.flags["stop"]
+            if step == start_step:  # the first step is done: from here on a hung rank is found sooner
+                dist.set_timeout(cfg.train.timeout, "train.timeout")
             step += 1
             device_values = {"loss": result.loss, "ce": result.ce, "jepa": result.jepa, **result.device_metrics}
             grad_norm = engine.get_global_grad_norm()
