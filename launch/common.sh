@@ -36,6 +36,34 @@ check_config_and_megajepa() {
     "$megajepa" config --check "$@" || exit 2
 }
 
+# The environment of every rank and launcher, each variable unless already set (exported here, and
+# written into DeepSpeed's env file for the other nodes by run_env_lines).
+# TORCH_ELASTIC_SHUTDOWN_TIMEOUT: after Ctrl-C or SIGTERM torchrun waits this long for the ranks,
+#   which checkpoint the current step first, before it sends SIGKILL (its own default, 30 s, is
+#   shorter than a large model's save).
+# TORCH_NCCL_DUMP_ON_TIMEOUT, TORCH_NCCL_TRACE_BUFFER_SIZE: NCCL's flight recorder keeps each rank's
+#   last collectives (torchtitan's 20000) and dumps them when a collective times out (train.timeout),
+#   to /tmp/nccl_trace_rank_N (TORCH_FR_DUMP_TEMP_FILE); torch's `torchfrtrace` says which rank
+#   stopped where.
+# PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True: packed rows of varying length fragment the
+#   caching allocator's fixed segments; expandable ones grow in place (left alone when the newer
+#   PYTORCH_ALLOC_CONF is set).
+run_env_lines() {
+    echo "TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-900}"
+    echo "TORCH_NCCL_DUMP_ON_TIMEOUT=${TORCH_NCCL_DUMP_ON_TIMEOUT:-1}"
+    echo "TORCH_NCCL_TRACE_BUFFER_SIZE=${TORCH_NCCL_TRACE_BUFFER_SIZE:-20000}"
+    if [[ -z "${PYTORCH_ALLOC_CONF:-}" ]]; then
+        echo "PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}"
+    fi
+}
+
+export_run_env() {
+    local line
+    while IFS= read -r line; do
+        export "${line?}"
+    done < <(run_env_lines)
+}
+
 # The prefix of every rank's command: the rank gets SIGTERM when the process that started it (its
 # agent: torchrun, DeepSpeed's per-node launcher, orted) dies, even by SIGKILL, and stops as on any
 # SIGTERM (a checkpoint at the end of the step, or at once before training starts). Sets

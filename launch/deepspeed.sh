@@ -75,6 +75,7 @@ write_env_file() {
             grep -v '^[[:space:]]*$' "$own" || true
         fi
     done
+    run_env_lines
     echo "LOCAL_WORLD_SIZE=$1"
     echo "MASTER_ADDR=$MASTER_ADDR"
     echo "MASTER_PORT=$port"
@@ -82,6 +83,7 @@ write_env_file() {
 
 check_config_and_megajepa "$@"
 set_orphan_guard
+export_run_env
 deepspeed=$(command -v deepspeed) || die "deepspeed is not on PATH (pip install deepspeed)"
 
 gpus=$(visible_gpus)

@@ -36,6 +36,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 check_config_and_megajepa "$@"
 set_orphan_guard
+export_run_env
 torchrun=$(command -v torchrun) || die "torchrun is not on PATH (it comes with torch)"
 
 nnodes=${NNODES:-1}

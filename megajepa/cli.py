@@ -56,8 +56,9 @@ def cmd_train(args) -> int:
     cfg = _load(args, run=True)
     from megajepa.data.fingerprint import FingerprintMismatch
     from megajepa.data.shard_hashes import CorruptShard
-    from megajepa.train.checkpoint import CheckpointMismatch
+    from megajepa.train.checkpoint import CheckpointMismatch, NoSpaceLeft
     from megajepa.train.resume_policy import ResumeRefused
+    from megajepa.train.run_lock import RunLocked
     from megajepa.train.trainer import TrainingDiverged, train
 
     try:
@@ -66,7 +67,7 @@ def cmd_train(args) -> int:
             print("\n" + summary_table(summary), flush=True)
     # a refusal, before any training (data the config checks could not see: a remote's, or shards
     # prepared with another tokenizer): no traceback
-    except (CheckpointMismatch, ResumeRefused, ConfigError, FingerprintMismatch) as err:
+    except (CheckpointMismatch, ResumeRefused, RunLocked, ConfigError, FingerprintMismatch) as err:
         print(f"megajepa train: {type(err).__name__}: {err}", file=sys.stderr)
         return 2
     except CorruptShard as err:  # on the rank that opened it (from a DataLoader worker: reduced to its line)
@@ -75,6 +76,23 @@ def cmd_train(args) -> int:
     except TrainingDiverged as err:
         print(f"megajepa train: {type(err).__name__}: {err}", file=sys.stderr)
         return 3
+    except NoSpaceLeft as err:
+        print(f"megajepa train: {err}", file=sys.stderr, flush=True)
+        return 2
+    except (OSError, RuntimeError) as err:
+        from megajepa import dist
+        from megajepa.files import no_space
+
+        if no_space(err):  # outside a checkpoint: the metrics, the logs
+            print(f"megajepa train: no space left on device: {getattr(err, 'filename', None) or cfg.train.output_dir}",
+                  file=sys.stderr)
+        elif dist.timed_out(err):
+            print(f"megajepa train: {dist.timeout_message()} ({str(err).splitlines()[0][:200]})", file=sys.stderr)
+        elif dist.peer_lost(err):  # the rank that failed says why
+            print(f"megajepa train: rank {dist.rank()}: stopped: another rank ended (see its message)", file=sys.stderr)
+        else:
+            raise
+        return 2
     return 0
 
 

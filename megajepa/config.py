@@ -211,6 +211,11 @@ class TrainConfig:
     # torch.cuda.set_sync_debug_mode inside each training step after the first (which builds
     # lazily): warn names every host synchronisation's Python line, error stops at the first
     sync_debug: str = "off"
+    # collective timeouts in seconds (megajepa.dist.set_timeout): timeout_start until the first step
+    # is done (start-up, loading and verifying a checkpoint, the first step's compilation), then
+    # timeout (a hung or stopped rank stops the others this long after, not DeepSpeed's 30 minutes)
+    timeout_start: float = 1800.0
+    timeout: float = 300.0
 
 
 @dataclass
@@ -281,6 +286,7 @@ BOUNDS = {
         for key in (
             "train.steps", "optim.grad_accum", "data.row_length", "data.pairs_per_batch",
             "train.eval_batches", "logging.log_every", "jepa.infonce_temperature", "jepa.stp.spans",
+            "train.timeout_start", "train.timeout",
         )
     },
     **{
@@ -307,6 +313,8 @@ RESUME_DATA_KEYS = (
     "data.pairs_per_batch", "optim.grad_accum", "data.seed", "data.shuffle", "data.row_length",
     "data.row_multiple", "data.labels", "data.max_length", "data.share_prefix", "jepa.views", "jepa.dropout",
 )
+# The training data itself (its shards' fingerprint and index, not their paths): either name allows a change.
+RESUME_DATA_IDENTITY_KEYS = ("data.shards", "data.sources")
 
 
 def _source_of(key: str, sources: list[tuple[str, DictConfig]]) -> str:
@@ -360,7 +368,7 @@ def _validate_resume(cfg: Config, sources: list[tuple[str, DictConfig]]) -> None
     resume = cfg.train.resume
     if resume not in RESUME_MODES and not os.path.isdir(resume):
         _fail("train.resume", f"{resume!r} is neither {', '.join(RESUME_MODES)} nor a checkpoint directory", sources)
-    allowable = RESUME_SCHEDULE_KEYS + RESUME_DATA_KEYS
+    allowable = RESUME_SCHEDULE_KEYS + RESUME_DATA_KEYS + RESUME_DATA_IDENTITY_KEYS
     for key in cfg.train.resume_allow:
         if key not in allowable:
             _fail("train.resume_allow", f"{key!r} cannot be allowed to change on resume (one of: "
@@ -420,7 +428,9 @@ def check_run_data(cfg: Config) -> None:
     (the local ones: data.embedded generates its own; a remote fills its local cache), were
     prepared with data.tokenizer, and hold no record longer than a row. Before any rank starts
     (the loader checks a remote's, or data.embedded's once built, again). Not part of
-    load_config: `config` and `plan` read configs whose data lives elsewhere."""
+    load_config: `config` and `plan` read configs whose data lives elsewhere. Also that
+    train.output_dir can be written."""
+    _check_output_dir(cfg.train.output_dir)
     from megajepa.data.fingerprint import FINGERPRINT_FILE, FingerprintMismatch, check_fingerprint
 
     local = [("data.shards", cfg.data.shards, cfg.data.remote), ("data.eval_shards", cfg.data.eval_shards, None)]
@@ -459,6 +469,19 @@ def check_row_length(data: DataConfig, jepa: JepaConfig, fingerprint: dict, wher
             f"sequences, up to {needed} tokens (data.max_length={data.max_length}, "
             f"jepa.views={jepa.views}, jepa.k={jepa.k}): raise data.row_length to {needed}"
         )
+
+
+def _check_output_dir(path: str) -> None:
+    """train.output_dir, or the nearest directory above it that exists, is a writable directory."""
+    existing = os.path.abspath(path)
+    while not os.path.lexists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        where = "is a file" if existing == os.path.abspath(path) else f"cannot be created: {existing} is a file"
+        raise ConfigError(f"train.output_dir: {path} {where}, not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        what = "is not writable" if existing == os.path.abspath(path) else f"cannot be created: {existing} is not writable"
+        raise ConfigError(f"train.output_dir: {path} {what} by this user")
 
 
 def _validate_sources(cfg: Config, sources: list[tuple[str, DictConfig]]) -> None:

@@ -11,7 +11,9 @@ Without an initialized process group (a single process) every collective is the 
 
 from __future__ import annotations
 
+import time
 import warnings
+from datetime import timedelta
 from typing import Any, Optional
 
 import torch
@@ -47,6 +49,64 @@ def group_rank(group) -> int:
 
 def init_process_group(backend: str) -> None:
     _dist.init_process_group(backend=backend)
+
+
+# (config key, seconds) of the timeout in force, for the message when a collective times out
+_timeout: Optional[tuple[str, float]] = None
+_ROLL_CALL = "megajepa/timed_out/{rank}"
+
+
+def set_timeout(seconds: float, key: str) -> None:
+    """From now on a collective that waits `seconds` for another rank fails (gloo raises, NCCL's
+    watchdog aborts the process, dumping its flight recorder with TORCH_NCCL_DUMP_ON_TIMEOUT=1), on
+    every process group this rank belongs to (DeepSpeed's too): torch's set_timeout, which gloo and
+    NCCL honour. `key` is the config key it comes from, named when it fires."""
+    global _timeout
+    _timeout = (key, seconds)
+    if not is_initialized():
+        return
+    groups = list(getattr(_dist.distributed_c10d._world, "pg_map", None) or [_dist.group.WORLD])
+    for group in groups:
+        _dist.set_timeout(timedelta(seconds=seconds), group)
+
+
+def timed_out(err: BaseException) -> bool:
+    """Whether `err` is a collective's timeout (gloo: "Timed out waiting Nms for recv"; NCCL, where
+    its watchdog lets Python see it: "Watchdog caught collective operation timeout")."""
+    return isinstance(err, RuntimeError) and is_initialized() and any(
+        text in str(err) for text in ("Timed out waiting", "collective operation timeout")
+    )
+
+
+def peer_lost(err: BaseException) -> bool:
+    """Whether `err` is a collective failing because another rank's process ended (gloo)."""
+    return isinstance(err, RuntimeError) and is_initialized() and any(
+        text in str(err) for text in ("Connection closed by peer", "Connection reset by peer")
+    )
+
+
+def timeout_message(grace: float = 15.0) -> str:
+    """After a collective timed out on this rank: which timeout fired, and the ranks that did not
+    arrive where that is knowable: every rank that times out says so in the launcher's store, and
+    those that have not within `grace` seconds (stopped, hung, or dead) are named."""
+    key, seconds = _timeout or ("the process group's default", None)
+    after = f" after {seconds:g} s" if seconds else ""
+    head = f"rank {rank()}: a collective timed out{after} ({key})"
+    try:
+        store = _dist.distributed_c10d._get_default_store()
+        store.set_timeout(timedelta(seconds=grace))
+        store.set(_ROLL_CALL.format(rank=rank()), "1")
+        deadline = time.monotonic() + grace
+        while True:
+            absent = [r for r in range(world_size()) if not store.check([_ROLL_CALL.format(rank=r)])]
+            if not absent or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+    except Exception:  # noqa: BLE001 - the store's host may be the rank that hangs: unknowable then
+        return f"{head}; which rank did not arrive is unknown (the store did not answer)"
+    if not absent:
+        return f"{head}; every rank timed out (a collective that some ranks never called?)"
+    return f"{head}: rank(s) {', '.join(map(str, absent))} did not arrive (stopped, hung or dead)"
 
 
 def destroy_process_group() -> None:

@@ -3,6 +3,7 @@ renamed when complete, removed when writing fails."""
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import shutil
@@ -10,6 +11,16 @@ import socket
 import sys
 from contextlib import contextmanager
 from typing import Iterator
+
+
+def no_space(err: BaseException) -> bool:
+    """Whether `err` comes of a full disk: an OSError ENOSPC in it or in what it was raised while
+    handling (torch.save's zip writer answers a failed write with its own RuntimeError)."""
+    while err is not None:
+        if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+            return True
+        err = err.__cause__ or err.__context__
+    return False
 
 
 @contextmanager

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import socket
@@ -66,12 +67,16 @@ def run_train(
     return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-def start_train(overrides: list[str], tmpdir, nproc: int = 1, env_extra: Optional[dict] = None) -> subprocess.Popen:
+def start_train(
+    overrides: list[str], tmpdir, nproc: int = 1, env_extra: Optional[dict] = None, new_session: bool = False
+) -> subprocess.Popen:
     """`megajepa train` in the background (for signal tests); its output goes to tmpdir/train.out
-    and tmpdir/train.err (a pipe nobody reads would fill and block it)."""
+    and tmpdir/train.err (a pipe nobody reads would fill and block it). `new_session`: in a process
+    group of its own (its pid), as a terminal's foreground job is, for os.killpg."""
     command, env = _train_command(overrides, tmpdir, nproc, env_extra)
     with open(Path(tmpdir) / "train.out", "w") as out, open(Path(tmpdir) / "train.err", "w") as err:
-        return subprocess.Popen(command, cwd=REPO, env=env, stdout=out, stderr=err, text=True)
+        return subprocess.Popen(command, cwd=REPO, env=env, stdout=out, stderr=err, text=True,
+                                start_new_session=new_session)
 
 
 def metrics(output_dir) -> list[dict]:
@@ -80,12 +85,14 @@ def metrics(output_dir) -> list[dict]:
 
 
 def remark_complete(tag_dir) -> None:
-    """After a test edits a checkpoint on purpose: record its files' current sizes in the
-    completion marker, so that the edit is what the test exercises, not the size check."""
+    """After a test edits a checkpoint on purpose: record its files' current sizes and digests in
+    the completion marker, so that the edit is what the test exercises, not the integrity check."""
     tag_dir = Path(tag_dir)
     marker = tag_dir / "complete.json"
     data = json.loads(marker.read_text())
-    data["files"] = {p.name: p.stat().st_size for p in sorted(tag_dir.iterdir()) if p.is_file() and p.name != marker.name}
+    files = [p for p in sorted(tag_dir.iterdir()) if p.is_file() and p.name != marker.name]
+    data["files"] = {p.name: p.stat().st_size for p in files}
+    data["sha256"] = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
     marker.write_text(json.dumps(data))
 
 

@@ -9,12 +9,16 @@ uninterrupted run's losses, the files on disk, a payload's side effect.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 import re
 import shutil
 import signal
+import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -22,7 +26,7 @@ import pytest
 import torch
 
 from _train_utils import demo_overrides, metrics, rank_pids, remark_complete, run_train, start_train
-from megajepa.train import checkpoint, pickle_guard
+from megajepa.train import checkpoint, pickle_guard, run_lock
 from megajepa.train.divergence import DivergenceGuard
 from megajepa.train.resume_policy import architecture_differences
 
@@ -70,7 +74,8 @@ def _fake_checkpoint(tag_dir: Path, files: dict[str, bytes]) -> None:
     tag_dir.mkdir(parents=True)
     for name, data in files.items():
         (tag_dir / name).write_bytes(data)
-    (tag_dir / "complete.json").write_text(json.dumps({"files": {n: len(d) for n, d in files.items()}}))
+    sha256 = {n: hashlib.sha256(d).hexdigest() for n, d in files.items()}
+    (tag_dir / "complete.json").write_text(json.dumps({"files": {n: len(d) for n, d in files.items()}, "sha256": sha256}))
 
 
 def test_completeness_and_newest_complete_choice(tmp_path):
@@ -179,6 +184,65 @@ def test_a_corrupt_shard_stops_every_rank_with_one_line(demo_data, tmp_path):
     assert not (zstd.parent / "shard.00000.mds").exists()  # never decoded
 
 
+def test_one_run_per_output_dir(demo_data, tmp_path):
+    """A process holding output_dir's run lock (as a run's rank 0 does) makes a second
+    `megajepa train` refuse at start, naming its host and pid; SIGKILL of the holder frees it."""
+    out = tmp_path / "run"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom megajepa.train import run_lock\n"
+         f"with run_lock.held({str(out)!r}):\n    print('held', flush=True)\n    time.sleep(600)"],
+        stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        expected = f"another run is writing here (host {socket.gethostname()}, pid {holder.pid}, since "
+        with pytest.raises(run_lock.RunLocked, match=re.escape(expected)):
+            with run_lock.held(str(out)):
+                pass
+        _refused(run_train(demo_overrides(demo_data, out, **RUN), tmp_path), expected)
+        assert not (out / "metrics.jsonl").exists() and not (out / "checkpoints").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    with run_lock.held(str(out)):  # released by the holder's death
+        assert json.loads((out / run_lock.LOCK_FILE).read_text())["pid"] == os.getpid()
+
+
+@pytest.mark.parametrize("blocked", ["file", "parent"])
+def test_output_dir_that_cannot_be_written_is_refused_before_any_rank_starts(demo_data, tmp_path, blocked):
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file where a directory should be")
+    out = blocker if blocked == "file" else blocker / "run"
+    result = run_train(demo_overrides(demo_data, out, **RUN), tmp_path)
+    expected = f"{out} is a file" if blocked == "file" else f"{out} cannot be created: {blocker} is a file"
+    _refused(result, f"train.output_dir: {expected}, not a directory")
+    assert "megajepa: config error:" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A 16 MiB tmpfs (a demo checkpoint is about 11 MiB): the second save runs out of space."""
+    mount = tmp_path / "tmpfs"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mount)], capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_disk_full_during_a_save_says_so_and_keeps_the_previous_checkpoint(demo_data, tmp_path, small_tmpfs):
+    out = small_tmpfs / "run"
+    result = run_train(demo_overrides(demo_data, out, **RUN), tmp_path)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr and "iostream error" not in result.stderr, result.stderr[-3000:]
+    line = f"megajepa train: no space left on device: {out / 'checkpoints' / 'step00000004'} (rank 0)"
+    assert line in result.stderr, result.stderr[-3000:]
+    assert f"the last complete one is {out / 'checkpoints' / 'step00000002'}" in result.stderr
+    assert checkpoint.newest_complete(str(out / "checkpoints"), verify=True) == (
+        "step00000002", ["skipped step00000004: no complete.json (the save did not finish on every rank)"])
+
+
 # ------------------------------------------------------------------------- one short 1-rank run
 
 
@@ -213,6 +277,50 @@ def test_truncated_rank_file_falls_back_to_the_previous_checkpoint(six_steps, de
     rows = metrics(run)
     assert [r["step"] for r in rows] == [5, 6]
     _same_losses(rows, metrics(six_steps))
+
+
+def test_flipped_bit_falls_back_to_the_previous_checkpoint(six_steps, demo_data, tmp_path):
+    """One bit flipped in an optimizer partition keeps its size: the sha256 recorded in
+    complete.json (hashed while writing; checked here against hashlib over the file) catches it."""
+    run = _copy_run(six_steps, tmp_path / "run", 6)
+    tag_dir = run / "checkpoints" / "step00000006"
+    marker = json.loads((tag_dir / "complete.json").read_text())
+    assert marker["sha256"] == {n: hashlib.sha256((tag_dir / n).read_bytes()).hexdigest() for n in marker["files"]}
+    optim = tag_dir / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    data = bytearray(optim.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    optim.write_bytes(bytes(data))
+    explicit = demo_overrides(demo_data, run, **{**RUN, "train.resume": str(tag_dir)})
+    _refused(run_train(explicit, tmp_path), "zero_pp_rank_0_mp_rank_00_optim_states.pt does not match its sha256")
+    result = run_train(demo_overrides(demo_data, run, **{**RUN, "train.resume": "auto"}), tmp_path)
+    _ok(result)
+    assert "skipped step00000006: zero_pp_rank_0_mp_rank_00_optim_states.pt does not match its sha256" in result.stdout
+    assert "step00000004 at step 4" in result.stdout
+    _same_losses(metrics(run), metrics(six_steps))
+
+
+def test_resume_onto_other_shards_is_refused_unless_allowed(six_steps, demo_data, tmp_path):
+    run = _copy_run(six_steps, tmp_path / "run", 4)
+    shards = shutil.copytree(demo_data["eval_shards"], tmp_path / "other")  # not the eval loader's directory
+    other = {**RUN, "train.resume": "auto", "data.shards": shards}
+    _refused(run_train(demo_overrides(demo_data, run, **other), tmp_path),
+             "data.shards: the training data differs from the checkpoint's (shards sha256: ")
+    result = run_train(demo_overrides(demo_data, run, **other, **{"train.resume_allow": "[data.shards]"}), tmp_path)
+    _ok(result)
+    assert "step00000004 at step 4" in result.stdout and [r["step"] for r in metrics(run)] == [5, 6]
+
+
+def test_checkpoint_without_digests_still_loads(six_steps, demo_data, tmp_path):
+    """A checkpoint saved before digests were recorded: sizes only, and the log says so."""
+    run = _copy_run(six_steps, tmp_path / "run", 4)
+    marker_path = run / "checkpoints" / "step00000004" / "complete.json"
+    marker = json.loads(marker_path.read_text())
+    del marker["sha256"]
+    marker_path.write_text(json.dumps(marker))
+    result = run_train(demo_overrides(demo_data, run, **{**RUN, "train.resume": "auto"}), tmp_path)
+    _ok(result)
+    assert "step00000004: saved without sha256 digests" in result.stdout and "at step 4" in result.stdout
+    _same_losses(metrics(run), metrics(six_steps))
 
 
 @pytest.mark.slow
@@ -312,6 +420,61 @@ def test_signal_to_one_rank_stops_both_at_the_same_step(two_rank_reference, demo
     _ok(result)
     _same_losses(metrics(out), metrics(two_rank_reference))
     assert metrics(out)[-1]["step"] == 12
+
+
+@pytest.mark.slow
+def test_ctrl_c_to_the_process_group_stops_both_ranks_at_the_same_step(two_rank_reference, demo_data, tmp_path):
+    """Ctrl-C: SIGINT to every process of the job (torchrun and both ranks; torchrun passes its
+    own on to the ranks as well). Both ranks checkpoint the same step and exit 0; the resumed run
+    is the uninterrupted one."""
+    out = tmp_path / "run"
+    overrides = demo_overrides(demo_data, out, **{**RUN, "train.steps": 12, "train.save_every": 0})
+    proc = start_train(overrides, tmp_path, nproc=2, env_extra={"FAULT_RUN": f"int-{tmp_path.name}"},
+                       new_session=True)
+    try:
+        _wait_for_step(proc, out, 2, tmp_path / "train.err")
+        os.killpg(proc.pid, signal.SIGINT)
+        proc.wait(timeout=300)
+    finally:
+        proc.kill()
+    stdout, stderr = (tmp_path / "train.out").read_text(), (tmp_path / "train.err").read_text()
+    assert "stop requested (signal 2)" in stdout, stderr[-3000:]
+    assert not re.search(r"exitcode\s*:\s*-?[1-9]", stderr), stderr[-3000:]  # no rank failed
+    stopped = metrics(out)[-1]["step"]
+    assert 2 <= stopped < 12 and checkpoint.newest_complete(str(out / "checkpoints")) == (f"step{stopped:08d}", [])
+    result = run_train(demo_overrides(demo_data, out, **{**RUN, "train.steps": 12, "train.save_every": 0,
+                                                         "train.resume": "auto"}), tmp_path, nproc=2, timeout=600)
+    _ok(result)
+    _same_losses(metrics(out), metrics(two_rank_reference))
+
+
+@pytest.mark.slow
+def test_a_stopped_rank_fails_the_other_within_train_timeout(demo_data, tmp_path):
+    """SIGSTOP of rank 1 after the first steps: rank 0 stops waiting train.timeout (10 s) later,
+    with one line naming rank 1, not DeepSpeed's 30 minutes."""
+    out = tmp_path / "run"
+    marker = f"stop-{tmp_path.name}"
+    overrides = demo_overrides(demo_data, out, **{**RUN, "train.steps": 500, "train.save_every": 0, "train.timeout": 10})
+    proc = start_train(overrides, tmp_path, nproc=2, env_extra={"FAULT_RUN": marker, "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "5"})
+    stopped = None
+    try:
+        _wait_for_step(proc, out, 2, tmp_path / "train.err")
+        stopped = rank_pids(marker)[1]
+        os.kill(stopped, signal.SIGSTOP)
+        since = time.time()
+        err = tmp_path / "train.err"
+        while "a collective timed out" not in err.read_text() and time.time() - since < 120:
+            time.sleep(0.5)
+        waited = time.time() - since
+        proc.wait(timeout=120)
+    finally:
+        if stopped is not None and stopped in rank_pids(marker).values():  # torchrun may have killed it
+            os.kill(stopped, signal.SIGKILL)
+        proc.kill()
+    stderr = (tmp_path / "train.err").read_text()
+    assert "megajepa train: rank 0: a collective timed out after 10 s (train.timeout): rank(s) 1 did not arrive" in stderr, stderr[-3000:]
+    assert waited < 10 + 15 + 30, waited  # the timeout, the roll call's grace, a loaded machine
+    assert proc.returncode != 0
 
 
 @pytest.mark.slow

@@ -284,7 +284,8 @@ def test_deepspeed_hostfile(shims, tmp_path):
     ]  # fmt: skip
     assert megajepa_arguments(args, shims) == ["train", CONFIG, *OVERRIDES]
     exported = (shims[1] / "deepspeed.ds_env").read_text().splitlines()
-    assert exported == ["NCCL_SOCKET_IFNAME=ib0", "LOCAL_WORLD_SIZE=4", "MASTER_ADDR=node-0", "MASTER_PORT=29500"]
+    run_env = [f"{k}={v}" for k, v in RUN_ENV.items()]
+    assert exported == ["NCCL_SOCKET_IFNAME=ib0", *run_env, "LOCAL_WORLD_SIZE=4", "MASTER_ADDR=node-0", "MASTER_PORT=29500"]
     assert not os.path.exists(env["DS_ENV_FILE"]), "the generated env file outlived the launch"
 
 
@@ -481,3 +482,26 @@ def test_ranks_die_with_their_agent(script, shims, tmp_path):
         if launcher.poll() is None:
             os.killpg(launcher.pid, signal.SIGKILL)
         launcher.wait()
+
+
+RUN_ENV = {"TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "900", "TORCH_NCCL_DUMP_ON_TIMEOUT": "1",
+           "TORCH_NCCL_TRACE_BUFFER_SIZE": "20000", "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
+
+
+@pytest.mark.parametrize("script", ["torchrun.sh", "deepspeed.sh"])
+def test_launchers_set_the_run_environment_unless_set(script, shims, tmp_path):
+    """Each variable of launch/common.sh's run_env_lines reaches the launcher (and the DeepSpeed env
+    file of other nodes) with its default, and a value the user set is kept."""
+    tool = script.split(".")[0]
+    assert run(script, [CONFIG], shims, tmp_path).returncode == 0
+    _, env = call(shims, tool)
+    assert {k: env.get(k) for k in RUN_ENV} == RUN_ENV
+    own = {k: f"{v}-own" for k, v in RUN_ENV.items()}
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("node0 slots=1\n")
+    assert run(script, [CONFIG], shims, tmp_path, HOSTFILE=str(hostfile), **own).returncode == 0
+    _, env = call(shims, tool)
+    assert {k: env.get(k) for k in RUN_ENV} == own
+    if tool == "deepspeed":
+        ds_env = dict(line.split("=", 1) for line in (shims[1] / "deepspeed.ds_env").read_text().splitlines())
+        assert {k: ds_env.get(k) for k in RUN_ENV} == own

@@ -1,11 +1,12 @@
 """What a resume may change (megajepa.train.resume_policy), on configs alone."""
 
 import json
+import shutil
 
 import pytest
 
 from megajepa.config import load_config, to_dict
-from megajepa.train.resume_policy import ResumeRefused, check
+from megajepa.train.resume_policy import ResumeRefused, check, data_identity
 
 DEMO = "configs/demo.yaml"
 
@@ -51,3 +52,24 @@ def test_another_world_size_needs_the_same_global_batch():
         _check(["data.pairs_per_batch=8"], ["data.pairs_per_batch=5"], saved_world=3, world=5)
     with pytest.raises(ResumeRefused, match=r"data.pairs_per_batch: 8 -> 16"):  # same world: per-rank compared
         _check(["data.pairs_per_batch=8"], ["data.pairs_per_batch=16"])
+
+
+def test_other_training_data_is_refused_unless_allowed(tmp_path):
+    """The data's identity is its shards' fingerprint.json and index.json, not their path: a copy
+    resumes, one changed byte is refused by name, and train.resume_allow=[data.shards] accepts it."""
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    (shards / "fingerprint.json").write_text('{"sources": {"a.jsonl": "0123"}}')
+    (shards / "index.json").write_text('{"shards": [{"samples": 10}]}')
+    copy = tmp_path / "copy"
+    shutil.copytree(shards, copy)
+    saved_cfg = load_config(DEMO, [f"data.shards={shards}"])
+    saved = _meta(saved_cfg, data=data_identity(saved_cfg))
+    moved = load_config(DEMO, [f"data.shards={copy}"])
+    check(saved, _meta(moved, data=data_identity(moved)), moved, "ckpt")
+    (copy / "index.json").write_text('{"shards": [{"samples": 11}]}')
+    with pytest.raises(ResumeRefused, match=r"ckpt: .*data.shards: the training data differs from the checkpoint's "
+                                            r"\(shards sha256: \w{12} -> \w{12}; .*train.resume_allow=\[data.shards\]"):
+        check(saved, _meta(moved, data=data_identity(moved)), moved, "ckpt")
+    allowed = load_config(DEMO, [f"data.shards={copy}", "train.resume_allow=[data.shards]"])
+    check(saved, _meta(allowed, data=data_identity(allowed)), allowed, "ckpt")

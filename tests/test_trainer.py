@@ -3,6 +3,8 @@
 import json
 import shutil
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
@@ -207,6 +209,25 @@ def test_activation_checkpointing_with_the_ema_teacher_on_two_ranks(demo_data, t
         for key in ("loss", "ce", "jepa", "grad_norm"):
             assert with_[key] == pytest.approx(without[key], rel=1e-5), (with_["step"], key)
     assert runs["true"][0]["loss"] != runs["true"][-1]["loss"]  # it trained
+
+
+def test_second_ctrl_c_aborts_but_its_echo_does_not():
+    """The first SIGINT asks for a stop; one within StopSignal.SIGINT_ECHO_SECONDS (torchrun passing
+    the same Ctrl-C on) changes nothing; a later one ends the process by SIGINT at once."""
+    code = (
+        "import os, signal, time\n"
+        "from megajepa.train.trainer import StopSignal\n"
+        "stop = StopSignal()\n"
+        "os.kill(os.getpid(), signal.SIGINT); os.kill(os.getpid(), signal.SIGINT)\n"
+        "print('received', stop.received, flush=True)\n"
+        "time.sleep(StopSignal.SIGINT_ECHO_SECONDS + 0.5)\n"
+        "os.kill(os.getpid(), signal.SIGINT)\n"
+        "time.sleep(30)\n"
+        "print('still running', flush=True)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert f"received {int(signal.SIGINT)}" in result.stdout, result.stderr[-2000:]
+    assert result.returncode == -signal.SIGINT and "still running" not in result.stdout
 
 
 def test_sigterm_checkpoints_and_exits_cleanly(demo_data, tmp_path):

@@ -419,10 +419,14 @@ class EmaTeacher:
         self.step = step
         self._last_global_step = self.online.global_steps
 
-    def save(self, directory: str, rank: int) -> str:
-        """Write this rank's state to `directory` atomically (a temporary name, then a rename)."""
+    def save(self, directory: str, rank: int, write: Optional[Callable[[dict, str], None]] = None) -> str:
+        """Write this rank's state to `directory` atomically (a temporary name, then a rename);
+        `write(state, path)` does it instead when given (a checkpoint's, which records its digest)."""
         os.makedirs(directory, exist_ok=True)
         path = os.path.join(directory, STATE_FILE.format(rank=rank))
+        if write is not None:
+            write(self.state_dict(), path)
+            return path
         with atomic_path(path) as tmp:
             torch.save(self.state_dict(), tmp)
         return path

@@ -9,9 +9,12 @@ Layout under train.output_dir/checkpoints:
         ema_rank{r}.pt      the EMA teacher's shard (target: ema)
         ...                 DeepSpeed's model and ZeRO partition files; client_state holds the
                             loader state and the step
-        complete.json       the completion marker: every file above and its size
+        complete.json       the completion marker: every file above, its size and its sha256
 
-A checkpoint is complete only when its marker exists and every file it lists has its size. The
+A checkpoint is complete only when its marker exists and every file it lists has its size; a
+resume also verifies every file's sha256 (megajepa.train.digests: computed while writing, verified
+by all ranks, each reading its share), so a file changed in place is caught too. Checkpoints saved
+before digests were recorded load on their sizes alone, and the log says so. The
 marker is written by rank 0, atomically, after every rank has written and fsync-ed its files and
 passed a barrier; DeepSpeed's own `latest` (which its rank 0 writes after its *own* files, before
 the other ranks finish) is turned off and rewritten by us after the marker. Resuming never trusts
@@ -33,8 +36,9 @@ import numpy as np
 import torch
 
 from megajepa import dist
-from megajepa.files import atomic_path, write_text
+from megajepa.files import atomic_path, no_space, write_text
 from megajepa.train import pickle_guard
+from megajepa.train.digests import Written, mismatch
 
 CHECKPOINT_SUBDIR = "checkpoints"
 COMPLETE_FILE = "complete.json"
@@ -47,6 +51,10 @@ RUN_OUTPUTS = (CHECKPOINT_SUBDIR, "logs", "metrics.jsonl", "eval.jsonl", "summar
 
 class CheckpointMismatch(RuntimeError):
     """A checkpoint this run refuses to continue; the message says which and why."""
+
+
+class NoSpaceLeft(RuntimeError):
+    """A checkpoint could not be written for lack of space; the previous ones are untouched."""
 
 
 @dataclass(frozen=True)
@@ -129,15 +137,17 @@ def _write_durable(path: str, text: str) -> None:
     _fsync(os.path.dirname(path))
 
 
-def _write_marker(tag_dir: str, step: int, world_size: int) -> None:
-    files = {}
+def _write_marker(tag_dir: str, step: int, world_size: int, sha256: dict[str, str]) -> None:
+    """`sha256`: the digests the ranks recorded while writing; the other files (meta.json) are read."""
+    files, digests = {}, {}
     for name in sorted(os.listdir(tag_dir)):
         path = os.path.join(tag_dir, name)
         if name != COMPLETE_FILE and ".tmp-" not in name and os.path.isfile(path):
             _fsync(path)  # the other ranks closed theirs before the barrier: make them durable here too
             files[name] = os.path.getsize(path)
+            digests[name] = sha256.get(name) or Written().of(tag_dir, [name])[name]
     _fsync(tag_dir)
-    marker = {"step": step, "world_size": world_size, "files": files}
+    marker = {"step": step, "world_size": world_size, "files": files, "sha256": digests}
     _write_durable(os.path.join(tag_dir, COMPLETE_FILE), json.dumps(marker, indent=1, sort_keys=True))
 
 
@@ -147,7 +157,8 @@ def _write_marker(tag_dir: str, step: int, world_size: int) -> None:
 def save(engine, output_dir: str, step: int, meta: dict, client_state: dict, rank: int, extra=None) -> str:
     """Save checkpoint `step` on every rank and mark it complete; returns its directory.
 
-    `extra(tag_dir)` saves more per-rank state beside it (the EMA). Collective: every rank calls it."""
+    `extra(tag_dir, written)` saves more per-rank state beside it (the EMA) with written.torch_save,
+    which records the file's digest. Collective: every rank calls it."""
     load_dir = checkpoint_dir(output_dir)
     tag = tag_for(step)
     tag_dir = os.path.join(load_dir, tag)
@@ -158,16 +169,32 @@ def save(engine, output_dir: str, step: int, meta: dict, client_state: dict, ran
     world_size = dist.world_size()
     if rank == 0:
         write_text(os.path.join(tag_dir, META_FILE), json.dumps({**meta, "step": step}, indent=2, sort_keys=True))
-    with atomic_path(os.path.join(tag_dir, RNG_FILE.format(rank=rank))) as tmp:
-        torch.save(rng_state(), tmp)
-    if extra is not None:
-        extra(tag_dir)
-    engine.save_checkpoint(load_dir, tag=tag, client_state=client_state, save_latest=False)
-    for path in _own_files(tag_dir, rank):
+    written = Written()
+    try:
+        written.torch_save(rng_state(), os.path.join(tag_dir, RNG_FILE.format(rank=rank)))
+        if extra is not None:
+            extra(tag_dir, written)
+        with written.deepspeed(engine):
+            engine.save_checkpoint(load_dir, tag=tag, client_state=client_state, save_latest=False)
+    except (OSError, RuntimeError) as err:
+        if not no_space(err):
+            raise
+        previous, _ = newest_complete(load_dir)
+        raise NoSpaceLeft(
+            f"no space left on device: {tag_dir} (rank {rank}); this checkpoint stays incomplete, "
+            f"the last complete one is {os.path.join(load_dir, previous) if previous else 'none'}"
+        ) from None
+    own = _own_files(tag_dir, rank)
+    for path in own:
         _fsync(path)
-    _barrier()  # every rank's files are written and durable
+    # this rank's digests: what it wrote (hashed while writing) and its own files written otherwise
+    names = {os.path.basename(p) for p in own}
+    names |= {os.path.basename(p) for p in written.sha256 if os.path.dirname(p) == os.path.abspath(tag_dir)}
+    sha256 = {}
+    for part in dist.all_gather_object(written.of(tag_dir, sorted(names))):  # also the barrier: all written
+        sha256.update(part)
     if rank == 0:
-        _write_marker(tag_dir, step, world_size)
+        _write_marker(tag_dir, step, world_size, sha256)
         _write_durable(os.path.join(load_dir, "latest"), tag)
     _barrier()  # nobody leaves (or exits) before the checkpoint is complete
     return tag_dir
@@ -176,24 +203,41 @@ def save(engine, output_dir: str, step: int, meta: dict, client_state: dict, ran
 # ------------------------------------------------------------------------------ completeness
 
 
-def incomplete_reason(tag_dir: str) -> Optional[str]:
-    """Why `tag_dir` is not a complete checkpoint, or None when it is."""
-    marker_path = os.path.join(tag_dir, COMPLETE_FILE)
-    if not os.path.isfile(marker_path):
+def _marker(tag_dir: str) -> dict:
+    with open(os.path.join(tag_dir, COMPLETE_FILE)) as f:
+        return json.load(f)
+
+
+def incomplete_reason(tag_dir: str, verify: bool = False) -> Optional[str]:
+    """Why `tag_dir` is not a complete checkpoint, or None when it is. `verify` also compares
+    every file's sha256 with the marker's, which reads the whole checkpoint: a collective (each
+    rank reads its share), so every rank must call it for the same checkpoints."""
+    if not os.path.isfile(os.path.join(tag_dir, COMPLETE_FILE)):
         return f"no {COMPLETE_FILE} (the save did not finish on every rank)"
     try:
-        with open(marker_path) as f:
-            files = json.load(f)["files"]
-    except (OSError, ValueError, KeyError, TypeError) as err:
+        marker = _marker(tag_dir)
+        files = marker["files"]
+        items = sorted(files.items())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
         return f"{COMPLETE_FILE} is unreadable ({type(err).__name__}: {err})"
-    for name, size in sorted(files.items()):
+    for name, size in items:
         path = os.path.join(tag_dir, name)
         if not os.path.isfile(path):
             return f"{name} is missing"
         actual = os.path.getsize(path)
         if actual != size:
             return f"{name} has {actual} bytes, {size} when it was saved"
+    if verify and isinstance(marker.get("sha256"), dict):
+        return mismatch(tag_dir, marker["sha256"], files)
     return None
+
+
+def has_digests(tag_dir: str) -> bool:
+    """Whether the checkpoint's marker records sha256 digests (saved by a megajepa that wrote them)."""
+    try:
+        return isinstance(_marker(tag_dir).get("sha256"), dict)
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def checkpoints_in(load_dir: str) -> list[str]:
@@ -204,19 +248,21 @@ def checkpoints_in(load_dir: str) -> list[str]:
     return sorted(tags, reverse=True)
 
 
-def newest_complete(load_dir: str) -> tuple[Optional[str], list[str]]:
-    """(the newest complete tag or None, one line per newer incomplete one saying why it was skipped)."""
+def newest_complete(load_dir: str, verify: bool = False) -> tuple[Optional[str], list[str]]:
+    """(the newest complete tag or None, one line per newer incomplete one saying why it was
+    skipped); `verify`: digests too (collective, see incomplete_reason)."""
     skipped = []
     for tag in checkpoints_in(load_dir):
-        reason = incomplete_reason(os.path.join(load_dir, tag))
+        reason = incomplete_reason(os.path.join(load_dir, tag), verify)
         if reason is None:
             return tag, skipped
         skipped.append(f"skipped {tag}: {reason}")
     return None, skipped
 
 
-def resolve_resume(resume: str, output_dir: str) -> tuple[Optional[ResumePoint], list[str]]:
-    """(where to resume, or None to start fresh; notes for the log).
+def resolve_resume(resume: str, output_dir: str, verify: bool = True) -> tuple[Optional[ResumePoint], list[str]]:
+    """(where to resume, or None to start fresh; notes for the log). `verify`: the files' digests
+    too, a collective (every rank calls it); without, sizes only.
 
     auto: the newest complete checkpoint under output_dir; fresh when there is none.
     none / restart: fresh; `none` refuses an output_dir that holds complete checkpoints (restart
@@ -233,17 +279,21 @@ def resolve_resume(resume: str, output_dir: str) -> tuple[Optional[ResumePoint],
             )
         return None, []
     if resume == "auto":
-        tag, notes = newest_complete(load_dir)
+        tag, notes = newest_complete(load_dir, verify)
         if tag is None:
             if notes:
                 notes.append("no complete checkpoint: starting from step 0")
             return None, notes
-        return ResumePoint(load_dir, tag), notes
-    path = os.path.abspath(resume.rstrip("/"))
-    reason = incomplete_reason(path) if os.path.isdir(path) else "no such directory"
-    if reason is not None:
-        raise CheckpointMismatch(f"train.resume={resume}: not a complete checkpoint: {reason}")
-    return ResumePoint(os.path.dirname(path), os.path.basename(path)), []
+        point = ResumePoint(load_dir, tag)
+    else:
+        path = os.path.abspath(resume.rstrip("/"))
+        reason = incomplete_reason(path, verify) if os.path.isdir(path) else "no such directory"
+        if reason is not None:
+            raise CheckpointMismatch(f"train.resume={resume}: not a complete checkpoint: {reason}")
+        point, notes = ResumePoint(os.path.dirname(path), os.path.basename(path)), []
+    if verify and not has_digests(point.tag_dir):
+        notes.append(f"{point.tag}: saved without sha256 digests (by an older megajepa): its files' sizes are checked, not their content")
+    return point, notes
 
 
 def start_over(output_dir: str) -> Optional[str]:

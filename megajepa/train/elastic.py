@@ -76,7 +76,7 @@ def convert_before_start(cfg: Config, rank: int, world: int) -> None:
     fails exits, and the launcher stops the others. Whatever this cannot read is left to
     choose_resume, which refuses it on every rank."""
     try:
-        point, _ = checkpoint.resolve_resume(cfg.train.resume, cfg.train.output_dir)
+        point, _ = checkpoint.resolve_resume(cfg.train.resume, cfg.train.output_dir, verify=False)  # no group yet
         saved_world = int(checkpoint.read_meta(point)["world_size"]) if point is not None else world
     except (CheckpointMismatch, KeyError, TypeError, ValueError):
         return

@@ -11,6 +11,10 @@ A resumed run should be the uninterrupted run. Settings fall into four kinds:
   new value applies from the next step);
 - data: what the loader's exact resume depends on (batch, seed, shuffle, packing). Refused unless
   listed in `train.resume_allow` (the loader then continues by sample count, not exactly);
+- the training data: each source's identity (a digest of its shards' fingerprint.json, which
+  names the prepared inputs by their sha256, and of streaming's index.json, which lists the shards;
+  paths do not count, so moved or copied shards resume) and its mixture settings. Refused unless
+  `train.resume_allow` lists data.shards or data.sources (the run then trains on the new data);
 - optimizer hyper-parameters (betas, eps, weight decay): refused, always: DeepSpeed restores
   them from the optimizer state, so a new value would be silently ignored;
 - the world size may change (megajepa.train.elastic) when the global batch stays the same:
@@ -24,9 +28,12 @@ initialisation) does not count.
 
 from __future__ import annotations
 
+import hashlib
+import os
 from typing import Any, Optional
 
-from megajepa.config import RESUME_DATA_KEYS, RESUME_SCHEDULE_KEYS, Config, to_dict
+from megajepa.config import RESUME_DATA_IDENTITY_KEYS, RESUME_DATA_KEYS, RESUME_SCHEDULE_KEYS, Config, to_dict
+from megajepa.data.mixture import sources_from_config
 
 SCHEDULE_KEYS, DATA_KEYS = RESUME_SCHEDULE_KEYS, RESUME_DATA_KEYS
 OPTIMIZER_KEYS = ("optim.beta1", "optim.beta2", "optim.eps", "optim.weight_decay")
@@ -49,6 +56,38 @@ def _get(tree: dict, dotted: str) -> Any:
     for part in dotted.split("."):
         tree = tree.get(part, {}) if isinstance(tree, dict) else {}
     return None if tree == {} else tree
+
+
+def data_identity(cfg: Config) -> list[dict]:
+    """Each training source's name (when set), mixture settings and the sha256 of its fingerprint.json and
+    index.json, read where the loader found them (the shards, a mounted remote, or the local cache
+    the loader filled: call after building it)."""
+    identity = []
+    for source in sources_from_config(cfg.data):
+        directory = source.remote if source.remote is not None and os.path.isdir(source.remote) else source.shards
+        digest = hashlib.sha256()
+        for name in ("fingerprint.json", "index.json"):
+            path = os.path.join(directory, name)
+            if os.path.isfile(path):
+                with open(path, "rb") as f:
+                    digest.update(name.encode() + b"\0" + f.read())
+        identity.append({"name": source.name, "proportion": source.proportion, "repeat": source.repeat,
+                         "choose": source.choose, "sha256": digest.hexdigest()})
+    return identity
+
+
+def _data_differences(saved: list[dict], now: list[dict]) -> str:
+    if len(saved) != len(now):
+        return f"{len(saved)} source(s) -> {len(now)}"
+    changes = []
+    for i, (before, after) in enumerate(zip(saved, now)):
+        where = before.get("name") or (f"source {i}" if len(saved) > 1 else "shards")
+        for key in sorted(set(before) | set(after)):
+            old, new = before.get(key), after.get(key)
+            if old != new:
+                shown = (lambda v: str(v)[:12]) if key == "sha256" else repr
+                changes.append(f"{where} {key}: {shown(old)} -> {shown(new)}")
+    return "; ".join(changes)
 
 
 def architecture_differences(saved: dict, current: dict) -> list[str]:
@@ -89,6 +128,13 @@ def check(saved_meta: dict, current_meta: dict, cfg: Config, where: str) -> int:
     for key in IDENTITY_KEYS:
         if saved_meta.get(key) != current_meta[key]:
             problems.append(f"{key}: {saved_meta.get(key)!r} -> {current_meta[key]!r}")
+
+    saved_data, data = saved_meta.get("data"), current_meta.get("data")
+    if saved_data is not None and data is not None and saved_data != data:
+        if not set(RESUME_DATA_IDENTITY_KEYS) & set(cfg.train.resume_allow):
+            key = "data.sources" if cfg.data.sources else "data.shards"
+            problems.append(f"{key}: the training data differs from the checkpoint's ({_data_differences(saved_data, data)}; "
+                            f"the run would continue on other data; train.resume_allow=[{key}] accepts it)")
 
     saved_cfg, now = saved_meta.get("config", {}), to_dict(cfg)
     for key in PARAMETER_KEYS:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import os
 import socket
+from datetime import timedelta
 from typing import Optional
 
 import deepspeed
@@ -39,8 +40,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_distributed() -> tuple[int, int, int]:
-    """(rank, world size, local rank), starting a 1-process group when no launcher did."""
+def init_distributed(timeout: Optional[float] = None) -> tuple[int, int, int]:
+    """(rank, world size, local rank), starting a 1-process group when no launcher did; `timeout`:
+    its collectives' timeout in seconds (train.timeout_start; None: DeepSpeed's default)."""
     if "RANK" not in os.environ and "OMPI_COMM_WORLD_RANK" in os.environ:  # plain mpirun
         os.environ.update(
             RANK=os.environ["OMPI_COMM_WORLD_RANK"],
@@ -56,7 +58,8 @@ def init_distributed() -> tuple[int, int, int]:
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
     set_stream_env()
     if not dist.is_initialized():
-        deepspeed.init_distributed(verbose=False)
+        options = {} if timeout is None else {"timeout": timedelta(seconds=timeout)}
+        deepspeed.init_distributed(verbose=False, **options)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)

@@ -82,7 +82,8 @@ def train_step(
     accumulate: str = "mean",
 ) -> StepResult:
     """One optimizer step over `micro_batches` (as many as the engine accumulates) after `step`
-    steps; `flags` are bools or 0-d device tensors to agree on across ranks with `nonfinite`;
+    steps; `flags` are bools, 0-d device tensors or callables giving one (called at the agreement,
+    after the last backward) to agree on across ranks with `nonfinite`;
     `accumulate` is optim.accumulate (mean | sum of the micro-batch gradients)."""
     accumulation = engine.gradient_accumulation_steps()
     if len(micro_batches) != accumulation:
@@ -111,7 +112,8 @@ def train_step(
             source_ce = out.source_ce if source_ce is None else source_ce + out.source_ce
         engine.backward(out.loss, scale_wrt_gas=accumulate == "mean")  # DeepSpeed divides by grad_accum
         if i == accumulation - 1:
-            agreed = dist.agree({"nonfinite": ~finite, **(flags or {})}, device)
+            now = {name: value() if callable(value) else value for name, value in (flags or {}).items()}
+            agreed = dist.agree({"nonfinite": ~finite, **now}, device)
             if agreed["nonfinite"]:
                 means = sums / accumulation
                 return StepResult(*means, out.lambda_, counts, agreed, False, out, {}, source_counts, source_ce)

@@ -22,7 +22,7 @@ from megajepa.data.mixture import source_step_values
 from megajepa.files import write_text
 from megajepa.model.attention import compiled_graphs
 from megajepa.model.build import architecture_spec
-from megajepa.train import checkpoint, elastic, resume_policy
+from megajepa.train import checkpoint, elastic, resume_policy, run_lock
 from megajepa.train.deepspeed_json import online_config
 from megajepa.train.divergence import DivergenceGuard
 from megajepa.train.metrics import MetricsLogger
@@ -35,16 +35,30 @@ class TrainingDiverged(RuntimeError):
 
 
 class StopSignal:
-    """SIGTERM / SIGUSR1 (preemption, a Slurm requeue) ask for a checkpoint and a clean exit at
-    the end of the current step; ranks agree on it so that they all save together."""
+    """SIGTERM / SIGUSR1 (preemption, a Slurm requeue) and SIGINT (Ctrl-C) ask for a checkpoint
+    and a clean exit at the end of the current step; ranks agree on it so that they all save
+    together. A second Ctrl-C aborts at once (the default SIGINT action), except within
+    SIGINT_ECHO_SECONDS of the first: Ctrl-C reaches every process of the terminal's process group,
+    torchrun included, and torchrun passes the SIGINT it got on to the ranks, a copy of the same
+    Ctrl-C that must not abort the save."""
+
+    SIGINT_ECHO_SECONDS = 2.0
 
     def __init__(self):
         self.received: Optional[int] = None
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
+        self._first_sigint: Optional[float] = None
+        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame) -> None:
-        self.received = signum
+        if signum == signal.SIGINT:
+            now = time.monotonic()
+            if self._first_sigint is not None and now - self._first_sigint > self.SIGINT_ECHO_SECONDS:
+                signal.signal(signal.SIGINT, signal.SIG_DFL)
+                os.kill(os.getpid(), signal.SIGINT)  # the second Ctrl-C: abort now
+                return
+            self._first_sigint = self._first_sigint or now
+        self.received = self.received or signum
 
 
 def record_step(directory: str, rank: int, step: int, loader, loss: float) -> None:
@@ -107,9 +121,17 @@ def choose_resume(cfg: Config, meta: dict, rank: int, world: int) -> tuple[Optio
 
 
 def train(cfg: Config) -> dict:
+    """Rank 0 holds train.output_dir's run lock (megajepa.train.run_lock) from before any rank
+    does work to the end: a second run into the same directory refuses at start."""
+    with run_lock.held(cfg.train.output_dir, enabled=elastic.launch_rank_world()[0] == 0):
+        return _train(cfg)
+
+
+def _train(cfg: Config) -> dict:
     dist.quiet_deprecated_collectives()
     elastic.convert_before_start(cfg, *elastic.launch_rank_world())  # no process group yet: no timeout
-    rank, world, _ = init_distributed()
+    rank, world, _ = init_distributed(cfg.train.timeout_start)
+    dist.set_timeout(cfg.train.timeout_start, "train.timeout_start")
     output_dir = cfg.train.output_dir
     os.makedirs(output_dir, exist_ok=True)
     prepare_embedded(cfg, rank)
@@ -130,6 +152,7 @@ def train(cfg: Config) -> dict:
         "k": cfg.jepa.k,
         "target": cfg.jepa.target,
         "precision": precision(cfg),
+        "data": resume_policy.data_identity(cfg),
         "config": to_dict(cfg),
     }
     resume, schedule_steps, saved_world = choose_resume(cfg, meta, rank, world)
@@ -164,7 +187,7 @@ def train(cfg: Config) -> dict:
         nonlocal saved_step
         saved_step = step
         client_state = {"step": step, "loader": loader.state_dict()}
-        extra = (lambda tag_dir: teacher.save(tag_dir, rank)) if teacher is not None else None
+        extra = (lambda tag_dir, written: teacher.save(tag_dir, rank, written.torch_save)) if teacher is not None else None
         return checkpoint.save(engine, output_dir, step, meta, client_state, rank, extra)
 
     eval_loader = None
@@ -190,7 +213,8 @@ def train(cfg: Config) -> dict:
             lr = engine.get_lr()[0]  # this step's: the scheduler moves on to the next one in the step
             with sync_debug(cfg.train.sync_debug if step > start_step else "off"):
                 result = train_step(
-                    engine, teacher, micro_batches, step, flags={"stop": stop.received is not None},
+                    # read when the ranks agree, after the step's backward: a signal during it stops after this step
+                    engine, teacher, micro_batches, step, flags={"stop": lambda: stop.received is not None},
                     accumulate=cfg.optim.accumulate,
                 )
             if not result.updated:
@@ -200,6 +224,8 @@ def train(cfg: Config) -> dict:
                     f"stopped before the update. Last good checkpoint: {last_good or 'none saved yet'}"
                 )
             stop_requested = result.flags["stop"]
+            if step == start_step:  # the first step is done: from here on a hung rank is found sooner
+                dist.set_timeout(cfg.train.timeout, "train.timeout")
             step += 1
             device_values = {"loss": result.loss, "ce": result.ce, "jepa": result.jepa, **result.device_metrics}
             grad_norm = engine.get_global_grad_norm()
