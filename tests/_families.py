@@ -19,6 +19,7 @@ from megajepa.model.attention import attention_mask
 from megajepa.model.build import build_model
 from megajepa.model.families import decoder_of
 from megajepa.model.head import lm_cross_entropy, lm_logits
+from megajepa.model.router_aux import router_aux_coef, router_aux_loss
 
 VOCAB = 96
 WINDOW = 4  # shorter than most sequences below, so a dropped window shows
@@ -138,11 +139,14 @@ def readout_weights(lm, n_sequences: int) -> torch.Tensor:
 
 
 def packed_pass(lm, packed: Packed):
-    """-> (loss, ce, final hidden [R, L, d], logits at labelled tokens [N, V]) of the packed pass."""
+    """-> (loss, ce, final hidden [R, L, d], logits at labelled tokens [N, V]) of the packed pass;
+    a MoE family's loss includes its router's auxiliary term, as megajepa trains it."""
     batch = packed.batch
+    router = router_aux_coef(lm) > 0
     out = decoder_of(lm)(
         input_ids=batch["input_ids"], position_ids=batch["position_ids"],
         attention_mask=attention_mask(batch, lm), use_cache=False,
+        **({"output_router_logits": True} if router else {}),
     )
     hidden = out.last_hidden_state
     labels = batch["labels"].flatten()
@@ -151,6 +155,9 @@ def packed_pass(lm, packed: Packed):
     ce = lm_cross_entropy(lm, flat[labelled], labels[labelled])
     last = torch.stack([hidden[row, cols[-1]] for row, cols, _ in packed.where])
     loss = ce + (last * readout_weights(lm, len(packed.where))).sum()
+    aux = router_aux_loss(lm, out.router_logits, batch) if router else None
+    if aux is not None:
+        loss = loss + router_aux_coef(lm) * aux
     return loss, ce, hidden, lm_logits(lm, flat[labelled])
 
 
@@ -170,7 +177,26 @@ def oracle_pass(lm, packed: Packed):
         per_sequence.append((hidden[in_alone], logits[in_alone]))
     ce = total / count
     loss = ce + (torch.stack(lasts) * readout_weights(lm, len(packed.where))).sum()
+    aux = oracle_router_aux(lm, packed) if router_aux_coef(lm) > 0 else None
+    if aux is not None:
+        loss = loss + router_aux_coef(lm) * aux  # the (router_)aux_loss_coef the model's forward uses
     return loss, ce, per_sequence
+
+
+def oracle_router_aux(lm, packed: Packed):
+    """The model's own forward's auxiliary loss (unweighted) on the batch of every packed sequence,
+    each whole (a tail with its shared prefix), right-padded, with its 2D attention mask; None
+    when no layer of the model routes (its own forward then fails on the empty tuple of logits)."""
+    width = max(len(ids) for ids in packed.alone)
+    ids = torch.zeros(len(packed.alone), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, alone in enumerate(packed.alone):
+        ids[i, :len(alone)], mask[i, :len(alone)] = alone, 1
+    with torch.no_grad():
+        routed = decoder_of(lm)(input_ids=ids[:1], output_router_logits=True, use_cache=False).router_logits
+    if not routed:
+        return None
+    return lm(input_ids=ids, attention_mask=mask, output_router_logits=True, use_cache=False).aux_loss
 
 
 # --- every causal-LM model type transformers lists, from its own mapping --------------------------
@@ -189,6 +215,7 @@ _SUB_CONFIGS = ("text_config", "vision_config", "audio_config", "decoder", "enco
 # model_type -> arguments the generic shrink cannot guess (kept small: what each family needs).
 OVERRIDES: dict[str, dict] = {
     "gpt_neo": dict(attention_types=[[["global", "local"], 1]]),
+    "flint": dict(mlp_only_layers=[0]),  # layer 1 routes (the default shrink leaves both dense)
     "lfm2": dict(num_hidden_layers=2, layer_types=["conv", "full_attention"]),  # its defaults are all attention
 }
 

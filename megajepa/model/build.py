@@ -18,6 +18,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from megajepa.config import ModelConfig
 from megajepa.model.families import attention_implementation, check_supported, text_config
 from megajepa.model.pretrained import load_partitions, partitioned_loading
+from megajepa.model.router_aux import set_router_aux_coef
 
 
 def embedding_rows(cfg: ModelConfig, tokenizer_size: int) -> int:
@@ -163,6 +164,7 @@ def build_model(
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the mean-resizing notice
             model.resize_token_embeddings(rows, mean_resizing=True)
+    set_router_aux_coef(model, cfg.router_aux_loss_coef)
     if cfg.lora.rank > 0:
         from megajepa.model.lora import apply_lora
 

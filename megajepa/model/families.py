@@ -26,6 +26,8 @@ TESTED_FAMILIES = frozenset({
     "starcoder2", "granite", "cohere",
     # exact in the generated sweep over transformers' causal-LM mapping (scripts/families_table.py)
     "afmoe", "apertus", "apertus1p5_text", "arcee", "aria_text", "beam", "biogpt", "bitnet", "cohere2", "cohere2_moe", "ctrl", "cwm", "diffllama", "emu3", "ergo", "ernie4_5", "ernie4_5_moe", "exaone", "exaone4", "exaone_moe", "flex_olmo", "flint", "git", "glm", "glm4", "glm4_moe", "gpt-sw3",
+    # MoE families exact with their router's load-balancing loss (tests/test_router_aux.py)
+    "gpt_oss", "granitemoe", "jetmoe", "olmoe", "phimoe",
 })
 
 FULL, SLIDING = "full_attention", "sliding_attention"
