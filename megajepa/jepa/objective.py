@@ -26,7 +26,7 @@ from megajepa.kernels.latent_loss import latent_loss
 from megajepa.config import JepaConfig
 from megajepa.jepa import stp
 from megajepa.model.attention import MASK_KEYS, attention_mask, bucket_width
-from megajepa.model.families import decoder_of
+from megajepa.model.families import decoder_of, packed_input_ids
 from megajepa.model.head import HeadLoss, mean_of
 from megajepa.model.predictor import build_predictor
 from megajepa.model.router_aux import router_aux_coef, router_aux_loss
@@ -104,7 +104,7 @@ class JepaModel(nn.Module):
         layer = self.cfg.embedding_layer
         router = prefix == "" and router_aux_coef(self.lm) > 0
         out = decoder_of(self.lm)(
-            input_ids=rows["input_ids"],
+            input_ids=packed_input_ids(self.lm, rows["input_ids"], rows["sequence"]),
             position_ids=rows["position_ids"],
             attention_mask=mask,
             output_hidden_states=layer != -1,
