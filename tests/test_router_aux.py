@@ -157,3 +157,11 @@ def test_negative_coefficient_is_refused(tmp_path):
 
     with pytest.raises(ConfigError, match="model.router_aux_loss_coef: must be >= 0"):
         load_config("configs/demo.yaml", ["model.router_aux_loss_coef=-1"])
+
+
+def test_summary_table_shows_router_aux_for_a_moe_run_only():
+    from megajepa.cli import summary_table
+
+    moe = {"first": {"loss": 8.8, "router_aux": 2.01}, "last": {"loss": 8.6, "router_aux": 2.02}}
+    assert "| train router aux (MoE) | 2.0100 | 2.0200 |" in summary_table(moe)
+    assert "router aux" not in summary_table({"first": {"loss": 8.8}, "last": {"loss": 8.6}})
