@@ -235,7 +235,7 @@ _IF_SET = dict(num_key_value_heads=2, head_dim=8, sliding_window=WINDOW, window_
 _SUB_CONFIGS = ("text_config", "vision_config", "audio_config", "decoder", "encoder")
 # model_type -> arguments the generic shrink cannot guess (kept small: what each family needs).
 OVERRIDES: dict[str, dict] = {
-    "gpt_neo": dict(attention_types=[[["global", "local"], 1]]),
+    "gpt_neo": dict(num_layers=2, attention_types=[[["global", "local"], 1]]),
     "flint": dict(mlp_only_layers=[0]),  # layer 1 routes (the default shrink leaves both dense)
     # no layer shares another's KV cache (15 of its 35 do), small per-layer embeddings and laurel
     "gemma3n_text": dict(num_hidden_layers=2, layer_types=["sliding_attention", "full_attention"], num_kv_shared_layers=0, vocab_size_per_layer_input=VOCAB, hidden_size_per_layer_input=8,
