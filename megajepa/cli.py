@@ -108,6 +108,8 @@ def summary_table(summary: dict) -> str:
         # the collapse monitor: about 1/sqrt(d) for spread embeddings, towards 0 as they collapse
         ("z_a std (collapse: -> 0)", first.get("z_a_std"), last.get("z_a_std")),
     ]
+    if "router_aux" in last:  # a mixture-of-experts model: its router's load-balancing loss (unweighted)
+        rows.insert(3, ("train router aux (MoE)", first.get("router_aux"), last.get("router_aux")))
     lines = ["| metric | start | end |", "|---|---:|---:|"]
     for name, start, end in rows:
         fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731

@@ -52,6 +52,10 @@ class ModelConfig:
     # Rows of the embedding and LM head: the tokenizer's size (with its [PRED] tokens) when null;
     # a larger value pads them, as Llama 3's 128,256 rows hold its reserved tokens.
     vocab_size: Optional[int] = None
+    # A mixture-of-experts family's router load-balancing loss joins the loss with this weight,
+    # as its own forward adds it with output_router_logits=True: null keeps the model config's
+    # router_aux_loss_coef, 0 disables it. Other families have none (ignored).
+    router_aux_loss_coef: Optional[float] = None
     lora: LoraConfig = field(default_factory=LoraConfig)
 
 
@@ -386,6 +390,8 @@ def _validate_paths(cfg: Config, sources: list[tuple[str, DictConfig]], need_tok
         _fail("model.config", f"no such file: {cfg.model.config}", sources)
     if cfg.model.vocab_size is not None and cfg.model.vocab_size < 1:
         _fail("model.vocab_size", f"must be >= 1 (or null: the tokenizer's size), got {cfg.model.vocab_size}", sources)
+    if cfg.model.router_aux_loss_coef is not None and not cfg.model.router_aux_loss_coef >= 0:
+        _fail("model.router_aux_loss_coef", f"must be >= 0 (or null: the model config's), got {cfg.model.router_aux_loss_coef}", sources)
     if cfg.deepspeed.config_file is not None and not os.path.isfile(cfg.deepspeed.config_file):
         _fail("deepspeed.config_file", f"no such file: {cfg.deepspeed.config_file}", sources)
     if need_tokenizer and not os.path.isdir(cfg.data.tokenizer) and not _embedded_builds(cfg, cfg.data.tokenizer):

@@ -259,8 +259,9 @@ def _vocab_size(cfg: Config, spec: dict, override: Optional[int]) -> int:
         tokenizer = AutoTokenizer.from_pretrained(cfg.data.tokenizer)
         add_pred_tokens(tokenizer, k)
         return len(tokenizer)
-    if "vocab_size" in spec:
-        return int(spec["vocab_size"]) + k
+    own = spec.get("vocab_size", (spec.get("text_config") or {}).get("vocab_size"))  # a composite's: its text config's
+    if own is not None:
+        return int(own) + k
     raise PlanError(
         f"data.tokenizer: no such directory: {cfg.data.tokenizer}, and the model config has no vocab_size: "
         "pass --vocab-size (the tokenizer's size, e.g. 128256 for Llama 3)"
@@ -270,6 +271,8 @@ def _vocab_size(cfg: Config, spec: dict, override: Optional[int]) -> int:
 def architecture(cfg: Config, vocab_override: Optional[int] = None):
     """The HF config of the model the run would train, its vocabulary sized as training sizes it."""
     from transformers import AutoConfig
+
+    from megajepa.model.families import causal_lm_config
 
     if cfg.model.pretrained is not None:
         path = os.path.join(cfg.model.pretrained, "config.json")
@@ -286,10 +289,12 @@ def architecture(cfg: Config, vocab_override: Optional[int] = None):
     model_type = spec.pop("model_type", None)
     if model_type is None:
         raise PlanError(f"{path}: missing 'model_type' (e.g. \"llama\")")
-    spec["vocab_size"] = _vocab_size(cfg, spec, vocab_override)
+    vocab = _vocab_size(cfg, spec, vocab_override)
     for name in ("architectures", "transformers_version", "_name_or_path", "torch_dtype", "dtype"):
         spec.pop(name, None)
-    return AutoConfig.for_model(model_type, **spec)
+    arch = causal_lm_config(AutoConfig.for_model(model_type, **spec))  # a composite: its text-only LM
+    arch.vocab_size = vocab
+    return arch
 
 
 def parameter_numels(arch, predictor: str) -> dict[str, list[int]]:

@@ -17,8 +17,9 @@ import torch.nn.functional as F
 from megajepa.config import ModelConfig
 from megajepa.model.attention import attention_mask
 from megajepa.model.build import build_model
-from megajepa.model.families import decoder_of
+from megajepa.model.families import decoder_of, packed_input_ids
 from megajepa.model.head import lm_cross_entropy, lm_logits
+from megajepa.model.router_aux import router_aux_coef, router_aux_loss
 
 VOCAB = 96
 WINDOW = 4  # shorter than most sequences below, so a dropped window shows
@@ -49,6 +50,17 @@ FAMILIES: dict[str, dict] = {
         model_type="gemma3_text", **_LLAMA_LIKE, head_dim=8, sliding_window=WINDOW, final_logit_softcapping=2.0,
         layer_types=["sliding_attention", "full_attention"],
     ),
+    # the Gemma 3 4B/12B/27B config: image-text composite; megajepa trains its text-only causal LM
+    "gemma3": dict(model_type="gemma3", text_config=dict(
+        **_LLAMA_LIKE, head_dim=8, sliding_window=WINDOW, final_logit_softcapping=2.0,
+        layer_types=["sliding_attention", "full_attention"],
+    )),
+    # pad id 0 = the packed rows' padding id: its zero embedding row under AltUp's magnitude norm
+    "gemma3n_text": dict(
+        model_type="gemma3n_text", **_LLAMA_LIKE, head_dim=8, sliding_window=WINDOW, pad_token_id=0,
+        layer_types=["sliding_attention", "full_attention"], num_kv_shared_layers=0, vocab_size_per_layer_input=VOCAB,
+        hidden_size_per_layer_input=8, laurel_rank=8, activation_sparsity_pattern=[0.95, 0.0],
+    ),
     "phi": dict(model_type="phi", hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
                 max_position_embeddings=64, partial_rotary_factor=0.5),
     "phi3": dict(model_type="phi3", **_LLAMA_LIKE, sliding_window=WINDOW),  # default pad id 32000 > VOCAB
@@ -57,12 +69,17 @@ FAMILIES: dict[str, dict] = {
     "gpt2": dict(model_type="gpt2", n_embd=32, n_layer=2, n_head=4, n_positions=64),
     "gpt_neox": dict(model_type="gpt_neox", hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                      num_attention_heads=4, max_position_embeddings=64, rotary_pct=0.5),
+    # global layer 0, local layer 1 (window 4, in positions: the tail C reads A's prefix within it)
+    "gpt_neo": dict(model_type="gpt_neo", hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
+                    max_position_embeddings=64, attention_types=[[["global", "local"], 1]], window_size=WINDOW),
     "gptj": dict(model_type="gptj", n_embd=32, n_layer=2, n_head=4, n_positions=64, rotary_dim=4),
     "opt": dict(model_type="opt", hidden_size=32, ffn_dim=48, num_hidden_layers=2, num_attention_heads=4,
                 max_position_embeddings=64, word_embed_proj_dim=32),
     "falcon": dict(model_type="falcon", hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_kv_heads=2,
                    new_decoder_architecture=True, alibi=False),
     "starcoder2": dict(model_type="starcoder2", **_LLAMA_LIKE, sliding_window=WINDOW),
+    # no SDPA: eager's additive mask (transformers 5 passes a 4D mask through unchanged)
+    "xglm": dict(model_type="xglm", d_model=32, ffn_dim=48, num_layers=2, attention_heads=4, max_position_embeddings=64),
     "granite": dict(model_type="granite", **_LLAMA_LIKE, logits_scaling=4.0, embedding_multiplier=2.0,
                     residual_multiplier=0.5, attention_multiplier=0.3),
     "cohere": dict(model_type="cohere", **_LLAMA_LIKE, logit_scale=0.5),
@@ -138,11 +155,14 @@ def readout_weights(lm, n_sequences: int) -> torch.Tensor:
 
 
 def packed_pass(lm, packed: Packed):
-    """-> (loss, ce, final hidden [R, L, d], logits at labelled tokens [N, V]) of the packed pass."""
+    """-> (loss, ce, final hidden [R, L, d], logits at labelled tokens [N, V]) of the packed pass;
+    a MoE family's loss includes its router's auxiliary term, as megajepa trains it."""
     batch = packed.batch
+    router = router_aux_coef(lm) > 0
     out = decoder_of(lm)(
-        input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+        input_ids=packed_input_ids(lm, batch["input_ids"], batch["sequence"]), position_ids=batch["position_ids"],
         attention_mask=attention_mask(batch, lm), use_cache=False,
+        **({"output_router_logits": True} if router else {}),
     )
     hidden = out.last_hidden_state
     labels = batch["labels"].flatten()
@@ -151,6 +171,9 @@ def packed_pass(lm, packed: Packed):
     ce = lm_cross_entropy(lm, flat[labelled], labels[labelled])
     last = torch.stack([hidden[row, cols[-1]] for row, cols, _ in packed.where])
     loss = ce + (last * readout_weights(lm, len(packed.where))).sum()
+    aux = router_aux_loss(lm, out.router_logits, batch) if router else None
+    if aux is not None:
+        loss = loss + router_aux_coef(lm) * aux
     return loss, ce, hidden, lm_logits(lm, flat[labelled])
 
 
@@ -158,9 +181,13 @@ def oracle_pass(lm, packed: Packed):
     """The same quantities from each sequence run alone through `lm(input_ids)`:
     -> (loss, ce, per sequence (hidden [m, d], logits [m, V]) at its packed tokens)."""
     total, count, lasts, per_sequence = 0.0, 0, [], []
+    # the final hidden state is what the model's own LM head reads (gemma3n's hidden_states
+    # tuple holds its AltUp streams, not that)
+    heads_input = []
+    hook = lm.get_output_embeddings().register_forward_hook(lambda module, args, out: heads_input.append(args[0]))
     for ids, (row, cols, in_alone) in zip(packed.alone, packed.where):
-        out = lm(input_ids=ids[None], output_hidden_states=True, use_cache=False)
-        logits, hidden = out.logits[0], out.hidden_states[-1][0]
+        out = lm(input_ids=ids[None], use_cache=False)
+        logits, hidden = out.logits[0], heads_input.pop()[0]
         labels = packed.batch["labels"][row, cols]
         keep = labels != -100
         if keep.any():
@@ -168,9 +195,29 @@ def oracle_pass(lm, packed: Packed):
             count += int(keep.sum())
         lasts.append(hidden[in_alone[-1]])
         per_sequence.append((hidden[in_alone], logits[in_alone]))
+    hook.remove()
     ce = total / count
     loss = ce + (torch.stack(lasts) * readout_weights(lm, len(packed.where))).sum()
+    aux = oracle_router_aux(lm, packed) if router_aux_coef(lm) > 0 else None
+    if aux is not None:
+        loss = loss + router_aux_coef(lm) * aux  # the (router_)aux_loss_coef the model's forward uses
     return loss, ce, per_sequence
+
+
+def oracle_router_aux(lm, packed: Packed):
+    """The model's own forward's auxiliary loss (unweighted) on the batch of every packed sequence,
+    each whole (a tail with its shared prefix), right-padded, with its 2D attention mask; None
+    when no layer of the model routes (its own forward then fails on the empty tuple of logits)."""
+    width = max(len(ids) for ids in packed.alone)
+    ids = torch.zeros(len(packed.alone), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, alone in enumerate(packed.alone):
+        ids[i, :len(alone)], mask[i, :len(alone)] = alone, 1
+    with torch.no_grad():
+        routed = decoder_of(lm)(input_ids=ids[:1], output_router_logits=True, use_cache=False).router_logits
+    if not routed:
+        return None
+    return lm(input_ids=ids, attention_mask=mask, output_router_logits=True, use_cache=False).aux_loss
 
 
 # --- every causal-LM model type transformers lists, from its own mapping --------------------------
@@ -188,7 +235,11 @@ _IF_SET = dict(num_key_value_heads=2, head_dim=8, sliding_window=WINDOW, window_
 _SUB_CONFIGS = ("text_config", "vision_config", "audio_config", "decoder", "encoder")
 # model_type -> arguments the generic shrink cannot guess (kept small: what each family needs).
 OVERRIDES: dict[str, dict] = {
-    "gpt_neo": dict(attention_types=[[["global", "local"], 1]]),
+    "gpt_neo": dict(num_layers=2, attention_types=[[["global", "local"], 1]]),
+    "flint": dict(mlp_only_layers=[0]),  # layer 1 routes (the default shrink leaves both dense)
+    # no layer shares another's KV cache (15 of its 35 do), small per-layer embeddings and laurel
+    "gemma3n_text": dict(num_hidden_layers=2, layer_types=["sliding_attention", "full_attention"], num_kv_shared_layers=0, vocab_size_per_layer_input=VOCAB, hidden_size_per_layer_input=8,
+                         laurel_rank=8, intermediate_size=48, activation_sparsity_pattern=[0.95, 0.0]),
     "lfm2": dict(num_hidden_layers=2, layer_types=["conv", "full_attention"]),  # its defaults are all attention
     # transformers 5.25's own defaults fail its validator (a per-layer input, unshared kv layers)
     "gemma4_assistant": dict(text_config=dict(
@@ -242,10 +293,15 @@ def causal_lm_types() -> list[str]:
 
 def tiny_spec(model_type: str) -> dict:
     """A tiny random config of `model_type`: its config class's defaults shrunk (hidden 32, 2
-    layers, 4 heads, vocabulary VOCAB), then OVERRIDES; as the JSON megajepa's model.config reads."""
-    from transformers import AutoConfig
+    layers, 4 heads, vocabulary VOCAB), then OVERRIDES (a composite's sub-configs get those of
+    their own model type); as the JSON megajepa's model.config reads."""
+    from transformers import CONFIG_MAPPING, AutoConfig
 
-    config = AutoConfig.for_model(model_type, **OVERRIDES.get(model_type, {}))
+    overrides = dict(OVERRIDES.get(model_type, {}))
+    for key, sub in getattr(CONFIG_MAPPING[model_type], "sub_configs", {}).items():
+        if getattr(sub, "model_type", None) in OVERRIDES:
+            overrides.setdefault(key, dict(OVERRIDES[sub.model_type]))
+    config = AutoConfig.for_model(model_type, **overrides)
     _shrink(config)
     spec = config.to_diff_dict()
     for key in ("transformers_version", "architectures", "_name_or_path", "dtype", "torch_dtype"):

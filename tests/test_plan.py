@@ -93,6 +93,24 @@ def test_parameter_count_is_the_models_own(demo_data):
     assert plan.dims.vocab == model.get_input_embeddings().num_embeddings
 
 
+def test_a_composite_config_is_planned_as_its_text_only_model(demo_data, tmp_path):
+    """Gemma3Config (image-text): the plan reads sizes through its text config, as build_model
+    builds Gemma3ForCausalLM from it (before: a crash on vocab_size / hidden_size)."""
+    from _families import FAMILIES
+    from megajepa.model.build import build_model
+    from megajepa.train.setup import load_tokenizer
+
+    (tmp_path / "gemma3.json").write_text(json.dumps(FAMILIES["gemma3"]))
+    cfg = load_config(str(REPO / "configs/demo.yaml"),
+                      [f"data.tokenizer={demo_data['tokenizer']}", f"model.config={tmp_path / 'gemma3.json'}"])
+    _, tokenizer, _ = load_tokenizer(cfg)
+    model = build_model(cfg.model, tokenizer)
+    plan = make_plan(cfg, "gemma3", 1, 80)
+    assert type(model).__name__ == "Gemma3ForCausalLM"
+    assert plan.num_params == sum(p.numel() for p in model.parameters())
+    assert (plan.dims.vocab, plan.dims.hidden) == (model.get_input_embeddings().num_embeddings, model.config.hidden_size)
+
+
 @pytest.mark.parametrize("name", LLAMA_CONFIGS)
 def test_budget_is_the_largest_that_fits(name, llama_overrides):
     cfg = load_config(str(REPO / "configs" / f"{name}.yaml"), llama_overrides)

@@ -11,8 +11,9 @@ from megajepa.train.step import train_step
 class FakeEngine:
     """Records what the step asks of a DeepSpeed engine; the loss of micro-batch i is losses[i]."""
 
-    def __init__(self, losses, accumulation):
+    def __init__(self, losses, accumulation, router_aux=None):
         self.losses, self.accumulation, self.device = losses, accumulation, torch.device("cpu")
+        self.router_aux = router_aux  # per micro-batch, as a MoE model's output has it
         self.calls, self.applied = [], 0
 
     def gradient_accumulation_steps(self):
@@ -23,7 +24,10 @@ class FakeEngine:
         self.calls.append(("forward", step, target_embeddings))
         loss = torch.tensor(self.losses[i], requires_grad=True)
         z = torch.arange(6.0).reshape(3, 2) + i
-        return JepaOutput(loss=loss, ce=loss.detach() * 0.5, jepa=loss.detach() * 0.25, lambda_=1.0, z_a=z, z_b=-z)
+        aux = None if self.router_aux is None else torch.tensor(self.router_aux[i])
+        return JepaOutput(
+            loss=loss, ce=loss.detach() * 0.5, jepa=loss.detach() * 0.25, lambda_=1.0, z_a=z, z_b=-z, router_aux=aux
+        )
 
     def backward(self, loss, scale_wrt_gas=True):
         self.calls.append(("backward",))
@@ -71,6 +75,14 @@ def test_accumulates_then_updates_and_follows_with_the_ema():
     assert result.updated and result.flags == {"nonfinite": False, "stop": False}
     assert (result.loss.item(), result.ce.item(), result.jepa.item()) == (2.0, 1.0, 0.5)
     assert result.counts == {"computed_tokens": 30.0, "useful_tokens": 28.0, "num_pairs": 4.0}
+
+
+def test_router_aux_is_logged_as_the_mean_over_micro_batches():
+    engine = FakeEngine([1.0, 3.0], accumulation=2, router_aux=[2.0, 5.0])
+    result = train_step(engine, None, [micro_batch(10), micro_batch(20)], step=0)
+    assert result.device_metrics["router_aux"].item() == 3.5
+    plain = train_step(FakeEngine([1.0, 3.0], accumulation=2), None, [micro_batch(10), micro_batch(20)], step=0)
+    assert "router_aux" not in plain.device_metrics
 
 
 @pytest.mark.parametrize("bad", [0, 1])

@@ -1,6 +1,6 @@
 """The LLM-JEPA objective over one forward pass of packed rows (megajepa.data.layout):
 
-    L = gamma * CE  +  lambda(step) * D( pred(z_a), sg?(z_b) )
+    L = gamma * CE  +  lambda(step) * D( pred(z_a), sg?(z_b) )  [+ router_aux_coef * router_aux]
 
 as the published reference computes it (galilai-group/llm-jepa, finetune.py): CE is the mean over
 the labelled tokens of the conversations; z_a and z_b are the hidden states read in the user view
@@ -8,7 +8,8 @@ the labelled tokens of the conversations; z_a and z_b are the hidden states read
 default. With the EMA target z_b comes from the teacher's rows, passed in already computed.
 `jepa.distance=infonce` is the reference's --infonce: cross-entropy of the cosine similarities
 over temperature, each pair's own target its positive and the micro-batch's other targets its
-negatives.
+negatives. A mixture-of-experts family also trains its router's load-balancing loss, as its own
+forward adds it (megajepa.model.router_aux; model.router_aux_loss_coef, 0 to disable).
 """
 
 from __future__ import annotations
@@ -25,9 +26,10 @@ from megajepa.kernels.latent_loss import latent_loss
 from megajepa.config import JepaConfig
 from megajepa.jepa import stp
 from megajepa.model.attention import MASK_KEYS, attention_mask, bucket_width
-from megajepa.model.families import decoder_of
+from megajepa.model.families import decoder_of, packed_input_ids
 from megajepa.model.head import HeadLoss, mean_of
 from megajepa.model.predictor import build_predictor
+from megajepa.model.router_aux import router_aux_coef, router_aux_loss
 
 
 @dataclass
@@ -41,6 +43,7 @@ class JepaOutput(ModelOutput):
     z_a: Optional[torch.Tensor] = None  # pred(z_a), [J, d]
     z_b: Optional[torch.Tensor] = None  # the target, [J, d]
     source_ce: Optional[torch.Tensor] = None  # with several sources: [2, S] CE sum, labelled tokens
+    router_aux: Optional[torch.Tensor] = None  # a MoE family's load-balancing loss (unweighted), else None
 
 
 def lambda_at(cfg: JepaConfig, step: int) -> float:
@@ -87,8 +90,9 @@ class JepaModel(nn.Module):
         self.head_loss = HeadLoss(lm)
 
     def hidden_states(self, batch: dict, prefix: str = ""):
-        """-> (final hidden [R, L, d] the LM head reads, embedding-layer hidden [R, L, d]) of the
-        batch's online rows (prefix '') or teacher rows (prefix 'teacher_')."""
+        """-> (final hidden [R, L, d] the LM head reads, embedding-layer hidden [R, L, d], the
+        router's auxiliary loss or None) of the batch's online rows (prefix '') or teacher rows
+        (prefix 'teacher_', which train nothing: no auxiliary loss)."""
         rows = {key: batch[prefix + key] for key in ("input_ids", *MASK_KEYS)}
         width = rows["input_ids"].shape[1]
         if self.lm.config._attn_implementation == "flex_attention":
@@ -98,16 +102,19 @@ class JepaModel(nn.Module):
             rows = {key: F.pad(value, (0, extra)) for key, value in rows.items()}
         mask = attention_mask(rows, self.lm)
         layer = self.cfg.embedding_layer
+        router = prefix == "" and router_aux_coef(self.lm) > 0
         out = decoder_of(self.lm)(
-            input_ids=rows["input_ids"],
+            input_ids=packed_input_ids(self.lm, rows["input_ids"], rows["sequence"]),
             position_ids=rows["position_ids"],
             attention_mask=mask,
             output_hidden_states=layer != -1,
             use_cache=False,
+            **({"output_router_logits": True} if router else {}),
         )
         final = out.last_hidden_state[:, :width]
+        aux = router_aux_loss(self.lm, out.router_logits, rows) if router else None
         # -1 is the final, normalised state; other indices are transformers' hidden_states tuple
-        return final, (final if layer == -1 else out.hidden_states[layer][:, :width])
+        return final, (final if layer == -1 else out.hidden_states[layer][:, :width]), aux
 
     def read_embeddings(self, hidden: torch.Tensor, batch: dict, name: str) -> torch.Tensor:
         """Per-pair embeddings `name` ('za' or 'zb'): the token at the layout's readout (pooling
@@ -128,7 +135,7 @@ class JepaModel(nn.Module):
     @torch.no_grad()
     def encode_targets(self, batch: dict) -> torch.Tensor:
         """z_b from the teacher rows (this model is then the EMA teacher)."""
-        _, emb = self.hidden_states(batch, "teacher_")
+        _, emb, _ = self.hidden_states(batch, "teacher_")
         return self.read_embeddings(emb, batch, "zb")
 
     def latent_loss(self, z_a: torch.Tensor, z_b: torch.Tensor) -> torch.Tensor:
@@ -139,7 +146,7 @@ class JepaModel(nn.Module):
         return latent_loss(z_a, z_b, self.cfg.distance)
 
     def forward(self, batch: dict, step: int = 0, target_embeddings: Optional[torch.Tensor] = None) -> JepaOutput:
-        final, emb = self.hidden_states(batch)
+        final, emb, aux = self.hidden_states(batch)
         # The LM head runs only where there is a label (listed by the layout, so no host sync),
         # exactly as the model's own forward applies it, in memory-bounded chunks, inside one
         # module call on every rank (under ZeRO-3: one gather of the head whatever the labels).
@@ -155,10 +162,7 @@ class JepaModel(nn.Module):
         lam = lambda_at(self.cfg, step)
         if self.cfg.objective == "stp":  # Semantic Tube Prediction: spans of the conversation's own states
             jepa, z_a, z_b = stp.stp_loss(emb, batch, self.predictor, self.cfg)
-            return JepaOutput(
-                loss=self.cfg.gamma * ce + lam * jepa, ce=ce.detach(), jepa=jepa.detach(), lambda_=lam, z_a=z_a, z_b=z_b,
-                source_ce=source_ce,
-            )
+            return self._output(self.cfg.gamma * ce + lam * jepa, ce, jepa, lam, z_a, z_b, source_ce, aux)
         # The predictor runs on every rank every step, even on zero pairs: under ZeRO-3 a module
         # one rank skips would leave the others waiting in its parameter all-gather.
         z_a = self.predictor(self.read_embeddings(emb, batch, "za"))
@@ -169,7 +173,13 @@ class JepaModel(nn.Module):
             if self.cfg.stop_grad:
                 z_b = z_b.detach()
         jepa = self.latent_loss(z_a, z_b)
-        loss = self.cfg.gamma * ce + lam * jepa
+        return self._output(self.cfg.gamma * ce + lam * jepa, ce, jepa, lam, z_a, z_b, source_ce, aux)
+
+    def _output(self, loss, ce, jepa, lam, z_a, z_b, source_ce, aux) -> JepaOutput:
+        if aux is not None:  # the term the family's own forward adds to its loss
+            loss = loss + router_aux_coef(self.lm) * aux
+            aux = aux.detach()
         return JepaOutput(
-            loss=loss, ce=ce.detach(), jepa=jepa.detach(), lambda_=lam, z_a=z_a, z_b=z_b, source_ce=source_ce
+            loss=loss, ce=ce.detach(), jepa=jepa.detach(), lambda_=lam, z_a=z_a, z_b=z_b, source_ce=source_ce,
+            router_aux=aux,
         )

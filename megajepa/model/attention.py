@@ -23,7 +23,8 @@ each sequence's own forward.
 Each layer's own pattern is part of the rule: a sliding-window layer also requires
 position(q) - position(k) < window, measured in the sequence's own positions as the model does
 when the sequence runs alone. Models that mix full and sliding layers get a mapping layer type ->
-mask (transformers 4.57 takes it as attention_mask), the others one mask.
+mask (transformers 4.57 takes it as attention_mask), the others one mask; gpt_neo's local layers
+get theirs through megajepa.model.local_layers.
 
 The forms: a dense boolean mask for SDPA, an additive float mask for eager attention, and a
 FlexAttention BlockMask built directly from the sequence boundaries (no [L, L] tensor), shared by
@@ -40,6 +41,7 @@ from typing import Optional
 import torch
 
 from megajepa.model.families import layer_windows
+from megajepa.model.local_layers import hand_over, local_window_types
 
 MASK_KEYS = ("sequence", "prefix_sequence", "prefix_length", "position_ids")
 BLOCK_SIZE = 128  # FlexAttention's default tile
@@ -194,5 +196,8 @@ def attention_mask(rows: dict, model, prefix: str = ""):
 
     windows = layer_windows(config)
     if isinstance(windows, dict):
-        return {kind: for_window(window) for kind, window in windows.items()}
+        masks = {kind: for_window(window) for kind, window in windows.items()}
+        if local_window_types(config) is not None:  # gpt_neo's decoder takes one mask
+            return hand_over(model, masks)
+        return masks
     return for_window(windows)

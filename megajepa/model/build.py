@@ -16,8 +16,12 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from megajepa.config import ModelConfig
-from megajepa.model.families import attention_implementation, check_supported, text_config
+from megajepa.model.families import (
+    UnsupportedArchitecture, attention_implementation, causal_lm_config, check_supported, text_config,
+)
 from megajepa.model.pretrained import load_partitions, partitioned_loading
+from megajepa.model.local_layers import install as install_local_layers
+from megajepa.model.router_aux import set_router_aux_coef
 
 
 def embedding_rows(cfg: ModelConfig, tokenizer_size: int) -> int:
@@ -36,12 +40,21 @@ def embedding_rows(cfg: ModelConfig, tokenizer_size: int) -> int:
 def load_architecture(cfg: ModelConfig, vocab_size: Optional[int], pad_token_id: Optional[int] = None):
     """The HF config of the model to train, with `vocab_size` rows (None: the config's own).
 
-    A config's pad id outside that vocabulary (phi3's default 32000 in a resized vocabulary)
-    becomes `pad_token_id` (the tokenizer's) if that one is inside it, else None."""
+    A composite (gemma3's image-text config) gives its text config: megajepa trains the text-only
+    causal LM (families.causal_lm_config). A config's pad id outside that vocabulary (phi3's
+    default 32000 in a resized vocabulary) becomes `pad_token_id` (the tokenizer's) if that one is
+    inside it, else None."""
     if cfg.pretrained is not None:
         if not os.path.isdir(cfg.pretrained):
             raise FileNotFoundError(f"model.pretrained: no such directory: {cfg.pretrained}")
-        return AutoConfig.from_pretrained(cfg.pretrained, trust_remote_code=cfg.trust_remote_code)
+        config = AutoConfig.from_pretrained(cfg.pretrained, trust_remote_code=cfg.trust_remote_code)
+        if causal_lm_config(config) is not config:
+            raise UnsupportedArchitecture(
+                f"model.pretrained: {cfg.pretrained} is a composite {config.model_type} checkpoint; megajepa trains "
+                "its text-only causal LM, whose weights it does not read from a composite checkpoint: start from "
+                "model.config (random init) or a text-only checkpoint"
+            )
+        return config
     if not os.path.isfile(cfg.config):
         raise FileNotFoundError(f"model.config: no such file: {cfg.config}")
     with open(cfg.config) as f:
@@ -52,8 +65,8 @@ def load_architecture(cfg: ModelConfig, vocab_size: Optional[int], pad_token_id:
     model_type = spec.pop("model_type", None)
     if model_type is None:
         raise ValueError(f"{cfg.config}: missing 'model_type' (e.g. \"llama\")")
-    config = AutoConfig.for_model(model_type, **spec)
-    inner = text_config(config)  # a composite's (gemma3's) rows and pad id live in its text config
+    config = causal_lm_config(AutoConfig.for_model(model_type, **spec))
+    inner = text_config(config)  # a composite without a text-only LM keeps rows and pad id there too
     if vocab_size is not None:
         inner.vocab_size = vocab_size
     vocab_size = inner.vocab_size
@@ -86,6 +99,22 @@ def _without_pad_id(config, build):
         if hasattr(module, "padding_idx") and not isinstance(module, torch.nn.Embedding):
             module.padding_idx = pad  # the decoder body keeps a copy of the id
     return model
+
+
+# Parameters a family's code reads outside its own module's call (module class -> parameter names):
+# gemma3n's AltUp.scale_corrected_output calls self.forward directly. ZeRO-3 gathers a module's
+# parameters in hooks around its call only, so these are registered as external parameters of the
+# module that calls them (DeepSpeed's mechanism for exactly this).
+_READ_OUTSIDE_CALL = {"Gemma3nTextAltUp": ("correct_output_scale",)}
+
+
+def _register_external_parameters(model) -> None:
+    import deepspeed
+
+    for parent in model.modules():
+        for child in parent.children():
+            for name in _READ_OUTSIDE_CALL.get(type(child).__name__, ()):
+                deepspeed.zero.register_external_parameter(parent, getattr(child, name))
 
 
 def _initialize_partitioned(model) -> None:
@@ -159,10 +188,14 @@ def build_model(
         _initialize_partitioned(model)
     else:
         model = AutoModelForCausalLM.from_config(config, **common)
+    if zero3:
+        _register_external_parameters(model)
     if model.get_input_embeddings().num_embeddings < rows:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the mean-resizing notice
             model.resize_token_embeddings(rows, mean_resizing=True)
+    set_router_aux_coef(model, cfg.router_aux_loss_coef)
+    install_local_layers(model)
     if cfg.lora.rank > 0:
         from megajepa.model.lora import apply_lora
 

@@ -26,7 +26,14 @@ TESTED_FAMILIES = frozenset({
     "starcoder2", "granite", "cohere",
     # exact in the generated sweep over transformers' causal-LM mapping (scripts/families_table.py)
     "afmoe", "apertus", "apertus1p5_text", "arcee", "aria_text", "beam", "biogpt", "bitnet", "cohere2", "cohere2_moe", "ctrl", "cwm", "diffllama", "emu3", "ergo", "ernie4_5", "ernie4_5_moe", "exaone", "exaone4", "exaone_moe", "flex_olmo", "flint", "git", "glm", "glm4", "glm4_moe", "gpt-sw3",
+    # MoE families exact with their router's load-balancing loss (tests/test_router_aux.py)
+    "gpt_oss", "granitemoe", "jetmoe", "olmoe", "phimoe",
+    "gpt_neo",  # local layers windowed in positions (megajepa.model.local_layers)
+    "gemma3n_text",  # padding fed a token other than the pad id (families.packed_input_ids)
+    "xglm",
 })
+# A composite config (gemma3's image-text Gemma3Config) is verified when the text-only causal LM
+# megajepa builds from it is (causal_lm_config, verified).
 
 FULL, SLIDING = "full_attention", "sliding_attention"
 
@@ -47,6 +54,23 @@ def text_config(config):
         return config.get_text_config(decoder=True)
     except (AttributeError, ValueError):  # several candidate text configs (musicgen): keep the top level
         return config
+
+
+def verified(config) -> bool:
+    """Whether the model megajepa builds for `config` is in the verified matrix."""
+    return causal_lm_config(config).model_type in TESTED_FAMILIES
+
+
+def causal_lm_config(config):
+    """The config the text-only causal LM is built from: a composite's text config where that
+    has a causal LM of its own (Gemma3Config, Gemma 3 4B/12B/27B -> Gemma3TextConfig ->
+    Gemma3ForCausalLM; AutoModelForCausalLM would build the image-text model), else `config`."""
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    inner = text_config(config)
+    if inner is not config and type(inner) in MODEL_FOR_CAUSAL_LM_MAPPING:
+        return inner
+    return config
 
 
 # Config keys transformers uses to lay out layers that are not all attention (jamba, zamba, bamba,
@@ -119,7 +143,9 @@ def refusal(config, allow_unverified: bool = False, trust_remote_code: bool = Fa
 
     From the config (composites through their text config), then from the model itself, built on
     the meta device: every decoder layer's mixer must be attention. A family outside the verified
-    matrix (TESTED_FAMILIES) is refused unless `allow_unverified` (model.allow_unverified_family)."""
+    matrix (TESTED_FAMILIES) is refused unless `allow_unverified` (model.allow_unverified_family).
+    A composite with a text-only causal LM is judged as that model (causal_lm_config)."""
+    config = causal_lm_config(config)
     reason = _config_refusal(config)
     inner = text_config(config)
     if reason is None and inner is not config:
@@ -138,7 +164,7 @@ def refusal(config, allow_unverified: bool = False, trust_remote_code: bool = Fa
         reason = f"{config.model_type}: transformers cannot build it as configured ({type(err).__name__}: {err})"
     if reason is not None:
         return reason
-    if config.model_type not in TESTED_FAMILIES and not allow_unverified:
+    if not verified(config) and not allow_unverified:
         return (
             f"{config.model_type}: not in megajepa's verified matrix (tests/test_families.py compares the "
             "packed pass with the model's own forward); model.allow_unverified_family=true builds it anyway"
@@ -152,7 +178,8 @@ def check_supported(config, allow_unverified: bool = False, trust_remote_code: b
     reason = refusal(config, allow_unverified, trust_remote_code)
     if reason is not None:
         raise UnsupportedArchitecture(f"model architecture {reason}")
-    if config.model_type not in TESTED_FAMILIES:
+    if not verified(config):
+        config = causal_lm_config(config)
         log.warning(
             "model family %r is not in megajepa's verified matrix (tests/test_families.py): its packed "
             "pass has not been compared with the model's own forward (model.allow_unverified_family=true)",
@@ -163,12 +190,17 @@ def check_supported(config, allow_unverified: bool = False, trust_remote_code: b
 def layer_windows(config) -> dict[str, Optional[int]] | Optional[int]:
     """Each layer's sliding window in tokens (None: full causal attention).
 
+    gpt_neo: its 'global' and 'local' layer types (attention_layers), the local ones windowed by
+    window_size.
+
     A mapping layer type -> window for models that mix layer types (their config has
     `layer_types`; transformers then takes a mapping layer type -> mask as attention_mask), else
     the one window every layer uses (mistral, mixtral, phi3, starcoder2, qwen2_moe, qwen3_moe set
     `sliding_window` for all layers; their configs already clear it when `use_sliding_window` is off).
     """
     config = text_config(config)
+    if config.model_type == "gpt_neo":  # local layers: megajepa.model.local_layers
+        return {kind: (config.window_size if kind == "local" else None) for kind in sorted(set(config.attention_layers))}
     window = getattr(config, "sliding_window", None)
     types = getattr(config, "layer_types", None)
     if types:
@@ -221,6 +253,19 @@ def attention_implementation(choice: str, config) -> str:
             "use model.attention=auto or eager"
         )
     return impl
+
+
+def packed_input_ids(lm: nn.Module, input_ids: torch.Tensor, sequence: torch.Tensor) -> torch.Tensor:
+    """The input ids the decoder gets for packed rows: on padding (sequence 0) a token other than
+    the input embedding's padding_idx. A padding token's output is never read, but its gradient
+    path is still computed: the padding_idx row is zero, and a family that normalises by the
+    embedding's magnitude (gemma3n's AltUp projections: sqrt(mean(x^2)) at 0) turns the zero
+    upstream gradient into NaN in every parameter. Any other token's row is nonzero and leaves the
+    real tokens exactly as they were (a padding token attends only to itself)."""
+    pad = getattr(lm.get_input_embeddings(), "padding_idx", None)
+    if pad is None:
+        return input_ids
+    return torch.where(sequence == 0, (pad + 1) % lm.get_input_embeddings().num_embeddings, input_ids)
 
 
 def decoder_of(lm: nn.Module) -> nn.Module:

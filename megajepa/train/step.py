@@ -11,7 +11,8 @@ forward, backward and engine.step(), which applies the update on the last micro-
 rank's flags (`nonfinite`: a non-finite loss in any micro-batch of this step, and whatever the
 caller adds, such as a stop signal) and is read once: a non-finite loss anywhere skips the update
 and the EMA on every rank (the caller stops). After the update the EMA teacher follows the new
-weights.
+weights. A MoE family's router load-balancing loss (in the loss already) is logged as router_aux,
+the mean over the micro-batches.
 
 That read is the step's only wait for the device: the losses, the collapse monitor and the
 grad norm stay device tensors for the metrics to read once per logging step, and the token
@@ -93,6 +94,7 @@ def train_step(
     sums = torch.zeros(3, device=device)  # loss, ce, jepa
     finite = torch.ones((), dtype=torch.bool, device=device)
     source_counts, source_ce = None, None
+    router_aux = None  # a MoE family's load-balancing loss, summed over the micro-batches
     targets = [None] * accumulation
     if teacher is not None:
         with section("teacher"):
@@ -108,6 +110,8 @@ def train_step(
         out = engine(batch, step=step, target_embeddings=targets[i])
         finite &= torch.isfinite(out.loss.detach())
         sums += torch.stack([out.loss.detach(), out.ce, out.jepa]).float()
+        if out.router_aux is not None:
+            router_aux = out.router_aux.float() if router_aux is None else router_aux + out.router_aux.float()
         if out.source_ce is not None:
             source_ce = out.source_ce if source_ce is None else source_ce + out.source_ce
         engine.backward(out.loss, scale_wrt_gas=accumulate == "mean")  # DeepSpeed divides by grad_accum
@@ -123,6 +127,8 @@ def train_step(
             teacher.update(step + 1)
     loss, ce, jepa = sums / accumulation
     metrics = {"z_a_std": collapse_std(out.z_a), "z_b_std": collapse_std(out.z_b)}
+    if router_aux is not None:
+        metrics["router_aux"] = router_aux / accumulation
     return StepResult(loss, ce, jepa, out.lambda_, counts, agreed, True, out, metrics, source_counts, source_ce)
 
 
