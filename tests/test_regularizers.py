@@ -127,3 +127,21 @@ def test_the_objective_adds_the_weighted_term_in_training_forwards_only(name):
     evaluated = model(batch, step=STEP)
     assert evaluated.regularizer is None
     torch.testing.assert_close(evaluated.loss.detach(), evaluated.ce + evaluated.jepa)
+
+
+@pytest.mark.parametrize("name", ["sigreg", "vicreg"])
+def test_no_host_read(name, monkeypatch):
+    """The term runs inside every training forward: no .item(), bool() or .tolist() (on a GPU each
+    would stall the host until the device catches up; the count of pairs stays a tensor)."""
+    reads = []
+    for method in ("item", "tolist", "__bool__", "__float__"):
+        original = getattr(torch.Tensor, method)
+
+        def counting(self, *args, _name=method, _original=original):
+            reads.append(_name)
+            return _original(self, *args)
+
+        monkeypatch.setattr(torch.Tensor, method, counting)
+    z = torch.randn(8, 6, requires_grad=True)
+    regularizer(name, z, z * 2, STEP, PROJECTIONS).backward()
+    assert reads == []

@@ -48,8 +48,8 @@ def _knots(device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     weights count each t > 0 twice, for -t."""
     t = torch.linspace(0.0, T_MAX, KNOTS, device=device)
     step = T_MAX / (KNOTS - 1)
-    weights = torch.full((KNOTS,), 2 * step, device=device)
-    weights[[0, -1]] = step
+    ends = (t == 0) | (torch.arange(KNOTS, device=device) == KNOTS - 1)  # made on the device: no copy
+    weights = torch.where(ends, step, 2 * step)
     window = torch.exp(-t.square() / 2)
     return t, window, weights * window
 
