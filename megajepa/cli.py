@@ -89,19 +89,22 @@ def summary_table(summary: dict) -> str:
         k[len("eval_") :]: v for k, v in summary.items() if k.startswith("eval_")
     }) if held_out else (first, last)
     where = "held-out" if held_out else "train"
+    judged = "z_a_std" in end  # no figures without pairs (jepa.lambda_=0)
     for key, label in (
         ("z_a_std", f"{where} z_a std x sqrt(d) (collapsed < {collapse.STD_MIN})"),
         ("z_b_std", f"{where} z_b std x sqrt(d) (collapsed < {collapse.STD_MIN})"),
         ("cos_matched", f"{where} cos(pred(z_a), z_b) matched"),
         ("cos_mismatched", f"{where} cos(pred(z_a), z_b) mismatched (collapsed > matched - {collapse.GAP_MIN})"),
     ):
-        rows.append((label, start.get(key), end.get(key)))
+        if judged:
+            rows.append((label, start.get(key), end.get(key)))
     lines = ["| metric | start | end |", "|---|---:|---:|"]
     for name, start_value, end_value in rows:
         fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
         lines.append(f"| {name} | {fmt(start_value)} | {fmt(end_value)} |")
     lines.append("")
-    lines.append(f"collapse ({where}, end): {collapse.verdict(end)}")
+    if judged:
+        lines.append(f"collapse ({where}, end): {collapse.verdict(end)}")
     lines.append(f"steps: {summary.get('steps')} on {summary.get('world_size')} rank(s)")
     if last:
         lines.append(

@@ -43,3 +43,16 @@ def test_an_architecture_the_packed_pass_cannot_run_is_refused_by_name_before_an
         cli.main(["config", "configs/demo.yaml", f"model.config={spec}"])
     assert stop.value.code == 2
     assert "config error: model architecture bloom: its ALiBi attention bias" in capsys.readouterr().err
+
+
+def test_summary_table_judges_collapse_only_where_there_are_pairs():
+    from megajepa.cli import summary_table
+
+    row = {"loss": 1.0, "ce": 1.0, "jepa": 0.0, "step_seconds": 1.0}
+    next_token = summary_table({"first": row, "last": row, "eval_ce": 0.5, "start_eval_ce": 2.0})
+    assert "z_a std" not in next_token and "collapse" not in next_token
+    figures = {"z_a_std": 0.02, "z_b_std": 0.03, "cos_matched": 0.999, "cos_mismatched": 0.999, "collapsed": 1.0}
+    held_out = {f"eval_{k}": v for k, v in figures.items()} | {f"start_eval_{k}": 0.5 for k in figures}
+    table = summary_table({"first": row, "last": row, **held_out})
+    assert "| held-out z_a std x sqrt(d) (collapsed < 0.1) | 0.5000 | 0.0200 |" in table
+    assert "collapse (held-out, end): collapsed: one point for every record" in table
