@@ -97,7 +97,10 @@ def cmd_train(args) -> int:
 
 
 def summary_table(summary: dict) -> str:
-    """The closing table of every `megajepa train` (and demo): losses at the start and the end, throughput, where things are."""
+    """The closing table of every `megajepa train` (and demo): losses at the start and the end,
+    the collapse figures and verdict, throughput, where things are."""
+    from megajepa.jepa import collapse
+
     first, last = summary.get("first", {}), summary.get("last", {})
     rows = [
         ("train loss (total)", first.get("loss"), last.get("loss")),
@@ -105,16 +108,32 @@ def summary_table(summary: dict) -> str:
         ("train JEPA", first.get("jepa"), last.get("jepa")),
         ("held-out CE", summary.get("start_eval_ce"), summary.get("eval_ce")),
         ("held-out JEPA", summary.get("start_eval_jepa"), summary.get("eval_jepa")),
-        # the collapse monitor: about 1/sqrt(d) for spread embeddings, towards 0 as they collapse
-        ("z_a std (collapse: -> 0)", first.get("z_a_std"), last.get("z_a_std")),
     ]
     if "router_aux" in last:  # a mixture-of-experts model: its router's load-balancing loss (unweighted)
         rows.insert(3, ("train router aux (MoE)", first.get("router_aux"), last.get("router_aux")))
+    # the collapse figures (megajepa.jepa.collapse): held-out where there is held-out data, else
+    # the first and last logged training batches
+    held_out = "eval_z_a_std" in summary
+    start, end = ({k[len("start_eval_") :]: v for k, v in summary.items() if k.startswith("start_eval_")}, {
+        k[len("eval_") :]: v for k, v in summary.items() if k.startswith("eval_")
+    }) if held_out else (first, last)
+    where = "held-out" if held_out else "train"
+    judged = "z_a_std" in end  # no figures without pairs (jepa.lambda_=0)
+    for key, label in (
+        ("z_a_std", f"{where} z_a std x sqrt(d) (collapsed < {collapse.STD_MIN})"),
+        ("z_b_std", f"{where} z_b std x sqrt(d) (collapsed < {collapse.STD_MIN})"),
+        ("cos_matched", f"{where} cos(pred(z_a), z_b) matched"),
+        ("cos_mismatched", f"{where} cos(pred(z_a), z_b) mismatched (collapsed > matched - {collapse.GAP_MIN})"),
+    ):
+        if judged:
+            rows.append((label, start.get(key), end.get(key)))
     lines = ["| metric | start | end |", "|---|---:|---:|"]
-    for name, start, end in rows:
+    for name, start_value, end_value in rows:
         fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
-        lines.append(f"| {name} | {fmt(start)} | {fmt(end)} |")
+        lines.append(f"| {name} | {fmt(start_value)} | {fmt(end_value)} |")
     lines.append("")
+    if judged:
+        lines.append(f"collapse ({where}, end): {collapse.verdict(end)}")
     lines.append(f"steps: {summary.get('steps')} on {summary.get('world_size')} rank(s)")
     if last:
         lines.append(

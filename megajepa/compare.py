@@ -9,12 +9,15 @@ For each seed s (train.seed = data.seed = s) one single-process run of `megajepa
     jepa         LLM-JEPA (jepa.objective=llm_jepa) with the config's jepa.lambda_
     stp          Semantic Tube Prediction (jepa.objective=stp, the config's jepa.stp.*) with
                  jepa.lambda_=--stp-lambda (default 0.02, the weight the reference's run_stp.py uses)
+    jepa-sigreg  jepa with jepa.regularizer=sigreg (LeJEPA's SIGReg against collapse, the config's
+                 jepa.regularizer_weight)
 
 All runs are evaluated the same way (megajepa.eval on --data, default the config's
 data.eval_shards) and the table gives, per metric, mean ± std over seeds for every arm and, for
 each arm after the first (the baseline), the difference (arm - baseline) and the one-sided paired
-t-test p-value for "the arm is better" (seeds are the pairs). The latent rows (JEPA loss, cosines,
-retrieval) are each model's own objective: LLM-JEPA's views for next-token and jepa, STP's spans
+t-test p-value for "the arm is better" (seeds are the pairs), and under it in words in how many
+seeds each arm's embeddings collapsed. The latent rows (JEPA loss, cosines, retrieval, collapse) are
+each model's own objective: LLM-JEPA's views for next-token and jepa, STP's spans
 for stp; read the generation and CE rows across all arms.
 
 Written under --out (default runs/compare): one directory per run (its train.output_dir, train.log,
@@ -42,10 +45,10 @@ from megajepa.config import ConfigError, load_config, to_dict
 from megajepa.files import atomic_path, write_text
 from megajepa.eval.stats import mean_std, paired_t_test
 
-ARMS = ("next-token", "jepa", "stp")
+ARMS = ("next-token", "jepa", "stp", "jepa-sigreg")
 DEFAULT_ARMS = ("next-token", "jepa")
-NAMES = {"next-token": "next-token", "jepa": "JEPA", "stp": "STP"}
-HEADERS = {"next-token": "next-token only", "jepa": "+ JEPA", "stp": "+ STP"}
+NAMES = {"next-token": "next-token", "jepa": "JEPA", "stp": "STP", "jepa-sigreg": "JEPA+SIGReg"}
+HEADERS = {"next-token": "next-token only", "jepa": "+ JEPA", "stp": "+ STP", "jepa-sigreg": "+ JEPA + SIGReg"}
 STP_LAMBDA = 0.02  # the weight the STP reference's driver (run_stp.py) uses
 
 
@@ -69,6 +72,8 @@ def arm_overrides(arm: str, jepa_lambda: float, stp_lambda: float) -> list[str]:
         return ["jepa.objective=llm_jepa", f"jepa.lambda_={jepa_lambda}"]
     if arm == "stp":
         return ["jepa.objective=stp", f"jepa.lambda_={stp_lambda}"]
+    if arm == "jepa-sigreg":
+        return ["jepa.objective=llm_jepa", f"jepa.lambda_={jepa_lambda}", "jepa.regularizer=sigreg"]
     raise ValueError(f"unknown arm {arm!r} (one of {', '.join(ARMS)})")
 
 
@@ -78,7 +83,7 @@ def plan_runs(
     """The arms x seeds runs; refuses a JEPA arm whose weight is 0 (nothing to compare). Every
     run's config is resolved here, so that one an arm cannot run fails before any training."""
     cfg = load_config(config, overrides)
-    if "jepa" in arms and cfg.jepa.lambda_ <= 0:
+    if {"jepa", "jepa-sigreg"} & set(arms) and cfg.jepa.lambda_ <= 0:
         raise ConfigError(f"{config}: jepa.lambda_ is {cfg.jepa.lambda_}; the JEPA arm needs a positive weight")
     if "stp" in arms and stp_lambda <= 0:
         raise ConfigError(f"--stp-lambda is {stp_lambda}; the STP arm needs a positive weight")
@@ -212,6 +217,16 @@ def summarize(runs: list[Run], results: dict[str, dict]) -> dict[str, dict]:
     return rows
 
 
+def collapse_line(runs: list[Run], results: dict[str, dict]) -> str:
+    """Per arm, in words: in how many seeds the held-out embeddings collapsed (megajepa.jepa.collapse)."""
+    parts = []
+    for arm in _arms(runs):
+        verdicts = [results[run.name].get("collapsed") for run in runs if run.arm == arm]
+        judged = [v for v in verdicts if v is not None]
+        parts.append(f"{NAMES[arm]} collapsed in {int(sum(judged))} of {len(judged)} seeds")
+    return "collapse (held-out z_a, z_b; megajepa.jepa.collapse): " + "; ".join(parts)
+
+
 def _cell(mean: float, std) -> str:
     return f"{mean:.4f}" if std is None else f"{mean:.4f} ± {std:.4f}"
 
@@ -270,7 +285,7 @@ def plot_curves(runs: list[Run], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colors = {"next-token": "tab:blue", "jepa": "tab:orange", "stp": "tab:green"}
+    colors = {"next-token": "tab:blue", "jepa": "tab:orange", "stp": "tab:green", "jepa-sigreg": "tab:red"}
     baseline = _arms(runs)[0]
     seeds = len({run.seed for run in runs})
     panels = [
@@ -344,7 +359,8 @@ def main(argv: list[str]) -> int:
     load_after = os.getloadavg()
     command = "megajepa compare " + " ".join(argv)
     footer = (
-        f"\n\n{args.seeds} seeds x {len(args.arms)} arms, wall time {wall / 60:.1f} min (--jobs {args.jobs}); "
+        f"\n\n{collapse_line(runs, results)}\n"
+        f"{args.seeds} seeds x {len(args.arms)} arms, wall time {wall / 60:.1f} min (--jobs {args.jobs}); "
         f"load average {load_before[0]:.2f} at the start, {load_after[0]:.2f} at the end ({os.cpu_count()} CPUs)\n"
         f"command: {command}\n"
     )

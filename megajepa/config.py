@@ -173,6 +173,12 @@ class JepaConfig:
     embedding_layer: int = -1  # hidden_states index the embeddings are read from
     pooling: str = "last"  # last | mean
     ema: EmaConfig = field(default_factory=EmaConfig)
+    # against collapse (megajepa.jepa.regularizers), over the global batch, times regularizer_weight:
+    # none (the reference's) | sigreg (LeJEPA's Epps-Pulley statistic of sigreg_projections random
+    # projections; LeJEPA weighs it 0.05) | vicreg (VICReg's variance and covariance terms)
+    regularizer: str = "none"
+    regularizer_weight: float = 0.05
+    sigreg_projections: int = 256
 
 
 @dataclass
@@ -267,6 +273,7 @@ CHOICES = {
     "jepa.distance": ("cosine", "mse", "l2", "infonce"),
     "jepa.target": ("online", "ema"),
     "jepa.pooling": ("last", "mean"),
+    "jepa.regularizer": ("none", "sigreg", "vicreg"),
     "train.sync_debug": ("off", "warn", "error"),
     "jepa.ema.schedule": ("constant", "linear", "cosine"),
     "deepspeed.precision": ("auto", "bf16", "fp16", "fp32"),
@@ -283,6 +290,7 @@ BOUNDS = {
             "optim.warmup_steps", "optim.weight_decay", "optim.grad_clip", "train.save_every",
             "train.eval_every", "data.num_workers", "data.row_multiple", "data.max_length",
             "deepspeed.param_persistence_threshold", "model.lora.rank", "train.max_skipped_steps", "train.seed",
+            "jepa.regularizer_weight",
         )
     },
     **{
@@ -291,6 +299,7 @@ BOUNDS = {
             "train.steps", "optim.grad_accum", "data.row_length", "data.pairs_per_batch",
             "train.eval_batches", "logging.log_every", "jepa.infonce_temperature", "jepa.stp.spans",
             "train.timeout_start", "train.timeout",
+            "jepa.sigreg_projections",
         )
     },
     **{

@@ -152,6 +152,28 @@ def all_reduce(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
     return comm.to(tensor.device)
 
 
+class _GlobalSum(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
+        return all_reduce(tensor.clone())
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        # Every rank computes the same function of the same global sums, so every rank's upstream
+        # gradient is the same: the gradient of the global value with respect to this rank's part
+        # is that gradient (no collective needed). Data parallelism then averages the ranks'
+        # parameter gradients, so each hands back world_size times it: the average is the
+        # single-process gradient of the global value.
+        return grad * world_size()
+
+
+def global_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` summed over all ranks, differentiable (one all-reduce forward, none backward):
+    for sufficient statistics of the global batch (megajepa.jepa.regularizers). Every rank must
+    call it, with the same shape, whatever its data."""
+    return _GlobalSum.apply(tensor)
+
+
 def reduce_values(values: list[float], op: str = "sum") -> list[float]:
     """Python numbers reduced over all ranks in one collective (float64, so counts stay exact)."""
     if world_size() == 1:

@@ -162,6 +162,19 @@ def test_peak_flops_table(name, precision, peak):
     assert peak_flops(name, precision) == peak
 
 
+def test_regularizer_modes_are_jepa_with_the_term_and_not_run_by_default():
+    from megajepa.bench.command import parse_args
+    from megajepa.bench.modes import mode_config
+    from megajepa.config import load_config
+
+    cfg = load_config("configs/demo.yaml", [])
+    for name in ("sigreg", "vicreg"):
+        mode = mode_config(cfg, f"jepa-{name}", 5)
+        assert mode.jepa.regularizer == name and mode.jepa.target == "online" and mode.jepa.views == "reference"
+    assert mode_config(cfg, "jepa", 5).jepa.regularizer == "none"
+    assert not {"jepa-sigreg", "jepa-vicreg"} & set(parse_args(["configs/demo.yaml"]).modes)
+
+
 def test_bench_end_to_end_one_rank(demo_data, tmp_path):
     out = tmp_path / "bench"
     overrides = [

@@ -132,3 +132,16 @@ def test_shared_options_go_anywhere_in_every_subcommand(command, option):
     for argv in placements:
         args = _parsed(argv)
         assert (getattr(args, dest), args.config, args.overrides) == (3, "configs/demo.yaml", ["a.b=1", "c.d=2"]), argv
+
+
+def test_summary_table_judges_collapse_only_where_there_are_pairs():
+    from megajepa.cli import summary_table
+
+    row = {"loss": 1.0, "ce": 1.0, "jepa": 0.0, "step_seconds": 1.0}
+    next_token = summary_table({"first": row, "last": row, "eval_ce": 0.5, "start_eval_ce": 2.0})
+    assert "z_a std" not in next_token and "collapse" not in next_token
+    figures = {"z_a_std": 0.02, "z_b_std": 0.03, "cos_matched": 0.999, "cos_mismatched": 0.999, "collapsed": 1.0}
+    held_out = {f"eval_{k}": v for k, v in figures.items()} | {f"start_eval_{k}": 0.5 for k in figures}
+    table = summary_table({"first": row, "last": row, **held_out})
+    assert "| held-out z_a std x sqrt(d) (collapsed < 0.1) | 0.5000 | 0.0200 |" in table
+    assert "collapse (held-out, end): collapsed: one point for every record" in table

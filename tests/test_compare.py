@@ -8,10 +8,12 @@ import torch
 
 from _train_utils import demo_overrides
 from megajepa.cli import main as cli
-from megajepa.compare import ARMS, DEFAULT_ARMS, STP_LAMBDA, Run, format_table, parse_args, plan_runs, summarize
-from megajepa.config import ConfigError
+from megajepa.compare import DEFAULT_ARMS, STP_LAMBDA, Run, format_table, parse_args, plan_runs, summarize
+from megajepa.config import ConfigError, load_config
 from megajepa.eval.run import METRICS
 from megajepa.eval.stats import betainc, mean_std, paired_t_test, t_sf
+
+ARMS = ("next-token", "jepa", "stp")  # the end-to-end test's three
 
 
 @pytest.fixture
@@ -63,6 +65,8 @@ def test_compare_three_arms_two_seeds_writes_table_json_and_png(demo_data, tmp_p
     for label, _ in METRICS.values():
         assert f"| {label} (" in table
     assert "load average" in table and "2 seeds x 3 arms" in table
+    collapsed = {arm: int(sum(report["runs"][f"{arm}-seed{s}"]["collapsed"] for s in (0, 1))) for arm in ARMS}
+    assert f"next-token collapsed in {collapsed['next-token']} of 2 seeds; JEPA collapsed in {collapsed['jepa']} of 2" in table
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     # the same directory with another config is refused before any training
@@ -81,6 +85,9 @@ def test_default_arms_are_next_token_and_jepa_with_todays_overrides(tmp_path):
     assert "jepa.lambda_=0.0" in runs[0].overrides and "jepa.lambda_=2.0" in runs[1].overrides
     stp = plan_runs("configs/demo.yaml", [], 1, str(tmp_path), ("stp", "next-token"), stp_lambda=0.5)
     assert stp[0].arm == "stp" and {"jepa.objective=stp", "jepa.lambda_=0.5"} <= set(stp[0].overrides)
+    sigreg = plan_runs("configs/demo.yaml", [], 1, str(tmp_path), ("next-token", "jepa-sigreg"))
+    assert load_config("configs/demo.yaml", sigreg[1].overrides).jepa.regularizer == "sigreg"
+    assert load_config("configs/demo.yaml", sigreg[0].overrides).jepa.regularizer == "none"
 
 
 @pytest.mark.parametrize("arms", ["next-token", "jepa,jepa", "next-token,mlm"])

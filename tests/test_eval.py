@@ -23,6 +23,7 @@ from megajepa.eval.regex_sampler import parse as parse_python_regex
 from megajepa.eval.latent import similarity_ranks
 from megajepa.eval.run import default_max_new_tokens, evaluate, load_model
 from megajepa.export import export
+from megajepa.jepa.collapse import verdict
 
 PAIRS = 8
 
@@ -50,11 +51,16 @@ def test_eval_cli_reproduces_the_trainers_held_out_numbers(run, demo_data, tmp_p
     report, generations = tmp_path / "eval.json", tmp_path / "generations.jsonl"
     args = ["eval", str(run), "--data", demo_data["eval_shards"], "--limit", str(PAIRS), "--batch-pairs", str(PAIRS)]
     assert cli([*args, "--json", str(report), "--generations", str(generations), "--no-progress"]) == 0
-    assert "| held-out CE (view B) |" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "| held-out CE (view B) |" in printed
     metrics = json.loads(report.read_text())["metrics"]
     summary = json.loads((run / "summary.json").read_text())  # the same first batch of 8 pairs
     assert metrics["ce"] == pytest.approx(summary["eval_ce"], rel=1e-5)
     assert metrics["jepa_loss"] == pytest.approx(summary["eval_jepa"], rel=1e-4, abs=1e-6)
+    # the collapse figures of the same pairs, through the trainer's sums and through eval's batches
+    for key in ("z_a_std", "z_b_std", "cos_matched", "cos_mismatched", "collapsed"):
+        assert metrics[key] == pytest.approx(summary[f"eval_{key}"], rel=1e-4, abs=1e-6), key
+    assert f"collapse: {verdict(metrics)}" in printed
     records = [json.loads(line) for line in generations.read_text().splitlines()]
     assert [r["sample_id"] for r in records] == list(range(PAIRS))
 

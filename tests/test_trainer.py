@@ -12,6 +12,7 @@ import torch
 
 from _train_utils import demo_overrides, metrics, remark_complete, run_train, start_train
 from megajepa.config import load_config
+from megajepa.jepa.collapse import verdict
 from megajepa.train.lr_schedule import lr_ratio
 
 
@@ -37,7 +38,13 @@ def test_train_ends_with_the_summary_table(single_run):
     stdout = (single_run / "train.stdout").read_text()
     summary = json.loads((single_run / "summary.json").read_text())
     assert f"| held-out CE | {summary['start_eval_ce']:.4f} | {summary['eval_ce']:.4f} |" in stdout
-    assert f"| z_a std (collapse: -> 0) | {summary['first']['z_a_std']:.4f} | {summary['last']['z_a_std']:.4f} |" in stdout
+    z_a_std = (summary["start_eval_z_a_std"], summary["eval_z_a_std"])
+    assert f"| held-out z_a std x sqrt(d) (collapsed < 0.1) | {z_a_std[0]:.4f} | {z_a_std[1]:.4f} |" in stdout
+    # the verdict in words, from the held-out figures (the demo's embeddings collapse within 30 steps)
+    assert f"collapse (held-out, end): {verdict({k[5:]: v for k, v in summary.items() if k.startswith('eval_')})}" in stdout
+    assert summary["eval_collapsed"] == 1.0 and "collapse (held-out, end): collapsed" in stdout
+    rows = metrics(single_run)  # every logged row: the global batch's figures
+    assert all(0.0 <= r["z_a_std"] and r["collapsed"] in (0.0, 1.0) for r in rows)
     assert "computed tokens/s" in stdout and f"checkpoint: {summary['checkpoint']}" in stdout
 
 

@@ -19,7 +19,7 @@ import subprocess
 import sys
 
 from megajepa.arguments import nproc_parent
-from megajepa.bench.modes import MODES, ORDERS, BenchSettings, validate
+from megajepa.bench.modes import DEFAULT_MODES, MODES, ORDERS, BenchSettings, validate
 from megajepa.config import ConfigError, load_config, to_dict
 from megajepa.files import write_text
 
@@ -40,7 +40,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument("config", help="YAML config, e.g. configs/demo.yaml")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.pairs_per_batch=16")
-    parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, from {','.join(MODES)}")
+    parser.add_argument(
+        "--modes", default=",".join(DEFAULT_MODES), help=f"comma-separated, from {','.join(MODES)}"
+    )
     parser.add_argument("--steps", type=int, default=defaults.steps, help="timed optimizer steps per mode")
     parser.add_argument("--warmup", type=int, default=defaults.warmup, help="untimed steps before them")
     parser.add_argument(

@@ -8,6 +8,10 @@
     ref2         its additive-mask layout, two padded sequences per record
     stp          Semantic Tube Prediction (jepa.objective=stp, the config's jepa.stp.*): the ce rows
                  themselves, the latent term read from their hidden states (ideal cost: ce's)
+    jepa-sigreg  jepa with jepa.regularizer=sigreg (its cost: the projections, one all-reduce of
+                 2 x 2 x projections x 17 sums per micro-batch); not among the default modes
+    jepa-vicreg  jepa with jepa.regularizer=vicreg (d x d outer products in float64, all-reduced);
+                 not among the default modes
 
 Light on imports, so that the command line parses without loading torch.
 """
@@ -19,13 +23,14 @@ from dataclasses import dataclass
 
 from megajepa.config import Config
 
-MODES = ("ce", "jepa", "jepa-shared", "jepa-ema", "ref3", "ref2", "stp")
+DEFAULT_MODES = ("ce", "jepa", "jepa-shared", "jepa-ema", "ref3", "ref2", "stp")
+MODES = (*DEFAULT_MODES, "jepa-sigreg", "jepa-vicreg")
 ORDERS = ("auto", "sequence", "alternate")
 
 
 @dataclass
 class BenchSettings:
-    modes: tuple[str, ...] = MODES
+    modes: tuple[str, ...] = DEFAULT_MODES
     steps: int = 5
     warmup: int = 2
     max_length: int = 512  # the reference layouts' padded sequence length
@@ -48,6 +53,8 @@ def mode_config(cfg: Config, mode: str, total_steps: int) -> Config:
     else:
         cfg.jepa.target = "ema" if mode == "jepa-ema" else "online"
         cfg.jepa.views = "shared_prefix" if mode == "jepa-shared" else "reference"
+        if mode in ("jepa-sigreg", "jepa-vicreg"):
+            cfg.jepa.regularizer = mode.split("-")[1]
     cfg.train.steps = total_steps
     cfg.logging.tensorboard = cfg.logging.csv = False
     return cfg

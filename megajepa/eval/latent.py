@@ -4,7 +4,8 @@ The batch is packed as in training (megajepa.data.layout with the model's own vi
 online target, no JEPA dropout) and run through the JepaModel: CE over the reply given the prompt,
 and pred(z_a), z_b for every pair.
 From the embeddings: the cosine of pred(z_a) with its own z_b (matched) and with the batch's other
-z_b (mismatched), and where its own z_b ranks among all of the batch's by that cosine (1 = first).
+z_b (mismatched), where its own z_b ranks among all of the batch's by that cosine (1 = first),
+and the collapse statistics (megajepa.jepa.collapse), summed over batches for the whole set.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch.nn.functional as F
 from megajepa.config import DataConfig
 from megajepa.data.layout import Layout
 from megajepa.eval.data import EvalPair
+from megajepa.jepa import collapse
 from megajepa.jepa.objective import JepaModel
 
 MIN_ROW_LENGTH = 512
@@ -32,6 +34,7 @@ class BatchMetrics:
     cos_matched: list[float]
     cos_mismatched: list[float]  # per pair, the mean over the batch's other pairs
     ranks: list[int]  # per pair, 1-based
+    collapse: torch.Tensor  # megajepa.jepa.collapse.statistics of the batch (CPU)
 
 
 def _layout(model: JepaModel, pairs: Sequence[EvalPair], pred_ids: list[int], pad_id: int) -> Layout:
@@ -73,4 +76,5 @@ def batch_metrics(model: JepaModel, pairs: Sequence[EvalPair], pred_ids: list[in
         cos_matched=matched.tolist(),
         cos_mismatched=mismatched.tolist() if n > 1 else [],
         ranks=ranks.tolist(),
+        collapse=collapse.statistics(out.z_a, out.z_b).cpu(),
     )

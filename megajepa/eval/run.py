@@ -14,7 +14,9 @@ numbers do not depend on the number of ranks. Per batch:
     --startswith score), and whether decoding stopped by itself;
   - teacher-forced (megajepa.eval.latent): CE and perplexity over view B, the latent loss, the
     cosine of pred(z_a) with matched and mismatched z_b, retrieval of the matched z_b among the
-    batch's (only full batches count, so every query has --batch-pairs candidates).
+    batch's (only full batches count, so every query has --batch-pairs candidates);
+  - collapse (megajepa.jepa.collapse): the spread of z_a and z_b over all the pairs and, with the
+    cosines above, the verdict, in words under the table.
 
 z_b comes from the evaluated weights themselves (as with the online target), also for --weights ema.
 A model without megajepa.json (not exported by megajepa) is read with the LM's last hidden state
@@ -43,6 +45,7 @@ from megajepa.eval.data import EvalPair, data_sources, load_eval_pairs
 from megajepa.eval.generation import greedy_generate, normalize
 from megajepa.eval.latent import batch_metrics
 from megajepa.files import write_text
+from megajepa.jepa import collapse
 from megajepa.jepa.objective import JepaModel
 
 # name -> (label, higher is better)
@@ -58,6 +61,10 @@ METRICS = {
     "cos_mismatched": ("cos(pred(z_a), z_b) mismatched", False),
     "retrieval_top1": ("retrieval top-1", True),
     "retrieval_mean_rank": ("retrieval mean rank", False),
+    # megajepa.jepa.collapse over all the pairs: std x sqrt(d) (~1 spread, -> 0 one point), the verdict
+    "z_a_std": ("z_a std x sqrt(d)", True),
+    "z_b_std": ("z_b std x sqrt(d)", True),
+    "collapsed": ("collapsed (1 = yes)", False),
 }
 
 
@@ -134,7 +141,7 @@ def evaluate_shard(
     tokenizer = loaded.tokenizer
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     records: list[dict] = []
-    totals = {"ce_sum": 0.0, "tokens": 0, "latent_sum": 0.0, "pairs": 0}
+    totals = {"ce_sum": 0.0, "tokens": 0, "latent_sum": 0.0, "pairs": 0, "collapse": 0.0}
     for batch in tqdm(batches, desc="eval", unit="batch", disable=not progress):
         generations = greedy_generate(loaded.model.lm, tokenizer, [p.view_a for p in batch], max_new_tokens)
         metrics = batch_metrics(loaded.model, batch, loaded.pred_ids, pad_id)
@@ -143,6 +150,7 @@ def evaluate_shard(
         totals["tokens"] += metrics.tokens
         totals["latent_sum"] += metrics.latent_sum
         totals["pairs"] += len(batch)
+        totals["collapse"] = totals["collapse"] + metrics.collapse
         for i, (pair, gen) in enumerate(zip(batch, generations)):
             task = checker_for(checker, pair.prompt, sources)
             records.append(
@@ -174,7 +182,7 @@ def summarize(records: list[dict], totals: dict) -> dict:
     ce = totals["ce_sum"] / max(totals["tokens"], 1)
     checked = [r["task_ok"] for r in records if r["task_ok"] is not None]
     ranks = [r["rank"] for r in records if r["rank"] is not None]
-    return {
+    out = {
         "exact_match": _mean([float(r["exact"]) for r in records]),
         "task_accuracy": _mean([float(ok) for ok in checked]),
         "startswith": _mean([float(r["startswith"]) for r in records]),
@@ -187,6 +195,12 @@ def summarize(records: list[dict], totals: dict) -> dict:
         "retrieval_top1": _mean([float(r == 1) for r in ranks]),
         "retrieval_mean_rank": _mean([float(r) for r in ranks]),
     }
+    spread = collapse.figures(totals["collapse"]) if torch.is_tensor(totals["collapse"]) else {}
+    out.update(z_a_std=spread.get("z_a_std"), z_b_std=spread.get("z_b_std"))
+    # the verdict with the cosines above (the mismatched one within each batch, as reported)
+    judged = collapse.verdict(out)
+    out["collapsed"] = None if judged.startswith("n/a") else float(judged.startswith("collapsed"))
+    return out
 
 
 def default_max_new_tokens(pairs: Sequence[EvalPair], positions: Optional[int] = None) -> int:
@@ -253,6 +267,7 @@ def format_table(metrics: dict, settings: dict) -> str:
         value = metrics.get(name)
         label = f"{label} ({ran})" if name == "task_accuracy" else label
         lines.append(f"| {label} | {'n/a' if value is None else f'{value:.4f}'} |")
+    lines.append(f"\ncollapse: {collapse.verdict(metrics)}")
     return "\n".join(lines)
 
 

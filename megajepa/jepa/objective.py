@@ -10,6 +10,8 @@ default. With the EMA target z_b comes from the teacher's rows, passed in alread
 over temperature, each pair's own target its positive and the micro-batch's other targets its
 negatives. A mixture-of-experts family also trains its router's load-balancing loss, as its own
 forward adds it (megajepa.model.router_aux; model.router_aux_loss_coef, 0 to disable).
+`jepa.regularizer` (not the reference's) adds weight * R(pred(z_a), z_b) in training
+forwards, R over the global batch (megajepa.jepa.regularizers).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from transformers.utils import ModelOutput
 from megajepa.kernels.latent_loss import latent_loss
 from megajepa.config import JepaConfig
 from megajepa.jepa import stp
+from megajepa.jepa.regularizers import regularizer
 from megajepa.model.attention import MASK_KEYS, attention_mask, bucket_width
 from megajepa.model.families import decoder_of, packed_input_ids
 from megajepa.model.head import HeadLoss, mean_of
@@ -44,6 +47,7 @@ class JepaOutput(ModelOutput):
     z_b: Optional[torch.Tensor] = None  # the target, [J, d]
     source_ce: Optional[torch.Tensor] = None  # with several sources: [2, S] CE sum, labelled tokens
     router_aux: Optional[torch.Tensor] = None  # a MoE family's load-balancing loss (unweighted), else None
+    regularizer: Optional[torch.Tensor] = None  # jepa.regularizer's value (training forwards), unweighted
 
 
 def lambda_at(cfg: JepaConfig, step: int) -> float:
@@ -51,15 +55,6 @@ def lambda_at(cfg: JepaConfig, step: int) -> float:
     if cfg.lambda_warmup_steps <= 0:
         return cfg.lambda_
     return cfg.lambda_ * min(1.0, step / cfg.lambda_warmup_steps)
-
-
-def collapse_std(z: torch.Tensor) -> torch.Tensor:
-    """Std across the batch of the L2-normalised embeddings, averaged over dimensions.
-
-    About 1/sqrt(d) for well-spread embeddings; it falls towards 0 when they collapse to a point."""
-    if z.shape[0] < 2:
-        return torch.zeros((), device=z.device)
-    return F.normalize(z.detach().float(), dim=-1).std(dim=0).mean()
 
 
 def per_source_ce(token_ce: torch.Tensor, ce_source: torch.Tensor, num_sources: int) -> torch.Tensor:
@@ -162,24 +157,27 @@ class JepaModel(nn.Module):
         lam = lambda_at(self.cfg, step)
         if self.cfg.objective == "stp":  # Semantic Tube Prediction: spans of the conversation's own states
             jepa, z_a, z_b = stp.stp_loss(emb, batch, self.predictor, self.cfg)
-            return self._output(self.cfg.gamma * ce + lam * jepa, ce, jepa, lam, z_a, z_b, source_ce, aux)
-        # The predictor runs on every rank every step, even on zero pairs: under ZeRO-3 a module
-        # one rank skips would leave the others waiting in its parameter all-gather.
-        z_a = self.predictor(self.read_embeddings(emb, batch, "za"))
-        if target_embeddings is not None:
-            z_b = target_embeddings.to(z_a.dtype)
         else:
-            z_b = self.read_embeddings(emb, batch, "zb")
-            if self.cfg.stop_grad:
-                z_b = z_b.detach()
-        jepa = self.latent_loss(z_a, z_b)
-        return self._output(self.cfg.gamma * ce + lam * jepa, ce, jepa, lam, z_a, z_b, source_ce, aux)
-
-    def _output(self, loss, ce, jepa, lam, z_a, z_b, source_ce, aux) -> JepaOutput:
+            # The predictor runs on every rank every step, even on zero pairs: under ZeRO-3 a module
+            # one rank skips would leave the others waiting in its parameter all-gather.
+            z_a = self.predictor(self.read_embeddings(emb, batch, "za"))
+            if target_embeddings is not None:
+                z_b = target_embeddings.to(z_a.dtype)
+            else:
+                z_b = self.read_embeddings(emb, batch, "zb")
+                if self.cfg.stop_grad:
+                    z_b = z_b.detach()
+            jepa = self.latent_loss(z_a, z_b)
+        loss = self.cfg.gamma * ce + lam * jepa
+        reg = None
+        if self.training and self.cfg.regularizer != "none":  # one collective, on every rank
+            reg = regularizer(self.cfg.regularizer, z_a, z_b, step, self.cfg.sigreg_projections)
+            loss = loss + self.cfg.regularizer_weight * reg
+            reg = reg.detach()
         if aux is not None:  # the term the family's own forward adds to its loss
             loss = loss + router_aux_coef(self.lm) * aux
             aux = aux.detach()
         return JepaOutput(
             loss=loss, ce=ce.detach(), jepa=jepa.detach(), lambda_=lam, z_a=z_a, z_b=z_b, source_ce=source_ce,
-            router_aux=aux,
+            router_aux=aux, regularizer=reg,
         )

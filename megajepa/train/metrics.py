@@ -3,7 +3,8 @@ to metrics.jsonl (for summaries and tests) and onto a tqdm bar on rank 0.
 
 A value is a Python number or a 0-d device tensor (a loss): device values are summed on the device
 and, with the host values, reduced across ranks in one collective and read once per logging step,
-so a step that does not log never waits for the device."""
+so a step that does not log never waits for the device. The collapse figures (megajepa.jepa.collapse)
+are those of the logged step's global batch: its statistics ride in the same collective."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from tqdm import tqdm
 
 from megajepa import dist
 from megajepa.data.mixture import SOURCE_PREFIX, with_source_ce
+from megajepa.jepa import collapse
 
 # summed across ranks (so are the per-source figures, source/...); the rest are averaged
 SUMMED = ("computed_tokens", "useful_tokens", "pairs")
@@ -43,9 +45,17 @@ class MetricsLogger:
         self._window_start = time.perf_counter()
         self._window: dict[str, float | torch.Tensor] = {}
         self._window_steps = 0
+        self._collapse: Optional[torch.Tensor] = None  # the latest step's collapse statistics
+        self._collapsed = False  # the last logged verdict, to say so when it changes
 
-    def step(self, step: int, values: dict[str, float | torch.Tensor], always: bool = False) -> Optional[dict]:
-        """Accumulate one optimizer step; every log_every steps reduce, write and return the row."""
+    def step(
+        self, step: int, values: dict[str, float | torch.Tensor], always: bool = False,
+        collapse_statistics: Optional[torch.Tensor] = None,
+    ) -> Optional[dict]:
+        """Accumulate one optimizer step; every log_every steps reduce, write and return the row.
+        collapse_statistics: this step's megajepa.jepa.collapse.statistics on this rank."""
+        if collapse_statistics is not None:
+            self._collapse = collapse_statistics
         for key, value in values.items():
             value = value.detach().to(torch.float64) if torch.is_tensor(value) else float(value)
             self._window[key] = self._window.get(key, 0.0) + value
@@ -65,19 +75,27 @@ class MetricsLogger:
         # one copy to the device, one collective, one read back
         host = torch.tensor([self._window[k] for k in on_host], dtype=torch.float64).to(self.device)
         local = torch.cat([torch.stack([self._window[k] for k in on_device]).to(self.device), host]) if on_device else host
+        stats = self._collapse
+        if stats is not None:
+            local = torch.cat([local, stats.to(self.device, torch.float64)])
         totals = dist.all_reduce(local).tolist()
+        if stats is not None:
+            totals, stats = totals[: len(keys)], totals[len(keys) :]
         elapsed = time.perf_counter() - self._window_start
         row = {"step": step}
         for key, total in zip(keys, totals):
             row[key] = total / self._window_steps if summed(key) else total / (self._window_steps * self.world)
         row = with_source_ce(row)
+        if stats is not None:
+            row.update({k: v for k, v in collapse.figures(stats).items() if v is not None})
         for key in SUMMED:
             if key in row:
                 row[f"{key}_per_s"] = row[key] * self._window_steps / elapsed
         row["step_seconds"] = elapsed / self._window_steps
-        self._window, self._window_steps = {}, 0
+        self._window, self._window_steps, self._collapse = {}, 0, None
         self._window_start = time.perf_counter()
         if self.rank == 0:
+            self._say_collapse(row)
             self.history.append(row)
             with open(self.path, "a") as f:
                 f.write(json.dumps(row) + "\n")
@@ -92,6 +110,17 @@ class MetricsLogger:
                     tok_s=f"{row.get('computed_tokens_per_s', 0):.0f}",
                 )
         return row
+
+    def _say_collapse(self, row: dict) -> None:
+        """A line in the log when the embeddings collapse, and when they recover."""
+        if "collapsed" not in row or bool(row["collapsed"]) == self._collapsed:
+            return
+        self._collapsed = bool(row["collapsed"])
+        line = f"step {row['step']}: z_a / z_b {collapse.verdict(row)}"
+        if self.bar is not None:
+            self.bar.write(line)
+        else:
+            print(line, flush=True)
 
     def write_eval(self, step: int, results: dict) -> None:
         """Held-out figures (already reduced across ranks) to eval.jsonl and the monitor."""

@@ -14,7 +14,8 @@ and the EMA on every rank (the caller stops). After the update the EMA teacher f
 weights. A MoE family's router load-balancing loss (in the loss already) is logged as router_aux,
 the mean over the micro-batches.
 
-That read is the step's only wait for the device: the losses, the collapse monitor and the
+That read is the step's only wait for the device: the losses, the collapse statistics (summed
+over the micro-batches: megajepa.jepa.collapse; the logger adds the ranks') and the
 grad norm stay device tensors for the metrics to read once per logging step, and the token
 counts come from the CPU batches. (DeepSpeed's ZeRO-3 step itself still reads its overflow check
 and grad norm on the host.)
@@ -34,7 +35,8 @@ import torch
 from megajepa import dist
 from megajepa.data.mixture import SOURCE_COUNTS
 from megajepa.jepa.ema_target import stack_teacher_rows
-from megajepa.jepa.objective import JepaOutput, collapse_std
+from megajepa.jepa import collapse
+from megajepa.jepa.objective import JepaOutput
 
 # Summed over the micro-batches of a step, from the CPU batches.
 COUNTS = ("computed_tokens", "useful_tokens", "num_pairs")
@@ -62,11 +64,13 @@ class StepResult:
     flags: dict[str, bool]  # agreed across ranks
     updated: bool  # False: a non-finite loss stopped the update (on every rank)
     last: JepaOutput  # the last micro-batch's output
-    device_metrics: dict[str, torch.Tensor] = field(default_factory=dict)
+    device_metrics: dict[str, torch.Tensor] = field(default_factory=dict)  # jepa.regularizer's mean value
     # summed over the micro-batches: [3, S] records, pairs, tokens per source (host); with several
     # sources [2, S] CE sum and labelled tokens per source (device), else None
     source_counts: Optional[torch.Tensor] = None
     source_ce: Optional[torch.Tensor] = None
+    # megajepa.jepa.collapse.statistics of this rank's pairs, summed over the micro-batches (device)
+    collapse: Optional[torch.Tensor] = None
 
 
 def _no_section(name: str) -> ContextManager:
@@ -112,6 +116,10 @@ def train_step(
         sums += torch.stack([out.loss.detach(), out.ce, out.jepa]).float()
         if out.router_aux is not None:
             router_aux = out.router_aux.float() if router_aux is None else router_aux + out.router_aux.float()
+        stats = collapse.statistics(out.z_a, out.z_b)
+        if out.regularizer is not None:
+            regularizer = out.regularizer if i == 0 else regularizer + out.regularizer
+        collapse_stats = stats if i == 0 else collapse_stats + stats
         if out.source_ce is not None:
             source_ce = out.source_ce if source_ce is None else source_ce + out.source_ce
         engine.backward(out.loss, scale_wrt_gas=accumulate == "mean")  # DeepSpeed divides by grad_accum
@@ -126,10 +134,10 @@ def train_step(
         with section("ema"):
             teacher.update(step + 1)
     loss, ce, jepa = sums / accumulation
-    metrics = {"z_a_std": collapse_std(out.z_a), "z_b_std": collapse_std(out.z_b)}
+    metrics = {"regularizer": regularizer / accumulation} if out.regularizer is not None else {}
     if router_aux is not None:
         metrics["router_aux"] = router_aux / accumulation
-    return StepResult(loss, ce, jepa, out.lambda_, counts, agreed, True, out, metrics, source_counts, source_ce)
+    return StepResult(loss, ce, jepa, out.lambda_, counts, agreed, True, out, metrics, source_counts, source_ce, collapse_stats)
 
 
 @contextlib.contextmanager

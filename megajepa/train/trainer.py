@@ -20,6 +20,7 @@ from megajepa.data.fingerprint import tokenizer_hash
 from megajepa.data.layout import Layout
 from megajepa.data.mixture import source_step_values
 from megajepa.files import write_text
+from megajepa.jepa import collapse
 from megajepa.model.attention import compiled_graphs
 from megajepa.model.build import architecture_spec
 from megajepa.train import checkpoint, elastic, resume_policy, run_lock
@@ -74,9 +75,11 @@ def record_step(directory: str, rank: int, step: int, loader, loss: float) -> No
 
 @torch.no_grad()
 def evaluate(engine, teacher, loader, batches: int, device) -> dict:
-    """Held-out CE and JEPA loss, averaged over `batches` batches per rank and across ranks."""
+    """Held-out CE and JEPA loss, averaged over `batches` batches per rank and across ranks, and
+    the collapse figures (eval_z_a_std, ...) of all those batches' pairs together."""
     engine.eval()
     totals = torch.zeros(3, dtype=torch.float64, device=device)  # ce, jepa, batches: read once
+    stats = 0.0
     for i, batch in enumerate(loader.iter_epoch()):
         if i >= batches:
             break
@@ -84,10 +87,15 @@ def evaluate(engine, teacher, loader, batches: int, device) -> dict:
         target = teacher.encode(batch) if teacher is not None else None
         out = engine(batch, step=10**9, target_embeddings=target)
         totals += torch.stack([out.ce, out.jepa, torch.ones_like(out.ce)]).double()
-    ce, jepa, count = dist.all_reduce(totals).tolist()
+        stats = stats + collapse.statistics(out.z_a, out.z_b)
+    if not torch.is_tensor(stats):  # no batch on this rank: zero pairs of the others' width
+        stats = torch.zeros(4 * engine.module.lm.config.hidden_size + 2, dtype=torch.float64, device=device)
+    reduced = dist.all_reduce(torch.cat([totals, stats])).tolist()
+    ce, jepa, count = reduced[:3]
     engine.train()
     n = max(count, 1.0)
-    return {"eval_ce": ce / n, "eval_jepa": jepa / n, "eval_batches": int(count)}
+    figures = {f"eval_{k}": v for k, v in collapse.figures(reduced[3:]).items() if v is not None}
+    return {"eval_ce": ce / n, "eval_jepa": jepa / n, "eval_batches": int(count), **figures}
 
 
 def choose_resume(cfg: Config, meta: dict, rank: int, world: int) -> tuple[Optional[checkpoint.ResumePoint], int, int]:
@@ -246,7 +254,7 @@ def _train(cfg: Config) -> dict:
             }
             if loader.num_sources > 1:
                 values.update(source_step_values(loader.source_names, result.source_counts, result.source_ce))
-            logger.step(step, values, always=step == cfg.train.steps)
+            logger.step(step, values, always=step == cfg.train.steps, collapse_statistics=result.collapse)
             if cfg.data.record_ids_dir is not None:  # debug only: reads this rank's loss every step
                 record_step(cfg.data.record_ids_dir, rank, step, loader, result.loss.item())
             if eval_loader is not None and cfg.train.eval_every and step % cfg.train.eval_every == 0:
