@@ -7,6 +7,7 @@
     megajepa demo    CONFIG [--nproc N] [...]      embedded data -> N CPU ranks -> summary table
     megajepa bench   CONFIG --modes ... [...]      throughput of ce/jepa/jepa-ema/ref3/ref2, FLOPs, memory
     megajepa bench   kernels [...]                 kernel benchmark (Triton vs torch reference)
+    megajepa bench   head [--steps N]              the LM head's CE: logits kept vs recomputed
     megajepa plan    CONFIG --gpus N --gpu-memory GB   expected memory per rank, largest token budget
     megajepa export  CHECKPOINT --out HF_DIR       ZeRO-3 checkpoint -> Hugging Face model directory
     megajepa universal CHECKPOINT [--workers N]    before a launch at another world size: DeepSpeed's

@@ -1,71 +1,7 @@
 """`megajepa plan CONFIG --gpus N --gpu-memory GB`: the expected GPU memory per rank, and the largest
 token budget per micro-batch that fits.
 
-Everything is computed from the model's HF config (model.config, or model.pretrained/config.json)
-and the DeepSpeed JSON the run would use (megajepa.train.deepspeed_json.online_config, with DeepSpeed's own
-defaults for what it leaves out). Nothing runs on a GPU: these are expectations.
-
-Model state (exact, per parameter, the way ZeRO-3 partitions: ceil(numel / N) elements per rank;
-the model is built on the meta device to list its parameters):
-
-    parameters   partition x 2 B (bf16) or 4 B (fp32)
-    persistent   full copies of the parameters with numel <= param_persistence_threshold (ZeRO-3
-                 keeps those gathered on every rank)
-    optimizer    partition x 12 B: fp32 master, Adam's two fp32 moments
-    gradients    partition x the gradient dtype (DeepSpeed's grad_partitions_flat_buffer), plus at the
-                 optimizer step an fp32 copy of the largest sub-group's gradient
-    ema          (jepa.target=ema) partition x 4 B: fp32, the master's layout
-    teacher      (jepa.target=ema) partition x 2 B (bf16); no persistent copies (threshold 0)
-
-Working buffers of ZeRO-3: the gradient reduce bucket (reduce_bucket_size elements), the prefetch
-bucket (stage3_prefetch_bucket_size), and the largest single module gathered whole with its full
-gradient (the embedding or LM head for a 128k vocabulary).
-
-Activations, bytes per token per decoder layer, for a Llama-style layer in bf16 (two RMSNorms
-computed in fp32, q/k/v projections, RoPE, attention through a fused kernel that keeps no L x L
-matrix, FlexAttention with native GQA, a SwiGLU MLP), counting the tensors autograd saves
-(tests/test_plan.py counts them on a real layer with torch's saved-tensor hooks):
-
-    A = 16 h + 8 + 4 q + 4 kv + 4 n_heads + 8 i
-        16 h + 8: per norm its fp32 input (4 h), fp32 rsqrt (4), bf16 normalised input to the
-                  weight (2 h) and bf16 output (2 h); two norms
-        4 q + 4 kv: q and k after RoPE, v (2 B each), the attention output (q wide)
-        4 n_heads: the attention's fp32 log-sum-exp per head
-        8 i: gate, silu(gate), up and their product (2 B each)
-    (h: hidden size, q = n_heads x head_dim, kv = n_kv_heads x head_dim, i: intermediate size)
-
-    without checkpointing   L x A + 12 h + 4         per token
-    with checkpointing      L x 2 h + A + 12 h + 4   (each layer keeps its bf16 input; one layer is
-                            recomputed at a time in the backward)
-    12 h + 4: the final norm (8 h + 4) and the residual-stream gradient in flight (4 h)
-
-The EMA teacher's forward runs before the online forward, under no_grad, one layer at a time, once
-per optimizer step over the teacher rows of every micro-batch (megajepa.train.step): its transient
-memory is at most A per teacher token, and the teacher rows (the assistant views) are at most half
-of a micro-batch's tokens, so it peaks at state + buffers + grad_accum x tokens / 2 x A, which
-counts beside the backward's peak once gradient accumulation is deep.
-
-Host memory at an elastic resume (megajepa.train.elastic), from S saved ranks to N, with P the
-trained parameters (ZeRO-3 partitions of ceil(numel / world) elements):
-
-    conversion (once, rank 0's node, before the launch or the process group; W workers):
-        extract  W x 12 B x sum ceil(numel / S)     each worker holds one saved rank's optimizer file
-        merge    W x 24 B x the largest parameter   fp32 weight and two moments, fragments and whole
-    per rank, loading:
-        DeepSpeed's universal load  12 B x the largest parameter (each parameter's file read whole)
-        EMA reshard (target ema)    (min(S, ceil(S / N) + 1) + 1) x 4 B x sum ceil(numel / S)
-                                    + 4 B x sum ceil(numel / N): the saved shards its new partitions
-                                    fall in (one of them twice while it is flattened), and those
-
-Logits, per labelled token, fp32 cross-entropy over a vocabulary of V: the fp32 logits and
-log-probabilities, then their gradients: 12 V bytes. Full logits: every labelled token at once
-(labelled fraction: 1/2 with data.labels=response or content, jepa.views=reference and the online
-target, where the reply appears twice per record, in the conversation and as the assistant view;
-1 otherwise. Plain-text records carry labels on every token: with them, pass --labelled-fraction 1).
-Chunked CE: 12 V x the chunk (--ce-chunk) tokens.
-
-Headroom (--headroom, default 10% of the GPU): the CUDA context, NCCL's buffers and the caching
-allocator's fragmentation, none of which the terms above count.
+The formulas, term by term, and what each counts: docs/plan.md.
 """
 
 from __future__ import annotations
@@ -177,7 +113,7 @@ class Plan:
     resume_from: int  # the saved world size the elastic figures assume
     gpus_per_node: int
     conversion_workers: int
-    elastic_host: dict[str, float]  # host memory at an elastic resume (module docstring), bytes
+    elastic_host: dict[str, float]  # host memory at an elastic resume (docs/plan.md), bytes
     grad_accum: int
     teacher: bool  # jepa.target=ema: the teacher's one forward per step
     labelled_fraction: float

@@ -221,3 +221,16 @@ def test_bench_end_to_end_one_rank(demo_data, tmp_path):
     state = report["scaling"]["1"]
     assert state["ema"] > 0 and state["teacher"] > 0 and state["optimizer"] >= 2 * state["parameters"]
     assert report["loader"]["batches"] == 2 and len(report["loader"]["pairs_per_s_per_rank"]) == 1
+
+
+def test_bench_head_times_each_shape_both_ways(capsys):
+    from megajepa.bench.command import main
+    from megajepa.bench.head import SHAPES
+
+    assert main(["head", "--steps", "1"]) == 0
+    rows = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines() if line[:3].strip("| ").isdigit()]
+    assert [tuple(int(cell) for cell in row[:3]) for row in rows] == list(SHAPES)
+    for row in rows:
+        kept, recomputed = float(row[3]), float(row[4])
+        assert kept > 0 and recomputed > 0
+        assert float(row[5].strip(" x")) == pytest.approx(recomputed / kept, abs=0.01 + 0.05 * recomputed / kept)

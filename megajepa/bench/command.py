@@ -35,7 +35,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="megajepa bench",
         description="Time per pair, tokens/s, FLOPs/MFU and memory of the training modes, side by side. "
-        "`megajepa bench kernels --help`: the kernel benchmark instead.",
+        "`megajepa bench kernels --help` / `megajepa bench head --help`: the kernel or LM-head benchmark instead.",
         parents=[nproc_parent(None, "for the modes when launching itself; default: 2 on CPU, one per GPU")],
     )
     parser.add_argument("config", help="YAML config, e.g. configs/demo.yaml")
@@ -184,9 +184,25 @@ def kernels_main(argv: list[str]) -> int:
     return 0
 
 
+def head_main(argv: list[str]) -> int:
+    """`megajepa bench head`: the LM head's CE with its logits kept against recomputed."""
+    parser = argparse.ArgumentParser(
+        prog="megajepa bench head",
+        description="Time the LM head + CE when the labels fit one chunk: logits kept vs recomputed.",
+    )
+    parser.add_argument("--steps", type=int, default=15, help="timed rounds per shape (after 3 warm-up rounds)")
+    args = parser.parse_args(argv)
+    from megajepa.bench.head import run  # imports torch: after the arguments
+
+    run(args.steps)
+    return 0
+
+
 def main(argv: list[str]) -> int:
     if argv[:1] == ["kernels"]:
         return kernels_main(argv[1:])
+    if argv[:1] == ["head"]:
+        return head_main(argv[1:])
     args = parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)

@@ -163,11 +163,6 @@ def compile_results(capabilities=(80, 90)) -> List[CompileResult]:
     return [compile_variant(variant, cc) for cc in capabilities for variant in kernel_variants()]
 
 
-def compile_all(capabilities=(80, 90)) -> List[Tuple[str, int, bool, str]]:
-    """(kernel variant, compute capability, ok, error) for every variant and capability."""
-    return [(r.variant, r.cc, r.ok, r.error) for r in compile_results(capabilities)]
-
-
 def _markdown_table(results: List[CompileResult]) -> str:
     lines = ["| kernel variant | sm | result | binary | seconds (~0: Triton's cache) |", "|---|---|---|---|---|"]
     for r in results:

@@ -1,12 +1,10 @@
-"""The LM head + CE, forward and backward, when the labelled tokens fit one chunk: the logits kept
-for the backward (megajepa.model.head.token_cross_entropy) against the same call under activation
-checkpointing (the head recomputed in the backward, what lm_cross_entropy did for one chunk
-before). Same inputs, interleaved, process CPU time (steadier than wall time on a shared CPU).
+"""`megajepa bench head`: the LM head + CE, forward and backward, when the labelled tokens fit one
+chunk: the logits kept for the backward (megajepa.model.head.token_cross_entropy) against the same
+call under activation checkpointing (the head recomputed in the backward). Same inputs,
+interleaved, process CPU time (steadier than wall time on a shared CPU)."""
 
-    python scripts/bench_head.py [--steps 15]
-"""
+from __future__ import annotations
 
-import argparse
 import statistics
 import time
 
@@ -30,10 +28,8 @@ class HeadOnly(torch.nn.Module):
         return self.head
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=15)
-    args = parser.parse_args()
+def run(steps: int) -> None:
+    """Print the markdown table: median milliseconds of `steps` rounds after 3 warm-up rounds."""
     torch.manual_seed(0)
     torch.set_num_threads(1)
     print("| vocabulary | hidden | tokens | kept ms | recomputed ms | recomputed / kept |")
@@ -47,7 +43,7 @@ def main() -> None:
             "recomputed": lambda: checkpoint(token_cross_entropy, lm, h, y, use_reentrant=False).sum().backward(),
         }
         seconds = {name: [] for name in ways}
-        for step in range(3 + args.steps):  # 3 warm-up rounds
+        for step in range(3 + steps):  # 3 warm-up rounds
             for name, run in ways.items():
                 start = time.process_time()
                 run()
@@ -55,7 +51,3 @@ def main() -> None:
                     seconds[name].append(time.process_time() - start)
         kept, recomputed = (statistics.median(seconds[name]) * 1e3 for name in ways)
         print(f"| {vocab} | {hidden} | {tokens} | {kept:.1f} | {recomputed:.1f} | {recomputed / kept:.2f}x |")
-
-
-if __name__ == "__main__":
-    main()
