@@ -9,11 +9,18 @@ import argparse
 from typing import Optional
 
 
-def at_least_one(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text}")
-    return value
+def _at_least(minimum: int):
+    def check(text: str) -> int:
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected a whole number >= {minimum}, got {text}")
+        return value
+
+    check.__name__ = f"at_least_{minimum}"  # argparse names the type in its "invalid ..." message
+    return check
+
+
+at_least_one = _at_least(1)
 
 
 def nproc_parent(default: Optional[int], default_help: str) -> argparse.ArgumentParser:
@@ -35,7 +42,8 @@ def evaluation_parent() -> argparse.ArgumentParser:
     parent = argparse.ArgumentParser(add_help=False)
     parent.add_argument("--limit", type=at_least_one, default=None, help="evaluate the first N pairs only")
     parent.add_argument(
-        "--batch-pairs", type=int, default=32, help="pairs per batch: the retrieval candidates (default 32)"
+        "--batch-pairs", type=_at_least(2), default=32,
+        help="pairs per batch: the retrieval candidates (default 32; at least 2)",
     )
     parent.add_argument(
         "--max-new-tokens", type=at_least_one, default=None,

@@ -82,7 +82,7 @@ def test_help_is_instant_and_imports_no_framework(command):
 
 def test_bench_help_lists_its_options():
     printed, _, _ = _run_cli(["bench", "--help"])
-    assert all(option in printed for option in ("--modes", "--steps", "--nproc", "--scaling", "bench kernels"))
+    assert all(option in printed for option in ("--modes", "--steps", "--nproc", "--scaling", "bench kernels", "bench head"))
 
 
 @pytest.mark.parametrize(
@@ -92,6 +92,7 @@ def test_bench_help_lists_its_options():
         ["compare", "--seeds", "0", "configs/demo.yaml"],
         ["bench", "configs/demo.yaml", "--nproc", "0"],
         ["demo", "configs/demo.yaml", "--nproc", "x"],
+        ["eval", "runs/demo", "--data", "data/demo/shards/eval", "--batch-pairs", "1"],
         ["plan", "configs/demo.yaml"],
         ["prepare", "in.jsonl"],
     ],
