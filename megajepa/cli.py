@@ -202,9 +202,14 @@ def cmd_universal(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    from megajepa.data.shard_hashes import CorruptShard
     from megajepa.eval.run import main as eval_main
 
-    return eval_main(args)
+    try:
+        return eval_main(args)
+    except CorruptShard as err:
+        print(f"megajepa eval: CorruptShard: {err.one_line()}", file=sys.stderr)
+        return 2
 
 
 def _log_level_from_env() -> None:

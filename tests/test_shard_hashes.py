@@ -99,3 +99,24 @@ def test_shards_prepared_without_digests_still_load(tmp_path):
     theirs = StreamingDataset(local=str(shards), batch_size=1, shuffle=False)
     ours = _dataset(shards)
     assert all(np.array_equal(ours.raw_item(i)["full"], theirs[i]["full"]) for i in range(48))
+
+
+@pytest.mark.parametrize("decompressed", [False, True])
+def test_eval_pairs_from_a_corrupt_shard_name_it(prepared, tmp_path, decompressed):
+    from transformers import AutoTokenizer
+
+    from megajepa.eval.data import load_eval_pairs
+
+    shards = _copy(prepared, tmp_path / "shards")
+    tokenizer = AutoTokenizer.from_pretrained(str(FIXTURE / "tokenizer"))
+    intact = load_eval_pairs(str(shards), tokenizer, limit=4)  # decompresses the first shard
+    theirs = StreamingDataset(local=str(shards), batch_size=1, shuffle=False)
+    assert [p.record["full"].tolist() for p in intact] == [theirs[i]["full"].tolist() for i in range(4)]
+    damaged = shards / "shard.00000.mds"
+    if not decompressed:
+        damaged.unlink()
+        damaged = shards / "shard.00000.mds.zstd"
+    _flip(damaged)
+    with pytest.raises(CorruptShard) as caught:
+        load_eval_pairs(str(shards), tokenizer, limit=4)
+    assert "\n" not in str(caught.value) and str(caught.value).startswith(f"{damaged}: corrupt shard of the dataset {shards}")

@@ -18,6 +18,7 @@ import numpy as np
 from megajepa.data.fingerprint import check_fingerprint, read_fingerprint
 from megajepa.data.loader import RECORD_ARRAYS
 from megajepa.data.prepare import BadRecord, RecordEncoder
+from megajepa.data.shard_hashes import check_file
 
 
 @dataclass
@@ -48,6 +49,7 @@ def _from_shards(path: str, tokenizer, limit: Optional[int]) -> list[EvalPair]:
     check_fingerprint(path, tokenizer)
     dataset = StreamingDataset(local=path, shuffle=False, batch_size=1)
     count = dataset.size if limit is None else min(limit, dataset.size)
+    _check_shards(dataset, path, count)
     pairs = []
     for i in range(count):
         sample = dataset.get_item(i)
@@ -55,6 +57,19 @@ def _from_shards(path: str, tokenizer, limit: Optional[int]) -> list[EvalPair]:
         record.update(prompt_len=int(sample["prompt_len"]), sample_id=int(sample["sample_id"]))
         pairs.append(_pair(record, tokenizer))
     return pairs
+
+
+def _check_shards(dataset, path: str, count: int) -> None:
+    """The shards holding the first `count` samples against their index's digests (CorruptShard),
+    as the training loader checks them: the raw file where it is here, else the compressed one."""
+    last_shard = dataset.spanner[count - 1][0] if count else -1
+    for shard in dataset.shards[: last_shard + 1]:
+        for raw_info, zip_info in shard.file_pairs:
+            raw = os.path.join(path, raw_info.basename)
+            if os.path.isfile(raw):
+                check_file(raw, raw_info, path)
+            elif zip_info is not None:
+                check_file(os.path.join(path, zip_info.basename), zip_info, path)
 
 
 def _from_jsonl(path: str, tokenizer, limit: Optional[int]) -> list[EvalPair]:
