@@ -171,19 +171,36 @@ def train_all(config: str, runs: list[Run], jobs: int) -> None:
             bar.update()
 
 
+def _evaluated(run: Run, request: dict) -> Optional[dict]:
+    """The metrics of an evaluation of this run's final checkpoint made with the same request
+    (data, limit, batch pairs, generation cap), or None."""
+    path = os.path.join(run.output_dir, "eval.json")
+    if not os.path.isfile(path) or os.path.getmtime(path) < os.path.getmtime(os.path.join(run.output_dir, "run.json")):
+        return None
+    with open(path) as f:
+        report = json.load(f)
+    return report["metrics"] if report.get("request") == request else None
+
+
 def evaluate_all(runs: list[Run], data: str, limit, batch_pairs: int, max_new_tokens) -> dict[str, dict]:
-    """Each run's final checkpoint through megajepa.eval, on the same pairs."""
+    """Each run's final checkpoint through megajepa.eval, on the same pairs; an evaluation already
+    made with the same request is reused (a rerun of the same comparison only draws its table)."""
     import torch
 
     from megajepa.eval.data import load_eval_pairs
     from megajepa.eval.run import evaluate, load_model
 
-    results, pairs = {}, None
-    for run in tqdm(runs, desc="eval", unit="run"):
+    request = {"data": data, "limit": limit, "batch_pairs": batch_pairs, "max_new_tokens": max_new_tokens}
+    results = {run.name: _evaluated(run, request) for run in runs}
+    todo = [run for run in runs if results[run.name] is None]
+    if len(todo) < len(runs):
+        print(f"reusing {len(runs) - len(todo)} evaluation(s) made with the same settings", flush=True)
+    pairs = None
+    for run in tqdm(todo, desc="eval", unit="run"):
         loaded = load_model(run.output_dir, torch.device("cpu"))
         pairs = pairs or load_eval_pairs(data, loaded.tokenizer, limit)
         result = evaluate(loaded, pairs, batch_pairs=batch_pairs, max_new_tokens=max_new_tokens, progress=False)
-        report = {"metrics": result["metrics"], "settings": result["settings"], "data": data}
+        report = {"metrics": result["metrics"], "settings": result["settings"], "data": data, "request": request}
         write_text(os.path.join(run.output_dir, "eval.json"), json.dumps(report, indent=2))
         results[run.name] = result["metrics"]
     return results

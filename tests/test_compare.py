@@ -69,6 +69,18 @@ def test_compare_three_arms_two_seeds_writes_table_json_and_png(demo_data, tmp_p
     assert f"next-token collapsed in {collapsed['next-token']} of 2 seeds; JEPA collapsed in {collapsed['jepa']} of 2" in table
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
+    # the same comparison again: every training and evaluation is reused, the same table drawn
+    evaluated = {name: (out / name / "eval.json").stat().st_mtime_ns for name in names}
+    assert cli(["compare", "configs/demo.yaml", *options, "--max-new-tokens", "8", *overrides]) == 0
+    printed = capsys.readouterr().out
+    assert "reusing 6 finished run(s)" in printed and "reusing 6 evaluation(s)" in printed
+    assert {name: (out / name / "eval.json").stat().st_mtime_ns for name in names} == evaluated
+    assert json.loads((out / "compare.json").read_text())["runs"] == report["runs"]
+    # another generation cap is another evaluation
+    assert cli(["compare", "configs/demo.yaml", *options, "--max-new-tokens", "9", *overrides]) == 0
+    assert "reusing 6 evaluation(s)" not in capsys.readouterr().out
+    assert all((out / name / "eval.json").stat().st_mtime_ns > evaluated[name] for name in names)
+
     # the same directory with another config is refused before any training
     assert cli(["compare", "configs/demo.yaml", *options, *overrides, "train.steps=4"]) == 2
     assert "a run of another config" in capsys.readouterr().err
