@@ -10,7 +10,7 @@ The output loads with AutoModelForCausalLM.from_pretrained / AutoTokenizer.from_
     megajepa.json                                             the JEPA settings, for `megajepa eval`
 
 Weights are consolidated by DeepSpeed's own zero_to_fp32. `--weights ema` consolidates the EMA
-teacher instead: its per-rank shards (ema_rank{r}.pt, megajepa.jepa.ema_target) mirror the
+teacher instead: its per-rank shards (ema_rank{r}.pt, megajepa.train.ema_checkpoint) mirror the
 optimizer's fp32 master partitions, so the same merge applies to them. A LoRA run's adapters
 (model.lora.rank > 0) are merged into plain weights, W + alpha / r * B @ A
 (megajepa.model.lora.merge_lora_weights). The directory appears only when complete (a temporary
@@ -31,12 +31,11 @@ from megajepa.config import Config, from_dict, to_dict
 from megajepa.data.fingerprint import tokenizer_hash
 from megajepa.files import staged_directory
 from megajepa.data.tokenizer import add_pred_tokens, chat_template, load_tokenizer, pred_token_ids
-from megajepa.jepa.ema_target import STATE_FILE as EMA_FILE
 from megajepa.model.lora import merge_lora_weights
 from megajepa.model.predictor import uses_pred_tokens
 from megajepa.train import pickle_guard
 from megajepa.train.checkpoint import CHECKPOINT_SUBDIR, incomplete_reason, newest_complete
-from megajepa.train.ema_shards import EmaShardsUnusable, consolidate_ema
+from megajepa.train.ema_checkpoint import EmaShardsUnusable, consolidate_ema
 
 LM_PREFIX, PREDICTOR_PREFIX = "lm.", "predictor."
 PREDICTOR_FILE = "predictor.safetensors"

@@ -22,11 +22,13 @@ from _shards import pair_record
 
 from megajepa.config import Config, DataConfig, EmaConfig, JepaConfig, ModelConfig
 from megajepa.data.layout import Layout
-from megajepa.train.deepspeed_json import online_config, teacher_config
+from megajepa.bench.memory import teacher_state_bytes
 from megajepa.jepa.ema_target import EmaTeacher, stack_teacher_rows
 from megajepa.jepa.objective import JepaModel
 from megajepa.model.build import build_model
-from megajepa.train.ema_shards import ema_pieces
+from megajepa.train import ema_checkpoint
+from megajepa.train.checkpoint import ResumePoint
+from megajepa.train.deepspeed_json import online_config, teacher_config
 
 VOCAB = 101
 PRED_ID = VOCAB - 1
@@ -132,7 +134,7 @@ def main() -> None:
         "teacher_persistent": sorted(
             n for t in teachers.values() for n, p in t.teacher_params.items() if getattr(p, "ds_persist", False)
         ),
-        "memory": teachers["auto"].memory_bytes(),
+        "memory": teacher_state_bytes(teachers["auto"]),
         "masters": [masters(engine)],
         "teacher": {k: [gathered(t.engine.module.model)] for k, t in teachers.items()},
         "z_b": {k: [] for k in teachers},
@@ -182,41 +184,41 @@ def main() -> None:
     # Save, train on (the EMA moves), load: the saved EMA and step come back exactly.
     teacher = teachers["auto"]
     checkpoint = os.path.join(args.out, "checkpoint")
-    teacher.save(checkpoint, rank)
+    ema_checkpoint.save(teacher, checkpoint, rank)
     # DeepSpeed's checkpoint with the EMA shards beside it, for the consolidation tests
     engine.save_checkpoint(os.path.join(args.out, "ds"), tag="t")
-    teacher.save(os.path.join(args.out, "ds", "t"), rank)
+    ema_checkpoint.save(teacher, os.path.join(args.out, "ds", "t"), rank)
     record["ds_checkpoint"] = os.path.join(args.out, "ds", "t")
-    saved = teacher.state_dict()
+    saved = ema_checkpoint.state_of(teacher)
     batch = make_batch(args.steps, rank)
     out = engine(batch, step=args.steps, target_embeddings=teacher.encode(batch))
     engine.backward(out.loss)
     engine.step()
     record["moved_update"] = teacher.update(args.steps + 1)
-    record["moved_differs"] = any(not torch.equal(a, b) for a, b in zip(saved["ema"], teacher.state_dict()["ema"]))
+    record["moved_differs"] = any(not torch.equal(a, b) for a, b in zip(saved["ema"], ema_checkpoint.state_of(teacher)["ema"]))
     # the elastic path: this rank's partitions read back out of DeepSpeed's checkpoint and the shards
     if teacher.zero3:
-        teacher.load_pieces(lambda wanted: ema_pieces(record["ds_checkpoint"], world, wanted), args.steps)
-        record["pieces_equal"] = all(torch.equal(a, b) for a, b in zip(saved["ema"], teacher.state_dict()["ema"]))
-    teacher.load(checkpoint, rank)
-    loaded = teacher.state_dict()
+        ema_checkpoint.reshard(teacher, ResumePoint(os.path.join(args.out, "ds"), "t"), world, args.steps)
+        record["pieces_equal"] = all(torch.equal(a, b) for a, b in zip(saved["ema"], ema_checkpoint.state_of(teacher)["ema"]))
+    ema_checkpoint.load(teacher, checkpoint, rank)
+    loaded = ema_checkpoint.state_of(teacher)
     record["saved_step"], record["loaded_step"] = saved["step"], loaded["step"]
     record["loaded_equal"] = all(torch.equal(a, b) for a, b in zip(saved["ema"], loaded["ema"]))
     record["loaded_teacher"] = gathered(teacher.engine.module.model)
     record["checkpoint_files"] = sorted(os.listdir(checkpoint))
     if record["layouts"]["auto"] != record["layouts"]["per_parameter"]:
         try:
-            teachers["per_parameter"].load(checkpoint, rank)
+            ema_checkpoint.load(teachers["per_parameter"], checkpoint, rank)
         except ValueError as err:
             record["layout_mismatch_error"] = str(err)
     try:
-        teacher.load(os.path.join(args.out, "no-checkpoint"), rank)
+        ema_checkpoint.load(teacher, os.path.join(args.out, "no-checkpoint"), rank)
     except FileNotFoundError as err:
         record["missing_error"] = str(err)
     teacher.total_steps += 1  # as when a run is resumed with more train.steps
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        teacher.load(checkpoint, rank)
+        ema_checkpoint.load(teacher, checkpoint, rank)
     record["schedule_warnings"] = [str(w.message) for w in caught]
 
     torch.save(record, os.path.join(args.out, f"rank{rank}.pt"))

@@ -23,7 +23,7 @@ from megajepa.config import DataConfig, EmaConfig
 from megajepa.data.layout import Layout
 from megajepa.jepa.ema_target import momentum_at, stack_teacher_rows
 from megajepa.train.deepspeed_json import teacher_config
-from megajepa.train.ema_shards import EmaShardsUnusable, consolidate_ema, ema_pieces
+from megajepa.train.ema_checkpoint import EmaShardsUnusable, consolidate_ema, ema_pieces
 from megajepa.jepa.objective import JepaModel
 
 STEPS = 4
@@ -170,7 +170,7 @@ def test_update_acts_only_after_an_optimizer_step(zero3_two_ranks):
 def test_save_load_round_trip_restores_ema_and_step(zero3_two_ranks):
     for rank, record in enumerate(zero3_two_ranks):
         assert record["moved_update"]["updated"] and record["moved_differs"]  # the EMA moved after the save
-        assert record["pieces_equal"]  # load_pieces from the checkpoint's shards restores it too
+        assert record["pieces_equal"]  # a reshard from the checkpoint's shards restores it too
         assert record["saved_step"] == record["loaded_step"] == STEPS
         assert record["loaded_equal"]
         loaded, saved = record["loaded_teacher"], record["teacher"]["auto"][STEPS]

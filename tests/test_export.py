@@ -14,7 +14,8 @@ from megajepa.cli import main as cli
 from megajepa.eval.data import load_eval_pairs
 from megajepa.eval.latent import batch_metrics
 from megajepa.eval.run import load_hf
-from megajepa.export import EMA_FILE, ExportError, export
+from megajepa.export import ExportError, export
+from megajepa.train.checkpoint import EMA_FILE
 
 PAIRS = 8
 

@@ -98,13 +98,21 @@ def _optimizer_tensors(optimizer) -> list[torch.Tensor]:
     return [*masters, *state]
 
 
+def teacher_state_bytes(teacher) -> dict[str, int]:
+    """Bytes this rank holds for the EMA buffers and the teacher's parameter partitions
+    (megajepa.jepa.ema_target.EmaTeacher)."""
+    ema = sum(_bytes(slot.ema) for slot in teacher.slots)
+    tensors = [p.ds_tensor for p in teacher.teacher_params.values()] if teacher.zero3 else teacher.teacher_params.values()
+    return {"ema": ema, "teacher": sum(_bytes(t) for t in tensors)}
+
+
 def model_state_bytes(engine, teacher=None) -> dict[str, int]:
     """Bytes this rank holds for the model state, by kind:
 
     parameters   this rank's ZeRO-3 partitions (whole parameters below stage 3)
     persistent   full copies ZeRO-3 keeps of parameters under stage3_param_persistence_threshold
     optimizer    fp32 master partitions (where not the parameters' own memory) and Adam's moments
-    ema, teacher the EMA buffers and the teacher's partitions (megajepa.jepa.ema_target)
+    ema, teacher the EMA buffers and the teacher's partitions (teacher_state_bytes)
     """
     params = list(engine.module.parameters())
     zero3 = all(hasattr(p, "ds_tensor") for p in params)
@@ -123,6 +131,6 @@ def model_state_bytes(engine, teacher=None) -> dict[str, int]:
         "teacher": 0,
     }
     if teacher is not None:
-        report.update(teacher.memory_bytes())
+        report.update(teacher_state_bytes(teacher))
     report["total"] = sum(report.values())
     return report

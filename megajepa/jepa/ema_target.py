@@ -1,58 +1,18 @@
-"""The EMA target encoder (teacher), sharded exactly like the online model's optimizer state.
+"""The EMA teacher: an fp32 EMA of the online model's master weights, sharded exactly like them,
+encoded by a second ZeRO-3 engine. docs/ema.md explains the layout and what it relies on in DeepSpeed.
 
     teacher = EmaTeacher(engine, twin_module, cfg.jepa.ema, total_steps, teacher_config(ds_config))
     rows, pairs = stack_teacher_rows(micro_batches)    # every micro-batch of the step
     z_bs = teacher.encode(rows).split(pairs)           # every rank, once per step: no_grad forward
-    ... per micro-batch: engine(batch, step, z_b); engine.backward(loss); engine.step()
-    teacher.update(step)                     # after each optimizer step; acts only if it stepped
-    teacher.save(dir, rank) / teacher.load(dir, rank)     # beside engine.save/load_checkpoint
+    ... engine(batch, step, z_b); engine.backward(loss); engine.step()
+    teacher.update(step)    # one fused kernel per slot, this rank's slices only: no communication
 
-The update is one fused kernel call, `kernels.ema.ema_update(master, ema, teacher, momentum)`,
-per slot: EMA <- m * EMA + (1 - m) * master, teacher <- EMA, elementwise on this rank's own
-slices, zero bytes communicated. The teacher is a second DeepSpeed engine without an optimizer,
-so DeepSpeed's hooks gather its parameters for each forward as they do the online model's.
-Its weights change only at the update after a step's last micro-batch, so the step's teacher rows
-of every micro-batch go through one forward (stack_teacher_rows): the whole model is gathered once
-per optimizer step, not once per micro-batch, and every rank gathers the same number of times
-whatever its data.
-
-What a slot is, chosen once in `choose_layout` (the only place):
-
-  flat           ZeRO-3 with the fp32 masters resident (the default set-up): one slot per
-                 optimizer sub-group. The EMA is an fp32 buffer laid out like the sub-group's flat
-                 fp32 master, and the teacher's partitions are re-pointed to be views into one flat
-                 buffer of the same layout, so each sub-group is one contiguous kernel launch.
-  per_parameter  everything else (optimizer or parameter offload, NVMe, ZeRO stage < 3), with a
-                 warning naming the reason: one slot per trained parameter, its local fp32 slice
-                 (DeepSpeed's public safe_get_local_fp32_param) under ZeRO-3, the whole replicated
-                 parameter below it. It can be forced, which the tests use to check the two agree.
-
-What it relies on inside DeepSpeed (0.19.x), and the test that fails if that changes
-(tests/test_ema_target.py unless named):
-
-  - DeepSpeedZeroOptimizer_Stage3.fp32_partitioned_groups_flat[i] holds the fp32 masters of
-    fp16_groups[i], each parameter's partition back to back in group order, with
-    fp16_partitioned_groups_flat_numel[i] elements: test_teacher_equals_reference_ema_after_every_step,
-    test_flat_and_per_parameter_layouts_agree_exactly.
-  - param.ds_tensor is a parameter's local partition, its storage may be replaced (`.data = view`)
-    and the all-gather reads it: test_encode_gives_z_b_of_the_teacher_weights.
-  - param.ds_persist marks a parameter DeepSpeed keeps whole between forwards (under
-    stage3_param_persistence_threshold), which the teacher must not have:
-    test_persistent_online_parameters_are_refreshed_in_the_teacher.
-  - engine.global_steps advances only when the optimizer stepped (not on accumulation micro-steps):
-    test_update_acts_only_after_an_optimizer_step.
-  - the engine resets its parameter-fetch trace in a hook on the root module's forward, hence
-    _TargetEncoder: test_encode_gives_z_b_of_the_teacher_weights (several steps).
-  - with overlap_comm off the teacher's all-gathers run on the compute stream, after the update's
-    writes, so update() needs no device synchronisation (teacher_config sets it). Only a GPU can
-    show a violation; no CPU test does. They are exposed, but once per optimizer step.
+Saving, loading and resharding it: megajepa.train.ema_checkpoint; its memory: megajepa.bench.memory.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
-import os
 import warnings
 from functools import partial
 from typing import Callable, NamedTuple, Optional, Sequence
@@ -64,13 +24,10 @@ from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
 from deepspeed.utils import safe_get_local_fp32_param
 from torch import nn
 
-from megajepa import dist
-from megajepa.kernels.ema import ema_update
 from megajepa.config import EmaConfig
-from megajepa.files import atomic_path
+from megajepa.kernels.ema import ema_update
 from megajepa.model.attention import MASK_KEYS
 
-STATE_FILE = "ema_rank{rank}.pt"  # the name megajepa.train.checkpoint documents
 _TEACHER_ROWS = tuple(f"teacher_{key}" for key in ("input_ids", *MASK_KEYS))
 
 
@@ -137,14 +94,11 @@ class _TargetEncoder(nn.Module):
 class _Slot(NamedTuple):
     """One `ema_update` call: a sub-group (flat path) or one parameter (fallback paths)."""
 
-    name: str
+    name: str  # "sub-group i" or the parameter's name (a checkpoint's "names")
+    params: tuple[str, ...]  # the trained parameters it covers, in their order in `ema`
     master: Callable[[], torch.Tensor]  # this rank's fp32 master slice, read fresh every update
     ema: torch.Tensor  # fp32, same numel
     teacher: Callable[[], torch.Tensor]  # the teacher's slice, written from the EMA
-
-
-def _describe(schedule: dict, total_steps: int) -> str:
-    return f"{schedule['schedule']} {schedule['momentum_start']} -> {schedule['momentum_end']} over {total_steps} steps"
 
 
 def _whole_fp32(param: nn.Parameter) -> torch.Tensor:
@@ -175,7 +129,7 @@ def _flat_layout_unavailable(engine) -> Optional[str]:
 
 
 def choose_layout(engine, requested: str = "auto") -> str:
-    """The slot layout for `engine` (module docstring): "flat" where DeepSpeed keeps resident flat
+    """The slot layout for `engine` (docs/ema.md): "flat" where DeepSpeed keeps resident flat
     fp32 masters, else "per_parameter" (with a warning under "auto"). "flat" or "per_parameter"
     force one; forcing "flat" where it is unavailable raises, naming the reason."""
     if requested not in ("auto", "flat", "per_parameter"):
@@ -191,7 +145,7 @@ def choose_layout(engine, requested: str = "auto") -> str:
 
 
 class EmaTeacher:
-    """The EMA copy of the online model, run as its own ZeRO-3 engine (see the module docstring).
+    """The EMA copy of the online model, run as its own ZeRO-3 engine (docs/ema.md).
 
     `teacher_module` must be built exactly like the online module (same architecture, dtype,
     DeepSpeed config and data-parallel group, under deepspeed.zero.Init at stage 3). It starts as
@@ -264,7 +218,8 @@ class EmaTeacher:
         name_of = {id(p): name for name, p in self.online_params.items()}
         slots = []
         for i, (group, master) in enumerate(zip(optimizer.fp16_groups, optimizer.fp32_partitioned_groups_flat)):
-            twins = [self.teacher_params[name_of[id(p)]] for p in group]
+            names = tuple(name_of[id(p)] for p in group)
+            twins = [self.teacher_params[name] for name in names]
             dtypes = {t.ds_tensor.dtype for t in twins}
             if len(dtypes) != 1:
                 raise ValueError(f"EmaTeacher: sub-group {i} mixes teacher dtypes {sorted(map(str, dtypes))}")
@@ -275,7 +230,7 @@ class EmaTeacher:
                 twin.ds_tensor.data = flat.narrow(0, offset, n)
                 offset += n
             assert offset == master.numel(), f"sub-group {i}: {offset} teacher elements, {master.numel()} master"
-            slots.append(_Slot(f"sub-group {i}", lambda m=master: m, master.detach().clone(), lambda f=flat: f))
+            slots.append(_Slot(f"sub-group {i}", names, lambda m=master: m, master.detach().clone(), lambda f=flat: f))
         return slots
 
     def _per_parameter_slots(self) -> list[_Slot]:
@@ -291,17 +246,14 @@ class EmaTeacher:
             else:  # replicated: every rank holds whole parameters (in bf16/fp16, the rounded masters)
                 master, target = partial(_whole_fp32, online), partial(_whole, teacher)
             ema = master().detach().to(target().device, torch.float32, copy=True)
-            slots.append(_Slot(name, master, ema, target))
+            slots.append(_Slot(name, (name,), master, ema, target))
         return slots
 
     def _copy_frozen(self) -> None:
         """Parameters the optimizer does not own never change: the teacher copies them once."""
-        if self.layout == "flat":
-            owned = {id(p) for group in self.online.optimizer.fp16_groups for p in group}
-        else:
-            owned = {id(self.online_params[slot.name]) for slot in self.slots}
+        owned = {name for slot in self.slots for name in slot.params}
         for name, online in self.online_params.items():
-            if id(online) in owned:
+            if name in owned:
                 continue
             teacher = self.teacher_params[name]
             if self.zero3:
@@ -350,103 +302,14 @@ class EmaTeacher:
         teacher's parameters."""
         return self.engine(batch)
 
-    # ------------------------------------------------------------------------------- checkpoint
-
-    def state_dict(self) -> dict:
-        return {
-            "step": self.step,
-            "schedule": dataclasses.asdict(self.cfg),
-            "total_steps": self.total_steps,
-            "layout": self.layout,
-            "names": [slot.name for slot in self.slots],
-            "ema": [slot.ema.detach().to("cpu", copy=True) for slot in self.slots],
-        }
-
-    def load_state_dict(self, state: dict, source: str = "state_dict") -> None:
-        """Restore the step and this rank's EMA shards, and rewrite the teacher from them. Call
-        after engine.load_checkpoint: frozen parameters are re-copied from the online model."""
-        names = [slot.name for slot in self.slots]
-        if state.get("layout") != self.layout or state.get("names") != names:
-            raise ValueError(
-                f"{source}: EMA state laid out {state.get('layout')!r} over {len(state.get('names', []))} "
-                f"slots, this teacher {self.layout!r} over {len(names)}: same config and world size needed"
-            )
-        for slot, saved in zip(self.slots, state["ema"]):
-            if saved.numel() != slot.ema.numel():
-                raise ValueError(
-                    f"{source}: EMA shard {slot.name} has {saved.numel()} elements, expected {slot.ema.numel()}"
-                )
-        saved_schedule = (state["schedule"], state["total_steps"])
-        if saved_schedule != (dataclasses.asdict(self.cfg), self.total_steps):
-            warnings.warn(
-                f"{source}: the EMA momentum schedule changed since the save (saved {_describe(*saved_schedule)}, "
-                f"now {_describe(dataclasses.asdict(self.cfg), self.total_steps)}): continuing with the new one",
-                stacklevel=2,
-            )
-        with torch.no_grad():
-            for slot, saved in zip(self.slots, state["ema"]):
-                slot.ema.copy_(saved.view(-1))
-            self._copy_frozen()
-            self._write_teacher()
-        self.step = int(state["step"])
-        self._last_global_step = self.online.global_steps
-
-    def load_pieces(self, read: Callable[[dict], dict], step: int, source: str = "EMA") -> None:
-        """Restore a ZeRO-3 teacher's EMA from a checkpoint of another world size: `read` maps
-        {name: (start, stop)} to those fp32 elements of each whole flattened parameter
-        (megajepa.train.ema_shards.ema_pieces), and is asked for this rank's partition of each
-        trained parameter only. ZeRO-3 pads a parameter of n elements to a multiple of the world
-        size and gives rank r the r-th of the equal pieces, which is what ds_tensor holds."""
-        if not self.zero3:
-            raise ValueError(f"{source}: load_pieces restores ZeRO-3 partitions; below stage 3 load the whole EMA")
-        if self.layout == "flat":
-            name_of = {id(p): name for name, p in self.online_params.items()}
-            groups = [[name_of[id(p)] for p in group] for group in self.online.optimizer.fp16_groups]
-        else:
-            groups = [[slot.name] for slot in self.slots]
-        wanted = {}
-        for name in (name for names in groups for name in names):
-            param = self.online_params[name]
-            n = param.ds_tensor.numel()
-            start = n * dist.group_rank(param.ds_process_group)  # the rank in its partition group, not the world
-            wanted[name] = (start, start + n)
-        pieces = read(wanted)
-        with torch.no_grad():
-            for slot, names in zip(self.slots, groups):
-                slot.ema.copy_(torch.cat([pieces[name] for name in names]).to(slot.ema.device))
-            self._copy_frozen()
-            self._write_teacher()
+    @torch.no_grad()
+    def restore(self, emas: Sequence[torch.Tensor], step: int) -> None:
+        """Set each slot's EMA to `emas` (a checkpoint's, in slot order), re-copy the frozen
+        parameters from the online model and rewrite the teacher; `step`: the optimizer steps the
+        EMA has seen. Call after engine.load_checkpoint (megajepa.train.ema_checkpoint does)."""
+        for slot, ema in zip(self.slots, emas, strict=True):
+            slot.ema.copy_(ema.view(-1))
+        self._copy_frozen()
+        self._write_teacher()
         self.step = step
         self._last_global_step = self.online.global_steps
-
-    def save(self, directory: str, rank: int, write: Optional[Callable[[dict, str], None]] = None) -> str:
-        """Write this rank's state to `directory` atomically (a temporary name, then a rename);
-        `write(state, path)` does it instead when given (a checkpoint's, which records its digest)."""
-        os.makedirs(directory, exist_ok=True)
-        path = os.path.join(directory, STATE_FILE.format(rank=rank))
-        if write is not None:
-            write(self.state_dict(), path)
-            return path
-        with atomic_path(path) as tmp:
-            torch.save(self.state_dict(), tmp)
-        return path
-
-    def load(self, directory: str, rank: int) -> None:
-        path = os.path.join(directory, STATE_FILE.format(rank=rank))
-        if not os.path.isfile(path):
-            raise FileNotFoundError(
-                f"{path}: no EMA teacher state for rank {rank} (saved without target: ema, or with another world size?)"
-            )
-        self.load_state_dict(torch.load(path, map_location="cpu", weights_only=True), source=path)
-
-    # ----------------------------------------------------------------------------------- report
-
-    def memory_bytes(self) -> dict:
-        """Bytes this rank holds for the EMA buffers and the teacher's parameter partitions."""
-        ema = sum(slot.ema.numel() * slot.ema.element_size() for slot in self.slots)
-        if self.zero3:
-            tensors = [p.ds_tensor for p in self.teacher_params.values()]
-        else:
-            tensors = list(self.teacher_params.values())
-        teacher = sum(t.numel() * t.element_size() for t in tensors)
-        return {"ema": ema, "teacher": teacher}

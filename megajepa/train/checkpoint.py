@@ -44,6 +44,7 @@ CHECKPOINT_SUBDIR = "checkpoints"
 COMPLETE_FILE = "complete.json"
 META_FILE = "meta.json"
 RNG_FILE = "rng_rank{rank}.pt"
+EMA_FILE = "ema_rank{rank}.pt"  # megajepa.train.ema_checkpoint
 TAG = re.compile(r"^step(\d{8})$")
 # What `train.resume=restart` moves aside: everything a run writes into its output_dir.
 RUN_OUTPUTS = (CHECKPOINT_SUBDIR, "logs", "metrics.jsonl", "eval.jsonl", "summary.json")
@@ -323,7 +324,7 @@ def check_files(point: ResumePoint, rank: int, saved_world: int, ema: bool) -> N
     the RNG and EMA files of the ranks that wrote it, or any torch file that would run code when
     unpickled."""
     needed = [RNG_FILE.format(rank=r) for r in range(saved_world)]
-    needed += [f"ema_rank{r}.pt" for r in range(saved_world)] if ema else []
+    needed += [EMA_FILE.format(rank=r) for r in range(saved_world)] if ema else []
     for name in needed:
         if not os.path.isfile(os.path.join(point.tag_dir, name)):
             raise CheckpointMismatch(f"{point.tag_dir}: {name} is missing (saved with another world size or target?)")

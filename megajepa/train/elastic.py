@@ -12,10 +12,8 @@ of its format:
   before the launch, or, at the start of `megajepa train`, rank 0 converting while the other
   ranks wait for the folder on the file system (convert_before_start). Both use several
   extract and merge worker processes (conversion_workers).
-- the EMA teacher: its shards mirror the fp32 master partitions, laid out as zero_to_fp32 reads
-  them; each rank reads only its new partition of each parameter from the few old shards that
-  hold it (megajepa.train.ema_shards.ema_pieces, EmaTeacher.load_pieces): about
-  4 B x parameters x (1 / new world + 2 / old world) of host memory per rank, never the whole EMA.
+- the EMA teacher: each rank reads only its new partition of each parameter from the few old
+  shards that hold it (megajepa.train.ema_checkpoint.reshard; docs/ema.md), never the whole EMA.
 - the loader: mosaicml-streaming's elastic determinism. The sample order depends on the shuffle
   seed, num_canonical_nodes and the global batch only; num_canonical_nodes is stored in the
   loader state (fixed by the first run) and restored from it, and the resume policy requires the
@@ -40,7 +38,6 @@ from megajepa import dist
 from megajepa.config import Config
 from megajepa.train import checkpoint, pickle_guard
 from megajepa.train.checkpoint import CheckpointMismatch, ResumePoint
-from megajepa.train.ema_shards import EmaShardsUnusable, ema_pieces
 
 UNIVERSAL_SUBDIR = "universal"
 WAIT_REPORT_SECONDS = 60
@@ -140,14 +137,3 @@ def _convert(tag_dir: str, target: str, workers: int) -> None:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
-
-def reshard_ema(teacher, point: ResumePoint, saved_world: int, step: int) -> None:
-    """Give this rank its piece of the EMA saved by `saved_world` ranks (check_files has refused
-    unsafe pickles in the checkpoint already)."""
-    if teacher.zero3:
-        try:
-            teacher.load_pieces(lambda wanted: ema_pieces(point.tag_dir, saved_world, wanted), step, point.tag_dir)
-        except EmaShardsUnusable as err:
-            raise CheckpointMismatch(str(err)) from None
-    else:  # below ZeRO-3 every rank's EMA is the whole model: rank 0's file serves all
-        teacher.load(point.tag_dir, 0)

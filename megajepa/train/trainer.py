@@ -23,7 +23,7 @@ from megajepa.files import write_text
 from megajepa.jepa import collapse
 from megajepa.model.attention import compiled_graphs
 from megajepa.model.build import architecture_spec
-from megajepa.train import checkpoint, elastic, resume_policy, run_lock
+from megajepa.train import checkpoint, elastic, ema_checkpoint, resume_policy, run_lock
 from megajepa.train.deepspeed_json import online_config
 from megajepa.train.divergence import DivergenceGuard
 from megajepa.train.metrics import MetricsLogger
@@ -182,9 +182,9 @@ def _train(cfg: Config) -> dict:
         start_step = int(client_state["step"])
         loader.load_state_dict(client_state["loader"])
         if teacher is not None and resharding:
-            elastic.reshard_ema(teacher, resume, saved_world, start_step)
+            ema_checkpoint.reshard(teacher, resume, saved_world, start_step)
         elif teacher is not None:
-            teacher.load(last_good, rank)
+            ema_checkpoint.load(teacher, last_good, rank)
         if rank == 0:
             change = f" (world size {saved_world} -> {world})" if resharding else ""
             print(f"resumed from {last_good} at step {start_step}{change}", flush=True)
@@ -195,7 +195,7 @@ def _train(cfg: Config) -> dict:
         nonlocal saved_step
         saved_step = step
         client_state = {"step": step, "loader": loader.state_dict()}
-        extra = (lambda tag_dir, written: teacher.save(tag_dir, rank, written.torch_save)) if teacher is not None else None
+        extra = (lambda tag_dir, written: ema_checkpoint.save(teacher, tag_dir, rank, written.torch_save)) if teacher is not None else None
         return checkpoint.save(engine, output_dir, step, meta, client_state, rank, extra)
 
     eval_loader = None
