@@ -83,10 +83,10 @@ def test_activation_formula_counts_what_autograd_saves(dims, checkpointing):
 def test_parameter_count_is_the_models_own(demo_data):
     """The plan's parameters against a real model built as training builds it (no ZeRO)."""
     from megajepa.model.build import build_model
-    from megajepa.train.setup import load_tokenizer
+    from megajepa.train.setup import run_tokenizers
 
     cfg = load_config(str(REPO / "configs/demo.yaml"), [f"data.tokenizer={demo_data['tokenizer']}"])
-    _, tokenizer, _ = load_tokenizer(cfg)
+    _, tokenizer, _ = run_tokenizers(cfg)
     model = build_model(cfg.model, tokenizer)
     plan = make_plan(cfg, "demo", 1, 80)
     assert plan.num_params == sum(p.numel() for p in model.parameters())
@@ -98,12 +98,12 @@ def test_a_composite_config_is_planned_as_its_text_only_model(demo_data, tmp_pat
     builds Gemma3ForCausalLM from it (before: a crash on vocab_size / hidden_size)."""
     from _families import FAMILIES
     from megajepa.model.build import build_model
-    from megajepa.train.setup import load_tokenizer
+    from megajepa.train.setup import run_tokenizers
 
     (tmp_path / "gemma3.json").write_text(json.dumps(FAMILIES["gemma3"]))
     cfg = load_config(str(REPO / "configs/demo.yaml"),
                       [f"data.tokenizer={demo_data['tokenizer']}", f"model.config={tmp_path / 'gemma3.json'}"])
-    _, tokenizer, _ = load_tokenizer(cfg)
+    _, tokenizer, _ = run_tokenizers(cfg)
     model = build_model(cfg.model, tokenizer)
     plan = make_plan(cfg, "gemma3", 1, 80)
     assert type(model).__name__ == "Gemma3ForCausalLM"
