@@ -60,7 +60,8 @@ def cmd_train(args) -> int:
     from megajepa.train.checkpoint import CheckpointMismatch, NoSpaceLeft
     from megajepa.train.resume_policy import ResumeRefused
     from megajepa.train.run_lock import RunLocked
-    from megajepa.train.trainer import TrainingDiverged, train
+    from megajepa.train.divergence import TrainingDiverged
+    from megajepa.train.trainer import train
 
     try:
         summary = train(cfg)

@@ -460,7 +460,7 @@ def check_run_data(cfg: Config) -> None:
             )
         if not os.path.isfile(os.path.join(path, FINGERPRINT_FILE)) or not os.path.isdir(cfg.data.tokenizer):
             continue
-        if tokenizer is None:  # as the run loads it (megajepa.train.setup.load_tokenizer)
+        if tokenizer is None:  # as the run loads it (megajepa.train.setup.run_tokenizers)
             from transformers import AutoTokenizer
 
             tokenizer = AutoTokenizer.from_pretrained(cfg.data.tokenizer)

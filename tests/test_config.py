@@ -94,15 +94,40 @@ def test_cli_config_prints_resolved_and_fails_cleanly(capsys):
     assert "jepa.distance" in capsys.readouterr().err
 
 
-def test_deepspeed_json_overlaps_communication_on_gpus():
-    """On CUDA: overlap_comm and buckets sized from the model's width; the teacher gathers on the
-    compute stream; the typed config can turn overlap off."""
-    cfg = load_config(DEMO, ["data.pairs_per_batch=8"])
-    hidden = json.load(open(cfg.model.config))["hidden_size"]
+def _hf_auto_buckets(model_config) -> dict:
+    """The bucket sizes Hugging Face's DeepSpeed integration fills in for "auto" from a model's config."""
+    from types import SimpleNamespace
+
+    from transformers.integrations.deepspeed import HfTrainerDeepSpeedConfig, unset_hf_deepspeed_config
+
+    keys = ("reduce_bucket_size", "stage3_prefetch_bucket_size")
+    hf = HfTrainerDeepSpeedConfig({"zero_optimization": {"stage": 3, **{k: "auto" for k in keys}}})
+    try:  # it registers itself globally, which from_pretrained would read
+        hf.trainer_config_finalize(SimpleNamespace(get_warmup_steps=lambda steps: 0), SimpleNamespace(config=model_config), 1)
+    finally:
+        unset_hf_deepspeed_config()
+    return {k: hf.config["zero_optimization"][k] for k in keys}
+
+
+@pytest.mark.parametrize("family", ["demo", "gemma3"])
+def test_deepspeed_json_overlaps_communication_on_gpus(family, tmp_path):
+    """On CUDA: overlap_comm, with buckets sized as Hugging Face's DeepSpeed integration sizes them
+    for the same model (a composite through its text config); the typed config can turn overlap off."""
+    from transformers import AutoConfig
+
+    overrides = ["data.pairs_per_batch=8"]
+    if family != "demo":
+        from _families import FAMILIES
+
+        (tmp_path / "model.json").write_text(json.dumps(FAMILIES[family]))
+        overrides.append(f"model.config={tmp_path / 'model.json'}")
+    cfg = load_config(DEMO, overrides)
+    spec = json.load(open(cfg.model.config))
     zero = online_config(cfg, world_size=8, cuda=True)["zero_optimization"]
     assert zero["overlap_comm"] is True
-    assert zero["reduce_bucket_size"] == hidden * hidden
-    assert zero["stage3_prefetch_bucket_size"] == int(0.9 * hidden * hidden)
+    assert {k: zero[k] for k in ("reduce_bucket_size", "stage3_prefetch_bucket_size")} == _hf_auto_buckets(
+        AutoConfig.for_model(**spec)
+    )
     off = load_config(DEMO, ["deepspeed.overlap_comm=false"])
     assert online_config(off, world_size=8, cuda=True)["zero_optimization"]["overlap_comm"] is False
 

@@ -205,14 +205,14 @@ import json, sys
 import torch.distributed as td
 from megajepa.config import load_config
 from megajepa.data.layout import Layout
-from megajepa.train.setup import config_loader, load_tokenizer
+from megajepa.train.setup import run_tokenizers, train_loader
 from megajepa.data.loader import set_stream_env
 set_stream_env()
 td.init_process_group("gloo")
 cfg = load_config(sys.argv[1], sys.argv[3:])
-prepared, tokenizer, pred_ids = load_tokenizer(cfg)
+prepared, tokenizer, pred_ids = run_tokenizers(cfg)
 layout = Layout(cfg.data, cfg.jepa, pred_ids, tokenizer.pad_token_id or 0)
-loader = config_loader(cfg, cfg.data.shards, layout, prepared, record_ids=True)
+loader = train_loader(cfg.data, layout, prepared, record_ids=True)
 for _ in loader.iter_epoch():
     pass
 with open(sys.argv[2], "w") as f:

@@ -9,6 +9,7 @@ from megajepa.data.tokenizer import (
     DEFAULT_CHAT_TEMPLATE,
     PRED_TOKEN_FORMAT,
     add_pred_tokens,
+    pad_token_id,
     pred_token_ids,
     split_conversation,
     train_tokenizer,
@@ -141,3 +142,13 @@ def test_pred_tokens(tokenizer):
     assert add_pred_tokens(tokenizer, 10) == 0
     # Added as special tokens: never split, never merged with neighbours.
     assert tokenizer.encode("x<|pred_9|>y", add_special_tokens=False)[1] == before + 1
+
+
+def test_one_pad_id_rule_for_training_bench_and_eval(tokenizer):
+    """The pad token, else the eos token (a GPT-2-like tokenizer), else 0; megajepa eval used to give
+    None for a tokenizer with neither."""
+    assert pad_token_id(tokenizer) == tokenizer.convert_tokens_to_ids("<|pad|>")
+    tokenizer.pad_token = None
+    assert pad_token_id(tokenizer) == tokenizer.convert_tokens_to_ids("<|end|>")
+    tokenizer.eos_token = None
+    assert pad_token_id(tokenizer) == 0

@@ -223,7 +223,7 @@ def test_second_ctrl_c_aborts_but_its_echo_does_not():
     the same Ctrl-C on) changes nothing; a later one ends the process by SIGINT at once."""
     code = (
         "import os, signal, time\n"
-        "from megajepa.train.trainer import StopSignal\n"
+        "from megajepa.train.stop_signal import StopSignal\n"
         "stop = StopSignal()\n"
         "os.kill(os.getpid(), signal.SIGINT); os.kill(os.getpid(), signal.SIGINT)\n"
         "print('received', stop.received, flush=True)\n"

@@ -35,7 +35,7 @@ from megajepa.config import Config, precision
 from megajepa.bench.reference_layouts import REFERENCE_LAYOUTS, pack_reference
 from megajepa.data.layout import SEG_PAD, Layout
 from megajepa.bench.loader import loader_throughput
-from megajepa.train.setup import build_engine, config_loader, init_distributed, load_tokenizer, prepare_embedded
+from megajepa.train.setup import RunStart, build_engine, start_run, train_loader
 from megajepa.train.deepspeed_json import online_config
 from megajepa.train.step import train_step
 
@@ -50,7 +50,7 @@ def pack(mode: str, records: list[dict], layout: Layout, max_length: int) -> dic
 
 def draw_pairs(cfg: Config, layout: Layout, tokenizer, count: int) -> list[list[dict]]:
     """`count` micro-batches of raw pairs for this rank, read once and shared by every mode."""
-    loader = config_loader(cfg, None, layout, tokenizer)
+    loader = train_loader(cfg.data, layout, tokenizer)
     batches: list[list[dict]] = []
     current: list[dict] = []
     while len(batches) < count:
@@ -87,13 +87,12 @@ def _spread(values: list[float]) -> dict:
 class ModeRun:
     """One mode on this rank: its packed batches, a fresh engine (and teacher), its measurements."""
 
-    def __init__(self, mode: str, cfg: Config, settings: BenchSettings, tokenizer, pred_ids, pad_id, pairs):
+    def __init__(self, mode: str, cfg: Config, settings: BenchSettings, start: RunStart, pairs):
         self.mode, self.cfg, self.settings = mode, cfg, settings
         mcfg = mode_config(cfg, mode, settings.warmup + settings.steps)
-        layout = Layout(mcfg.data, mcfg.jepa, pred_ids, pad_id)
+        layout = Layout(mcfg.data, mcfg.jepa, start.pred_ids, start.pad_id)
         self.batches = [pack(mode, p, layout, settings.max_length) for p in pairs]
-        world = dist.world_size()
-        self.engine, self.teacher = build_engine(mcfg, tokenizer, online_config(mcfg, world))
+        self.engine, self.teacher = build_engine(mcfg, start.tokenizer, online_config(mcfg, start.world))
         self.device = self.engine.device
         self.flop_model = FlopModel.of(self.engine.module)
         self.done = 0  # optimizer steps taken
@@ -197,14 +196,14 @@ def resolved_order(settings: BenchSettings, device: torch.device) -> str:
     return "sequence" if device.type == "cuda" else "alternate"
 
 
-def run_modes(cfg: Config, settings: BenchSettings, tokenizer, pred_ids, pad_id, pairs, peak, bar) -> dict[str, dict]:
+def run_modes(cfg: Config, settings: BenchSettings, start: RunStart, pairs, peak, bar) -> dict[str, dict]:
     """Every mode, in sequence (one engine alive at a time) or alternating step by step (all
     engines alive, so that a change in the machine's load falls on every mode alike)."""
     total = settings.warmup + settings.steps
 
-    def start(mode: str) -> ModeRun:
+    def begin(mode: str) -> ModeRun:
         bar.set_description(f"bench: building {mode}")
-        return ModeRun(mode, cfg, settings, tokenizer, pred_ids, pad_id, pairs)
+        return ModeRun(mode, cfg, settings, start, pairs)
 
     def step(run: ModeRun) -> None:
         bar.set_description(f"bench {run.mode}")
@@ -214,12 +213,12 @@ def run_modes(cfg: Config, settings: BenchSettings, tokenizer, pred_ids, pad_id,
     results = {}
     if resolved_order(settings, peak.device) == "sequence":
         for mode in settings.modes:
-            run = start(mode)
+            run = begin(mode)
             for _ in range(total):
                 step(run)
             results[mode] = run.close()
         return results
-    runs = [start(mode) for mode in settings.modes]
+    runs = [begin(mode) for mode in settings.modes]
     for _ in range(total):
         for run in runs:
             step(run)
@@ -266,7 +265,7 @@ def _versions() -> dict:
 
 
 def _loader_benchmark(cfg: Config, layout: Layout, tokenizer, batches: int) -> dict:
-    stats = loader_throughput(config_loader(cfg, None, layout, tokenizer), batches=batches)
+    stats = loader_throughput(train_loader(cfg.data, layout, tokenizer), batches=batches)
     per_rank = [0.0] * dist.world_size()
     per_rank[dist.rank()] = stats["pairs_per_s"]
     per_rank = dist.reduce_values(per_rank, "sum")
@@ -281,24 +280,21 @@ def _loader_benchmark(cfg: Config, layout: Layout, tokenizer, batches: int) -> d
 def run(cfg: Config, settings: BenchSettings) -> dict | None:
     """The benchmark on this rank; the results on rank 0, None elsewhere."""
     validate(cfg, settings)
-    dist.quiet_deprecated_collectives()
-    rank, world, local_rank = init_distributed()
-    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    prepare_embedded(cfg, rank)
-    prepared, tokenizer, pred_ids = load_tokenizer(cfg)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id or 0
+    start = start_run(cfg)
+    rank, world = start.rank, start.world
+    device = torch.device("cuda", start.local_rank) if torch.cuda.is_available() else torch.device("cpu")
     jepa_config = mode_config(cfg, "jepa", 1)
-    jepa_layout = Layout(jepa_config.data, jepa_config.jepa, pred_ids, pad_id)
+    jepa_layout = Layout(jepa_config.data, jepa_config.jepa, start.pred_ids, start.pad_id)
 
     load_before = os.getloadavg()
     loader = None
     if settings.loader_batches > 0:
-        loader = _loader_benchmark(cfg, jepa_layout, prepared, settings.loader_batches)
-    pairs = draw_pairs(cfg, jepa_layout, prepared, (settings.warmup + settings.steps) * cfg.optim.grad_accum)
+        loader = _loader_benchmark(cfg, jepa_layout, start.prepared, settings.loader_batches)
+    pairs = draw_pairs(cfg, jepa_layout, start.prepared, (settings.warmup + settings.steps) * cfg.optim.grad_accum)
     peak = PeakMemory(device)
     total = len(settings.modes) * (settings.warmup + settings.steps)
     with tqdm(total=total, desc="bench", unit="step", disable=rank != 0, dynamic_ncols=True) as bar:
-        modes = run_modes(cfg, settings, tokenizer, pred_ids, pad_id, pairs, peak, bar)
+        modes = run_modes(cfg, settings, start, pairs, peak, bar)
     if rank != 0:
         return None
     return {

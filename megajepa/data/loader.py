@@ -6,59 +6,8 @@
     state = loader.state_dict()     # after a batch: exactly where this run stands in its epoch
     loader.load_state_dict(state)   # on a fresh loader, before iterating: yields the rest
 
-Order and resumption are mosaicml-streaming's own. Each epoch the dataset samples its sources
-(megajepa.data.mixture: proportion / repeat / choose per source), shuffles the global record order
-from the seed and the epoch, pads it with repeats so it divides evenly over the ranks, and deals it
-out per rank. The loader counts the records this rank has yielded since its epoch began;
-state_dict() reports them as sample_in_epoch (times the world size), and after load_state_dict()
-the next epoch pass re-deals the epoch without its first sample_in_epoch records: with the same
-world size and batch settings (num_workers may differ) the resumed loader yields exactly the
-batches the interrupted one had not yet yielded.
-
-Two ways to cut micro-batches:
-
-  - by count (`batch_pairs` records per batch; a rank's last partial batch is left out of its
-    epoch), packed by the collate function, in the DataLoader workers when num_workers > 0;
-  - by token budget (`tokens_per_batch`): records are taken in order until the next one would take
-    the batch past the budget, counting a record as len(full) + len(user) + len(assistant) + k (k
-    [PRED] tokens for a pair, none for a CE-only record; views only when the layout builds them;
-    each sequence cut at data.max_length as the layout cuts it): an upper bound of its packed cost.
-    Every rank must take the same number of micro-batches, and streaming's resumption assumes every
-    rank consumed the same number of records, so the cuts are the same on every rank: each rank
-    knows every rank's records of the epoch (streaming's partition) and their lengths (the
-    record_lengths.npy beside the shards, written by prepare or by the first loader that reads the
-    source), and cuts where the fullest rank reaches the budget. Streaming deals each rank a
-    "window" of records at a time (its batch_size, about WINDOW_MICRO_BATCHES micro-batches' worth);
-    each rank takes its window's records longest first (a stable sort by cost), so that the ranks'
-    records line up by size and a cut wastes little on the others (with a mixture of 80-token pairs
-    and 2048-token texts on 8 ranks, 89% of the budget filled instead of 66% in dealt order; the
-    price: a micro-batch holds records of similar length, as length-grouped batching does). The
-    worker that reads a window packs all its micro-batches (off the training thread when
-    num_workers > 0) and the main process hands them out one by one. A checkpoint inside a window
-    records the window's start and how many of its micro-batches were taken. A window the epoch
-    leaves incomplete on any rank is left out, like the last partial batch by count.
-
-Every record carries `source_index` (its source in the list) and every batch `source_index` [N]
-in record order, with per-source counts `source_records`, `source_pairs`, `source_tokens` [S]
-and, with more than one source, `ce_source` (the source of each of the batch's `ce_targets`), from
-which the objective sums the CE per source on the device. `sample_ids` are
-streaming's global record indices (unique across sources; the stored id for one source).
-
-Where the shards may live:
-  - a local directory (`shards`), which must be writable: streaming decompresses each zstd shard
-    beside itself;
-  - `remote` (any location streaming can download from, or a mounted directory) with `shards` as
-    the local cache. The fingerprint is read from `remote` when it is a directory, otherwise it is
-    downloaded into the cache with streaming's own downloader (record_lengths.npy likewise).
-
-Ranks, shared memory and locks: StreamingDataset reads RANK, WORLD_SIZE, LOCAL_RANK and
-LOCAL_WORLD_SIZE (set_stream_env fills the last from DeepSpeed's LOCAL_SIZE), builds its
-constructor barrier on torch.distributed when it is initialized (it initializes gloo itself
-otherwise, which needs MASTER_ADDR/MASTER_PORT), keeps its lock files under TMPDIR and its state in
-/dev/shm. Every rank must build the loader at the same point. After a crash on a dedicated node,
-`streaming.base.util.clean_stale_shared_memory()` (all ranks, once, before building) frees what
-the dead job left in /dev/shm; it frees every streaming job's memory, so never call it on a
-machine shared with other jobs.
+Order, resumption, the two ways to cut micro-batches (by count, by token budget), sources, where
+shards may live, ranks and shared memory: docs/loader.md.
 """
 
 from __future__ import annotations
@@ -537,7 +486,7 @@ def build_loader(
     tokens_per_batch: Optional[int] = None,
     collate: Optional[Callable[[list[dict]], dict]] = None,
 ) -> PairLoader:
-    """Loader of packed batches for this rank (see the module docstring).
+    """Loader of packed batches for this rank (docs/loader.md).
 
     shards (+ remote): one source; or `sources`, a mixture (megajepa.data.mixture.Source).
     layout: the packer (megajepa.data.layout.Layout), the collate function.

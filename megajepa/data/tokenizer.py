@@ -84,6 +84,14 @@ def pred_token_ids(tokenizer, k: int) -> list[int]:
     return [vocab[t] for t in _pred_tokens(k)]
 
 
+def pad_token_id(tokenizer) -> int:
+    """The id packed rows and batched generation pad with: the pad token, else the eos token, else 0
+    (a tokenizer with neither; the padding is masked out either way)."""
+    if tokenizer.pad_token_id is not None:
+        return tokenizer.pad_token_id
+    return tokenizer.eos_token_id or 0
+
+
 def add_pred_tokens(tokenizer, k: int) -> int:
     """Add the missing [PRED] tokens as special tokens; return how many were added.
 

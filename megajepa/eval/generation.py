@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from megajepa.data.tokenizer import pad_token_id
+
 
 @dataclass
 class Generation:
@@ -32,8 +34,7 @@ def _left_padded(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.T
 @torch.no_grad()
 def greedy_generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int) -> list[Generation]:
     """One batch of prompts, left-padded, decoded greedily until each emits eos or the cap."""
-    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-    pad = eos if pad is None else pad
+    eos, pad = tokenizer.eos_token_id, pad_token_id(tokenizer)
     ids, mask = _left_padded(prompts, pad, model.device)
     out = model.generate(
         input_ids=ids,

@@ -40,6 +40,7 @@ from tqdm import tqdm
 
 from megajepa import dist
 from megajepa.config import JepaConfig
+from megajepa.data.tokenizer import pad_token_id
 from megajepa.eval.checkers import AUTO, checker_for, startswith
 from megajepa.eval.data import EvalPair, data_sources, load_eval_pairs
 from megajepa.eval.generation import greedy_generate, normalize
@@ -139,7 +140,7 @@ def evaluate_shard(
 ) -> tuple[list[dict], dict]:
     """This rank's per-pair records and summed teacher-forced totals."""
     tokenizer = loaded.tokenizer
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = pad_token_id(tokenizer)
     records: list[dict] = []
     totals = {"ce_sum": 0.0, "tokens": 0, "latent_sum": 0.0, "pairs": 0, "collapse": 0.0}
     for batch in tqdm(batches, desc="eval", unit="batch", disable=not progress):

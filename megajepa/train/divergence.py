@@ -9,13 +9,18 @@ Under fp16 a skip is DeepSpeed's dynamic loss scaler lowering its scale, its nor
 not count (DeepSpeed itself stops once the scale reaches its minimum).
 
 Both signals are global (DeepSpeed reduces the overflow flag and the norm over all ranks), so
-every rank reaches the same verdict at the same step without communicating.
+every rank reaches the same verdict at the same step without communicating. A step whose loss is
+not finite never reaches DeepSpeed: megajepa.train.step refuses the update on every rank.
 """
 
 from __future__ import annotations
 
 import math
 from typing import Optional
+
+
+class TrainingDiverged(RuntimeError):
+    pass
 
 
 class DivergenceGuard:
@@ -43,3 +48,19 @@ class DivergenceGuard:
             f"{self.consecutive} optimizer steps in a row {what}, last gradient norm {grad_norm}; "
             f"more than train.max_skipped_steps={self.max_skipped_steps}"
         )
+
+    def check_step(self, step: int, result, engine, last_good: Optional[str]) -> None:
+        """After training step `step` (counted from 1; `result`: megajepa.train.step's): raise
+        TrainingDiverged, naming the last good checkpoint, when its loss was not finite (no update)
+        or the optimizer steps have diverged."""
+        if not result.updated:
+            loss, ce, jepa = (value.item() for value in (result.loss, result.ce, result.jepa))
+            raise TrainingDiverged(
+                f"step {step}: loss is {loss} (ce {ce}, jepa {jepa}); "
+                f"stopped before the update. Last good checkpoint: {last_good or 'none saved yet'}"
+            )
+        grad_norm = engine.get_global_grad_norm()
+        # DeepSpeed skips steps on non-finite gradients; whether it did is a host read
+        trouble = self.check(engine.was_step_applied(), None if grad_norm is None else float(grad_norm))
+        if trouble is not None:
+            raise TrainingDiverged(f"step {step}: {trouble}. Last good checkpoint: {last_good or 'none saved yet'}")

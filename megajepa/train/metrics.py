@@ -17,6 +17,7 @@ import torch
 from tqdm import tqdm
 
 from megajepa import dist
+from megajepa.config import LoggingConfig
 from megajepa.data.mixture import SOURCE_PREFIX, with_source_ce
 from megajepa.jepa import collapse
 
@@ -29,17 +30,18 @@ def summed(key: str) -> bool:
 
 
 class MetricsLogger:
-    def __init__(self, engine, output_dir: str, total_steps: int, start_step: int, log_every: int, progress: bool):
+    def __init__(self, engine, output_dir: str, total_steps: int, start_step: int, logging: LoggingConfig):
+        """logging: its log_every and progress (tensorboard and csv are the engine's monitors)."""
         self.engine = engine
         self.rank = dist.rank()
         self.world = dist.world_size()
-        self.log_every = log_every
+        self.log_every = logging.log_every
         self.path = os.path.join(output_dir, "metrics.jsonl")
         self.history: list[dict] = []
         self.bar: Optional[tqdm] = None
         if self.rank == 0:
             os.makedirs(output_dir, exist_ok=True)
-            if progress:
+            if logging.progress:
                 self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
         self.device = engine.device
         self._window_start = time.perf_counter()

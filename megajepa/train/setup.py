@@ -1,10 +1,9 @@
 """A run's pieces from the typed config, shared by `megajepa train` and `megajepa bench`:
 
-    rank, world, local_rank = init_distributed()      # under any launcher, or a 1-process group
-    prepare_embedded(cfg, rank)                       # the embedded default data, built once
-    prepared, tokenizer, pred_ids = load_tokenizer(cfg)
-    loader = config_loader(cfg, None, layout, prepared)   # data.sources / data.shards
-    engine, teacher = build_engine(cfg, tokenizer, ds_config)
+    run = start_run(cfg)                               # process group, embedded data, tokenizers, pad id
+    layout = Layout(cfg.data, cfg.jepa, run.pred_ids, run.pad_id)
+    loader = train_loader(cfg.data, layout, run.prepared)   # data.sources / data.shards
+    engine, teacher = build_engine(cfg, run.tokenizer, ds_config)
 """
 
 from __future__ import annotations
@@ -12,19 +11,20 @@ from __future__ import annotations
 import copy
 import os
 import socket
+from dataclasses import dataclass
 from datetime import timedelta
-from typing import Optional
+from typing import Any, NamedTuple, Optional
 
 import deepspeed
 import torch
 from transformers import AutoTokenizer
 
 from megajepa import dist
-from megajepa.config import Config, precision
+from megajepa.config import Config, DataConfig, precision
 from megajepa.data.layout import Layout
 from megajepa.data.loader import PairLoader, build_loader, set_stream_env
 from megajepa.data.mixture import sources_from_config
-from megajepa.data.tokenizer import add_pred_tokens, pred_token_ids
+from megajepa.data.tokenizer import add_pred_tokens, pad_token_id, pred_token_ids
 from megajepa.jepa.objective import JepaModel
 from megajepa.model.build import build_model
 from megajepa.model.predictor import uses_pred_tokens
@@ -79,39 +79,77 @@ def prepare_embedded(cfg: Config, rank: int) -> None:
     dist.barrier()
 
 
-def load_tokenizer(cfg: Config):
-    """(the tokenizer as the shards were prepared with it, a copy with the [PRED] tokens added,
-    their ids). The loader checks the shards' fingerprint against the first."""
+class RunTokenizers(NamedTuple):
+    prepared: Any  # the tokenizer as the shards were prepared with it (the loader checks their fingerprint)
+    tokenizer: Any  # a copy with the [PRED] tokens added: the model's vocabulary
+    pred_ids: list[int]  # their ids
+
+
+def run_tokenizers(cfg: Config) -> RunTokenizers:
+    """data.tokenizer as prepared, and with jepa.k [PRED] tokens when the predictor uses them."""
     if not os.path.isdir(cfg.data.tokenizer):
         raise FileNotFoundError(f"data.tokenizer: no such directory: {cfg.data.tokenizer}")
     prepared = AutoTokenizer.from_pretrained(cfg.data.tokenizer)
     tokenizer = copy.deepcopy(prepared)
     k = cfg.jepa.k if uses_pred_tokens(cfg.jepa.predictor, cfg.jepa.k) else 0
     add_pred_tokens(tokenizer, k)
-    return prepared, tokenizer, pred_token_ids(tokenizer, k)
+    return RunTokenizers(prepared, tokenizer, pred_token_ids(tokenizer, k))
 
 
-def config_loader(cfg: Config, shards: str, layout: Layout, tokenizer, **options) -> PairLoader:
-    """build_loader with this config's data settings; `options` override them (eval: in order).
+@dataclass
+class RunStart:
+    """What a command that builds engines starts from (start_run)."""
 
-    shards None or data.shards: the training data (data.sources or the data.shards shorthand, with
-    data.mixing and data.tokens_per_batch); another directory (eval) is read on its own, by count."""
-    settings = dict(
-        batch_pairs=cfg.data.pairs_per_batch,
+    rank: int
+    world: int
+    local_rank: int
+    prepared: Any  # RunTokenizers' three
+    tokenizer: Any
+    pred_ids: list[int]
+    pad_id: int  # megajepa.data.tokenizer.pad_token_id of the tokenizer
+
+
+def start_run(cfg: Config, timeout_start: Optional[float] = None) -> RunStart:
+    """The process group (timeout_start: train.timeout_start, its collectives' timeout until the
+    first step; None: DeepSpeed's default), the embedded data once per node, the tokenizers."""
+    dist.quiet_deprecated_collectives()
+    rank, world, local_rank = init_distributed(timeout_start)
+    if timeout_start is not None:
+        dist.set_timeout(timeout_start, "train.timeout_start")
+    prepare_embedded(cfg, rank)
+    prepared, tokenizer, pred_ids = run_tokenizers(cfg)
+    return RunStart(rank, world, local_rank, prepared, tokenizer, pred_ids, pad_token_id(tokenizer))
+
+
+def _loader_settings(data: DataConfig, layout: Layout, tokenizer) -> dict:
+    return dict(
+        batch_pairs=data.pairs_per_batch,
         layout=layout,
         tokenizer=tokenizer,
-        shuffle=cfg.data.shuffle,
-        seed=cfg.data.seed,
-        num_workers=cfg.data.num_workers,
+        seed=data.seed,
         pin_memory=torch.cuda.is_available(),  # the step's host-to-device copies then do not block
     )
-    if shards in (None, cfg.data.shards):
-        settings.update(
-            sources=sources_from_config(cfg.data), mixing=cfg.data.mixing, tokens_per_batch=cfg.data.tokens_per_batch
-        )
-    else:
-        settings.update(shards=shards, remote=cfg.data.remote)
-    return build_loader(**{**settings, **options})
+
+
+def train_loader(data: DataConfig, layout: Layout, tokenizer, *, record_ids: bool = False) -> PairLoader:
+    """The training data: data.sources (or the data.shards shorthand), mixed by data.mixing, cut by
+    data.pairs_per_batch or data.tokens_per_batch, shuffled as data.shuffle says. record_ids: the
+    loader keeps each batch's sample ids (data.record_ids_dir)."""
+    return build_loader(
+        **_loader_settings(data, layout, tokenizer),
+        sources=sources_from_config(data),
+        mixing=data.mixing,
+        tokens_per_batch=data.tokens_per_batch,
+        shuffle=data.shuffle,
+        num_workers=data.num_workers,
+        record_ids=record_ids,
+    )
+
+
+def eval_loader(data: DataConfig, layout: Layout, tokenizer) -> PairLoader:
+    """The held-out data: data.eval_shards (a local directory) in order, data.pairs_per_batch records
+    a batch, read in the training process."""
+    return build_loader(data.eval_shards, **_loader_settings(data, layout, tokenizer), shuffle=False, num_workers=0)
 
 
 def build_engine(cfg: Config, tokenizer, ds_config: dict, schedule_steps: Optional[int] = None):
