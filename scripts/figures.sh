@@ -5,8 +5,9 @@
 #            (scripts/plan_figures.py; seconds)
 #   bench    docs/bench-time-per-pair.png and docs/bench-cpu.md: `megajepa bench` of the five modes
 #            on configs/demo.yaml (2 gloo ranks; about 4 min on 2 cores)
-#   compare  docs/compare-three-arms.png and .md: next-token, LLM-JEPA and STP over 5 seeds
-#            (about 3 min on 2 idle cores, --jobs 2)
+#   compare  docs/compare.png and .md: next-token, LLM-JEPA, LLM-JEPA + SIGReg and STP over 5 seeds,
+#            1000 steps each (README "Does it help?"; about 2 h on 2 cores, --jobs 2; rerunning
+#            it reuses finished runs and evaluations)
 #   families README's model-family sweep (scripts/families_table.py; long, not in the default set)
 #
 #   scripts/figures.sh                   plan bench compare
@@ -31,11 +32,10 @@ if wanted bench; then
     cp "$OUT/bench/bench.md" docs/bench-cpu.md
 fi
 if wanted compare; then
-    rm -rf "$OUT/compare"
-    "$PY" -m megajepa.cli compare configs/demo.yaml --arms next-token,jepa,stp --seeds 5 --jobs 2 \
-        --out "$OUT/compare" --limit 300 train.steps=300
-    cp "$OUT/compare/curves.png" docs/compare-three-arms.png
-    cp "$OUT/compare/compare.md" docs/compare-three-arms.md
+    "$PY" -m megajepa.cli compare configs/demo.yaml --arms next-token,jepa,jepa-sigreg,stp --seeds 5 --jobs 2 \
+        --out "$OUT/compare" --limit 300 train.steps=1000 train.save_every=0
+    cp "$OUT/compare/curves.png" docs/compare.png
+    cp "$OUT/compare/compare.md" docs/compare.md
 fi
 if wanted families; then
     "$PY" scripts/families_table.py "$OUT/families.md"
