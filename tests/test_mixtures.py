@@ -13,7 +13,8 @@ import torch
 
 from megajepa.data.loader import RECORD_LENGTHS_FILE, build_loader, plan_windows, record_costs
 from megajepa.data.mixture import Source
-from megajepa.jepa.objective import JepaModel, per_source_ce
+from megajepa.jepa.objective import JepaModel
+from megajepa.model.head import per_source_ce
 from _mixture_shards import cost, make_layout, random_records, summary_collate, write_records
 from _shards import tiny_tokenizer
 from _tiny_chat import tiny_llama

@@ -65,7 +65,7 @@ def test_mean_pooling_accumulates_in_fp32():
         "zb_pool_index": torch.cat(views),
         "zb_pool_owner": torch.cat([torch.full((len(v),), i) for i, v in enumerate(views)]),
     }
-    pooled = model.read_embeddings(hidden, batch, "zb")
+    pooled = model.objective.read_embeddings(hidden, batch, "zb")
     expected = torch.stack([hidden[0, v].float().mean(0) for v in views])
     assert pooled.dtype == torch.bfloat16
     torch.testing.assert_close(pooled.float(), expected, rtol=2**-8, atol=0)  # one bf16 rounding

@@ -7,7 +7,7 @@ padded to its --max_length (512 by default), one sequence per row:
     ref2   [conversation] [user view + k [PRED], assistant view]           its --additive_mask
                           option: both views in one row, each seeing only itself
 
-The sequences are the layout's own (Layout.units with no shared prefix), so the same mask builder,
+The sequences are the layout's own (Sequences.units with no shared prefix), so the same mask builder,
 engine and objective run them and give the same CE, z_a and z_b as the packed layout: only the
 placement, and so the cost, differs. (The reference's additive-mask option also reuses positions
 wrongly; here the assistant view starts at position 0 as everywhere else: we reproduce its cost,
@@ -21,21 +21,22 @@ import dataclasses
 import torch
 
 from megajepa.config import DataConfig, JepaConfig
-from megajepa.data.layout import Layout, Unit
+from megajepa.data.layout import Layout
+from megajepa.data.sequences import Unit
 
 REFERENCE_LAYOUTS = ("ref3", "ref2")
 
 
 def _split(unit: Unit, groups: list[list[int]]) -> list[Unit]:
-    """The unit's segments regrouped (segment numbers per new unit), reads and pools re-pointed."""
+    """The unit's segments regrouped (segment numbers per new unit), readouts and view tokens re-pointed."""
     where = {seg: (g, j) for g, group in enumerate(groups) for j, seg in enumerate(group)}
     parts = [Unit([unit.segments[seg] for seg in group]) for group in groups]
-    for name, (seg, offset) in unit.reads.items():
+    for name, (seg, offset) in unit.readout.items():
         g, j = where[seg]
-        parts[g].reads[name] = (j, offset)
-    for name, places in unit.pools.items():
+        parts[g].readout[name] = (j, offset)
+    for name, places in unit.view_tokens.items():
         g = where[places[0][0]][0]
-        parts[g].pools[name] = [(where[seg][1], offset) for seg, offset in places]
+        parts[g].view_tokens[name] = [(where[seg][1], offset) for seg, offset in places]
     return parts
 
 
@@ -57,7 +58,7 @@ def pack_reference(
     layout = Layout(dataclasses.replace(data, share_prefix=False), jepa, pred_token_ids, pad_token_id)
     units: list[Unit] = []
     for i, record in enumerate(samples):
-        unit, _ = layout.units(i, record)
+        unit, _ = layout.sequences.units(i, record)
         views = list(range(1, len(unit.segments)))
         groups = [[0]] + ([[v] for v in views] if kind == "ref3" else ([views] if views else []))
         units += _split(unit, groups)

@@ -6,7 +6,7 @@ its own per conversation and epoch, seeded with span_seed(data.seed, sample_id, 
 reference uses one generator per rank (seed + 3 rank) consumed in batch order. So the
 distribution of spans is the reference's, a record gets a new span every epoch as there, and the
 draws depend on nothing else: not on the rank, the world size, the batch, the packing or a resume.
-The layout (Layout.stp_reads) turns each record's terms into the batch's stp_* index tensors.
+stp_reads turns a batch's records' terms into the batch's stp_* index tensors.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from typing import Optional
 import torch
 
 from megajepa.config import StpConfig
+from megajepa.data.sequences import Sequences
 
 
 def span_seed(seed: int, sample_id: int, epoch: int) -> int:
@@ -122,3 +123,40 @@ def record_terms(spans, length: int, cfg: StpConfig, generator: Optional[torch.G
         return []
     bounds = (us, ue, as_, ae)
     return [random_span_term(bounds, *draw_span((ue - us) + (ae - as_), generator, cfg), cfg) for _ in range(cfg.spans)]
+
+
+def stp_reads(samples: list[dict], conversation_start: dict[int, int], sequences: Sequences) -> dict[str, torch.Tensor]:
+    """The flat rows the STP loss (megajepa.jepa.stp) reads, from each record's full_spans;
+    `conversation_start[i]` is the flat index of record i's first token in the packed rows,
+    `sequences` the records' (its cut, its JEPA dropout, its config).
+
+    Term e (E in all, record stp_pairs[e], weight stp_weight[e]) embeds its predicting side as
+    the sum of stp_sign * hidden[stp_index] over the entries with stp_slot == e, its predicted
+    side over stp_slot == E + e. A record's random spans come from its own generator
+    (span_seed of data.seed, sample_id and the epoch its record carries, 0 if none), so they are
+    the same wherever and whenever the record is packed. Records without usable spans, or not
+    dropped by jepa.dropout, carry CE only."""
+    sides: tuple[list, list] = ([], [])  # (flat index, sign, term) per side
+    weights, pairs = [], []
+    for i, record in enumerate(samples):
+        sid = int(record["sample_id"])
+        if not sequences.keeps_jepa(sid):
+            continue
+        generator = torch.Generator().manual_seed(span_seed(sequences.data.seed, sid, int(record.get("epoch", 0))))
+        length = len(sequences.cut(record["full"]))
+        base = conversation_start[i]
+        for term in record_terms(record["full_spans"], length, sequences.jepa.stp, generator):
+            for side, terms in zip(sides, (term.source, term.target)):
+                side.extend((base + index, sign, len(weights)) for index, sign in terms.items())
+            weights.append(term.weight)
+            pairs.append(i)
+    count = len(weights)
+    entries = sides[0] + [(index, sign, count + e) for index, sign, e in sides[1]]
+    as_long = lambda column: torch.tensor([entry[column] for entry in entries], dtype=torch.long)  # noqa: E731
+    return {
+        "stp_index": as_long(0),
+        "stp_sign": as_long(1),
+        "stp_slot": as_long(2),
+        "stp_weight": torch.tensor(weights, dtype=torch.float32),
+        "stp_pairs": torch.tensor(pairs, dtype=torch.long),
+    }

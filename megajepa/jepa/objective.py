@@ -3,15 +3,19 @@
     L = gamma * CE  +  lambda(step) * D( pred(z_a), sg?(z_b) )  [+ router_aux_coef * router_aux]
 
 as the published reference computes it (galilai-group/llm-jepa, finetune.py): CE is the mean over
-the labelled tokens of the conversations; z_a and z_b are the hidden states read in the user view
-(with its [PRED] tokens) and in the assistant view, each sequence seen alone; D is 1 - cos by
-default. With the EMA target z_b comes from the teacher's rows, passed in already computed.
-`jepa.distance=infonce` is the reference's --infonce: cross-entropy of the cosine similarities
-over temperature, each pair's own target its positive and the micro-batch's other targets its
-negatives. A mixture-of-experts family also trains its router's load-balancing loss, as its own
-forward adds it (megajepa.model.router_aux; model.router_aux_loss_coef, 0 to disable).
-`jepa.regularizer` (not the reference's) adds weight * R(pred(z_a), z_b) in training
-forwards, R over the global batch (megajepa.jepa.regularizers).
+the labelled tokens of the conversations (the LM head's, megajepa.model.head); z_a and z_b are the
+hidden states read in the user view (with its [PRED] tokens) and in the assistant view, each
+sequence seen alone; D is 1 - cos by default. With the EMA target z_b comes from the teacher's
+rows, passed in already computed. `jepa.distance=infonce` is the reference's --infonce:
+cross-entropy of the cosine similarities over temperature, each pair's own target its positive
+and the micro-batch's other targets its negatives. A mixture-of-experts family also trains its
+router's load-balancing loss, as its own forward adds it (megajepa.model.router_aux;
+model.router_aux_loss_coef, 0 to disable). `jepa.regularizer` (not the reference's) adds
+weight * R(pred(z_a), z_b) in training forwards, R over the global batch (megajepa.jepa.regularizers).
+
+The latent term is the objective's, chosen once when the model is built (jepa.objective): LlmJepa
+here, or Stp (Semantic Tube Prediction, megajepa.jepa.stp). Each makes its predictor and computes
+(term, pred(z_a), z_b) from the hidden states.
 """
 
 from __future__ import annotations
@@ -26,11 +30,11 @@ from transformers.utils import ModelOutput
 
 from megajepa.kernels.latent_loss import latent_loss
 from megajepa.config import JepaConfig
-from megajepa.jepa import stp
 from megajepa.jepa.regularizers import regularizer
+from megajepa.jepa.stp import Stp
 from megajepa.model.attention import MASK_KEYS, attention_mask, bucket_width
 from megajepa.model.families import decoder_of, packed_input_ids
-from megajepa.model.head import HeadLoss, mean_of
+from megajepa.model.head import HeadLoss
 from megajepa.model.predictor import build_predictor
 from megajepa.model.router_aux import router_aux_coef, router_aux_loss
 
@@ -57,17 +61,61 @@ def lambda_at(cfg: JepaConfig, step: int) -> float:
     return cfg.lambda_ * min(1.0, step / cfg.lambda_warmup_steps)
 
 
-def per_source_ce(token_ce: torch.Tensor, ce_source: torch.Tensor, num_sources: int) -> torch.Tensor:
-    """[2, S]: the sum of the per-token CE and the number of labelled tokens of each source, on the
-    device (the mean per source is sum / tokens once both are summed over steps and ranks)."""
-    values = torch.stack([token_ce.detach().float(), torch.ones_like(token_ce, dtype=torch.float32)])
-    return values.new_zeros(2, num_sources).index_add_(1, ce_source, values)
-
-
 def infonce(z_a: torch.Tensor, z_b: torch.Tensor, temperature: float) -> torch.Tensor:
     """InfoNCE with in-batch negatives: row i of z_a should pick row i of z_b."""
     similarity = F.normalize(z_a.float(), dim=-1) @ F.normalize(z_b.float(), dim=-1).T
     return F.cross_entropy(similarity / temperature, torch.arange(z_a.shape[0], device=z_a.device))
+
+
+class LlmJepa:
+    """jepa.objective=llm_jepa, the reference's: z_a read in view A (then through the predictor
+    head, if any), z_b in view B or, with the EMA target, in the teacher's rows."""
+
+    def __init__(self, cfg: JepaConfig):
+        self.cfg = cfg
+
+    def make_predictor(self, hidden_size: int) -> nn.Module:
+        return build_predictor(self.cfg.predictor, hidden_size)
+
+    def read_embeddings(self, hidden: torch.Tensor, batch: dict, name: str) -> torch.Tensor:
+        """Per-pair embeddings `name` ('za' or 'zb'): the token at the layout's readout (pooling
+        'last') or the mean over the view's tokens (pooling 'mean'). Index tensors only: no
+        data-dependent shapes on the device."""
+        flat = hidden.flatten(0, 1)
+        if self.cfg.pooling == "last":
+            return flat[batch[name + "_index"]]
+        pairs = batch["jepa_pairs"].numel()
+        owner = batch[name + "_pool_owner"]
+        # in fp32: a bf16 sum loses the low bits of every added token, a bf16 count is inexact past 256
+        sums = flat.new_zeros(pairs, flat.shape[-1], dtype=torch.float32).index_add(
+            0, owner, flat[batch[name + "_pool_index"]].float()
+        )
+        counts = torch.zeros(pairs, device=flat.device).index_add(0, owner, torch.ones_like(owner, dtype=torch.float32))
+        return (sums / counts.clamp_min(1)[:, None]).to(flat.dtype)
+
+    def distance(self, z_a: torch.Tensor, z_b: torch.Tensor) -> torch.Tensor:
+        if z_a.shape[0] == 0:
+            return z_a.sum() * 0.0
+        if self.cfg.distance == "infonce":
+            return infonce(z_a, z_b, self.cfg.infonce_temperature)
+        return latent_loss(z_a, z_b, self.cfg.distance)
+
+    def latent(self, hidden: torch.Tensor, batch: dict, predictor: nn.Module, target_embeddings=None):
+        """(loss, pred(z_a) [J, d], z_b [J, d]); z_b is `target_embeddings` where the EMA teacher
+        computed them."""
+        # The predictor runs on every rank every step, even on zero pairs: under ZeRO-3 a module
+        # one rank skips would leave the others waiting in its parameter all-gather.
+        z_a = predictor(self.read_embeddings(hidden, batch, "za"))
+        if target_embeddings is not None:
+            z_b = target_embeddings.to(z_a.dtype)
+        else:
+            z_b = self.read_embeddings(hidden, batch, "zb")
+            if self.cfg.stop_grad:
+                z_b = z_b.detach()
+        return self.distance(z_a, z_b), z_a, z_b
+
+
+OBJECTIVES = {"llm_jepa": LlmJepa, "stp": Stp}  # jepa.objective -> its class
 
 
 class JepaModel(nn.Module):
@@ -79,9 +127,8 @@ class JepaModel(nn.Module):
         super().__init__()
         self.lm = lm
         self.cfg = cfg
-        hidden = lm.config.hidden_size
-        predictor = stp.build_predictor(cfg, hidden) if cfg.objective == "stp" else build_predictor(cfg.predictor, hidden)
-        self.predictor = predictor.to(lm.dtype)
+        self.objective = OBJECTIVES[cfg.objective](cfg)  # a plain object: no parameters of its own
+        self.predictor = self.objective.make_predictor(lm.config.hidden_size).to(lm.dtype)
         self.head_loss = HeadLoss(lm)
 
     def hidden_states(self, batch: dict, prefix: str = ""):
@@ -111,63 +158,20 @@ class JepaModel(nn.Module):
         # -1 is the final, normalised state; other indices are transformers' hidden_states tuple
         return final, (final if layer == -1 else out.hidden_states[layer][:, :width]), aux
 
-    def read_embeddings(self, hidden: torch.Tensor, batch: dict, name: str) -> torch.Tensor:
-        """Per-pair embeddings `name` ('za' or 'zb'): the token at the layout's readout (pooling
-        'last') or the mean over the view's tokens (pooling 'mean'). Index tensors only: no
-        data-dependent shapes on the device."""
-        flat = hidden.flatten(0, 1)
-        if self.cfg.pooling == "last":
-            return flat[batch[name + "_index"]]
-        pairs = batch["jepa_pairs"].numel()
-        owner = batch[name + "_pool_owner"]
-        # in fp32: a bf16 sum loses the low bits of every added token, a bf16 count is inexact past 256
-        sums = flat.new_zeros(pairs, flat.shape[-1], dtype=torch.float32).index_add(
-            0, owner, flat[batch[name + "_pool_index"]].float()
-        )
-        counts = torch.zeros(pairs, device=flat.device).index_add(0, owner, torch.ones_like(owner, dtype=torch.float32))
-        return (sums / counts.clamp_min(1)[:, None]).to(flat.dtype)
-
     @torch.no_grad()
     def encode_targets(self, batch: dict) -> torch.Tensor:
         """z_b from the teacher rows (this model is then the EMA teacher)."""
         _, emb, _ = self.hidden_states(batch, "teacher_")
-        return self.read_embeddings(emb, batch, "zb")
-
-    def latent_loss(self, z_a: torch.Tensor, z_b: torch.Tensor) -> torch.Tensor:
-        if z_a.shape[0] == 0:
-            return z_a.sum() * 0.0
-        if self.cfg.distance == "infonce":
-            return infonce(z_a, z_b, self.cfg.infonce_temperature)
-        return latent_loss(z_a, z_b, self.cfg.distance)
+        return self.objective.read_embeddings(emb, batch, "zb")
 
     def forward(self, batch: dict, step: int = 0, target_embeddings: Optional[torch.Tensor] = None) -> JepaOutput:
         final, emb, aux = self.hidden_states(batch)
-        # The LM head runs only where there is a label (listed by the layout, so no host sync),
-        # exactly as the model's own forward applies it, in memory-bounded chunks, inside one
-        # module call on every rank (under ZeRO-3: one gather of the head whatever the labels).
-        hidden, targets = final.flatten(0, 1)[batch["ce_index"]], batch["ce_targets"]
-        source_ce = None
-        if "ce_source" in batch:  # a mixture: the CE per source needs each token's loss
-            token_ce = self.head_loss(self.lm, hidden, targets, per_token=True)
-            ce = mean_of(token_ce)
-            source_ce = per_source_ce(token_ce, batch["ce_source"], batch["source_records"].numel())
-        else:
-            ce = self.head_loss(self.lm, hidden, targets)
-
+        # The LM head runs only where there is a label, exactly as the model's own forward applies
+        # it, inside one module call on every rank (under ZeRO-3: one gather of the head whatever
+        # the labels).
+        ce, source_ce = self.head_loss(self.lm, final, batch)
         lam = lambda_at(self.cfg, step)
-        if self.cfg.objective == "stp":  # Semantic Tube Prediction: spans of the conversation's own states
-            jepa, z_a, z_b = stp.stp_loss(emb, batch, self.predictor, self.cfg)
-        else:
-            # The predictor runs on every rank every step, even on zero pairs: under ZeRO-3 a module
-            # one rank skips would leave the others waiting in its parameter all-gather.
-            z_a = self.predictor(self.read_embeddings(emb, batch, "za"))
-            if target_embeddings is not None:
-                z_b = target_embeddings.to(z_a.dtype)
-            else:
-                z_b = self.read_embeddings(emb, batch, "zb")
-                if self.cfg.stop_grad:
-                    z_b = z_b.detach()
-            jepa = self.latent_loss(z_a, z_b)
+        jepa, z_a, z_b = self.objective.latent(emb, batch, self.predictor, target_embeddings)
         loss = self.cfg.gamma * ce + lam * jepa
         reg = None
         if self.training and self.cfg.regularizer != "none":  # one collective, on every rank

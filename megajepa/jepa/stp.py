@@ -13,8 +13,8 @@ the last by default), so no extra sequence is run:
                   or the mean squared error (jepa.distance=mse, the reference's --jepa_mse)
 
 pred is the identity or, with jepa.stp.linear_predictor, a d x d linear map without bias (the
-reference's LinearPredictor, Xavier-uniform initialised). Each embedding is a signed sum of hidden
-rows; the layout (megajepa.data.layout, Layout.stp_reads) lists, per batch, which flat row of the
+reference's LinearPredictor, megajepa.model.predictor). Each embedding is a signed sum of hidden
+rows; the layout (megajepa.data.stp_spans, stp_reads) lists, per batch, which flat row of the
 packed hidden states enters which embedding with which sign, so packed rows of many
 conversations keep every conversation's spans to itself and the loss needs no host sync.
 
@@ -29,21 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megajepa.config import JepaConfig
-
-
-class LinearPredictor(nn.Linear):
-    """The reference's LinearPredictor: d x d, no bias, Xavier-uniform. The initialisation lives in
-    reset_parameters, which nn.Linear runs inside its own constructor."""
-
-    def __init__(self, hidden_size: int):
-        super().__init__(hidden_size, hidden_size, bias=False)
-
-    def reset_parameters(self) -> None:
-        nn.init.xavier_uniform_(self.weight, gain=1.0)
-
-
-def build_predictor(cfg: JepaConfig, hidden_size: int) -> nn.Module:
-    return LinearPredictor(hidden_size) if cfg.stp.linear_predictor else nn.Identity()
+from megajepa.model.predictor import LinearPredictor
 
 
 def embeddings(hidden: torch.Tensor, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -56,18 +42,28 @@ def embeddings(hidden: torch.Tensor, batch: dict) -> tuple[torch.Tensor, torch.T
     return both[:terms], both[terms:]
 
 
-def stp_loss(hidden: torch.Tensor, batch: dict, predictor: nn.Module, cfg: JepaConfig):
-    """(loss, pred(source) [E, d], target [E, d]) of the batch's STP terms."""
-    source, target = embeddings(hidden, batch)
-    # The predictor runs on every rank every step, even on no terms (ZeRO-3's all-gathers).
-    weight = next(predictor.parameters(), None)
-    source = predictor(source.to(weight.dtype)).float() if weight is not None else source
-    if cfg.stop_grad:
-        target = target.detach()
-    if source.shape[0] == 0:
-        return source.sum() * 0.0, source, target
-    if cfg.distance == "mse":
-        return F.mse_loss(source, target), source, target
-    weights = batch["stp_weight"].float()
-    cosine = F.cosine_similarity(source, target, dim=-1)
-    return 1.0 - (cosine * weights).sum() / weights.sum(), source, target
+class Stp:
+    """jepa.objective=stp: the latent term from spans of the conversation's own hidden states."""
+
+    def __init__(self, cfg: JepaConfig):
+        self.cfg = cfg
+
+    def make_predictor(self, hidden_size: int) -> nn.Module:
+        return LinearPredictor(hidden_size) if self.cfg.stp.linear_predictor else nn.Identity()
+
+    def latent(self, hidden: torch.Tensor, batch: dict, predictor: nn.Module, target_embeddings=None):
+        """(loss, pred(source) [E, d], target [E, d]) of the batch's STP terms (no EMA target:
+        the configuration refuses one)."""
+        source, target = embeddings(hidden, batch)
+        # The predictor runs on every rank every step, even on no terms (ZeRO-3's all-gathers).
+        weight = next(predictor.parameters(), None)
+        source = predictor(source.to(weight.dtype)).float() if weight is not None else source
+        if self.cfg.stop_grad:
+            target = target.detach()
+        if source.shape[0] == 0:
+            return source.sum() * 0.0, source, target
+        if self.cfg.distance == "mse":
+            return F.mse_loss(source, target), source, target
+        weights = batch["stp_weight"].float()
+        cosine = F.cosine_similarity(source, target, dim=-1)
+        return 1.0 - (cosine * weights).sum() / weights.sum(), source, target

@@ -10,7 +10,11 @@
     head.lm_logits(lm, hidden)                     logits exactly as lm's own forward makes them
     head.lm_cross_entropy(lm, hidden[N, d], labels[N])  mean CE at labelled tokens, memory-bounded
     head.token_cross_entropy(lm, hidden, labels)   the same, per token [N] (per-source metrics)
-    head.HeadLoss(lm)(lm, hidden, labels)          either, as one module call that gathers the
-                                                  head once under ZeRO-3 (JepaModel's CE)
+    head.HeadLoss(lm)(lm, final[R, L, d], batch)  the batch's CE (and per-source sums), as one
+                                                  module call that gathers the head once under
+                                                  ZeRO-3 (JepaModel's CE)
+    head.LOGIT_TRANSFORMS                          what families do to the head's output, for every path
+    predictor.build_predictor(kind, d)             the LLM-JEPA head pred (jepa.predictor);
+    predictor.LinearPredictor(d)                   STP's (jepa.stp.linear_predictor)
     attention.bucket_width(width)                  the row width to pad to for FlexAttention
 """

@@ -3,8 +3,10 @@
 transformers' CausalLM forwards do more after the final hidden state than the output embedding:
 gemma2/gemma3 soft-cap the logits (`final_logit_softcapping`), granite divides them by
 `logits_scaling`, cohere multiplies them by `logit_scale`, falcon_h1 by `lm_head_multiplier`.
-`lm_logits` applies exactly those steps, in the model's order and dtype, so the CE trained is the
-CE of the model that is exported.
+Those steps are listed once, in LOGIT_TRANSFORMS, which every path applies: `lm_logits` in the
+model's order and dtype, Liger's fused kernel with the scalings moved onto its input and the cap
+passed to it; so the CE trained is the CE of the model that is exported. `HeadLoss` computes the
+CE of a batch's labelled tokens (and, for a mixture, its sum per source).
 
 `lm_cross_entropy` never holds the fp32 logits of all tokens at once: it runs the head over chunks
 of tokens, each under activation checkpointing when there is more than one (its logits are
@@ -23,6 +25,9 @@ forward and backward gather the head's parameters once each, whatever the data.
 from __future__ import annotations
 
 import logging
+import operator
+from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -56,9 +61,22 @@ class HeadLoss(nn.Module):
         super().__init__()
         register_head(self, lm)
 
-    def forward(self, lm, hidden: torch.Tensor, labels: torch.Tensor, per_token: bool = False) -> torch.Tensor:
-        """token_cross_entropy (per_token) or lm_cross_entropy of the arguments."""
-        return token_cross_entropy(lm, hidden, labels) if per_token else lm_cross_entropy(lm, hidden, labels)
+    def forward(self, lm, final: torch.Tensor, batch: dict) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """(mean CE over the batch's labelled tokens, the per-source sums [2, S] or None) from the
+        final hidden states [R, L, d]. The head runs only where there is a label (ce_index, listed by
+        the layout: no host sync); a mixture (ce_source in the batch) needs each token's loss."""
+        hidden, labels = final.flatten(0, 1)[batch["ce_index"]], batch["ce_targets"]
+        if "ce_source" not in batch:
+            return lm_cross_entropy(lm, hidden, labels), None
+        token_ce = token_cross_entropy(lm, hidden, labels)
+        return mean_of(token_ce), per_source_ce(token_ce, batch["ce_source"], batch["source_records"].numel())
+
+
+def per_source_ce(token_ce: torch.Tensor, ce_source: torch.Tensor, num_sources: int) -> torch.Tensor:
+    """[2, S]: the sum of the per-token CE and the number of labelled tokens of each source, on the
+    device (the mean per source is sum / tokens once both are summed over steps and ranks)."""
+    values = torch.stack([token_ce.detach().float(), torch.ones_like(token_ce, dtype=torch.float32)])
+    return values.new_zeros(2, num_sources).index_add_(1, ce_source, values)
 
 
 def head_parameters(lm) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -77,21 +95,37 @@ def head_parameters(lm) -> tuple[torch.Tensor, torch.Tensor | None]:
     return head.weight, head.bias
 
 
+@dataclass(frozen=True)
+class LogitTransform:
+    """One step a family's forward applies to its head's output, with the value `config.<key>`
+    (absent or None: the family does not apply it)."""
+
+    key: str
+    apply: Callable  # (logits, value) -> logits
+    scaling: bool  # a scaling (Liger: moved onto the input) or the soft-cap (Liger's softcap argument)
+
+
+def _softcap(logits, cap):
+    return torch.tanh(logits / cap) * cap
+
+
+# in the order the transformers 4.57 families apply them; the soft-cap comes last
+LOGIT_TRANSFORMS = (
+    LogitTransform("lm_head_multiplier", operator.mul, True),  # falcon_h1
+    LogitTransform("logits_scaling", operator.truediv, True),  # granite, granitemoe*
+    LogitTransform("logit_scale", operator.mul, True),  # cohere, cohere2
+    LogitTransform("final_logit_softcapping", _softcap, False),  # gemma2, gemma3, vaultgemma
+)
+
+
+def logit_transforms(config) -> list[tuple[LogitTransform, float]]:
+    """The transforms `config`'s model applies, with their values, in order."""
+    return [(t, value) for t in LOGIT_TRANSFORMS if (value := getattr(config, t.key, None)) is not None]
+
+
 def _transform(lm, logits: torch.Tensor) -> torch.Tensor:
-    """What the model's forward does to the head's output (the transformers 4.57 families)."""
-    config = lm.config
-    multiplier = getattr(config, "lm_head_multiplier", None)  # falcon_h1
-    if multiplier is not None:
-        logits = logits * multiplier
-    scaling = getattr(config, "logits_scaling", None)  # granite, granitemoe*
-    if scaling is not None:
-        logits = logits / scaling
-    scale = getattr(config, "logit_scale", None)  # cohere, cohere2
-    if scale is not None:
-        logits = logits * scale
-    cap = getattr(config, "final_logit_softcapping", None)  # gemma2, gemma3, vaultgemma
-    if cap is not None:
-        logits = torch.tanh(logits / cap) * cap
+    for transform, value in logit_transforms(lm.config):
+        logits = transform.apply(logits, value)
     return logits
 
 
@@ -151,11 +185,14 @@ def _liger():
 def _input_scale(config) -> float:
     """The product of the scalings the model applies to the logits before any soft-cap."""
     scale = 1.0
-    for name, inverse in (("lm_head_multiplier", False), ("logits_scaling", True), ("logit_scale", False)):
-        value = getattr(config, name, None)
-        if value is not None:
-            scale = scale / value if inverse else scale * value
+    for transform, value in logit_transforms(config):
+        if transform.scaling:
+            scale = transform.apply(scale, value)
     return scale
+
+
+def _softcap_of(config) -> Optional[float]:
+    return next((value for transform, value in logit_transforms(config) if not transform.scaling), None)
 
 
 def ce_path(lm, hidden: torch.Tensor) -> str:
@@ -177,7 +214,7 @@ def _liger_loss(lm, hidden, labels):
         hidden = hidden * scale  # (s h) W^T = s (h W^T): the scale moves onto the input
     # fp32 accumulation of the weight gradient over the kernel's chunks (else in the weight's dtype)
     return _liger()(
-        hidden, weight, labels, bias=bias, softcap=getattr(lm.config, "final_logit_softcapping", None),
+        hidden, weight, labels, bias=bias, softcap=_softcap_of(lm.config),
         accum_dtype=torch.float32,
     )
 
