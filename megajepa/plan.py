@@ -233,17 +233,18 @@ def architecture(cfg: Config, vocab_override: Optional[int] = None):
     return arch
 
 
-def parameter_numels(arch, predictor: str) -> dict[str, list[int]]:
+def parameter_numels(arch, jepa) -> dict[str, list[int]]:
     """Element counts of the trained parameters (tied ones once), grouped by owning module,
-    from a model built on the meta device (no memory, the model's own definition)."""
+    from a model built on the meta device (no memory, the model's own definition); the predictor
+    is the one jepa.objective builds (STP's own, not jepa.predictor's)."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    from megajepa.model.predictor import build_predictor
+    from megajepa.jepa.objective import OBJECTIVES
 
     with torch.device("meta"):
         lm = AutoModelForCausalLM.from_config(arch)
-        head = build_predictor(predictor, arch.hidden_size)
+        head = OBJECTIVES[jepa.objective](jepa).make_predictor(arch.hidden_size)
     modules: dict[str, list[int]] = {}
     seen: set[int] = set()
     for root, model in (("lm", lm), ("predictor", head)):
@@ -311,7 +312,7 @@ def make_plan(
     zero = Zero.of(ds)
     arch = architecture(cfg, vocab_size)
     dims = Dims.of(arch)
-    modules = parameter_numels(arch, cfg.jepa.predictor)
+    modules = parameter_numels(arch, cfg.jepa)
     numels = [n for ns in modules.values() for n in ns]
     p_bytes = DTYPE_BYTES[prec]
     grad_dtype_bytes = DTYPE_BYTES[prec]  # DeepSpeed accumulates in the model dtype unless told otherwise

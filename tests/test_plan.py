@@ -279,3 +279,25 @@ def test_readme_and_config_figures_are_the_plans():
         [sys.executable, str(REPO / "scripts" / "plan_figures.py"), "--check"], capture_output=True, text=True
     )
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["jepa.predictor=linear"],
+        ["jepa.predictor=mlp"],
+        ["jepa.objective=stp", "jepa.lambda_=0.02", "jepa.predictor=linear", "jepa.stp.linear_predictor=false"],
+        ["jepa.objective=stp", "jepa.lambda_=0.02", "jepa.stp.linear_predictor=true"],
+    ],
+)
+def test_planned_predictor_is_the_one_the_objective_trains(overrides):
+    from transformers import LlamaForCausalLM
+
+    from megajepa.jepa.objective import JepaModel
+    from megajepa.plan import parameter_numels
+
+    cfg = load_config("configs/demo.yaml", overrides)
+    arch = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, vocab_size=64)
+    planned = sum(sum(v) for k, v in parameter_numels(arch, cfg.jepa).items() if k.startswith("predictor"))
+    trained = sum(p.numel() for p in JepaModel(LlamaForCausalLM(arch), cfg.jepa).predictor.parameters())
+    assert planned == trained
