@@ -30,7 +30,7 @@ from streaming.base.world import World
 from megajepa.data import fingerprint
 from megajepa.data.layout import Layout, is_pair
 from megajepa.data.mixture import MIXING, Source, check_sources, to_stream
-from megajepa.data.shard_hashes import CorruptShard, check_file
+from megajepa.data.shard_hashes import CorruptShard, check_file, shard_file
 from megajepa.files import atomic_path
 
 RECORD_LENGTHS_FILE = "record_lengths.npy"  # int32 [records, 3]: len(full), len(user), len(assistant)
@@ -178,7 +178,7 @@ class PairDataset(StreamingDataset):
     def _checked_item(self, sample_id: int, retry: int = 7) -> dict[str, Any]:
         shard_id, _ = self.spanner[sample_id]
         shard = self.shards[shard_id]
-        raw_path = self._shard_file(shard, shard.file_pairs[0][0])
+        raw_path = shard_file(shard, shard.file_pairs[0][0])
         if raw_path not in self._checked:
             self.prepare_shard(shard_id)
             self._check(shard_id, zips=False)
@@ -186,7 +186,7 @@ class PairDataset(StreamingDataset):
 
     def prepare_shard(self, shard_id: int, blocking: bool = True) -> None:
         shard = self.shards[shard_id]
-        if not os.path.isfile(self._shard_file(shard, shard.file_pairs[0][0])):
+        if not os.path.isfile(shard_file(shard, shard.file_pairs[0][0])):
             self._check(shard_id, zips=True)  # streaming is about to decompress what is there
         try:
             super().prepare_shard(shard_id, blocking)
@@ -208,20 +208,16 @@ class PairDataset(StreamingDataset):
         stream = self.streams[self.stream_per_shard[shard_id]]
         for raw_info, zip_info in shard.file_pairs:
             info = zip_info if zips else raw_info
-            path = None if info is None else self._shard_file(shard, info)
+            path = None if info is None else shard_file(shard, info)
             if path is None or path in self._checked or not os.path.isfile(path):
                 continue
             check_file(path, info, stream.remote or stream.local)
             self._checked.add(path)
 
-    @staticmethod
-    def _shard_file(shard, info) -> str:
-        return os.path.join(shard.dirname, shard.split, info.basename)
-
     def shard_path(self, sample_id: int) -> str:
         shard_id, _ = self.spanner[sample_id]
         shard = self.shards[shard_id]
-        return self._shard_file(shard, shard.file_pairs[0][0])
+        return shard_file(shard, shard.file_pairs[0][0])
 
     def use_token_budget(self, costs: np.ndarray, budget: int, window: int, collate: Callable) -> None:
         self.costs, self.budget, self.collate = costs, budget, collate

@@ -33,6 +33,12 @@ def _algorithm(hashes: dict[str, str]) -> Optional[str]:
     return (preferred or sorted(hashes) or [None])[0]
 
 
+def shard_file(shard, info) -> str:
+    """The local path of a shard's file `info` (its raw or compressed FileInfo), where streaming
+    keeps it."""
+    return os.path.join(shard.dirname, shard.split, info.basename)
+
+
 def check_file(path: str, info, dataset: str) -> None:
     """Raise CorruptShard unless the file at `path` has the digest that `info` (a FileInfo of the
     index) records; nothing is checked where the index records none."""

@@ -18,7 +18,7 @@ import numpy as np
 from megajepa.data.fingerprint import check_fingerprint, read_fingerprint
 from megajepa.data.loader import RECORD_ARRAYS
 from megajepa.data.prepare import BadRecord, RecordEncoder
-from megajepa.data.shard_hashes import check_file
+from megajepa.data.shard_hashes import check_file, shard_file
 
 
 @dataclass
@@ -65,11 +65,11 @@ def _check_shards(dataset, path: str, count: int) -> None:
     last_shard = dataset.spanner[count - 1][0] if count else -1
     for shard in dataset.shards[: last_shard + 1]:
         for raw_info, zip_info in shard.file_pairs:
-            raw = os.path.join(path, raw_info.basename)
+            raw = shard_file(shard, raw_info)
             if os.path.isfile(raw):
                 check_file(raw, raw_info, path)
             elif zip_info is not None:
-                check_file(os.path.join(path, zip_info.basename), zip_info, path)
+                check_file(shard_file(shard, zip_info), zip_info, path)
 
 
 def _from_jsonl(path: str, tokenizer, limit: Optional[int]) -> list[EvalPair]:
